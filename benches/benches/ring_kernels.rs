@@ -1,0 +1,76 @@
+//! Ring kernels (`u64`, exact mod 2^64) vs tract `f32` on the MNIST shapes.
+//!
+//! Throughput is reported in elements/s where one element is one
+//! multiply-add, so criterion's "Melem/s" reads as MMAC/s. `ring` uses the
+//! global rayon pool (all cores), `ring_1t` a one-thread pool; tract runs on
+//! one thread (its default executor).
+
+use std::hint::black_box;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use ndarray::Ix2;
+use secinfer_benches::{random_f32, random_u64, random_weights, run, tract_conv2d, tract_matmul, tvalue};
+use secinfer_ring::{ConvGeometry, conv, matmul};
+
+fn one_thread() -> rayon::ThreadPool {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("building a one-thread rayon pool")
+}
+
+fn bench_matmul(c: &mut Criterion) {
+    let pool = one_thread();
+    let mut group = c.benchmark_group("matmul");
+    for &(m, k, n) in &[(64, 784, 128), (64, 128, 128), (64, 128, 10)] {
+        let id = format!("{m}x{k}x{n}");
+        group.throughput(Throughput::Elements((m * k * n) as u64));
+        let x = random_u64(1, &[m, k]).into_dimensionality::<Ix2>().expect("2-D");
+        let w = random_weights(2, &[k, n]).into_dimensionality::<Ix2>().expect("2-D");
+        group.bench_function(format!("ring/{id}"), |b| {
+            b.iter(|| matmul(black_box(x.view()), black_box(w.view())).expect("matmul"))
+        });
+        group.bench_function(format!("ring_1t/{id}"), |b| {
+            pool.install(|| b.iter(|| matmul(black_box(x.view()), black_box(w.view())).expect("matmul")))
+        });
+        let wf = random_f32(3, &[k, n]);
+        let plan = tract_matmul(m, &wf).expect("tract matmul plan");
+        let xf = tvalue(&random_f32(4, &[m, k])).expect("tract input");
+        group.bench_function(format!("tract_f32/{id}"), |b| {
+            b.iter(|| run(&plan, black_box(&xf)).expect("tract run"))
+        });
+    }
+    group.finish();
+}
+
+fn bench_conv(c: &mut Criterion) {
+    let pool = one_thread();
+    let mut group = c.benchmark_group("conv");
+    group.sample_size(20);
+    let cases: &[(&[usize], &[usize])] = &[(&[64, 1, 28, 28], &[32, 1, 3, 3]), (&[64, 32, 14, 14], &[64, 32, 3, 3])];
+    for &(xs, ws) in cases {
+        let g = ConvGeometry { pads_begin: vec![1, 1], pads_end: vec![1, 1], ..ConvGeometry::identity(2) };
+        // pad 1, stride 1: output spatial = input spatial
+        let macs = xs[0] * ws[0] * xs[2] * xs[3] * ws[1] * ws[2] * ws[3];
+        let id = format!("x{:?}_w{:?}", xs, ws).replace(' ', "");
+        group.throughput(Throughput::Elements(macs as u64));
+        let x = random_u64(5, xs);
+        let w = random_weights(6, ws);
+        group.bench_function(format!("ring/{id}"), |b| {
+            b.iter(|| conv(black_box(x.view()), black_box(w.view()), &g).expect("conv"))
+        });
+        group.bench_function(format!("ring_1t/{id}"), |b| {
+            pool.install(|| b.iter(|| conv(black_box(x.view()), black_box(w.view()), &g).expect("conv")))
+        });
+        let wf = random_f32(7, ws);
+        let plan = tract_conv2d(xs, &wf, 1).expect("tract conv plan");
+        let xf = tvalue(&random_f32(8, xs)).expect("tract input");
+        group.bench_function(format!("tract_f32/{id}"), |b| {
+            b.iter(|| run(&plan, black_box(&xf)).expect("tract run"))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_matmul, bench_conv);
+criterion_main!(benches);

@@ -1,0 +1,145 @@
+//! Pass 5: fixed-point scales with a worst-case no-overflow bound.
+//!
+//! Input x is encoded with `fa` fractional bits, weights with `fw`, bias with
+//! `fa + fw`; the output `W·x + b` then has `fa + fw` fractional bits. For
+//! |x| <= A (the layer's input bound) every output satisfies
+//! |y| <= max_m (sum_k |Wq[m,k]|·ceil(A·2^fa) + |bq[m]|): the bound holds for
+//! *any* input within A, whatever the signs. We take the largest `fa + fw`
+//! for which that bound stays below 2^(k−1) (the centred range of Z_2^k),
+//! split it evenly, and report the headroom left, in bits.
+
+use crate::extract::LinearLayer;
+use crate::ConvertError;
+
+/// The chosen scales and the quantised weights.
+#[derive(Debug, Clone)]
+pub struct Quantised {
+    /// fractional bits of the input
+    pub input_frac_bits: u32,
+    /// fractional bits of the weights
+    pub weight_frac_bits: u32,
+    /// weights, row-major in the layer's layout
+    pub weight: Vec<i64>,
+    /// bias at input_frac_bits + weight_frac_bits
+    pub bias: Vec<i64>,
+    /// log2 of the worst-case |output| in ring units
+    pub bound_bits: f64,
+    /// bits between the worst case and the ring's half range
+    pub headroom_bits: f64,
+    /// max over output features of sum |w| (real weights), for error bounds
+    pub weight_l1_max: f64,
+    /// max number of weights feeding one output feature
+    pub fan_in: usize,
+}
+
+fn quantise(v: f64, frac: u32) -> Result<i64, String> {
+    secinfer_ring::quantize(v, frac).map_err(|e| e.to_string())
+}
+
+/// Worst-case |output| in ring units for given scales, or None if the
+/// quantised values themselves do not fit i64.
+fn worst_case(layer: &LinearLayer, features: &[usize], fa: u32, fw: u32, bound: f64) -> Option<(f64, Vec<i64>, Vec<i64>)> {
+    let wq: Vec<i64> = layer.weight.iter().map(|&w| quantise(w, fw)).collect::<Result<_, _>>().ok()?;
+    let bq: Vec<i64> = layer.bias.iter().map(|&b| quantise(b, fa + fw)).collect::<Result<_, _>>().ok()?;
+    let mut l1 = vec![0f64; layer.features()];
+    for (w, &m) in wq.iter().zip(features) {
+        l1[m] += (*w as f64).abs();
+    }
+    let xmax = (bound * 2f64.powi(fa as i32)).ceil() + 1.0;
+    let worst = l1
+        .iter()
+        .zip(&bq)
+        .map(|(l, b)| l * xmax + (*b as f64).abs())
+        .fold(0.0, f64::max);
+    Some((worst, wq, bq))
+}
+
+/// Chooses scales for a layer in Z_2^`ring_bits` with inputs bounded by `input_bound`.
+pub fn choose(layer: &LinearLayer, ring_bits: u32, input_bound: f64) -> Result<Quantised, ConvertError> {
+    let features = layer.feature_of_weights();
+    let limit = 2f64.powi(ring_bits as i32 - 1);
+    // Largest total first; each step costs one pass over the weights, and the
+    // first candidate is usually right, so this stays cheap.
+    for total in (2..=ring_bits.saturating_sub(2)).rev() {
+        let fw = total.div_ceil(2);
+        let fa = total - fw;
+        let Some((worst, weight, bias)) = worst_case(layer, &features, fa, fw, input_bound) else { continue };
+        // Strictly below the half range, with one spare unit for the encoder's rounding.
+        if worst + 1.0 < limit {
+            let bound_bits = worst.max(1.0).log2();
+            let mut l1 = vec![0f64; layer.features()];
+            let mut count = vec![0usize; layer.features()];
+            for (w, &m) in layer.weight.iter().zip(&features) {
+                l1[m] += w.abs();
+                count[m] += 1;
+            }
+            return Ok(Quantised {
+                input_frac_bits: fa,
+                weight_frac_bits: fw,
+                weight,
+                bias,
+                bound_bits,
+                headroom_bits: (ring_bits - 1) as f64 - bound_bits,
+                weight_l1_max: l1.iter().copied().fold(0.0, f64::max),
+                fan_in: count.iter().copied().max().unwrap_or(0),
+            });
+        }
+    }
+    Err(ConvertError::Scale {
+        node: layer.source_node.clone(),
+        problem: format!(
+            "no fixed-point scale keeps |W·x + b| below 2^{} for |x| <= {input_bound}: weights or bias too large for the ring",
+            ring_bits - 1
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extract::RawKind;
+    use tract_onnx::tract_hir::internal::tract_ndarray::{ArrayD, IxDyn};
+
+    fn dense(w: Vec<f64>, k: usize, m: usize, bias: Vec<f64>) -> LinearLayer {
+        LinearLayer {
+            node: 0,
+            source_node: "fc".into(),
+            source_op: "Gemm".into(),
+            input: "x".into(),
+            output: "y".into(),
+            kind: RawKind::MatMul,
+            weight: ArrayD::from_shape_vec(IxDyn(&[k, m]), w).unwrap(),
+            bias,
+            folded: vec![],
+        }
+    }
+
+    #[test]
+    fn bound_holds_for_the_worst_input() {
+        let layer = dense(vec![0.75, -1.5, -0.25, 2.0, 0.5, -0.125], 3, 2, vec![3.0, -1.0]);
+        let q = choose(&layer, 37, 8.0).unwrap();
+        // Evaluate the worst input exactly in i128: x = ±A at every position with the sign of w.
+        let xa = (8.0 * 2f64.powi(q.input_frac_bits as i32)) as i128;
+        for m in 0..2 {
+            let y: i128 = (0..3).map(|k| (q.weight[k * 2 + m] as i128).abs() * xa).sum::<i128>() + (q.bias[m] as i128).abs();
+            assert!(y < 1i128 << 36, "output {y} overflows the centred ring");
+        }
+        assert!(q.headroom_bits >= 0.0 && q.headroom_bits < 2.0, "scales leave {} bits unused", q.headroom_bits);
+        assert!(q.input_frac_bits + q.weight_frac_bits > 20);
+    }
+
+    #[test]
+    fn larger_inputs_get_fewer_fractional_bits() {
+        let layer = dense(vec![1.0, 1.0], 2, 1, vec![0.0]);
+        let small = choose(&layer, 37, 1.0).unwrap();
+        let large = choose(&layer, 37, 1024.0).unwrap();
+        assert_eq!(small.input_frac_bits + small.weight_frac_bits - (large.input_frac_bits + large.weight_frac_bits), 10);
+    }
+
+    #[test]
+    fn impossible_layers_are_refused() {
+        let layer = dense(vec![1e12, 1.0], 2, 1, vec![0.0]);
+        let e = choose(&layer, 37, 1e6).unwrap_err().to_string();
+        assert!(e.contains("fc") && e.contains("too large"), "{e}");
+    }
+}

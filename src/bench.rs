@@ -1,0 +1,291 @@
+//! `secinfer bench`: convert a model, run client and server sessions in one
+//! process, and compare the secure predictions with plaintext tract on the
+//! original model.
+//!
+//! Offline material currently comes from [`InsecureLocalDealer`] (the HE
+//! offline phase is a separate issue); the report says so in `preprocessing`.
+//! Material is dealt one batch ahead of use, so memory stays bounded on the
+//! full MNIST test set.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ndarray::{ArrayD, Axis, IxDyn};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::DimLike;
+
+use secinfer_converter::{convert_file, Converted, Options};
+use secinfer_protocol::{InsecureLocalDealer, MaskedLinear};
+use secinfer_tract_ext::{ClientModel, InMemoryChannel, ServerModel};
+
+use crate::data::Dataset;
+
+/// Where the inputs come from.
+#[derive(Debug, Clone)]
+pub enum Inputs {
+    /// a bundled data set by name
+    Dataset(String),
+    /// N inputs drawn uniformly in [-1, 1) with a fixed seed, in the model's declared input shape
+    Random(usize),
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    /// original ONNX model
+    pub model: PathBuf,
+    /// inputs
+    pub inputs: Inputs,
+    /// use only the first N samples
+    pub limit: Option<usize>,
+    /// inferences per round trip
+    pub batch: usize,
+    /// converter settings
+    pub options: Options,
+    /// where the converted files go
+    pub work_dir: PathBuf,
+}
+
+/// The bench's result; field names are a fixed interface (JSON keys).
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// the model file
+    pub model: String,
+    /// data set name, or "random"
+    pub dataset: String,
+    /// number of predictions
+    pub n: usize,
+    /// plaintext tract accuracy on the original model (None for random inputs)
+    pub accuracy_plain: Option<f64>,
+    /// secure accuracy (None for random inputs)
+    pub accuracy_secure: Option<f64>,
+    /// predictions whose argmax equals plaintext tract's
+    pub agreement: usize,
+    /// max |secure output − plaintext output| over all outputs
+    pub max_abs_error: f64,
+    /// where offline material came from
+    pub preprocessing: String,
+    /// how client and server talk
+    pub transport: String,
+    /// inferences per round trip
+    pub batch: usize,
+    /// online phase only (client graph + masked evaluation), predictions per second
+    pub online_predictions_per_s: f64,
+    /// plaintext tract on the original model, same batches, predictions per second
+    pub plain_predictions_per_s: f64,
+    /// online bytes per prediction, both directions
+    pub bytes_online_per_prediction: f64,
+    /// per-layer scales and headroom chosen by the converter
+    pub layers: Vec<LayerSummary>,
+}
+
+/// One SecureLinear op as the report shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSummary {
+    /// op id
+    pub op: u32,
+    /// original node and op type
+    pub source: String,
+    /// fractional bits of input and weights
+    pub frac_bits: (u32, u32),
+    /// spare bits below overflow, worst case
+    pub headroom_bits: f64,
+}
+
+fn plain_model(path: &Path) -> anyhow::Result<Arc<TypedRunnableModel>> {
+    tract_onnx::onnx()
+        .model_for_path(path)
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| anyhow::anyhow!("loading {} in tract: {e:#}", path.display()))
+}
+
+/// Declared input shape with the batch axis (if symbolic) set to `n`.
+fn declared_input_shape(path: &Path, n: usize) -> anyhow::Result<(Vec<usize>, bool)> {
+    let model = tract_onnx::onnx()
+        .model_for_path(path)
+        .and_then(|m| m.into_typed())
+        .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let fact = model.input_fact(0).map_err(|e| anyhow::anyhow!("{e:#}"))?;
+    let dims = fact.shape.to_tvec();
+    let mut batched = false;
+    let shape = dims
+        .iter()
+        .enumerate()
+        .map(|(i, d)| match d.to_usize() {
+            Ok(v) => Ok(v),
+            Err(_) if i == 0 => {
+                batched = true;
+                Ok(n)
+            }
+            Err(_) => bail!("input dimension {i} ({d}) is not fixed"),
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok((shape, batched))
+}
+
+fn random_inputs(path: &Path, count: usize) -> anyhow::Result<(Dataset, bool)> {
+    let (shape, batched) = declared_input_shape(path, 1)?;
+    let per: usize = shape.iter().product();
+    // A fixed seed: these are test inputs, not secrets.
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(0x5ec1_4fe2);
+    let mut full = shape.clone();
+    if batched {
+        full[0] = count;
+    } else {
+        full.insert(0, count);
+    }
+    let data: Vec<f32> = (0..count * per).map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0).collect();
+    let inputs = ArrayD::from_shape_vec(IxDyn(&full), data)?;
+    Ok((Dataset { name: "random".into(), inputs, labels: vec![] }, batched))
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
+}
+
+/// Converts and writes the model, printing nothing.
+pub fn convert_into(model: &Path, dir: &Path, options: &Options) -> anyhow::Result<Converted> {
+    let converted = convert_file(model, options).with_context(|| format!("converting {}", model.display()))?;
+    converted.write(dir)?;
+    Ok(converted)
+}
+
+/// Runs the bench.
+pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(usize, usize)) -> anyhow::Result<BenchReport> {
+    let converted = convert_into(&cfg.model, &cfg.work_dir, &cfg.options)?;
+    let server = Arc::new(ServerModel::load(&cfg.work_dir.join("server.onnx"))?);
+    let channel = InMemoryChannel::new(server.clone());
+    let client = ClientModel::load(&cfg.work_dir.join("client.onnx"), channel)?;
+    if client.digest() != server.digest() {
+        bail!("client and server files come from different conversions");
+    }
+    let (data, batched) = match &cfg.inputs {
+        Inputs::Dataset(name) => (crate::data::load(name)?, true),
+        Inputs::Random(n) => random_inputs(&cfg.model, *n)?,
+    };
+    let total = data.inputs.len_of(Axis(0)).min(cfg.limit.unwrap_or(usize::MAX));
+    if total == 0 {
+        bail!("no samples to run");
+    }
+    let batch = if batched { cfg.batch.max(1) } else { 1 };
+    let plain = plain_model(&cfg.model)?;
+    let mut dealer = InsecureLocalDealer::new()?;
+
+    let (mut correct_plain, mut correct_secure, mut agreement) = (0, 0, 0);
+    let mut max_abs_error = 0f64;
+    let (mut online, mut plain_time) = (Duration::ZERO, Duration::ZERO);
+    let mut done = 0;
+    while done < total {
+        let n = batch.min(total - done);
+        let slice = data.inputs.slice_axis(Axis(0), (done..done + n).into()).to_owned();
+        let input: Tensor = if batched {
+            slice.into_tensor()
+        } else {
+            // Unbatched models take their declared shape whole: drop the sample axis.
+            slice.index_axis(Axis(0), 0).to_owned().into_tensor()
+        };
+        let inferences = if server.layers().iter().all(|l| l.batched) { n } else { 1 };
+        for (c, s) in dealer.deal(server.as_ref(), inferences)? {
+            client.backend().accept_preprocessing(c)?;
+            client.backend().channel().accept_preprocessing(s)?;
+        }
+        let t = Instant::now();
+        let reference = plain.run(tvec!(input.clone().into_tvalue())).map_err(|e| anyhow::anyhow!("plaintext run: {e:#}"))?;
+        plain_time += t.elapsed();
+        let t = Instant::now();
+        let secure = client.predict(tvec!(input.into_tvalue()))?;
+        online += t.elapsed();
+
+        let r = reference[0].to_plain_array_view::<f32>().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let s = secure[0].to_plain_array_view::<f32>().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        if r.shape() != s.shape() {
+            bail!("secure output shape {:?} differs from plaintext {:?}", s.shape(), r.shape());
+        }
+        let per = r.len() / n;
+        let (r, s) = (r.iter().copied().collect::<Vec<_>>(), s.iter().copied().collect::<Vec<_>>());
+        for i in 0..n {
+            let (ri, si) = (&r[i * per..(i + 1) * per], &s[i * per..(i + 1) * per]);
+            let (ra, sa) = (argmax(ri), argmax(si));
+            agreement += usize::from(ra == sa);
+            if let Some(&label) = data.labels.get(done + i) {
+                correct_plain += usize::from(ra == label);
+                correct_secure += usize::from(sa == label);
+            }
+            for (a, b) in ri.iter().zip(si) {
+                max_abs_error = max_abs_error.max(f64::from((a - b).abs()));
+            }
+        }
+        done += n;
+        progress(done, total);
+    }
+    let (up, down) = client.backend().channel().online_bytes();
+    let has_labels = !data.labels.is_empty();
+    let acc = |c: usize| has_labels.then(|| c as f64 / total as f64);
+    Ok(BenchReport {
+        model: cfg.model.display().to_string(),
+        dataset: data.name,
+        n: total,
+        accuracy_plain: acc(correct_plain),
+        accuracy_secure: acc(correct_secure),
+        agreement,
+        max_abs_error,
+        preprocessing: InsecureLocalDealer::NAME.into(),
+        transport: "memory".into(),
+        batch,
+        online_predictions_per_s: total as f64 / online.as_secs_f64().max(1e-9),
+        plain_predictions_per_s: total as f64 / plain_time.as_secs_f64().max(1e-9),
+        bytes_online_per_prediction: (up + down) as f64 / total as f64,
+        layers: converted
+            .layers
+            .iter()
+            .map(|l| LayerSummary {
+                op: l.spec.op_id,
+                source: format!("{} '{}'", l.spec.source_op, l.spec.source_node),
+                frac_bits: (l.spec.input_frac_bits, l.spec.weight_frac_bits),
+                headroom_bits: l.headroom_bits,
+            })
+            .collect(),
+    })
+}
+
+impl BenchReport {
+    /// The human summary.
+    pub fn summary(&self) -> String {
+        let pct = |v: Option<f64>| v.map(|v| format!("{:.2} %", v * 100.0)).unwrap_or_else(|| "n/a".into());
+        format!(
+            "model            {}\n\
+             data             {} ({} predictions, batch {})\n\
+             accuracy         plaintext {}   secure {}\n\
+             argmax agreement {}/{}\n\
+             max |error|      {:.3e}\n\
+             throughput       online {:.0} predictions/s   plaintext tract {:.0} predictions/s\n\
+             online bytes     {:.0} per prediction\n\
+             preprocessing    {}{}\n\
+             transport        {}",
+            self.model,
+            self.dataset,
+            self.n,
+            self.batch,
+            pct(self.accuracy_plain),
+            pct(self.accuracy_secure),
+            self.agreement,
+            self.n,
+            self.max_abs_error,
+            self.online_predictions_per_s,
+            self.plain_predictions_per_s,
+            self.bytes_online_per_prediction,
+            self.preprocessing,
+            if self.preprocessing == InsecureLocalDealer::NAME {
+                "  (INSECURE: a local dealer saw both parties' secrets; for testing only)"
+            } else {
+                ""
+            },
+            self.transport
+        )
+    }
+}

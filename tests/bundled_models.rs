@@ -1,0 +1,55 @@
+//! The bundled models on their full test sets: every secure prediction's
+//! argmax equals plaintext tract's on the original model.
+
+use std::path::PathBuf;
+
+use secinfer::bench::{self, BenchConfig, Inputs};
+use secinfer_converter::Options;
+
+mod common;
+
+fn full_run(model: &str, dataset: &str, input_bound: f32) -> bench::BenchReport {
+    let work_dir: PathBuf = std::env::temp_dir().join(format!("secinfer-test-{}-{model}", std::process::id()));
+    let cfg = BenchConfig {
+        model: common::model(model),
+        inputs: Inputs::Dataset(dataset.into()),
+        limit: None,
+        batch: 200,
+        options: Options {
+            input_bound,
+            calibration: Some(secinfer::data::calibration_samples(dataset, 1000).expect("calibration data")),
+            ..Options::default()
+        },
+        work_dir: work_dir.clone(),
+    };
+    let report = bench::run(&cfg, |_, _| {}).expect("bench runs");
+    let _ = std::fs::remove_dir_all(work_dir);
+    println!("{}", report.summary());
+    report
+}
+
+#[test]
+fn mnist_cnn_all_10000_images_agree() {
+    let r = full_run("mnist_cnn.onnx", "mnist", 64.0);
+    assert_eq!(r.n, 10_000);
+    assert_eq!(r.agreement, r.n, "max error {}", r.max_abs_error);
+    assert_eq!(r.accuracy_plain, r.accuracy_secure);
+    assert!(r.accuracy_plain.unwrap() >= 0.992);
+    assert!(r.max_abs_error < 5e-2, "max error {}", r.max_abs_error);
+}
+
+#[test]
+fn mnist_mlp_all_10000_images_agree() {
+    let r = full_run("mnist_mlp.onnx", "mnist", 64.0);
+    assert_eq!(r.n, 10_000);
+    assert_eq!(r.agreement, r.n, "max error {}", r.max_abs_error);
+    assert!(r.max_abs_error < 5e-2, "max error {}", r.max_abs_error);
+}
+
+#[test]
+fn breast_cancer_mlp_test_split_agrees() {
+    // Raw features reach ~4,300 (tumour area): the first layer needs a wide bound.
+    let r = full_run("breast_cancer_mlp.onnx", "breast-cancer", 8192.0);
+    assert!(r.n > 100);
+    assert_eq!(r.agreement, r.n, "max error {}", r.max_abs_error);
+}

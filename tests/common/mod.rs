@@ -1,0 +1,70 @@
+//! Helpers shared by the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use secinfer_converter::{Converted, Options};
+use secinfer_protocol::InsecureLocalDealer;
+use secinfer_tract_ext::{ClientModel, InMemoryChannel, ServerModel};
+use tract_onnx::prelude::*;
+
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn model(name: &str) -> PathBuf {
+    repo().join("onnx-models").join(name)
+}
+
+/// Python with the `onnx` package, from the repo's own setup script (creates
+/// target/onnx-venv on first use; pip needs the package registry).
+pub fn onnx_python() -> PathBuf {
+    static PY: OnceLock<PathBuf> = OnceLock::new();
+    PY.get_or_init(|| {
+        let out = Command::new("bash")
+            .arg(repo().join("scripts/onnx-venv.sh"))
+            .output()
+            .expect("running scripts/onnx-venv.sh");
+        assert!(
+            out.status.success(),
+            "scripts/onnx-venv.sh failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        PathBuf::from(stdout.lines().last().expect("venv script printed no python path").trim())
+    })
+    .clone()
+}
+
+/// Runs the converted pair in one process with the test dealer.
+pub struct SecurePair {
+    pub server: Arc<ServerModel>,
+    pub client: ClientModel<InMemoryChannel<ServerModel>>,
+    dealer: InsecureLocalDealer,
+}
+
+impl SecurePair {
+    pub fn new(converted: &Converted) -> SecurePair {
+        use prost::Message;
+        let server = Arc::new(ServerModel::from_bytes(&converted.server.encode_to_vec()).expect("server model loads"));
+        let client = ClientModel::from_bytes(&converted.client.encode_to_vec(), InMemoryChannel::new(server.clone()))
+            .expect("client model loads");
+        SecurePair { server, client, dealer: InsecureLocalDealer::new().unwrap() }
+    }
+
+    /// Deals material for the run and predicts.
+    pub fn predict(&mut self, input: Tensor) -> TVec<TValue> {
+        let n = self.client.inferences_in(&input);
+        for (c, s) in self.dealer.deal(self.server.as_ref(), n).unwrap() {
+            self.client.backend().accept_preprocessing(c).unwrap();
+            self.client.backend().channel().accept_preprocessing(s).unwrap();
+        }
+        self.client.predict(tvec!(input.into_tvalue())).expect("secure prediction")
+    }
+}
+
+pub fn convert_bytes(bytes: &[u8]) -> Converted {
+    secinfer_converter::convert(bytes, &Options::default()).expect("conversion")
+}
