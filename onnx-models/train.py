@@ -13,8 +13,10 @@ make_breast_cancer_csv.py).
 Writes to --out:
   mnist_mlp.onnx           784-128-128-10 ReLU MLP, input [N,1,28,28] = pixel/255
   mnist_cnn.onnx           2-conv CNN with one BatchNorm2d, same input/output
-  breast_cancer_mlp.onnx   30-16-2 ReLU MLP on raw features (standardisation
-                           folded into the first Gemm)
+  breast_cancer_mlp.onnx   30-16-2 ReLU MLP on raw features; the train split's
+                           standardisation is in the graph as Sub/Div nodes
+                           (exported folded into the first Gemm, then unfolded
+                           by explicit_standardisation.py)
   accuracy.json            plaintext test accuracy + training details
 
 Every model: input "input" (float32, batch dim "N"), output "logits"
@@ -30,6 +32,7 @@ import json
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
 import warnings
@@ -37,6 +40,7 @@ import warnings
 import numpy as np
 import onnx
 import onnx.reference
+from onnx.reference.op_run import OpRun
 from onnx.reference.ops.op_max_pool import MaxPool as RefMaxPool
 import torch
 import torch.nn as nn
@@ -266,8 +270,34 @@ class MaxPool(RefMaxPool):
         return (x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5)),)
 
 
+class BatchNormalization(OpRun):
+    """Spec-conformant inference-mode BatchNormalization for onnx.reference.
+
+    Before opset 14, a BatchNormalization node with a single output is in test
+    (inference) mode: Y = scale * (X - mean) / sqrt(var + epsilon) + B with the
+    stored statistics; `momentum` only matters for training-mode nodes (five
+    outputs). onnx.reference's opset-9..13 kernel instead blends the current
+    batch's statistics into mean/var whenever momentum is set -- and the schema
+    default fills it in -- so its output depends on the batch and differs from
+    torch, onnxruntime and tract (onnx/onnx PR #8442). Only the one-output case
+    is needed here; anything else is refused rather than guessed.
+    """
+
+    op_domain = ""
+
+    def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, training_mode=None,
+             is_test=None, spatial=None):
+        if len(self.output) != 1 or training_mode:
+            raise NotImplementedError("training-mode BatchNormalization")
+        eps = 1e-5 if epsilon is None else epsilon
+        shape = (-1,) + (1,) * (x.ndim - 2)
+        y = (scale.reshape(shape) * (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + eps)
+             + bias.reshape(shape))
+        return (y.astype(x.dtype),)
+
+
 def onnx_logits(path, x, batch):
-    sess = onnx.reference.ReferenceEvaluator(path, new_ops=[MaxPool])
+    sess = onnx.reference.ReferenceEvaluator(path, new_ops=[MaxPool, BatchNormalization])
     return np.concatenate([sess.run(["logits"], {"input": x[i:i + batch]})[0]
                            for i in range(0, len(x), batch)])
 
@@ -374,7 +404,7 @@ def make_mnist_cnn(out, xtr, ytr, xte, yte):
 
 
 def make_breast_cancer(out):
-    log("== breast_cancer_mlp: 30-16-2 ReLU, standardisation folded into layer 1")
+    log("== breast_cancer_mlp: 30-16-2 ReLU on standardised features")
     seed_everything(SEED)
     xtr, ytr, xte, yte, names = load_breast_cancer_csv(BC_CSV)
     assert xtr.shape[1] == 30 and len(names) == 30
@@ -405,15 +435,28 @@ def make_breast_cancer(out):
         sys.exit("train.py: folding the standardisation changed a prediction")
 
     path = os.path.join(out, "breast_cancer_mlp.onnx")
-    _, ops = export(model, torch.from_numpy(xte32[:1]), path)
+    export(model, torch.from_numpy(xte32[:1]), path)
+    # Folding gives layer-1 weights a ~10^5 dynamic range that one fixed-point
+    # scale per layer cannot hold, so the bundled file carries the standardisation
+    # as explicit Sub(mean)/Div(std) nodes in front of an unfolded Gemm.
+    # explicit_standardisation.py does that rewrite (and checks it changes no
+    # prediction); it needs the repository root as working directory.
+    subprocess.run([sys.executable, os.path.join(HERE, "explicit_standardisation.py"),
+                    os.path.abspath(path)], cwd=os.path.dirname(HERE), check=True)
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    ops = [n.op_type for n in m.graph.node]
+    log(f"  rewrote {path} ({os.path.getsize(path)} bytes), ops: {' '.join(ops)}")
     return record(path, ops, model, xte32, yte, logits, len(xte32), {
-        "architecture": "Linear 30->16; ReLU; Linear 16->2",
+        "architecture": "Sub(mean); Div(std); Linear 30->16; ReLU; Linear 16->2",
         "input": "input float32 [N,30], raw (un-normalised) features in the CSV's column order",
         "output": "logits float32 [N,2] (class 0 = malignant, 1 = benign)",
         "train_set": f"breast_cancer.csv split=train, {len(ytr)} rows",
         "test_set": f"breast_cancer.csv split=test, {len(yte)} rows",
-        "preprocessing": "standardised with the train split's mean and population std during "
-                         "training; folded into Linear 1 before export (W/std, b - (W/std)@mean)",
+        "preprocessing": "standardised with the train split's mean and population std; in the "
+                         "ONNX file as explicit Sub(feature_mean) and Div(feature_std) nodes before "
+                         "the first Gemm (exported folded, then unfolded by "
+                         "explicit_standardisation.py)",
         "fold_max_abs_logit_diff": fold_diff,
         "optimizer": f"Adam (weight_decay {cfg['weight_decay']}), OneCycleLR max_lr {cfg['lr']}",
         "epochs": cfg["epochs"], "batch_size": cfg["batch"],
