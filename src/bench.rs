@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use ndarray::{ArrayD, Axis, IxDyn};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::DimLike;
 
-use secinfer_converter::{convert_file, Converted, Options};
+use secinfer_converter::{Converted, Options, convert_file};
 use secinfer_protocol::{InsecureLocalDealer, MaskedLinear};
 use secinfer_tract_ext::{ClientModel, InMemoryChannel, ServerModel};
 
@@ -139,24 +139,42 @@ fn random_inputs(path: &Path, count: usize) -> anyhow::Result<(Dataset, bool)> {
     } else {
         full.insert(0, count);
     }
-    let data: Vec<f32> = (0..count * per).map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0).collect();
+    let data: Vec<f32> = (0..count * per)
+        .map(|_| (rng.next_u32() as f32 / u32::MAX as f32) * 2.0 - 1.0)
+        .collect();
     let inputs = ArrayD::from_shape_vec(IxDyn(&full), data)?;
-    Ok((Dataset { name: "random".into(), inputs, labels: vec![] }, batched))
+    Ok((
+        Dataset {
+            name: "random".into(),
+            inputs,
+            labels: vec![],
+        },
+        batched,
+    ))
 }
 
 fn argmax(v: &[f32]) -> usize {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+            if x > best.1 { (i, x) } else { best }
+        })
+        .0
 }
 
 /// Converts and writes the model, printing nothing.
 pub fn convert_into(model: &Path, dir: &Path, options: &Options) -> anyhow::Result<Converted> {
-    let converted = convert_file(model, options).with_context(|| format!("converting {}", model.display()))?;
+    let converted =
+        convert_file(model, options).with_context(|| format!("converting {}", model.display()))?;
     converted.write(dir)?;
     Ok(converted)
 }
 
 /// Runs the bench.
-pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(usize, usize)) -> anyhow::Result<BenchReport> {
+pub fn run(
+    cfg: &BenchConfig,
+    mut progress: impl FnMut(usize, usize),
+) -> anyhow::Result<BenchReport> {
     let converted = convert_into(&cfg.model, &cfg.work_dir, &cfg.options)?;
     let server = Arc::new(ServerModel::load(&cfg.work_dir.join("server.onnx"))?);
     let channel = InMemoryChannel::new(server.clone());
@@ -168,7 +186,10 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(usize, usize)) -> anyhow:
         Inputs::Dataset(name) => (crate::data::load(name)?, true),
         Inputs::Random(n) => random_inputs(&cfg.model, *n)?,
     };
-    let total = data.inputs.len_of(Axis(0)).min(cfg.limit.unwrap_or(usize::MAX));
+    let total = data
+        .inputs
+        .len_of(Axis(0))
+        .min(cfg.limit.unwrap_or(usize::MAX));
     if total == 0 {
         bail!("no samples to run");
     }
@@ -182,32 +203,52 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(usize, usize)) -> anyhow:
     let mut done = 0;
     while done < total {
         let n = batch.min(total - done);
-        let slice = data.inputs.slice_axis(Axis(0), (done..done + n).into()).to_owned();
+        let slice = data
+            .inputs
+            .slice_axis(Axis(0), (done..done + n).into())
+            .to_owned();
         let input: Tensor = if batched {
             slice.into_tensor()
         } else {
             // Unbatched models take their declared shape whole: drop the sample axis.
             slice.index_axis(Axis(0), 0).to_owned().into_tensor()
         };
-        let inferences = if server.layers().iter().all(|l| l.batched) { n } else { 1 };
+        let inferences = if server.layers().iter().all(|l| l.batched) {
+            n
+        } else {
+            1
+        };
         for (c, s) in dealer.deal(server.as_ref(), inferences)? {
             client.backend().accept_preprocessing(c)?;
             client.backend().channel().accept_preprocessing(s)?;
         }
         let t = Instant::now();
-        let reference = plain.run(tvec!(input.clone().into_tvalue())).map_err(|e| anyhow::anyhow!("plaintext run: {e:#}"))?;
+        let reference = plain
+            .run(tvec!(input.clone().into_tvalue()))
+            .map_err(|e| anyhow::anyhow!("plaintext run: {e:#}"))?;
         plain_time += t.elapsed();
         let t = Instant::now();
         let secure = client.predict(tvec!(input.into_tvalue()))?;
         online += t.elapsed();
 
-        let r = reference[0].to_plain_array_view::<f32>().map_err(|e| anyhow::anyhow!("{e:#}"))?;
-        let s = secure[0].to_plain_array_view::<f32>().map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let r = reference[0]
+            .to_plain_array_view::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let s = secure[0]
+            .to_plain_array_view::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         if r.shape() != s.shape() {
-            bail!("secure output shape {:?} differs from plaintext {:?}", s.shape(), r.shape());
+            bail!(
+                "secure output shape {:?} differs from plaintext {:?}",
+                s.shape(),
+                r.shape()
+            );
         }
         let per = r.len() / n;
-        let (r, s) = (r.iter().copied().collect::<Vec<_>>(), s.iter().copied().collect::<Vec<_>>());
+        let (r, s) = (
+            r.iter().copied().collect::<Vec<_>>(),
+            s.iter().copied().collect::<Vec<_>>(),
+        );
         for i in 0..n {
             let (ri, si) = (&r[i * per..(i + 1) * per], &s[i * per..(i + 1) * per]);
             let (ra, sa) = (argmax(ri), argmax(si));
@@ -256,7 +297,10 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(usize, usize)) -> anyhow:
 impl BenchReport {
     /// The human summary.
     pub fn summary(&self) -> String {
-        let pct = |v: Option<f64>| v.map(|v| format!("{:.2} %", v * 100.0)).unwrap_or_else(|| "n/a".into());
+        let pct = |v: Option<f64>| {
+            v.map(|v| format!("{:.2} %", v * 100.0))
+                .unwrap_or_else(|| "n/a".into())
+        };
         format!(
             "model            {}\n\
              data             {} ({} predictions, batch {})\n\

@@ -11,7 +11,11 @@ use secinfer::bench::{self, BenchConfig, Inputs};
 use secinfer_converter::Options;
 
 #[derive(Parser)]
-#[command(name = "secinfer", version, about = "Private neural-network inference: ONNX in, exact secure linear layers")]
+#[command(
+    name = "secinfer",
+    version,
+    about = "Private neural-network inference: ONNX in, exact secure linear layers"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,7 +43,11 @@ impl ConvertArgs {
             Some(name) => Some(secinfer::data::calibration_samples(name, 1000)?),
             None => None,
         };
-        Ok(Options { ring_bits: self.ring_bits, input_bound: self.input_bound, calibration })
+        Ok(Options {
+            ring_bits: self.ring_bits,
+            input_bound: self.input_bound,
+            calibration,
+        })
     }
 }
 
@@ -99,8 +107,15 @@ fn main() -> ExitCode {
 fn convert(model: &Path, output: &Path, options: &Options) -> anyhow::Result<()> {
     let converted = secinfer_converter::convert_file(model, options)?;
     let (server, client) = converted.write(output)?;
-    println!("{} SecureLinear ops in Z_2^{}:", converted.layers.len(), options.ring_bits);
-    println!("  {:>3}  {:<34} {:<15} {:>8} {:>5} {:>5}  {:>9}  folded", "op", "source", "kind", "|x| <=", "f_in", "f_w", "headroom");
+    println!(
+        "{} SecureLinear ops in Z_2^{}:",
+        converted.layers.len(),
+        options.ring_bits
+    );
+    println!(
+        "  {:>3}  {:<34} {:<15} {:>8} {:>5} {:>5}  {:>9}  folded",
+        "op", "source", "kind", "|x| <=", "f_in", "f_w", "headroom"
+    );
     for l in &converted.layers {
         let s = &l.spec;
         println!(
@@ -116,7 +131,10 @@ fn convert(model: &Path, output: &Path, options: &Options) -> anyhow::Result<()>
         );
     }
     if !converted.folded_constants.is_empty() {
-        println!("constant subgraphs evaluated: {}", converted.folded_constants.join(", "));
+        println!(
+            "constant subgraphs evaluated: {}",
+            converted.folded_constants.join(", ")
+        );
     }
     for c in &converted.client_constants {
         println!("note: constant {c} stays in the client graph (not a linear layer's weight)");
@@ -150,21 +168,43 @@ fn run_bench(cfg: BenchConfig, json: Option<&Path>) -> anyhow::Result<()> {
 }
 
 fn work_dir(model: &Path) -> PathBuf {
-    let stem = model.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    let stem = model
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("model");
     std::env::temp_dir().join(format!("secinfer-{}-{stem}", std::process::id()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Convert { model, output, args } => convert(&model, &output, &args.options()?),
-        Command::Bench { model, dataset, random, limit, batch, json, args } => {
+        Command::Convert {
+            model,
+            output,
+            args,
+        } => convert(&model, &output, &args.options()?),
+        Command::Bench {
+            model,
+            dataset,
+            random,
+            limit,
+            batch,
+            json,
+            args,
+        } => {
             let inputs = match (dataset, random) {
                 (Some(d), None) => Inputs::Dataset(d),
                 (None, Some(n)) => Inputs::Random(n),
                 _ => anyhow::bail!("give exactly one of --dataset and --random"),
             };
             let work_dir = work_dir(&model);
-            let cfg = BenchConfig { model, inputs, limit, batch, options: args.options()?, work_dir: work_dir.clone() };
+            let cfg = BenchConfig {
+                model,
+                inputs,
+                limit,
+                batch,
+                options: args.options()?,
+                work_dir: work_dir.clone(),
+            };
             let result = run_bench(cfg, json.as_deref());
             let _ = std::fs::remove_dir_all(&work_dir);
             result
@@ -172,13 +212,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo { limit } => {
             let model = bundled("onnx-models/mnist_cnn.onnx");
             let work_dir = work_dir(&model);
-            println!("secinfer demo: the bundled MNIST CNN on the MNIST test set, secure linear layers in one process\n");
+            println!(
+                "secinfer demo: the bundled MNIST CNN on the MNIST test set, secure linear layers in one process\n"
+            );
             let cfg = BenchConfig {
                 model,
                 inputs: Inputs::Dataset("mnist".into()),
                 limit,
                 batch: 100,
-                options: Options { calibration: Some(secinfer::data::calibration_samples("mnist", 1000)?), ..Options::default() },
+                options: Options {
+                    calibration: Some(secinfer::data::calibration_samples("mnist", 1000)?),
+                    ..Options::default()
+                },
                 work_dir: work_dir.clone(),
             };
             let result = run_bench(cfg, None);

@@ -9,7 +9,8 @@ use secinfer_converter::Options;
 mod common;
 
 fn full_run(model: &str, dataset: &str, input_bound: f32) -> bench::BenchReport {
-    let work_dir: PathBuf = std::env::temp_dir().join(format!("secinfer-test-{}-{model}", std::process::id()));
+    let work_dir: PathBuf =
+        std::env::temp_dir().join(format!("secinfer-test-{}-{model}", std::process::id()));
     let cfg = BenchConfig {
         model: common::model(model),
         inputs: Inputs::Dataset(dataset.into()),
@@ -17,7 +18,9 @@ fn full_run(model: &str, dataset: &str, input_bound: f32) -> bench::BenchReport 
         batch: 200,
         options: Options {
             input_bound,
-            calibration: Some(secinfer::data::calibration_samples(dataset, 1000).expect("calibration data")),
+            calibration: Some(
+                secinfer::data::calibration_samples(dataset, 1000).expect("calibration data"),
+            ),
             ..Options::default()
         },
         work_dir: work_dir.clone(),

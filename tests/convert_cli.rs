@@ -11,8 +11,15 @@ use tract_onnx::pb;
 mod common;
 
 fn secinfer(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_secinfer")).args(args).output().expect("running secinfer");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_secinfer"))
+        .args(args)
+        .output()
+        .expect("running secinfer");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -38,20 +45,49 @@ fn check_with_onnx(files: &[&Path]) {
 
 #[test]
 fn bundled_models_convert_and_pass_the_onnx_checker() {
-    for (model, bound) in [("mnist_cnn.onnx", "64"), ("mnist_mlp.onnx", "64"), ("breast_cancer_mlp.onnx", "64")] {
+    for (model, bound) in [
+        ("mnist_cnn.onnx", "64"),
+        ("mnist_mlp.onnx", "64"),
+        ("breast_cancer_mlp.onnx", "64"),
+    ] {
         let dir = tmp(model);
         let path = common::model(model);
-        let (ok, text) = secinfer(&["convert", path.to_str().unwrap(), "-o", dir.to_str().unwrap(), "--input-bound", bound]);
+        let (ok, text) = secinfer(&[
+            "convert",
+            path.to_str().unwrap(),
+            "-o",
+            dir.to_str().unwrap(),
+            "--input-bound",
+            bound,
+        ]);
         assert!(ok, "{text}");
-        assert!(text.contains("headroom") && text.contains("model digest"), "{text}");
+        assert!(
+            text.contains("headroom") && text.contains("model digest"),
+            "{text}"
+        );
         let (server, client) = (dir.join("server.onnx"), dir.join("client.onnx"));
         check_with_onnx(&[&server, &client]);
         // The client file holds no weights: no initializer as large as the smallest weight tensor.
-        let client_model = pb::ModelProto::decode(std::fs::read(&client).unwrap().as_slice()).unwrap();
-        let server_model = pb::ModelProto::decode(std::fs::read(&server).unwrap().as_slice()).unwrap();
-        let smallest_weight = server_model.graph.unwrap().initializer.iter().filter(|t| t.name.starts_with("weight_")).map(|t| t.dims.iter().product::<i64>()).min().unwrap();
+        let client_model =
+            pb::ModelProto::decode(std::fs::read(&client).unwrap().as_slice()).unwrap();
+        let server_model =
+            pb::ModelProto::decode(std::fs::read(&server).unwrap().as_slice()).unwrap();
+        let smallest_weight = server_model
+            .graph
+            .unwrap()
+            .initializer
+            .iter()
+            .filter(|t| t.name.starts_with("weight_"))
+            .map(|t| t.dims.iter().product::<i64>())
+            .min()
+            .unwrap();
         for t in &client_model.graph.unwrap().initializer {
-            assert!(t.dims.iter().product::<i64>() < smallest_weight, "client.onnx carries tensor {} {:?}", t.name, t.dims);
+            assert!(
+                t.dims.iter().product::<i64>() < smallest_weight,
+                "client.onnx carries tensor {} {:?}",
+                t.name,
+                t.dims
+            );
         }
         let _ = std::fs::remove_dir_all(dir);
     }
@@ -91,7 +127,10 @@ fn tiny_model(op: &str, weight_as_input: bool) -> pb::ModelProto {
     }
     pb::ModelProto {
         ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
         graph: Some(pb::GraphProto {
             name: "tiny".into(),
             node: vec![pb::NodeProto {
@@ -112,14 +151,26 @@ fn tiny_model(op: &str, weight_as_input: bool) -> pb::ModelProto {
 
 fn convert_fails(name: &str, bytes: &[u8], expect: &[&str]) {
     let dir = tmp(name);
-    let file = std::env::temp_dir().join(format!("secinfer-cli-{}-{name}.onnx", std::process::id()));
+    let file =
+        std::env::temp_dir().join(format!("secinfer-cli-{}-{name}.onnx", std::process::id()));
     std::fs::write(&file, bytes).unwrap();
-    let (ok, text) = secinfer(&["convert", file.to_str().unwrap(), "-o", dir.to_str().unwrap()]);
+    let (ok, text) = secinfer(&[
+        "convert",
+        file.to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
     assert!(!ok, "conversion of {name} should fail:\n{text}");
     for e in expect {
-        assert!(text.contains(e), "message for {name} should mention '{e}':\n{text}");
+        assert!(
+            text.contains(e),
+            "message for {name} should mention '{e}':\n{text}"
+        );
     }
-    assert!(!dir.join("server.onnx").exists() && !dir.join("client.onnx").exists(), "{name}: files were written");
+    assert!(
+        !dir.join("server.onnx").exists() && !dir.join("client.onnx").exists(),
+        "{name}: files were written"
+    );
     let _ = std::fs::remove_file(file);
 }
 
@@ -128,7 +179,12 @@ fn the_tiny_conv_model_converts() {
     let dir = tmp("tiny-ok");
     let file = std::env::temp_dir().join(format!("secinfer-cli-{}-tiny.onnx", std::process::id()));
     std::fs::write(&file, tiny_model("Conv", false).encode_to_vec()).unwrap();
-    let (ok, text) = secinfer(&["convert", file.to_str().unwrap(), "-o", dir.to_str().unwrap()]);
+    let (ok, text) = secinfer(&[
+        "convert",
+        file.to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+    ]);
     assert!(ok, "{text}");
     assert!(dir.join("server.onnx").exists() && dir.join("client.onnx").exists());
     let _ = std::fs::remove_dir_all(dir);
@@ -136,16 +192,36 @@ fn the_tiny_conv_model_converts() {
 
 #[test]
 fn bad_inputs_fail_with_clear_errors_and_write_nothing() {
-    convert_fails("garbage", b"\x08\x96\x01 this is not protobuf \xff\xff", &["not an ONNX model"]);
-    convert_fails("unknown-op", &tiny_model("FrobnicateTensor", false).encode_to_vec(), &["the_node", "FrobnicateTensor"]);
-    convert_fails("dynamic-weights", &tiny_model("Conv", true).encode_to_vec(), &["the_node", "Conv", "'w'", "run time"]);
-    convert_fails("lstm", &tiny_model("LSTM", false).encode_to_vec(), &["the_node", "LSTM", "recurrent"]);
+    convert_fails(
+        "garbage",
+        b"\x08\x96\x01 this is not protobuf \xff\xff",
+        &["not an ONNX model"],
+    );
+    convert_fails(
+        "unknown-op",
+        &tiny_model("FrobnicateTensor", false).encode_to_vec(),
+        &["the_node", "FrobnicateTensor"],
+    );
+    convert_fails(
+        "dynamic-weights",
+        &tiny_model("Conv", true).encode_to_vec(),
+        &["the_node", "Conv", "'w'", "run time"],
+    );
+    convert_fails(
+        "lstm",
+        &tiny_model("LSTM", false).encode_to_vec(),
+        &["the_node", "LSTM", "recurrent"],
+    );
     let mut nan = tiny_model("Conv", false);
     nan.graph.as_mut().unwrap().initializer[0].float_data[3] = f32::NAN;
     convert_fails("nan-weights", &nan.encode_to_vec(), &["'w'", "NaN"]);
     let mut dangling = tiny_model("Conv", false);
     dangling.graph.as_mut().unwrap().node[0].input[0] = "nowhere".into();
-    convert_fails("dangling", &dangling.encode_to_vec(), &["the_node", "nowhere"]);
+    convert_fails(
+        "dangling",
+        &dangling.encode_to_vec(),
+        &["the_node", "nowhere"],
+    );
     let (ok, text) = secinfer(&["convert", "/nonexistent/model.onnx", "-o", "/tmp/x"]);
     assert!(!ok && text.contains("/nonexistent/model.onnx"), "{text}");
 }

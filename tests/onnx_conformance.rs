@@ -12,7 +12,12 @@ use tract_onnx::prelude::*;
 
 mod common;
 
-const PREFIXES: &[&str] = &["test_Conv", "test_ConvTranspose", "test_Linear", "test_BatchNorm"];
+const PREFIXES: &[&str] = &[
+    "test_Conv",
+    "test_ConvTranspose",
+    "test_Linear",
+    "test_BatchNorm",
+];
 
 /// Cases secinfer does not support, with the reason (also listed in the README).
 const UNSUPPORTED: &[(&str, &str)] = &[];
@@ -23,7 +28,11 @@ fn cases_dir() -> PathBuf {
         .arg(common::repo().join("scripts/onnx_conformance_dir.py"))
         .output()
         .expect("running onnx_conformance_dir.py");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
@@ -35,29 +44,53 @@ fn read_tensor(path: &Path) -> Tensor {
 
 fn run_case(dir: &Path) -> Result<(f64, f64), String> {
     let bytes = std::fs::read(dir.join("model.onnx")).map_err(|e| e.to_string())?;
-    let converted = secinfer_converter::convert(&bytes, &Default::default()).map_err(|e| e.to_string())?;
+    let converted =
+        secinfer_converter::convert(&bytes, &Default::default()).map_err(|e| e.to_string())?;
     let data = dir.join("test_data_set_0");
     let input = read_tensor(&data.join("input_0.pb"));
     let expected = read_tensor(&data.join("output_0.pb"));
-    let input_max = input.to_plain_array_view::<f32>().unwrap().iter().fold(0f64, |m, v| m.max(f64::from(v.abs())));
+    let input_max = input
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .fold(0f64, |m, v| m.max(f64::from(v.abs())));
     let mut pair = common::SecurePair::new(&converted);
     let out = pair.predict(input);
-    let got = out[0].to_plain_array_view::<f32>().map_err(|e| e.to_string())?;
-    let want = expected.to_plain_array_view::<f32>().map_err(|e| e.to_string())?;
+    let got = out[0]
+        .to_plain_array_view::<f32>()
+        .map_err(|e| e.to_string())?;
+    let want = expected
+        .to_plain_array_view::<f32>()
+        .map_err(|e| e.to_string())?;
     if got.shape() != want.shape() {
-        return Err(format!("shape {:?}, expected {:?}", got.shape(), want.shape()));
+        return Err(format!(
+            "shape {:?}, expected {:?}",
+            got.shape(),
+            want.shape()
+        ));
     }
     // First layer sees the test input; later ones are bounded by the converter's input bound.
     let tolerance: f64 = converted
         .layers
         .iter()
         .enumerate()
-        .map(|(i, l)| l.error_bound(if i == 0 { input_max } else { f64::from(l.spec.input_bound) }))
+        .map(|(i, l)| {
+            l.error_bound(if i == 0 {
+                input_max
+            } else {
+                f64::from(l.spec.input_bound)
+            })
+        })
         .sum::<f64>()
         + 1e-5 * want.iter().fold(1f64, |m, v| m.max(f64::from(v.abs())));
-    let err = got.iter().zip(want.iter()).fold(0f64, |m, (a, b)| m.max(f64::from((a - b).abs())));
+    let err = got
+        .iter()
+        .zip(want.iter())
+        .fold(0f64, |m, (a, b)| m.max(f64::from((a - b).abs())));
     if err > tolerance {
-        return Err(format!("max |error| {err:.3e} exceeds the scale-derived tolerance {tolerance:.3e}"));
+        return Err(format!(
+            "max |error| {err:.3e} exceeds the scale-derived tolerance {tolerance:.3e}"
+        ));
     }
     Ok((err, tolerance))
 }
@@ -72,16 +105,31 @@ fn pytorch_converted_linear_cases_match() {
         .filter(|n| PREFIXES.iter().any(|p| n.starts_with(p)))
         .collect();
     names.sort();
-    assert!(names.len() >= 20, "found only {} cases in {}", names.len(), root.display());
+    assert!(
+        names.len() >= 20,
+        "found only {} cases in {}",
+        names.len(),
+        root.display()
+    );
     let mut failures = Vec::new();
     for name in &names {
         let expected_failure = UNSUPPORTED.iter().find(|(n, _)| n == name);
         match (run_case(&root.join(name)), expected_failure) {
-            (Ok((err, tol)), None) => println!("ok    {name}: max |error| {err:.2e} (tolerance {tol:.2e})"),
+            (Ok((err, tol)), None) => {
+                println!("ok    {name}: max |error| {err:.2e} (tolerance {tol:.2e})")
+            }
             (Err(e), Some((_, why))) => println!("skip  {name}: {why} ({e})"),
-            (Ok(_), Some(_)) => failures.push(format!("{name}: listed as unsupported but passes; update the list")),
+            (Ok(_), Some(_)) => failures.push(format!(
+                "{name}: listed as unsupported but passes; update the list"
+            )),
             (Err(e), None) => failures.push(format!("{name}: {e}")),
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), names.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        names.len(),
+        failures.join("\n")
+    );
 }

@@ -13,11 +13,11 @@ use tract_onnx::pb;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::tensor_shape_proto::dimension::Value as DimValue;
 
-use secinfer_model::{LayerSpec, Role, DIGEST_KEY, DOMAIN, DOMAIN_VERSION, OP_TYPE, ROLE_KEY};
+use secinfer_model::{DIGEST_KEY, DOMAIN, DOMAIN_VERSION, LayerSpec, OP_TYPE, ROLE_KEY, Role};
 
+use crate::ConvertError;
 use crate::graph::Graph;
 use crate::tensor::to_proto;
-use crate::ConvertError;
 
 /// A layer ready to be written.
 pub struct EmittedLayer<'a> {
@@ -41,7 +41,10 @@ fn secure_node(spec: &LayerSpec, inputs: Vec<String>, output: String) -> pb::Nod
         input: inputs,
         output: vec![output],
         attribute: spec.to_attributes(),
-        doc_string: format!("{} node '{}' (and what was folded into it)", spec.source_op, spec.source_node),
+        doc_string: format!(
+            "{} node '{}' (and what was folded into it)",
+            spec.source_op, spec.source_node
+        ),
         ..Default::default()
     }
 }
@@ -52,15 +55,29 @@ fn header(graph: &Graph, role: Role, digest: &str) -> pb::ModelProto {
     m.producer_name = "secinfer".into();
     m.producer_version = env!("CARGO_PKG_VERSION").into();
     m.opset_import.retain(|o| o.domain != DOMAIN);
-    m.opset_import.push(pb::OperatorSetIdProto { domain: DOMAIN.into(), version: DOMAIN_VERSION });
-    m.metadata_props.retain(|p| p.key != ROLE_KEY && p.key != DIGEST_KEY);
-    m.metadata_props.push(pb::StringStringEntryProto { key: ROLE_KEY.into(), value: role.as_str().into() });
-    m.metadata_props.push(pb::StringStringEntryProto { key: DIGEST_KEY.into(), value: digest.into() });
+    m.opset_import.push(pb::OperatorSetIdProto {
+        domain: DOMAIN.into(),
+        version: DOMAIN_VERSION,
+    });
+    m.metadata_props
+        .retain(|p| p.key != ROLE_KEY && p.key != DIGEST_KEY);
+    m.metadata_props.push(pb::StringStringEntryProto {
+        key: ROLE_KEY.into(),
+        value: role.as_str().into(),
+    });
+    m.metadata_props.push(pb::StringStringEntryProto {
+        key: DIGEST_KEY.into(),
+        value: digest.into(),
+    });
     m
 }
 
 /// The client file: the graph without weights.
-pub fn client_model(graph: &Graph, layers: &[EmittedLayer], digest: &str) -> Result<pb::ModelProto, ConvertError> {
+pub fn client_model(
+    graph: &Graph,
+    layers: &[EmittedLayer],
+    digest: &str,
+) -> Result<pb::ModelProto, ConvertError> {
     let mut skip: HashSet<usize> = HashSet::new();
     let mut nodes = Vec::with_capacity(graph.nodes.len());
     for l in layers {
@@ -71,7 +88,11 @@ pub fn client_model(graph: &Graph, layers: &[EmittedLayer], digest: &str) -> Res
             continue;
         }
         match layers.iter().find(|l| l.nodes.0 == i) {
-            Some(l) => nodes.push(secure_node(&l.spec, vec![l.io.0.to_string()], l.io.1.to_string())),
+            Some(l) => nodes.push(secure_node(
+                &l.spec,
+                vec![l.io.0.to_string()],
+                l.io.1.to_string(),
+            )),
             None => nodes.push(node.clone()),
         }
     }
@@ -87,7 +108,12 @@ pub fn client_model(graph: &Graph, layers: &[EmittedLayer], digest: &str) -> Res
         .into_iter()
         .map(|n| to_proto(n, &graph.consts[n]))
         .collect::<Result<Vec<_>, _>>()?;
-    let value_info = graph.value_info.iter().filter(|v| produced.contains(&v.name)).cloned().collect();
+    let value_info = graph
+        .value_info
+        .iter()
+        .filter(|v| produced.contains(&v.name))
+        .cloned()
+        .collect();
     let mut model = header(graph, Role::Client, digest);
     model.graph = Some(pb::GraphProto {
         name: format!("{}-client", graph.name),
@@ -96,7 +122,8 @@ pub fn client_model(graph: &Graph, layers: &[EmittedLayer], digest: &str) -> Res
         input: graph.inputs.clone(),
         output: graph.outputs.clone(),
         value_info,
-        doc_string: "secinfer client graph: SecureLinear nodes are evaluated jointly with the server".into(),
+        doc_string:
+            "secinfer client graph: SecureLinear nodes are evaluated jointly with the server".into(),
         ..Default::default()
     });
     Ok(model)
@@ -107,7 +134,11 @@ fn tensor_type(elem: DataType, shape: &[usize], batched: bool) -> pb::TypeProto 
         .iter()
         .enumerate()
         .map(|(i, &d)| pb::tensor_shape_proto::Dimension {
-            value: Some(if i == 0 && batched { DimValue::DimParam("N".into()) } else { DimValue::DimValue(d as i64) }),
+            value: Some(if i == 0 && batched {
+                DimValue::DimParam("N".into())
+            } else {
+                DimValue::DimValue(d as i64)
+            }),
             ..Default::default()
         })
         .collect();
@@ -121,7 +152,11 @@ fn tensor_type(elem: DataType, shape: &[usize], batched: bool) -> pb::TypeProto 
 }
 
 fn value_info(name: String, elem: DataType, shape: &[usize], batched: bool) -> pb::ValueInfoProto {
-    pb::ValueInfoProto { name, r#type: Some(tensor_type(elem, shape, batched)), ..Default::default() }
+    pb::ValueInfoProto {
+        name,
+        r#type: Some(tensor_type(elem, shape, batched)),
+        ..Default::default()
+    }
 }
 
 fn i64_tensor(name: String, shape: &[usize], data: &[i64]) -> pb::TensorProto {
@@ -148,16 +183,34 @@ pub fn server_output(id: u32) -> String {
 pub fn server_model(graph: &Graph, layers: &[EmittedLayer], digest: &str) -> pb::ModelProto {
     let mut g = pb::GraphProto {
         name: format!("{}-server", graph.name),
-        doc_string: "secinfer server: one SecureLinear op per weighted layer, on masked ring tensors".into(),
+        doc_string:
+            "secinfer server: one SecureLinear op per weighted layer, on masked ring tensors".into(),
         ..Default::default()
     };
     for l in layers {
         let s = &l.spec;
-        let (x, w, b, y) = (server_input(s.op_id), format!("weight_{}", s.op_id), format!("bias_{}", s.op_id), server_output(s.op_id));
-        g.input.push(value_info(x.clone(), DataType::Uint64, &s.input_shape, s.batched));
-        g.output.push(value_info(y.clone(), DataType::Uint64, &s.output_shape, s.batched));
-        g.initializer.push(i64_tensor(w.clone(), &s.weight_shape, l.weight));
-        g.initializer.push(i64_tensor(b.clone(), &[l.bias.len()], l.bias));
+        let (x, w, b, y) = (
+            server_input(s.op_id),
+            format!("weight_{}", s.op_id),
+            format!("bias_{}", s.op_id),
+            server_output(s.op_id),
+        );
+        g.input.push(value_info(
+            x.clone(),
+            DataType::Uint64,
+            &s.input_shape,
+            s.batched,
+        ));
+        g.output.push(value_info(
+            y.clone(),
+            DataType::Uint64,
+            &s.output_shape,
+            s.batched,
+        ));
+        g.initializer
+            .push(i64_tensor(w.clone(), &s.weight_shape, l.weight));
+        g.initializer
+            .push(i64_tensor(b.clone(), &[l.bias.len()], l.bias));
         g.node.push(secure_node(s, vec![x, w, b], y));
     }
     let mut model = header(graph, Role::Server, digest);

@@ -12,9 +12,9 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::tract_ndarray::{ArrayD, IxDyn};
 
+use crate::ConvertError;
 use crate::graph::Graph;
 use crate::tensor::to_f32;
-use crate::ConvertError;
 
 /// What the converter does with a node of a given op type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,7 +32,9 @@ pub enum Handling {
 pub fn handling(op_type: &str) -> Handling {
     match op_type {
         "Gemm" | "MatMul" | "Conv" | "ConvTranspose" | "BatchNormalization" => Handling::Secure,
-        "RNN" | "LSTM" | "GRU" => Handling::Unsupported("recurrent layers carry weights secinfer cannot split out"),
+        "RNN" | "LSTM" | "GRU" => {
+            Handling::Unsupported("recurrent layers carry weights secinfer cannot split out")
+        }
         "ConvInteger" | "MatMulInteger" | "QLinearConv" | "QLinearMatMul" | "QGemm" => {
             Handling::Unsupported("quantised operators are not supported; convert the float model")
         }
@@ -155,12 +157,18 @@ pub fn extract(graph: &Graph) -> Result<Vec<LinearLayer>, ConvertError> {
         let name = secinfer_model::node_name(node);
         match handling(&node.op_type) {
             Handling::Unsupported(reason) => {
-                return Err(ConvertError::UnsupportedOp { node: name, op: node.op_type.clone(), reason: reason.into() });
+                return Err(ConvertError::UnsupportedOp {
+                    node: name,
+                    op: node.op_type.clone(),
+                    reason: reason.into(),
+                });
             }
             Handling::Client => continue,
             Handling::Secure => {}
         }
-        let Some(mut layer) = extract_node(graph, i, node)? else { continue };
+        let Some(mut layer) = extract_node(graph, i, node)? else {
+            continue;
+        };
         while let Some(next) = foldable_successor(graph, &layer)? {
             folded.insert(next.0);
             layer.folded.push(next.0);
@@ -207,7 +215,11 @@ fn weight_f64(graph: &Graph, name: &str) -> Result<ArrayD<f64>, ConvertError> {
 }
 
 fn unsupported(node: &pb::NodeProto, reason: String) -> ConvertError {
-    ConvertError::UnsupportedOp { node: secinfer_model::node_name(node), op: node.op_type.clone(), reason }
+    ConvertError::UnsupportedOp {
+        node: secinfer_model::node_name(node),
+        op: node.op_type.clone(),
+        reason,
+    }
 }
 
 fn dynamic_weights(node: &pb::NodeProto, input: &str) -> ConvertError {
@@ -220,12 +232,23 @@ fn dynamic_weights(node: &pb::NodeProto, input: &str) -> ConvertError {
 
 /// Input `ix` of a node, if present and non-empty.
 fn input(node: &pb::NodeProto, ix: usize) -> Option<&str> {
-    node.input.get(ix).map(String::as_str).filter(|s| !s.is_empty())
+    node.input
+        .get(ix)
+        .map(String::as_str)
+        .filter(|s| !s.is_empty())
 }
 
 /// Bias vector of length `m` from a constant broadcastable to one.
-fn bias_vector(graph: &Graph, node: &pb::NodeProto, name: Option<&str>, m: usize, scale: f64) -> Result<Vec<f64>, ConvertError> {
-    let Some(name) = name else { return Ok(vec![0.0; m]) };
+fn bias_vector(
+    graph: &Graph,
+    node: &pb::NodeProto,
+    name: Option<&str>,
+    m: usize,
+    scale: f64,
+) -> Result<Vec<f64>, ConvertError> {
+    let Some(name) = name else {
+        return Ok(vec![0.0; m]);
+    };
     if !graph.consts.contains_key(name) {
         return Err(dynamic_weights(node, name));
     }
@@ -234,11 +257,21 @@ fn bias_vector(graph: &Graph, node: &pb::NodeProto, name: Option<&str>, m: usize
     match dims.as_slice() {
         [] => Ok(vec![b.iter().next().copied().unwrap_or(0.0) * scale; m]),
         [d] if *d == m && b.shape().last() == Some(&m) => Ok(b.iter().map(|v| v * scale).collect()),
-        _ => Err(unsupported(node, format!("bias of shape {:?} is not one value per output feature ({m})", b.shape()))),
+        _ => Err(unsupported(
+            node,
+            format!(
+                "bias of shape {:?} is not one value per output feature ({m})",
+                b.shape()
+            ),
+        )),
     }
 }
 
-fn extract_node(graph: &Graph, i: usize, node: &pb::NodeProto) -> Result<Option<LinearLayer>, ConvertError> {
+fn extract_node(
+    graph: &Graph,
+    i: usize,
+    node: &pb::NodeProto,
+) -> Result<Option<LinearLayer>, ConvertError> {
     let is_const = |n: Option<&str>| n.is_some_and(|n| graph.consts.contains_key(n));
     let name = secinfer_model::node_name(node);
     let output = node.output.first().cloned().unwrap_or_default();
@@ -254,15 +287,25 @@ fn extract_node(graph: &Graph, i: usize, node: &pb::NodeProto) -> Result<Option<
         folded: vec![],
     };
     let (a, b) = (input(node, 0), input(node, 1));
-    let Some(a) = a else { return Err(unsupported(node, "has no data input".into())) };
+    let Some(a) = a else {
+        return Err(unsupported(node, "has no data input".into()));
+    };
     match node.op_type.as_str() {
         "MatMul" => {
-            let Some(b) = b else { return Err(unsupported(node, "has one input".into())) };
+            let Some(b) = b else {
+                return Err(unsupported(node, "has one input".into()));
+            };
             match (is_const(Some(a)), is_const(Some(b))) {
                 (false, true) => {
                     let w = weight_f64(graph, b)?;
                     if w.ndim() != 2 {
-                        return Err(unsupported(node, format!("constant right operand of rank {} (only matrices)", w.ndim())));
+                        return Err(unsupported(
+                            node,
+                            format!(
+                                "constant right operand of rank {} (only matrices)",
+                                w.ndim()
+                            ),
+                        ));
                     }
                     let m = w.shape()[1];
                     Ok(Some(layer(a, RawKind::MatMul, w, vec![0.0; m])))
@@ -270,7 +313,10 @@ fn extract_node(graph: &Graph, i: usize, node: &pb::NodeProto) -> Result<Option<
                 (true, false) => {
                     let w = weight_f64(graph, a)?;
                     if w.ndim() != 2 {
-                        return Err(unsupported(node, format!("constant left operand of rank {} (only matrices)", w.ndim())));
+                        return Err(unsupported(
+                            node,
+                            format!("constant left operand of rank {} (only matrices)", w.ndim()),
+                        ));
                     }
                     let m = w.shape()[0];
                     Ok(Some(layer(b, RawKind::LeftMatMul, w, vec![0.0; m])))
@@ -281,7 +327,9 @@ fn extract_node(graph: &Graph, i: usize, node: &pb::NodeProto) -> Result<Option<
             }
         }
         "Gemm" => {
-            let Some(b) = b else { return Err(unsupported(node, "has one input".into())) };
+            let Some(b) = b else {
+                return Err(unsupported(node, "has one input".into()));
+            };
             if !is_const(Some(b)) {
                 return Err(dynamic_weights(node, b));
             }
@@ -303,24 +351,39 @@ fn extract_node(graph: &Graph, i: usize, node: &pb::NodeProto) -> Result<Option<
             Ok(Some(layer(a, RawKind::MatMul, w, bias)))
         }
         "Conv" | "ConvTranspose" => {
-            let Some(b) = b else { return Err(unsupported(node, "has no weight input".into())) };
+            let Some(b) = b else {
+                return Err(unsupported(node, "has no weight input".into()));
+            };
             if !is_const(Some(b)) {
                 return Err(dynamic_weights(node, b));
             }
             let w = weight_f64(graph, b)?;
             if w.ndim() < 2 || w.ndim() > 5 {
-                return Err(unsupported(node, format!("weight of rank {} (1-D to 3-D convolutions only)", w.ndim())));
+                return Err(unsupported(
+                    node,
+                    format!("weight of rank {} (1-D to 3-D convolutions only)", w.ndim()),
+                ));
             }
             let transpose = node.op_type == "ConvTranspose";
             let group = usize::try_from(attr_int(node, "group", 1))
                 .ok()
                 .filter(|&g| g >= 1)
                 .ok_or_else(|| unsupported(node, "group must be >= 1".into()))?;
-            let m = if transpose { w.shape()[1] * group } else { w.shape()[0] };
+            let m = if transpose {
+                w.shape()[1] * group
+            } else {
+                w.shape()[0]
+            };
             let spatial = w.ndim() - 2;
             let kernel_shape = attr_usizes(node, "kernel_shape")?;
             if !kernel_shape.is_empty() && kernel_shape != w.shape()[2..] {
-                return Err(unsupported(node, format!("kernel_shape {kernel_shape:?} disagrees with weight {:?}", w.shape())));
+                return Err(unsupported(
+                    node,
+                    format!(
+                        "kernel_shape {kernel_shape:?} disagrees with weight {:?}",
+                        w.shape()
+                    ),
+                ));
             }
             let or_ones = |v: Vec<usize>| if v.is_empty() { vec![1; spatial] } else { v };
             let auto_pad = attr(node, "auto_pad")
@@ -337,8 +400,14 @@ fn extract_node(graph: &Graph, i: usize, node: &pb::NodeProto) -> Result<Option<
                 output_shape: attr_usizes(node, "output_shape")?,
                 transpose,
             };
-            if attrs.strides.len() != spatial || attrs.dilations.len() != spatial || (!attrs.pads.is_empty() && attrs.pads.len() != 2 * spatial) {
-                return Err(unsupported(node, "strides, dilations or pads do not match the kernel's rank".into()));
+            if attrs.strides.len() != spatial
+                || attrs.dilations.len() != spatial
+                || (!attrs.pads.is_empty() && attrs.pads.len() != 2 * spatial)
+            {
+                return Err(unsupported(
+                    node,
+                    "strides, dilations or pads do not match the kernel's rank".into(),
+                ));
             }
             if attrs.strides.contains(&0) || attrs.dilations.contains(&0) {
                 return Err(unsupported(node, "zero stride or dilation".into()));
@@ -362,7 +431,8 @@ fn extract_node(graph: &Graph, i: usize, node: &pb::NodeProto) -> Result<Option<
                 transpose: false,
             };
             // Spatial rank is only known with the input shape; `shapes` widens it.
-            let w = ArrayD::from_shape_vec(IxDyn(&[c, 1]), slope).map_err(|e| unsupported(node, e.to_string()))?;
+            let w = ArrayD::from_shape_vec(IxDyn(&[c, 1]), slope)
+                .map_err(|e| unsupported(node, e.to_string()))?;
             Ok(Some(layer(a, RawKind::Conv(attrs), w, shift)))
         }
         _ => Ok(None),
@@ -370,14 +440,23 @@ fn extract_node(graph: &Graph, i: usize, node: &pb::NodeProto) -> Result<Option<
 }
 
 /// `y = slope·x + shift` per channel of a BatchNormalization in inference mode.
-fn batch_norm_affine(graph: &Graph, node: &pb::NodeProto) -> Result<(Vec<f64>, Vec<f64>), ConvertError> {
-    if attr_int(node, "training_mode", 0) != 0 || node.output.iter().filter(|o| !o.is_empty()).count() > 1 {
-        return Err(unsupported(node, "training mode (running statistics as outputs)".into()));
+fn batch_norm_affine(
+    graph: &Graph,
+    node: &pb::NodeProto,
+) -> Result<(Vec<f64>, Vec<f64>), ConvertError> {
+    if attr_int(node, "training_mode", 0) != 0
+        || node.output.iter().filter(|o| !o.is_empty()).count() > 1
+    {
+        return Err(unsupported(
+            node,
+            "training mode (running statistics as outputs)".into(),
+        ));
     }
     let eps = f64::from(attr_float(node, "epsilon", 1e-5));
     let mut params = Vec::with_capacity(4);
     for ix in 1..5 {
-        let name = input(node, ix).ok_or_else(|| unsupported(node, format!("input {ix} is missing")))?;
+        let name =
+            input(node, ix).ok_or_else(|| unsupported(node, format!("input {ix} is missing")))?;
         if !graph.consts.contains_key(name) {
             return Err(dynamic_weights(node, name));
         }
@@ -386,14 +465,20 @@ fn batch_norm_affine(graph: &Graph, node: &pb::NodeProto) -> Result<(Vec<f64>, V
     }
     let c = params[0].len();
     if params.iter().any(|p| p.len() != c) {
-        return Err(unsupported(node, "scale, bias, mean and var differ in length".into()));
+        return Err(unsupported(
+            node,
+            "scale, bias, mean and var differ in length".into(),
+        ));
     }
     let mut slope = Vec::with_capacity(c);
     let mut shift = Vec::with_capacity(c);
     for k in 0..c {
         let var = params[3][k];
         if var + eps <= 0.0 {
-            return Err(unsupported(node, format!("variance {var} of channel {k} is negative")));
+            return Err(unsupported(
+                node,
+                format!("variance {var} of channel {k} is negative"),
+            ));
         }
         let s = params[0][k] / (var + eps).sqrt();
         slope.push(s);
@@ -405,21 +490,32 @@ fn batch_norm_affine(graph: &Graph, node: &pb::NodeProto) -> Result<(Vec<f64>, V
 /// The node right after `layer`, if it can be folded into it: returns
 /// (node index, its output, per-feature scale, per-feature shift).
 #[allow(clippy::type_complexity)]
-fn foldable_successor(graph: &Graph, layer: &LinearLayer) -> Result<Option<(usize, String, Vec<f64>, Vec<f64>)>, ConvertError> {
+fn foldable_successor(
+    graph: &Graph,
+    layer: &LinearLayer,
+) -> Result<Option<(usize, String, Vec<f64>, Vec<f64>)>, ConvertError> {
     if graph.is_output(&layer.output) {
         return Ok(None);
     }
     let consumers = graph.consumers(&layer.output);
-    let [next] = consumers.as_slice() else { return Ok(None) };
+    let [next] = consumers.as_slice() else {
+        return Ok(None);
+    };
     let node = &graph.nodes[*next];
     let m = layer.features();
-    let Some(out) = node.output.first().cloned() else { return Ok(None) };
-    if node.input.first().map(String::as_str) != Some(layer.output.as_str()) && !matches!(node.op_type.as_str(), "Mul" | "Add") {
+    let Some(out) = node.output.first().cloned() else {
+        return Ok(None);
+    };
+    if node.input.first().map(String::as_str) != Some(layer.output.as_str())
+        && !matches!(node.op_type.as_str(), "Mul" | "Add")
+    {
         return Ok(None);
     }
     match node.op_type.as_str() {
         "BatchNormalization" => {
-            if !matches!(layer.kind, RawKind::Conv(_) | RawKind::MatMul) || node.input.first() != Some(&layer.output) {
+            if !matches!(layer.kind, RawKind::Conv(_) | RawKind::MatMul)
+                || node.input.first() != Some(&layer.output)
+            {
                 return Ok(None);
             }
             if matches!(layer.kind, RawKind::MatMul) {
@@ -436,18 +532,26 @@ fn foldable_successor(graph: &Graph, layer: &LinearLayer) -> Result<Option<(usiz
         "Mul" | "Add" | "Sub" | "Div" => {
             let other = node.input.iter().find(|i| *i != &layer.output);
             let Some(other) = other else { return Ok(None) };
-            let Some(c) = graph.consts.get(other) else { return Ok(None) };
+            let Some(c) = graph.consts.get(other) else {
+                return Ok(None);
+            };
             if node.input.len() != 2 || !c.datum_type().is_float() {
                 return Ok(None);
             }
-            let Some(v) = per_feature(layer, c)? else { return Ok(None) };
-            let Some(v) = v.resolve(m) else { return Ok(None) };
+            let Some(v) = per_feature(layer, c)? else {
+                return Ok(None);
+            };
+            let Some(v) = v.resolve(m) else {
+                return Ok(None);
+            };
             let ones = vec![1.0; m];
             let zeros = vec![0.0; m];
             Ok(match node.op_type.as_str() {
                 "Mul" => Some((*next, out, v, zeros)),
                 "Add" => Some((*next, out, ones, v)),
-                "Sub" if node.input[0] == layer.output => Some((*next, out, ones, v.iter().map(|x| -x).collect())),
+                "Sub" if node.input[0] == layer.output => {
+                    Some((*next, out, ones, v.iter().map(|x| -x).collect()))
+                }
                 "Div" if node.input[0] == layer.output && v.iter().all(|&x| x != 0.0) => {
                     Some((*next, out, v.iter().map(|x| 1.0 / x).collect(), zeros))
                 }
@@ -484,7 +588,9 @@ fn per_feature(layer: &LinearLayer, c: &Tensor) -> Result<Option<PerFeature>, Co
     }
     let shape = v.shape();
     let non_unit: Vec<usize> = (0..shape.len()).filter(|&i| shape[i] != 1).collect();
-    let [axis] = non_unit.as_slice() else { return Ok(None) };
+    let [axis] = non_unit.as_slice() else {
+        return Ok(None);
+    };
     let from_end = shape.len() - 1 - axis;
     let ok = match layer.kind {
         RawKind::MatMul => from_end == 0,
@@ -498,5 +604,7 @@ fn per_feature(layer: &LinearLayer, c: &Tensor) -> Result<Option<PerFeature>, Co
     if !ok {
         return Ok(None);
     }
-    Ok(Some(PerFeature::Vector(v.iter().map(|&x| f64::from(x)).collect())))
+    Ok(Some(PerFeature::Vector(
+        v.iter().map(|&x| f64::from(x)).collect(),
+    )))
 }

@@ -11,8 +11,8 @@ use prost::Message;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 
-use crate::tensor::{from_proto, to_proto};
 use crate::ConvertError;
+use crate::tensor::{from_proto, to_proto};
 
 /// ONNX domain names of the standard operator set.
 pub fn is_default_domain(domain: &str) -> bool {
@@ -60,8 +60,14 @@ impl Graph {
             .graph
             .take()
             .ok_or_else(|| ConvertError::Invalid("the model has no graph".into()))?;
-        if !model.opset_import.iter().any(|o| is_default_domain(&o.domain)) {
-            return Err(ConvertError::Invalid("the model imports no version of the standard ONNX operator set".into()));
+        if !model
+            .opset_import
+            .iter()
+            .any(|o| is_default_domain(&o.domain))
+        {
+            return Err(ConvertError::Invalid(
+                "the model imports no version of the standard ONNX operator set".into(),
+            ));
         }
         if graph.node.is_empty() {
             return Err(ConvertError::Invalid("the graph has no nodes".into()));
@@ -77,7 +83,9 @@ impl Graph {
             .cloned()
             .collect();
         if inputs.is_empty() {
-            return Err(ConvertError::Invalid("the graph has no run-time input".into()));
+            return Err(ConvertError::Invalid(
+                "the graph has no run-time input".into(),
+            ));
         }
         let mut defined: HashSet<String> = consts.keys().cloned().collect();
         defined.extend(inputs.iter().map(|i| i.name.clone()));
@@ -155,7 +163,10 @@ impl Graph {
             let foldable = !inputs.is_empty()
                 && !NEVER_FOLD.contains(&node.op_type.as_str())
                 && inputs.iter().all(|i| self.consts.contains_key(*i))
-                && !node.output.iter().any(|o| self.outputs.iter().any(|go| &go.name == o));
+                && !node
+                    .output
+                    .iter()
+                    .any(|o| self.outputs.iter().any(|go| &go.name == o));
             if !foldable {
                 kept.push(node);
                 continue;
@@ -166,7 +177,11 @@ impl Graph {
                     self.consts.insert(name.clone(), value);
                 }
             }
-            folded.push(format!("{} ({})", secinfer_model::node_name(&node), node.op_type));
+            folded.push(format!(
+                "{} ({})",
+                secinfer_model::node_name(&node),
+                node.op_type
+            ));
         }
         self.nodes = kept;
         Ok(folded)
@@ -190,7 +205,10 @@ impl Graph {
             .output
             .iter()
             .filter(|o| !o.is_empty())
-            .map(|o| pb::ValueInfoProto { name: o.clone(), ..Default::default() })
+            .map(|o| pb::ValueInfoProto {
+                name: o.clone(),
+                ..Default::default()
+            })
             .collect();
         let proto = pb::ModelProto {
             ir_version: self.header.ir_version.max(7),
@@ -275,7 +293,10 @@ pub fn catch_tract<T>(f: impl FnOnce() -> TractResult<T>) -> Result<T, String> {
 /// The value of a Constant node, in any of its attribute forms.
 fn constant_value(node: &pb::NodeProto) -> Result<Tensor, ConvertError> {
     let name = secinfer_model::node_name(node);
-    let attr = node.attribute.first().ok_or_else(|| ConvertError::Invalid(format!("Constant node '{name}' has no value")))?;
+    let attr = node
+        .attribute
+        .first()
+        .ok_or_else(|| ConvertError::Invalid(format!("Constant node '{name}' has no value")))?;
     let bad = |what: &str| ConvertError::UnsupportedOp {
         node: name.clone(),
         op: "Constant".into(),

@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use tract_onnx::pb;
 
-use secinfer_model::{model_digest, weights_digest, LayerSpec, DEFAULT_RING_BITS};
+use secinfer_model::{DEFAULT_RING_BITS, LayerSpec, model_digest, weights_digest};
 
 /// Everything that stops a conversion.
 #[derive(Debug, thiserror::Error)]
@@ -51,7 +51,9 @@ pub enum ConvertError {
         reason: String,
     },
     /// A weighted node's weights are computed from run-time inputs.
-    #[error("node '{node}' ({op}) takes its weights from '{input}', which is computed at run time; secinfer needs constant weights")]
+    #[error(
+        "node '{node}' ({op}) takes its weights from '{input}', which is computed at run time; secinfer needs constant weights"
+    )]
     DynamicWeights {
         /// node name
         node: String,
@@ -134,7 +136,11 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { ring_bits: DEFAULT_RING_BITS, input_bound: 64.0, calibration: None }
+        Options {
+            ring_bits: DEFAULT_RING_BITS,
+            input_bound: 64.0,
+            calibration: None,
+        }
     }
 }
 
@@ -171,7 +177,9 @@ impl LayerReport {
         let fa = self.spec.input_frac_bits as i32;
         let fw = self.spec.weight_frac_bits as i32;
         let x = input_max + 2f64.powi(-fa - 1);
-        self.weight_l1_max * 2f64.powi(-fa - 1) + self.fan_in as f64 * x * 2f64.powi(-fw - 1) + 2f64.powi(-fa - fw - 1)
+        self.weight_l1_max * 2f64.powi(-fa - 1)
+            + self.fan_in as f64 * x * 2f64.powi(-fw - 1)
+            + 2f64.powi(-fa - fw - 1)
     }
 }
 
@@ -194,9 +202,13 @@ pub struct Converted {
 
 /// Converts a model given as ONNX bytes.
 pub fn convert(bytes: &[u8], options: &Options) -> Result<Converted, ConvertError> {
-    secinfer_ring::Ring::new(options.ring_bits).map_err(|e| ConvertError::Invalid(e.to_string()))?;
+    secinfer_ring::Ring::new(options.ring_bits)
+        .map_err(|e| ConvertError::Invalid(e.to_string()))?;
     if !(options.input_bound.is_finite() && options.input_bound > 0.0) {
-        return Err(ConvertError::Invalid(format!("input bound {} must be a positive number", options.input_bound)));
+        return Err(ConvertError::Invalid(format!(
+            "input bound {} must be a positive number",
+            options.input_bound
+        )));
     }
     let mut graph = graph::Graph::load(bytes)?;
     let folded_constants = graph.fold_constants()?;
@@ -246,7 +258,11 @@ pub fn convert(bytes: &[u8], options: &Options) -> Result<Converted, ConvertErro
         specs.push(spec);
         quantised.push(q);
     }
-    let wd = weights_digest(quantised.iter().map(|q| (q.weight.as_slice(), q.bias.as_slice())));
+    let wd = weights_digest(
+        quantised
+            .iter()
+            .map(|q| (q.weight.as_slice(), q.bias.as_slice())),
+    );
     let digest = model_digest(&specs, &wd);
     let emitted: Vec<emit::EmittedLayer> = layers
         .iter()
@@ -266,10 +282,21 @@ pub fn convert(bytes: &[u8], options: &Options) -> Result<Converted, ConvertErro
         .graph
         .iter()
         .flat_map(|g| {
-            g.initializer.iter().filter(|t| t.data_type == pb::tensor_proto::DataType::Float as i32 && t.dims.iter().product::<i64>() > 1).map(move |t| {
-                let reader = g.node.iter().find(|n| n.input.contains(&t.name)).map(secinfer_model::node_name).unwrap_or_default();
-                format!("{} {:?} read by '{}'", t.name, t.dims, reader)
-            })
+            g.initializer
+                .iter()
+                .filter(|t| {
+                    t.data_type == pb::tensor_proto::DataType::Float as i32
+                        && t.dims.iter().product::<i64>() > 1
+                })
+                .map(move |t| {
+                    let reader = g
+                        .node
+                        .iter()
+                        .find(|n| n.input.contains(&t.name))
+                        .map(secinfer_model::node_name)
+                        .unwrap_or_default();
+                    format!("{} {:?} read by '{}'", t.name, t.dims, reader)
+                })
         })
         .collect();
     let reports = layers
@@ -277,7 +304,11 @@ pub fn convert(bytes: &[u8], options: &Options) -> Result<Converted, ConvertErro
         .zip(specs)
         .zip(&quantised)
         .map(|((l, spec), q)| LayerReport {
-            folded: l.folded.iter().map(|&i| secinfer_model::node_name(&graph.nodes[i])).collect(),
+            folded: l
+                .folded
+                .iter()
+                .map(|&i| secinfer_model::node_name(&graph.nodes[i]))
+                .collect(),
             spec,
             bound_bits: q.bound_bits,
             headroom_bits: q.headroom_bits,
@@ -285,12 +316,22 @@ pub fn convert(bytes: &[u8], options: &Options) -> Result<Converted, ConvertErro
             fan_in: q.fan_in,
         })
         .collect();
-    Ok(Converted { server, client, layers: reports, folded_constants, client_constants, digest })
+    Ok(Converted {
+        server,
+        client,
+        layers: reports,
+        folded_constants,
+        client_constants,
+        digest,
+    })
 }
 
 /// Reads and converts a model file.
 pub fn convert_file(path: &Path, options: &Options) -> Result<Converted, ConvertError> {
-    let bytes = std::fs::read(path).map_err(|source| ConvertError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| ConvertError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     convert(&bytes, options)
 }
 

@@ -5,14 +5,14 @@
 //! first dimension; otherwise all dimensions must be fixed.
 
 use tract_onnx::prelude::*;
-use tract_onnx::tract_hir::internal::{format_err, DimLike};
+use tract_onnx::tract_hir::internal::{DimLike, format_err};
 
 use secinfer_model::LinearKind;
 use secinfer_ring::ConvGeometry;
 
-use crate::extract::{ConvAttrs, LinearLayer, RawKind};
-use crate::graph::{catch_tract, Graph};
 use crate::ConvertError;
+use crate::extract::{ConvAttrs, LinearLayer, RawKind};
+use crate::graph::{Graph, catch_tract};
 
 /// A layer's shapes as the converted model records them.
 #[derive(Debug, Clone)]
@@ -29,7 +29,10 @@ pub struct LayerShapes {
 
 /// Input shapes (as tract infers them) of the given tensors, and the model's
 /// batch symbol if its first input has a symbolic first dimension.
-pub fn infer_shapes(graph: &Graph, names: &[&str]) -> Result<(Vec<Vec<TDim>>, Option<TDim>), ConvertError> {
+pub fn infer_shapes(
+    graph: &Graph,
+    names: &[&str],
+) -> Result<(Vec<Vec<TDim>>, Option<TDim>), ConvertError> {
     let proto = graph.to_model()?;
     catch_tract(|| {
         let parsed = tract_onnx::onnx().parse(&proto, None)?;
@@ -61,14 +64,24 @@ pub fn infer_shapes(graph: &Graph, names: &[&str]) -> Result<(Vec<Vec<TDim>>, Op
 
 /// Largest |value| reaching each tensor in `names` when the original model
 /// runs (plaintext, tract) on `samples`.
-pub fn observed_maxima(graph: &Graph, names: &[&str], samples: &Tensor) -> Result<Vec<f64>, ConvertError> {
+pub fn observed_maxima(
+    graph: &Graph,
+    names: &[&str],
+    samples: &Tensor,
+) -> Result<Vec<f64>, ConvertError> {
     let proto = graph.to_model()?;
     catch_tract(|| {
         let parsed = tract_onnx::onnx().parse(&proto, None)?;
         let mut model = parsed.model;
         let outlets = names
             .iter()
-            .map(|n| parsed.outlets_by_name.get(*n).copied().ok_or_else(|| format_err!("tensor '{n}' not found")))
+            .map(|n| {
+                parsed
+                    .outlets_by_name
+                    .get(*n)
+                    .copied()
+                    .ok_or_else(|| format_err!("tensor '{n}' not found"))
+            })
             .collect::<TractResult<Vec<_>>>()?;
         model.select_output_outlets(&outlets)?;
         let plan = model.into_optimized()?.into_runnable()?;
@@ -77,15 +90,23 @@ pub fn observed_maxima(graph: &Graph, names: &[&str], samples: &Tensor) -> Resul
             .iter()
             .map(|t| {
                 let t = t.cast_to::<f32>()?;
-                Ok(t.to_plain_array_view::<f32>()?.iter().fold(0f64, |m, v| m.max(f64::from(v.abs()))))
+                Ok(t.to_plain_array_view::<f32>()?
+                    .iter()
+                    .fold(0f64, |m, v| m.max(f64::from(v.abs()))))
             })
             .collect::<TractResult<Vec<_>>>()
     })
-    .map_err(|problem| ConvertError::Shapes { problem: format!("running the calibration inputs: {problem}") })
+    .map_err(|problem| ConvertError::Shapes {
+        problem: format!("running the calibration inputs: {problem}"),
+    })
 }
 
 /// Turns a layer's raw kind and inferred input shape into recorded shapes.
-pub fn resolve(layer: &mut LinearLayer, input: &[TDim], batch: Option<&TDim>) -> Result<LayerShapes, ConvertError> {
+pub fn resolve(
+    layer: &mut LinearLayer,
+    input: &[TDim],
+    batch: Option<&TDim>,
+) -> Result<LayerShapes, ConvertError> {
     let bad = |problem: String| ConvertError::Shape {
         node: layer.source_node.clone(),
         op: layer.source_op.clone(),
@@ -109,13 +130,18 @@ pub fn resolve(layer: &mut LinearLayer, input: &[TDim], batch: Option<&TDim>) ->
         RawKind::MatMul => LinearKind::MatMul,
         RawKind::LeftMatMul => {
             if batched && sample.len() < 3 {
-                return Err(bad("a constant left operand multiplies the batch axis itself".into()));
+                return Err(bad(
+                    "a constant left operand multiplies the batch axis itself".into(),
+                ));
             }
             LinearKind::LeftMatMul
         }
         RawKind::Conv(attrs) => {
             if sample.len() < 2 {
-                return Err(bad(format!("input of rank {} (Conv needs [N, C, ...])", sample.len())));
+                return Err(bad(format!(
+                    "input of rank {} (Conv needs [N, C, ...])",
+                    sample.len()
+                )));
             }
             let spatial = sample.len() - 2;
             if attrs.strides.is_empty() && spatial > 0 {
@@ -154,20 +180,37 @@ pub fn resolve(layer: &mut LinearLayer, input: &[TDim], batch: Option<&TDim>) ->
         input_bound: 1.0,
     };
     let output_shape = spec_like.compute_output_shape(&sample).map_err(bad)?;
-    Ok(LayerShapes { kind, input_shape: sample, output_shape, batched })
+    Ok(LayerShapes {
+        kind,
+        input_shape: sample,
+        output_shape,
+        batched,
+    })
 }
 
 /// Explicit geometry from ONNX attributes and the input's spatial shape.
 fn geometry(a: &ConvAttrs, input: &[usize], kernel: &[usize]) -> Result<LinearKind, String> {
     let r = input.len();
     let ones = vec![1; r];
-    let strides = if a.strides.is_empty() { ones.clone() } else { a.strides.clone() };
-    let dilations = if a.dilations.is_empty() { ones } else { a.dilations.clone() };
+    let strides = if a.strides.is_empty() {
+        ones.clone()
+    } else {
+        a.strides.clone()
+    };
+    let dilations = if a.dilations.is_empty() {
+        ones
+    } else {
+        a.dilations.clone()
+    };
     let effective: Vec<usize> = (0..r).map(|i| (kernel[i] - 1) * dilations[i] + 1).collect();
     let split = |total: Vec<usize>, upper: bool| -> (Vec<usize>, Vec<usize>) {
         let small: Vec<usize> = total.iter().map(|t| t / 2).collect();
         let large: Vec<usize> = total.iter().zip(&small).map(|(t, s)| t - s).collect();
-        if upper { (small, large) } else { (large, small) }
+        if upper {
+            (small, large)
+        } else {
+            (large, small)
+        }
     };
     let explicit = || -> Result<(Vec<usize>, Vec<usize>), String> {
         if a.pads.is_empty() {
@@ -191,14 +234,26 @@ fn geometry(a: &ConvAttrs, input: &[usize], kernel: &[usize]) -> Result<LinearKi
             }
             other => return Err(format!("unknown auto_pad '{other}'")),
         };
-        return Ok(LinearKind::Conv(ConvGeometry { strides, dilations, pads_begin, pads_end, group: a.group }));
+        return Ok(LinearKind::Conv(ConvGeometry {
+            strides,
+            dilations,
+            pads_begin,
+            pads_end,
+            group: a.group,
+        }));
     }
-    let mut output_padding = if a.output_padding.is_empty() { vec![0; r] } else { a.output_padding.clone() };
+    let mut output_padding = if a.output_padding.is_empty() {
+        vec![0; r]
+    } else {
+        a.output_padding.clone()
+    };
     if output_padding.len() != r {
         return Err("output_padding does not match the kernel's rank".into());
     }
     // Size before padding is removed: s*(d-1) + output_padding + effective kernel.
-    let full: Vec<usize> = (0..r).map(|i| strides[i] * (input[i] - 1) + output_padding[i] + effective[i]).collect();
+    let full: Vec<usize> = (0..r)
+        .map(|i| strides[i] * (input[i] - 1) + output_padding[i] + effective[i])
+        .collect();
     let (pads_begin, pads_end) = if !a.output_shape.is_empty() {
         let wanted = &a.output_shape[a.output_shape.len().saturating_sub(r)..];
         if wanted.len() != r {
@@ -220,14 +275,22 @@ fn geometry(a: &ConvAttrs, input: &[usize], kernel: &[usize]) -> Result<LinearKi
             "NOTSET" => explicit()?,
             "VALID" => (vec![0; r], vec![0; r]),
             "SAME_UPPER" | "SAME_LOWER" => {
-                let total = (0..r).map(|i| full[i].saturating_sub(input[i] * strides[i])).collect();
+                let total = (0..r)
+                    .map(|i| full[i].saturating_sub(input[i] * strides[i]))
+                    .collect();
                 split(total, a.auto_pad == "SAME_UPPER")
             }
             other => return Err(format!("unknown auto_pad '{other}'")),
         }
     };
     Ok(LinearKind::ConvTranspose {
-        geometry: ConvGeometry { strides, dilations, pads_begin, pads_end, group: a.group },
+        geometry: ConvGeometry {
+            strides,
+            dilations,
+            pads_begin,
+            pads_end,
+            group: a.group,
+        },
         output_padding,
     })
 }
@@ -265,13 +328,22 @@ mod tests {
         let mut a = attrs("NOTSET", vec![3, 2], true);
         a.output_shape = vec![10, 8];
         let k = geometry(&a, &[3, 3], &[3, 3]).unwrap();
-        let LinearKind::ConvTranspose { geometry: g, output_padding } = k else { panic!() };
+        let LinearKind::ConvTranspose {
+            geometry: g,
+            output_padding,
+        } = k
+        else {
+            panic!()
+        };
         // full = 3*2+3 = 9 -> wanted 10: one output padding; 2*2+3 = 7 -> wanted 8 likewise.
         assert_eq!(output_padding, vec![1, 1]);
         assert_eq!((g.pads_begin, g.pads_end), (vec![0, 0], vec![0, 0]));
         let mut a = attrs("NOTSET", vec![2], true);
         a.output_shape = vec![5];
-        let LinearKind::ConvTranspose { geometry: g, .. } = geometry(&a, &[3], &[3]).unwrap() else { panic!() };
+        let LinearKind::ConvTranspose { geometry: g, .. } = geometry(&a, &[3], &[3]).unwrap()
+        else {
+            panic!()
+        };
         assert_eq!((g.pads_begin, g.pads_end), (vec![1], vec![1]));
     }
 

@@ -8,8 +8,8 @@
 //! for which that bound stays below 2^(k−1) (the centred range of Z_2^k),
 //! split it evenly, and report the headroom left, in bits.
 
-use crate::extract::LinearLayer;
 use crate::ConvertError;
+use crate::extract::LinearLayer;
 
 /// The chosen scales and the quantised weights.
 #[derive(Debug, Clone)]
@@ -38,9 +38,25 @@ fn quantise(v: f64, frac: u32) -> Result<i64, String> {
 
 /// Worst-case |output| in ring units for given scales, or None if the
 /// quantised values themselves do not fit i64.
-fn worst_case(layer: &LinearLayer, features: &[usize], fa: u32, fw: u32, bound: f64) -> Option<(f64, Vec<i64>, Vec<i64>)> {
-    let wq: Vec<i64> = layer.weight.iter().map(|&w| quantise(w, fw)).collect::<Result<_, _>>().ok()?;
-    let bq: Vec<i64> = layer.bias.iter().map(|&b| quantise(b, fa + fw)).collect::<Result<_, _>>().ok()?;
+fn worst_case(
+    layer: &LinearLayer,
+    features: &[usize],
+    fa: u32,
+    fw: u32,
+    bound: f64,
+) -> Option<(f64, Vec<i64>, Vec<i64>)> {
+    let wq: Vec<i64> = layer
+        .weight
+        .iter()
+        .map(|&w| quantise(w, fw))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    let bq: Vec<i64> = layer
+        .bias
+        .iter()
+        .map(|&b| quantise(b, fa + fw))
+        .collect::<Result<_, _>>()
+        .ok()?;
     let mut l1 = vec![0f64; layer.features()];
     for (w, &m) in wq.iter().zip(features) {
         l1[m] += (*w as f64).abs();
@@ -55,7 +71,11 @@ fn worst_case(layer: &LinearLayer, features: &[usize], fa: u32, fw: u32, bound: 
 }
 
 /// Chooses scales for a layer in Z_2^`ring_bits` with inputs bounded by `input_bound`.
-pub fn choose(layer: &LinearLayer, ring_bits: u32, input_bound: f64) -> Result<Quantised, ConvertError> {
+pub fn choose(
+    layer: &LinearLayer,
+    ring_bits: u32,
+    input_bound: f64,
+) -> Result<Quantised, ConvertError> {
     let features = layer.feature_of_weights();
     let limit = 2f64.powi(ring_bits as i32 - 1);
     // Largest total first; each step costs one pass over the weights, and the
@@ -63,7 +83,9 @@ pub fn choose(layer: &LinearLayer, ring_bits: u32, input_bound: f64) -> Result<Q
     for total in (2..=ring_bits.saturating_sub(2)).rev() {
         let fw = total.div_ceil(2);
         let fa = total - fw;
-        let Some((worst, weight, bias)) = worst_case(layer, &features, fa, fw, input_bound) else { continue };
+        let Some((worst, weight, bias)) = worst_case(layer, &features, fa, fw, input_bound) else {
+            continue;
+        };
         // Strictly below the half range, with one spare unit for the encoder's rounding.
         if worst + 1.0 < limit {
             let bound_bits = worst.max(1.0).log2();
@@ -116,15 +138,27 @@ mod tests {
 
     #[test]
     fn bound_holds_for_the_worst_input() {
-        let layer = dense(vec![0.75, -1.5, -0.25, 2.0, 0.5, -0.125], 3, 2, vec![3.0, -1.0]);
+        let layer = dense(
+            vec![0.75, -1.5, -0.25, 2.0, 0.5, -0.125],
+            3,
+            2,
+            vec![3.0, -1.0],
+        );
         let q = choose(&layer, 37, 8.0).unwrap();
         // Evaluate the worst input exactly in i128: x = ±A at every position with the sign of w.
         let xa = (8.0 * 2f64.powi(q.input_frac_bits as i32)) as i128;
         for m in 0..2 {
-            let y: i128 = (0..3).map(|k| (q.weight[k * 2 + m] as i128).abs() * xa).sum::<i128>() + (q.bias[m] as i128).abs();
+            let y: i128 = (0..3)
+                .map(|k| (q.weight[k * 2 + m] as i128).abs() * xa)
+                .sum::<i128>()
+                + (q.bias[m] as i128).abs();
             assert!(y < 1i128 << 36, "output {y} overflows the centred ring");
         }
-        assert!(q.headroom_bits >= 0.0 && q.headroom_bits < 2.0, "scales leave {} bits unused", q.headroom_bits);
+        assert!(
+            q.headroom_bits >= 0.0 && q.headroom_bits < 2.0,
+            "scales leave {} bits unused",
+            q.headroom_bits
+        );
         assert!(q.input_frac_bits + q.weight_frac_bits > 20);
     }
 
@@ -133,7 +167,11 @@ mod tests {
         let layer = dense(vec![1.0, 1.0], 2, 1, vec![0.0]);
         let small = choose(&layer, 37, 1.0).unwrap();
         let large = choose(&layer, 37, 1024.0).unwrap();
-        assert_eq!(small.input_frac_bits + small.weight_frac_bits - (large.input_frac_bits + large.weight_frac_bits), 10);
+        assert_eq!(
+            small.input_frac_bits + small.weight_frac_bits
+                - (large.input_frac_bits + large.weight_frac_bits),
+            10
+        );
     }
 
     #[test]

@@ -9,8 +9,13 @@ use crate::ConvertError;
 
 /// Reads an embedded tensor. External data and unusual types are refused.
 pub fn from_proto(t: &pb::TensorProto) -> Result<Tensor, ConvertError> {
-    let bad = |problem: String| ConvertError::Tensor { name: t.name.clone(), problem };
-    if t.data_location == Some(pb::tensor_proto::DataLocation::External as i32) || !t.external_data.is_empty() {
+    let bad = |problem: String| ConvertError::Tensor {
+        name: t.name.clone(),
+        problem,
+    };
+    if t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
+        || !t.external_data.is_empty()
+    {
         return Err(bad("stored as external data, which secinfer does not read; save the model with its weights embedded".into()));
     }
     let shape = t
@@ -22,7 +27,8 @@ pub fn from_proto(t: &pb::TensorProto) -> Result<Tensor, ConvertError> {
         .iter()
         .try_fold(1usize, |a, &d| a.checked_mul(d))
         .ok_or_else(|| bad(format!("shape {shape:?} overflows")))?;
-    let dt = DataType::try_from(t.data_type).map_err(|_| bad(format!("unknown data type {}", t.data_type)))?;
+    let dt = DataType::try_from(t.data_type)
+        .map_err(|_| bad(format!("unknown data type {}", t.data_type)))?;
     let raw = !t.raw_data.is_empty();
     macro_rules! build {
         ($ty:ty, $typed:expr) => {{
@@ -45,7 +51,11 @@ pub fn from_proto(t: &pb::TensorProto) -> Result<Tensor, ConvertError> {
                 $typed
             };
             if v.len() != len {
-                return Err(bad(format!("holds {} values, shape {:?} needs {len}", v.len(), shape)));
+                return Err(bad(format!(
+                    "holds {} values, shape {:?} needs {len}",
+                    v.len(),
+                    shape
+                )));
             }
             Tensor::from_shape(&shape, &v).map_err(|e| bad(e.to_string()))?
         }};
@@ -66,7 +76,11 @@ pub fn from_proto(t: &pb::TensorProto) -> Result<Tensor, ConvertError> {
                 t.int32_data.iter().map(|&b| b != 0).collect()
             };
             if v.len() != len {
-                return Err(bad(format!("holds {} values, shape {:?} needs {len}", v.len(), shape)));
+                return Err(bad(format!(
+                    "holds {} values, shape {:?} needs {len}",
+                    v.len(),
+                    shape
+                )));
             }
             Tensor::from_shape(&shape, &v).map_err(|e| bad(e.to_string()))?
         }
@@ -78,10 +92,16 @@ pub fn from_proto(t: &pb::TensorProto) -> Result<Tensor, ConvertError> {
 /// Writes a tensor as raw little-endian data (what ONNX readers handle best,
 /// and the only form tract reads correctly for UINT64).
 pub fn to_proto(name: &str, t: &Tensor) -> Result<pb::TensorProto, ConvertError> {
-    let bad = |problem: String| ConvertError::Tensor { name: name.to_string(), problem };
+    let bad = |problem: String| ConvertError::Tensor {
+        name: name.to_string(),
+        problem,
+    };
     let converted;
     let t = if t.datum_type() == TDim::datum_type() {
-        converted = t.cast_to::<i64>().map_err(|e| bad(e.to_string()))?.into_owned();
+        converted = t
+            .cast_to::<i64>()
+            .map_err(|e| bad(e.to_string()))?
+            .into_owned();
         &converted
     } else {
         t
@@ -128,7 +148,10 @@ pub fn to_f32(name: &str, t: &Tensor) -> Result<tract_ndarray::ArrayD<f32>, Conv
     let a = t
         .cast_to::<f32>()
         .and_then(|c| c.into_owned().into_plain_array::<f32>())
-        .map_err(|e| ConvertError::Tensor { name: name.to_string(), problem: e.to_string() })?;
+        .map_err(|e| ConvertError::Tensor {
+            name: name.to_string(),
+            problem: e.to_string(),
+        })?;
     if let Some(bad) = a.iter().find(|v| !v.is_finite()) {
         return Err(ConvertError::Tensor {
             name: name.to_string(),
@@ -162,7 +185,10 @@ mod tests {
             float_data: vec![1.0, 2.0],
             ..Default::default()
         };
-        assert_eq!(from_proto(&p).unwrap(), Tensor::from_shape(&[2], &[1.0f32, 2.0]).unwrap());
+        assert_eq!(
+            from_proto(&p).unwrap(),
+            Tensor::from_shape(&[2], &[1.0f32, 2.0]).unwrap()
+        );
     }
 
     #[test]
@@ -176,7 +202,10 @@ mod tests {
         };
         let e = from_proto(&p).unwrap_err().to_string();
         assert!(e.contains("'w'") && e.contains("8 bytes"), "{e}");
-        let p = pb::TensorProto { dims: vec![-1], ..p };
+        let p = pb::TensorProto {
+            dims: vec![-1],
+            ..p
+        };
         assert!(from_proto(&p).unwrap_err().to_string().contains("negative"));
         let p = pb::TensorProto {
             name: "x".into(),

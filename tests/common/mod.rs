@@ -33,7 +33,13 @@ pub fn onnx_python() -> PathBuf {
             String::from_utf8_lossy(&out.stderr)
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
-        PathBuf::from(stdout.lines().last().expect("venv script printed no python path").trim())
+        PathBuf::from(
+            stdout
+                .lines()
+                .last()
+                .expect("venv script printed no python path")
+                .trim(),
+        )
     })
     .clone()
 }
@@ -48,10 +54,19 @@ pub struct SecurePair {
 impl SecurePair {
     pub fn new(converted: &Converted) -> SecurePair {
         use prost::Message;
-        let server = Arc::new(ServerModel::from_bytes(&converted.server.encode_to_vec()).expect("server model loads"));
-        let client = ClientModel::from_bytes(&converted.client.encode_to_vec(), InMemoryChannel::new(server.clone()))
-            .expect("client model loads");
-        SecurePair { server, client, dealer: InsecureLocalDealer::new().unwrap() }
+        let server = Arc::new(
+            ServerModel::from_bytes(&converted.server.encode_to_vec()).expect("server model loads"),
+        );
+        let client = ClientModel::from_bytes(
+            &converted.client.encode_to_vec(),
+            InMemoryChannel::new(server.clone()),
+        )
+        .expect("client model loads");
+        SecurePair {
+            server,
+            client,
+            dealer: InsecureLocalDealer::new().unwrap(),
+        }
     }
 
     /// Deals material for the run and predicts.
@@ -59,9 +74,15 @@ impl SecurePair {
         let n = self.client.inferences_in(&input);
         for (c, s) in self.dealer.deal(self.server.as_ref(), n).unwrap() {
             self.client.backend().accept_preprocessing(c).unwrap();
-            self.client.backend().channel().accept_preprocessing(s).unwrap();
+            self.client
+                .backend()
+                .channel()
+                .accept_preprocessing(s)
+                .unwrap();
         }
-        self.client.predict(tvec!(input.into_tvalue())).expect("secure prediction")
+        self.client
+            .predict(tvec!(input.into_tvalue()))
+            .expect("secure prediction")
     }
 }
 

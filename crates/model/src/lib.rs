@@ -279,13 +279,18 @@ impl LayerSpec {
             )));
         }
         if !(self.input_bound.is_finite() && self.input_bound > 0.0) {
-            return Err(bad(format!("input bound {} is not a positive number", self.input_bound)));
+            return Err(bad(format!(
+                "input bound {} is not a positive number",
+                self.input_bound
+            )));
         }
         if self.input_shape.is_empty() || self.output_shape.is_empty() {
             return Err(bad("input and output shapes must have rank >= 1".into()));
         }
         if self.batched && (self.input_shape[0] != 1 || self.output_shape[0] != 1) {
-            return Err(bad("a batched op must describe one sample (axis 0 of size 1)".into()));
+            return Err(bad(
+                "a batched op must describe one sample (axis 0 of size 1)".into(),
+            ));
         }
         let expected = self.compute_output_shape(&self.input_shape).map_err(bad)?;
         if expected != self.output_shape {
@@ -303,7 +308,9 @@ impl LayerSpec {
         match &self.kind {
             LinearKind::MatMul => {
                 if w.len() != 2 || input.is_empty() || input[input.len() - 1] != w[0] {
-                    return Err(format!("input {input:?} cannot be multiplied by a weight {w:?}"));
+                    return Err(format!(
+                        "input {input:?} cannot be multiplied by a weight {w:?}"
+                    ));
                 }
                 let mut out = input.to_vec();
                 let last = out.len() - 1;
@@ -363,7 +370,11 @@ impl LayerSpec {
                 self.op_id,
                 self.source_node,
                 self.input_shape,
-                if self.batched { " with any batch size on axis 0" } else { "" },
+                if self.batched {
+                    " with any batch size on axis 0"
+                } else {
+                    ""
+                },
                 shape
             ));
         }
@@ -449,7 +460,9 @@ pub fn read_contract(model: &pb::ModelProto) -> Result<Contract, ModelError> {
         Some("server") => Role::Server,
         Some("client") => Role::Client,
         Some(other) => {
-            return Err(ModelError::Model(format!("unknown role '{other}' in {ROLE_KEY}")));
+            return Err(ModelError::Model(format!(
+                "unknown role '{other}' in {ROLE_KEY}"
+            )));
         }
         None => {
             return Err(ModelError::Model(format!(
@@ -457,8 +470,8 @@ pub fn read_contract(model: &pb::ModelProto) -> Result<Contract, ModelError> {
             )));
         }
     };
-    let digest = meta(DIGEST_KEY)
-        .ok_or_else(|| ModelError::Model(format!("no {DIGEST_KEY} metadata")))?;
+    let digest =
+        meta(DIGEST_KEY).ok_or_else(|| ModelError::Model(format!("no {DIGEST_KEY} metadata")))?;
     let imported = model
         .opset_import
         .iter()
@@ -471,7 +484,11 @@ pub fn read_contract(model: &pb::ModelProto) -> Result<Contract, ModelError> {
                 "model uses {DOMAIN} version {v}; this build reads version {DOMAIN_VERSION}"
             )));
         }
-        None => return Err(ModelError::Model(format!("model does not import domain {DOMAIN}"))),
+        None => {
+            return Err(ModelError::Model(format!(
+                "model does not import domain {DOMAIN}"
+            )));
+        }
     }
     let graph = model
         .graph
@@ -505,7 +522,10 @@ pub fn node_name(node: &pb::NodeProto) -> String {
     if !node.name.is_empty() {
         node.name.clone()
     } else {
-        node.output.first().cloned().unwrap_or_else(|| format!("<{}>", node.op_type))
+        node.output
+            .first()
+            .cloned()
+            .unwrap_or_else(|| format!("<{}>", node.op_type))
     }
 }
 
@@ -670,7 +690,9 @@ mod tests {
     fn inconsistent_shapes_are_refused() {
         let mut spec = conv_spec();
         spec.output_shape = vec![1, 4, 5, 7];
-        let err = LayerSpec::from_node(&node_of(&spec)).unwrap_err().to_string();
+        let err = LayerSpec::from_node(&node_of(&spec))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not follow"), "{err}");
     }
 
@@ -680,7 +702,10 @@ mod tests {
         let mut node = node_of(&spec);
         node.attribute.retain(|a| a.name != "ring_bits");
         let err = LayerSpec::from_node(&node).unwrap_err().to_string();
-        assert!(err.contains("ring_bits") && err.contains("missing"), "{err}");
+        assert!(
+            err.contains("ring_bits") && err.contains("missing"),
+            "{err}"
+        );
         let mut node = node_of(&spec);
         node.attribute.iter_mut().for_each(|a| {
             if a.name == "group" {
@@ -688,7 +713,10 @@ mod tests {
             }
         });
         let err = LayerSpec::from_node(&node).unwrap_err().to_string();
-        assert!(err.contains("group") && err.contains("FLOAT") == false, "{err}");
+        assert!(
+            err.contains("group") && err.contains("FLOAT") == false,
+            "{err}"
+        );
         assert!(err.contains("INT"), "{err}");
     }
 

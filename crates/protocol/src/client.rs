@@ -7,10 +7,12 @@ use ndarray::{ArrayD, IxDyn};
 use secinfer_model::LayerSpec;
 use secinfer_ring::RingTensor;
 
-use crate::messages::{ClientMaterial, MaskedInput, MaskedOutput, OpId, PreprocessingId, WireTensor};
+use crate::ProtocolError;
+use crate::messages::{
+    ClientMaterial, MaskedInput, MaskedOutput, OpId, PreprocessingId, WireTensor,
+};
 use crate::server::check_ring;
 use crate::store::SingleUseStore;
-use crate::ProtocolError;
 
 /// What the client waits for after sending `x − r` for an op.
 #[derive(Debug)]
@@ -107,8 +109,13 @@ impl ClientSession {
         ids: &[PreprocessingId],
         x: &RingTensor,
     ) -> Result<MaskedInput, ProtocolError> {
-        let spec = self.layers.get(op as usize).ok_or(ProtocolError::UnknownOp(op))?;
-        let ring = spec.ring().map_err(|e| ProtocolError::Model(e.to_string()))?;
+        let spec = self
+            .layers
+            .get(op as usize)
+            .ok_or(ProtocolError::UnknownOp(op))?;
+        let ring = spec
+            .ring()
+            .map_err(|e| ProtocolError::Model(e.to_string()))?;
         let n = spec
             .samples_in_input(x.shape())
             .map_err(|problem| ProtocolError::Shape { op, problem })?;
@@ -133,7 +140,13 @@ impl ClientSession {
             masked.extend(xs.zip(r).map(|(x, r)| ring.reduce(x.wrapping_sub(*r))));
             correction.extend_from_slice(c);
         }
-        self.pending.insert(op, Pending { ids: ids.to_vec(), correction });
+        self.pending.insert(
+            op,
+            Pending {
+                ids: ids.to_vec(),
+                correction,
+            },
+        );
         Ok(MaskedInput {
             op,
             ids: ids.to_vec(),
@@ -147,12 +160,20 @@ impl ClientSession {
     /// Unmasks the server's answer: `W·(x − r) + b + s + c = W·x + b`.
     pub fn unmask(&mut self, out: MaskedOutput) -> Result<RingTensor, ProtocolError> {
         let op = out.op;
-        let spec = self.layers.get(op as usize).ok_or(ProtocolError::UnknownOp(op))?;
-        let ring = spec.ring().map_err(|e| ProtocolError::Model(e.to_string()))?;
-        let pending = self.pending.remove(&op).ok_or_else(|| ProtocolError::Unexpected {
-            op,
-            problem: "answer to a request that was not sent".into(),
-        })?;
+        let spec = self
+            .layers
+            .get(op as usize)
+            .ok_or(ProtocolError::UnknownOp(op))?;
+        let ring = spec
+            .ring()
+            .map_err(|e| ProtocolError::Model(e.to_string()))?;
+        let pending = self
+            .pending
+            .remove(&op)
+            .ok_or_else(|| ProtocolError::Unexpected {
+                op,
+                problem: "answer to a request that was not sent".into(),
+            })?;
         if pending.ids != out.ids {
             return Err(ProtocolError::Unexpected {
                 op,
@@ -173,8 +194,10 @@ impl ClientSession {
             .zip(&pending.correction)
             .map(|(z, c)| ring.reduce(z.wrapping_add(*c)))
             .collect();
-        ArrayD::from_shape_vec(IxDyn(&expected), data)
-            .map_err(|e| ProtocolError::Shape { op, problem: e.to_string() })
+        ArrayD::from_shape_vec(IxDyn(&expected), data).map_err(|e| ProtocolError::Shape {
+            op,
+            problem: e.to_string(),
+        })
     }
 }
 

@@ -9,9 +9,9 @@ use ndarray::{ArrayD, Axis, IxDyn};
 use rand::rngs::{ChaCha20Rng, SysRng};
 use rand::{Rng, SeedableRng};
 
+use crate::ProtocolError;
 use crate::messages::{ClientMaterial, PreprocessingId, ServerMaterial};
 use crate::server::MaskedLinear;
-use crate::ProtocolError;
 
 /// Computes `(r, W·r − s)` for the client and `s` for the server, in one
 /// process that sees everything. Not for production; see the module docs.
@@ -41,7 +41,9 @@ impl InsecureLocalDealer {
         let mut per_op: Vec<Vec<(Vec<u64>, Vec<u64>, Vec<u64>)>> = Vec::with_capacity(layers.len());
         for spec in layers {
             let op = spec.op_id;
-            let ring = spec.ring().map_err(|e| ProtocolError::Model(e.to_string()))?;
+            let ring = spec
+                .ring()
+                .map_err(|e| ProtocolError::Model(e.to_string()))?;
             let eval = |x: ArrayD<u64>| {
                 linear
                     .evaluate(op, x)
@@ -58,11 +60,20 @@ impl InsecureLocalDealer {
                 let r: Vec<u64> = (0..shape.iter().product::<usize>())
                     .map(|_| ring.reduce(self.rng.next_u64()))
                     .collect();
-                let rt = ArrayD::from_shape_vec(IxDyn(&shape), r.clone())
-                    .map_err(|e| ProtocolError::Shape { op, problem: e.to_string() })?;
+                let rt = ArrayD::from_shape_vec(IxDyn(&shape), r.clone()).map_err(|e| {
+                    ProtocolError::Shape {
+                        op,
+                        problem: e.to_string(),
+                    }
+                })?;
                 let wr_b = eval(rt)?;
-                for (i, wr_b) in wr_b.axis_chunks_iter(Axis(0), wr_b.len_of(Axis(0)) / n).enumerate() {
-                    let s: Vec<u64> = (0..spec.output_len()).map(|_| ring.reduce(self.rng.next_u64())).collect();
+                for (i, wr_b) in wr_b
+                    .axis_chunks_iter(Axis(0), wr_b.len_of(Axis(0)) / n)
+                    .enumerate()
+                {
+                    let s: Vec<u64> = (0..spec.output_len())
+                        .map(|_| ring.reduce(self.rng.next_u64()))
+                        .collect();
                     let c: Vec<u64> = wr_b
                         .iter()
                         .zip(bias_only.iter())
@@ -84,13 +95,16 @@ impl InsecureLocalDealer {
             let mut client = Vec::with_capacity(iters.len());
             let mut server = Vec::with_capacity(iters.len());
             for it in iters.iter_mut() {
-                let (r, c, s) = it
-                    .next()
-                    .ok_or_else(|| ProtocolError::Model("dealer produced too little material".into()))?;
+                let (r, c, s) = it.next().ok_or_else(|| {
+                    ProtocolError::Model("dealer produced too little material".into())
+                })?;
                 client.push((r, c));
                 server.push(s);
             }
-            out.push((ClientMaterial { id, ops: client }, ServerMaterial { id, ops: server }));
+            out.push((
+                ClientMaterial { id, ops: client },
+                ServerMaterial { id, ops: server },
+            ));
         }
         Ok(out)
     }

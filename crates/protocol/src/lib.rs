@@ -24,10 +24,10 @@
 #![deny(missing_docs)]
 
 mod client;
-mod store;
 mod dealer;
 pub mod messages;
 mod server;
+mod store;
 
 pub use client::ClientSession;
 pub use dealer::InsecureLocalDealer;

@@ -58,11 +58,14 @@ impl WireTensor {
         if expected != self.data.len() {
             return Err(shape_err(
                 op,
-                format!("shape {:?} needs {expected} elements, message has {}", shape, self.data.len()),
+                format!(
+                    "shape {:?} needs {expected} elements, message has {}",
+                    shape,
+                    self.data.len()
+                ),
             ));
         }
-        ArrayD::from_shape_vec(IxDyn(&shape), self.data)
-            .map_err(|e| shape_err(op, e.to_string()))
+        ArrayD::from_shape_vec(IxDyn(&shape), self.data).map_err(|e| shape_err(op, e.to_string()))
     }
 
     /// Size of the payload in bytes (8 per element), for accounting.

@@ -5,9 +5,9 @@ use std::sync::Arc;
 use secinfer_model::LayerSpec;
 use secinfer_ring::RingTensor;
 
+use crate::ProtocolError;
 use crate::messages::{MaskedInput, MaskedOutput, OpId, ServerMaterial, WireTensor};
 use crate::store::SingleUseStore;
-use crate::ProtocolError;
 
 /// The server's linear layers: `W·x + b` in Z_2^k for a batch of samples.
 /// Implemented by the tract plugin (`secinfer-tract-ext`), which runs the
@@ -50,7 +50,11 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             if s.len() != spec.output_len() {
                 return Err(ProtocolError::Shape {
                     op: spec.op_id,
-                    problem: format!("share has {} elements, output has {}", s.len(), spec.output_len()),
+                    problem: format!(
+                        "share has {} elements, output has {}",
+                        s.len(),
+                        spec.output_len()
+                    ),
                 });
             }
         }
@@ -71,7 +75,9 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             .layers()
             .get(op as usize)
             .ok_or(ProtocolError::UnknownOp(op))?;
-        let ring = spec.ring().map_err(|e| ProtocolError::Model(e.to_string()))?;
+        let ring = spec
+            .ring()
+            .map_err(|e| ProtocolError::Model(e.to_string()))?;
         let x = req.masked.into_tensor(op)?;
         let n = spec
             .samples_in_input(x.shape())
@@ -97,9 +103,10 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
         }
         let shares = self.store.take(&req.ids, op)?;
         let out_len = spec.output_len();
-        let flat = y
-            .as_slice_mut()
-            .ok_or_else(|| ProtocolError::Evaluation { op, problem: "output not contiguous".into() })?;
+        let flat = y.as_slice_mut().ok_or_else(|| ProtocolError::Evaluation {
+            op,
+            problem: "output not contiguous".into(),
+        })?;
         for (chunk, s) in flat.chunks_mut(out_len).zip(&shares) {
             for (v, s) in chunk.iter_mut().zip(s) {
                 *v = ring.reduce(v.wrapping_add(*s));
@@ -123,7 +130,12 @@ pub(crate) fn check_ring<'a>(
     }
     for (index, &value) in values.enumerate() {
         if value >> bits != 0 {
-            return Err(ProtocolError::NotInRing { op, index, value, bits });
+            return Err(ProtocolError::NotInRing {
+                op,
+                index,
+                value,
+                bits,
+            });
         }
     }
     Ok(())

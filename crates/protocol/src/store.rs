@@ -22,7 +22,11 @@ impl<T> SingleUseStore<T> {
         }
     }
 
-    pub(crate) fn insert(&mut self, id: PreprocessingId, slots: Vec<T>) -> Result<(), ProtocolError> {
+    pub(crate) fn insert(
+        &mut self,
+        id: PreprocessingId,
+        slots: Vec<T>,
+    ) -> Result<(), ProtocolError> {
         if self.live.contains_key(&id) || self.spent.contains(&id) {
             return Err(ProtocolError::DuplicateId(id));
         }
@@ -52,7 +56,11 @@ impl<T> SingleUseStore<T> {
     }
 
     /// Takes the slots of `op` for all `ids`; call [`check`](Self::check) first.
-    pub(crate) fn take(&mut self, ids: &[PreprocessingId], op: OpId) -> Result<Vec<T>, ProtocolError> {
+    pub(crate) fn take(
+        &mut self,
+        ids: &[PreprocessingId],
+        op: OpId,
+    ) -> Result<Vec<T>, ProtocolError> {
         self.check(ids, op)?;
         let mut out = Vec::with_capacity(ids.len());
         for &id in ids {

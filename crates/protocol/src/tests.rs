@@ -59,7 +59,9 @@ impl MaskedLinear for TinyDense {
             return Err("no such op".into());
         }
         let ring = Ring::new(BITS).unwrap();
-        let x2 = x.into_dimensionality::<ndarray::Ix2>().map_err(|e| e.to_string())?;
+        let x2 = x
+            .into_dimensionality::<ndarray::Ix2>()
+            .map_err(|e| e.to_string())?;
         let mut y = secinfer_ring::matmul(x2.view(), self.w.view()).map_err(|e| e.to_string())?;
         for mut row in y.rows_mut() {
             for (v, b) in row.iter_mut().zip(&self.b) {
@@ -84,7 +86,9 @@ fn setup(count: usize) -> (Arc<TinyDense>, ClientSession, ServerSession<TinyDens
 
 fn input(n: usize) -> RingTensor {
     let ring = Ring::new(BITS).unwrap();
-    ArrayD::from_shape_fn(IxDyn(&[n, 3]), |ix| ring.from_signed(ix[0] as i64 * 10 - ix[1] as i64 * 3 + 1))
+    ArrayD::from_shape_fn(IxDyn(&[n, 3]), |ix| {
+        ring.from_signed(ix[0] as i64 * 10 - ix[1] as i64 * 3 + 1)
+    })
 }
 
 #[test]
@@ -93,7 +97,11 @@ fn masked_round_trip_is_exact() {
     let ids = client.reserve(5).unwrap();
     let x = input(5);
     let req = client.mask(0, &ids, &x).unwrap();
-    assert_ne!(req.masked.data, x.iter().copied().collect::<Vec<_>>(), "input must not travel in the clear");
+    assert_ne!(
+        req.masked.data,
+        x.iter().copied().collect::<Vec<_>>(),
+        "input must not travel in the clear"
+    );
     let resp = server.handle(req).unwrap();
     let y = client.unmask(resp).unwrap();
     assert_eq!(y, linear.clear(&x));
@@ -126,7 +134,10 @@ fn material_cannot_be_delivered_twice() {
     let mut dealer = InsecureLocalDealer::new().unwrap();
     let (_, s) = dealer.deal(linear.as_ref(), 1).unwrap().remove(0);
     server.accept_preprocessing(s.clone()).unwrap();
-    assert_eq!(server.accept_preprocessing(s.clone()), Err(ProtocolError::DuplicateId(s.id)));
+    assert_eq!(
+        server.accept_preprocessing(s.clone()),
+        Err(ProtocolError::DuplicateId(s.id))
+    );
 }
 
 #[test]
@@ -138,11 +149,17 @@ fn a_bad_request_consumes_nothing() {
     // Same request naming one id twice: refused, and the first id survives.
     let mut twice = good.clone();
     twice.ids = vec![ids[0], ids[0]];
-    assert_eq!(server.handle(twice), Err(ProtocolError::RepeatedIdInRequest(ids[0])));
+    assert_eq!(
+        server.handle(twice),
+        Err(ProtocolError::RepeatedIdInRequest(ids[0]))
+    );
     // Unknown id next to a good one: refused, nothing consumed.
     let mut unknown = good.clone();
     unknown.ids = vec![ids[0], PreprocessingId(999)];
-    assert_eq!(server.handle(unknown), Err(ProtocolError::UnknownId(PreprocessingId(999))));
+    assert_eq!(
+        server.handle(unknown),
+        Err(ProtocolError::UnknownId(PreprocessingId(999)))
+    );
     let y = client.unmask(server.handle(good).unwrap()).unwrap();
     assert_eq!(y, linear.clear(&x));
 }
@@ -159,19 +176,31 @@ fn malformed_requests_are_named() {
 
     let mut short = req.clone();
     short.masked.data.pop();
-    assert!(matches!(server.handle(short), Err(ProtocolError::Shape { op: 0, .. })));
+    assert!(matches!(
+        server.handle(short),
+        Err(ProtocolError::Shape { op: 0, .. })
+    ));
 
     let mut wrong_shape = req.clone();
     wrong_shape.masked.shape = vec![3, 1];
-    assert!(matches!(server.handle(wrong_shape), Err(ProtocolError::Shape { op: 0, .. })));
+    assert!(matches!(
+        server.handle(wrong_shape),
+        Err(ProtocolError::Shape { op: 0, .. })
+    ));
 
     let mut outside = req.clone();
     outside.masked.data[1] = 1 << BITS;
-    assert!(matches!(server.handle(outside), Err(ProtocolError::NotInRing { index: 1, .. })));
+    assert!(matches!(
+        server.handle(outside),
+        Err(ProtocolError::NotInRing { index: 1, .. })
+    ));
 
     let mut more_ids = req.clone();
     more_ids.ids.push(PreprocessingId(1));
-    assert!(matches!(server.handle(more_ids), Err(ProtocolError::Shape { .. })));
+    assert!(matches!(
+        server.handle(more_ids),
+        Err(ProtocolError::Shape { .. })
+    ));
 
     // After all of that the genuine request still works.
     assert!(server.handle(req).is_ok());
@@ -184,9 +213,15 @@ fn client_rejects_answers_it_did_not_ask_for() {
     let req = client.mask(0, &ids, &input(1)).unwrap();
     let mut resp = server.handle(req).unwrap();
     resp.ids = vec![PreprocessingId(77)];
-    assert!(matches!(client.unmask(resp.clone()), Err(ProtocolError::Unexpected { .. })));
+    assert!(matches!(
+        client.unmask(resp.clone()),
+        Err(ProtocolError::Unexpected { .. })
+    ));
     // The pending request is gone after a bad answer: a replay is unexpected too.
-    assert!(matches!(client.unmask(resp), Err(ProtocolError::Unexpected { .. })));
+    assert!(matches!(
+        client.unmask(resp),
+        Err(ProtocolError::Unexpected { .. })
+    ));
 }
 
 #[test]
@@ -215,6 +250,14 @@ fn masks_are_fresh_per_id() {
     let mut client2 = setup(2).1;
     let ids2 = client2.reserve(2).unwrap();
     let b = client2.mask(0, &ids2, &x2).unwrap();
-    assert_ne!(b.masked.data[..3], b.masked.data[3..], "two samples with equal inputs got equal masks");
-    assert_ne!(a.masked.data[..], b.masked.data[..3], "two sessions got equal masks");
+    assert_ne!(
+        b.masked.data[..3],
+        b.masked.data[3..],
+        "two samples with equal inputs got equal masks"
+    );
+    assert_ne!(
+        a.masked.data[..],
+        b.masked.data[..3],
+        "two sessions got equal masks"
+    );
 }

@@ -5,17 +5,17 @@
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{Context, anyhow, bail};
+use ndarray::{ArrayD, ArrayViewD, Dimension};
 use prost::Message;
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
-use ndarray::{ArrayD, ArrayViewD, Dimension};
 
-use secinfer_model::{read_contract, LayerSpec, Role};
+use secinfer_model::{LayerSpec, Role, read_contract};
 use secinfer_protocol::{
-    ClientMaterial, ClientSession, MaskedInput, MaskedLinear, MaskedOutput, PreprocessingId, ProtocolError,
-    ServerMaterial, ServerSession,
+    ClientMaterial, ClientSession, MaskedInput, MaskedLinear, MaskedOutput, PreprocessingId,
+    ProtocolError, ServerMaterial, ServerSession,
 };
 
 /// Evaluates one SecureLinear op for the client on real-valued inputs.
@@ -65,7 +65,9 @@ impl EvalOp for ClientSecureLinear {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
         let x = x.cast_to::<f32>()?;
-        let y = self.backend.secure_linear(&self.spec, x.to_plain_array_view::<f32>()?)?;
+        let y = self
+            .backend
+            .secure_linear(&self.spec, x.to_plain_array_view::<f32>()?)?;
         Ok(tvec!(y.into_tensor().into_tvalue()))
     }
 }
@@ -101,16 +103,27 @@ impl<C: OnlineChannel> std::fmt::Debug for SessionBackend<C> {
 impl<C: OnlineChannel> SessionBackend<C> {
     /// A backend for a session over `channel`.
     pub fn new(session: ClientSession, channel: C) -> Self {
-        SessionBackend { state: Mutex::new(ClientState { session, current: vec![] }), channel }
+        SessionBackend {
+            state: Mutex::new(ClientState {
+                session,
+                current: vec![],
+            }),
+            channel,
+        }
     }
 
     fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, ClientState>> {
-        self.state.lock().map_err(|_| anyhow!("client session poisoned by an earlier panic"))
+        self.state
+            .lock()
+            .map_err(|_| anyhow!("client session poisoned by an earlier panic"))
     }
 
     /// Files offline material.
     pub fn accept_preprocessing(&self, m: ClientMaterial) -> Result<(), ProtocolError> {
-        self.lock().map_err(|e| ProtocolError::Model(e.to_string()))?.session.accept_preprocessing(m)
+        self.lock()
+            .map_err(|e| ProtocolError::Model(e.to_string()))?
+            .session
+            .accept_preprocessing(m)
     }
 
     /// Inferences' worth of material ready.
@@ -143,13 +156,20 @@ impl<C: OnlineChannel> SessionBackend<C> {
 impl<C: OnlineChannel> SecureLinearBackend for SessionBackend<C> {
     fn secure_linear(&self, spec: &LayerSpec, x: ArrayViewD<f32>) -> anyhow::Result<ArrayD<f32>> {
         let ring = spec.ring()?;
-        if let Some((ix, v)) = x.indexed_iter().find(|(_, v)| !v.is_finite() || v.abs() > spec.input_bound) {
+        if let Some((ix, v)) = x
+            .indexed_iter()
+            .find(|(_, v)| !v.is_finite() || v.abs() > spec.input_bound)
+        {
             bail!(
                 "SecureLinear op {} ('{}'): input value {v} at {:?} is {}; the model was converted for |x| <= {} (convert again with a larger --input-bound)",
                 spec.op_id,
                 spec.source_node,
                 ix.slice(),
-                if v.is_finite() { "out of range" } else { "not a number" },
+                if v.is_finite() {
+                    "out of range"
+                } else {
+                    "not a number"
+                },
                 spec.input_bound
             );
         }
@@ -161,7 +181,11 @@ impl<C: OnlineChannel> SecureLinearBackend for SessionBackend<C> {
         };
         let response = self.channel.round_trip(request)?;
         let y = self.lock()?.session.unmask(response)?;
-        Ok(secinfer_ring::decode_tensor(ring, y.view(), spec.output_frac_bits()))
+        Ok(secinfer_ring::decode_tensor(
+            ring,
+            y.view(),
+            spec.output_frac_bits(),
+        ))
     }
 }
 
@@ -185,7 +209,10 @@ impl<L: MaskedLinear + ?Sized> InMemoryChannel<L> {
 
     /// Files the server's share of offline material.
     pub fn accept_preprocessing(&self, m: ServerMaterial) -> anyhow::Result<()> {
-        self.server.lock().map_err(|_| anyhow!("server session poisoned"))?.accept_preprocessing(m)?;
+        self.server
+            .lock()
+            .map_err(|_| anyhow!("server session poisoned"))?
+            .accept_preprocessing(m)?;
         Ok(())
     }
 
@@ -199,9 +226,19 @@ impl<L: MaskedLinear + ?Sized> InMemoryChannel<L> {
 impl<L: MaskedLinear + ?Sized> OnlineChannel for InMemoryChannel<L> {
     fn round_trip(&self, request: MaskedInput) -> anyhow::Result<MaskedOutput> {
         use std::sync::atomic::Ordering::Relaxed;
-        self.bytes_up.fetch_add((request.masked.payload_bytes() + 8 * request.ids.len() + 4) as u64, Relaxed);
-        let out = self.server.lock().map_err(|_| anyhow!("server session poisoned"))?.handle(request)?;
-        self.bytes_down.fetch_add((out.masked.payload_bytes() + 8 * out.ids.len() + 4) as u64, Relaxed);
+        self.bytes_up.fetch_add(
+            (request.masked.payload_bytes() + 8 * request.ids.len() + 4) as u64,
+            Relaxed,
+        );
+        let out = self
+            .server
+            .lock()
+            .map_err(|_| anyhow!("server session poisoned"))?
+            .handle(request)?;
+        self.bytes_down.fetch_add(
+            (out.masked.payload_bytes() + 8 * out.ids.len() + 4) as u64,
+            Relaxed,
+        );
         Ok(out)
     }
 }
@@ -219,7 +256,8 @@ impl<C: OnlineChannel + 'static> ClientModel<C> {
     /// Loads `client.onnx` and binds its SecureLinear ops to a new session over `channel`.
     pub fn load(path: &Path, channel: C) -> anyhow::Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_bytes(&bytes, channel).with_context(|| format!("loading client model {}", path.display()))
+        Self::from_bytes(&bytes, channel)
+            .with_context(|| format!("loading client model {}", path.display()))
     }
 
     /// As [`load`](Self::load), from bytes.
@@ -227,20 +265,38 @@ impl<C: OnlineChannel + 'static> ClientModel<C> {
         let proto = pb::ModelProto::decode(bytes).map_err(|e| anyhow!("not an ONNX model: {e}"))?;
         let contract = read_contract(&proto)?;
         if contract.role != Role::Client {
-            bail!("this is a {} model; the client needs client.onnx", contract.role.as_str());
+            bail!(
+                "this is a {} model; the client needs client.onnx",
+                contract.role.as_str()
+            );
         }
-        let backend = Arc::new(SessionBackend::new(ClientSession::new(contract.layers.clone()), channel));
-        let mut model = crate::onnx().model_for_proto_model(&proto).map_err(|e| anyhow!("{e:#}"))?;
-        let bound = crate::bind_client_ops(&mut model, backend.clone()).map_err(|e| anyhow!("{e:#}"))?;
+        let backend = Arc::new(SessionBackend::new(
+            ClientSession::new(contract.layers.clone()),
+            channel,
+        ));
+        let mut model = crate::onnx()
+            .model_for_proto_model(&proto)
+            .map_err(|e| anyhow!("{e:#}"))?;
+        let bound =
+            crate::bind_client_ops(&mut model, backend.clone()).map_err(|e| anyhow!("{e:#}"))?;
         if bound != contract.layers.len() {
-            bail!("bound {bound} SecureLinear ops, the model declares {}", contract.layers.len());
+            bail!(
+                "bound {bound} SecureLinear ops, the model declares {}",
+                contract.layers.len()
+            );
         }
         let plan = model
             .into_optimized()
             .and_then(|m| m.into_runnable())
             .map_err(|e| anyhow!("preparing the client graph: {e:#}"))?;
         let batched = contract.layers.iter().all(|l| l.batched);
-        Ok(ClientModel { plan, backend, layers: contract.layers, digest: contract.digest, batched })
+        Ok(ClientModel {
+            plan,
+            backend,
+            layers: contract.layers,
+            digest: contract.digest,
+            batched,
+        })
     }
 
     /// The session backend (to file offline material, read counters).
@@ -260,7 +316,11 @@ impl<C: OnlineChannel + 'static> ClientModel<C> {
 
     /// Inferences in a run with `input` as the first input.
     pub fn inferences_in(&self, input: &Tensor) -> usize {
-        if self.batched { input.shape().first().copied().unwrap_or(1) } else { 1 }
+        if self.batched {
+            input.shape().first().copied().unwrap_or(1)
+        } else {
+            1
+        }
     }
 
     /// Runs the client graph on `inputs`; every SecureLinear op makes one round trip.

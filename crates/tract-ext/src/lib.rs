@@ -31,7 +31,9 @@ use tract_onnx::tract_hir::internal::*;
 
 use secinfer_model::{LayerSpec, OP_TYPE};
 
-pub use client::{ClientModel, InMemoryChannel, OnlineChannel, SecureLinearBackend, SessionBackend};
+pub use client::{
+    ClientModel, InMemoryChannel, OnlineChannel, SecureLinearBackend, SessionBackend,
+};
 pub use server::{ServerModel, ServerSecureLinear};
 
 /// tract's ONNX front end with SecureLinear registered.
@@ -46,10 +48,19 @@ pub fn register(reg: &mut OnnxOpRegister) {
     reg.insert(OP_TYPE, build);
 }
 
-fn build(_ctx: &ParsingContext, node: &pb::NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+fn build(
+    _ctx: &ParsingContext,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     // tract keys ops by op_type only: the domain is checked here, by from_node.
     let spec = LayerSpec::from_node(node)?;
-    Ok((expand(SecureLinearExpansion { spec: Arc::new(spec), backend: None }), vec![]))
+    Ok((
+        expand(SecureLinearExpansion {
+            spec: Arc::new(spec),
+            backend: None,
+        }),
+        vec![],
+    ))
 }
 
 /// The op as parsed, before typing. Carries the client backend once bound.
@@ -66,15 +77,35 @@ pub(crate) fn output_shape(spec: &LayerSpec, input: &[TDim]) -> TractResult<TVec
     let concrete: Vec<usize> = input
         .iter()
         .enumerate()
-        .map(|(i, d)| if i == 0 && spec.batched { Ok(1) } else { d.to_usize().map_err(|e| format_err!("{e:?}")) })
+        .map(|(i, d)| {
+            if i == 0 && spec.batched {
+                Ok(1)
+            } else {
+                d.to_usize().map_err(|e| format_err!("{e:?}"))
+            }
+        })
         .collect::<TractResult<_>>()
-        .with_context(|| format!("SecureLinear op {}: only the batch axis may be symbolic, got {input:?}", spec.op_id))?;
-    spec.samples_in_input(&concrete).map_err(|e| format_err!(e))?;
-    let out = spec.compute_output_shape(&concrete).map_err(|e| format_err!(e))?;
+        .with_context(|| {
+            format!(
+                "SecureLinear op {}: only the batch axis may be symbolic, got {input:?}",
+                spec.op_id
+            )
+        })?;
+    spec.samples_in_input(&concrete)
+        .map_err(|e| format_err!(e))?;
+    let out = spec
+        .compute_output_shape(&concrete)
+        .map_err(|e| format_err!(e))?;
     Ok(out
         .into_iter()
         .enumerate()
-        .map(|(i, d)| if i == 0 && spec.batched { input[0].clone() } else { d.into() })
+        .map(|(i, d)| {
+            if i == 0 && spec.batched {
+                input[0].clone()
+            } else {
+                d.into()
+            }
+        })
         .collect())
 }
 
@@ -84,7 +115,10 @@ impl Expansion for SecureLinearExpansion {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("op {} from {} '{}'", self.spec.op_id, self.spec.source_op, self.spec.source_node)])
+        Ok(vec![format!(
+            "op {} from {} '{}'",
+            self.spec.op_id, self.spec.source_op, self.spec.source_node
+        )])
     }
 
     fn runs_out_of_plan(&self) -> bool {
@@ -113,7 +147,12 @@ impl Expansion for SecureLinearExpansion {
         })
     }
 
-    fn wire(&self, prefix: &str, model: &mut TypedModel, inputs: &[OutletId]) -> TractResult<TVec<OutletId>> {
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
         match inputs.len() {
             3 => {
                 let konst = |ix: usize, what: &str| -> TractResult<Arc<Tensor>> {
@@ -121,7 +160,12 @@ impl Expansion for SecureLinearExpansion {
                         .outlet_fact(inputs[ix])?
                         .konst
                         .clone()
-                        .with_context(|| format!("SecureLinear op {}: {what} must be an initializer", self.spec.op_id))
+                        .with_context(|| {
+                            format!(
+                                "SecureLinear op {}: {what} must be an initializer",
+                                self.spec.op_id
+                            )
+                        })
                 };
                 let (weight, bias) = (konst(1, "weight")?, konst(2, "bias")?);
                 let op = ServerSecureLinear::new(self.spec.clone(), &weight, &bias)?;
@@ -129,19 +173,31 @@ impl Expansion for SecureLinearExpansion {
             }
             1 => {
                 let backend = self.backend.clone().with_context(|| {
-                    format!("SecureLinear op {} is not bound to a client session", self.spec.op_id)
+                    format!(
+                        "SecureLinear op {} is not bound to a client session",
+                        self.spec.op_id
+                    )
                 })?;
-                let op = client::ClientSecureLinear { spec: self.spec.clone(), backend };
+                let op = client::ClientSecureLinear {
+                    spec: self.spec.clone(),
+                    backend,
+                };
                 model.wire_node(prefix, op, inputs)
             }
-            n => bail!("SecureLinear op {} has {n} inputs; expected 1 (client) or 3 (server)", self.spec.op_id),
+            n => bail!(
+                "SecureLinear op {} has {n} inputs; expected 1 (client) or 3 (server)",
+                self.spec.op_id
+            ),
         }
     }
 }
 
 /// Binds every SecureLinear placeholder of a loaded client model to `backend`.
 /// Returns the number of ops bound.
-pub fn bind_client_ops(model: &mut InferenceModel, backend: Arc<dyn SecureLinearBackend>) -> TractResult<usize> {
+pub fn bind_client_ops(
+    model: &mut InferenceModel,
+    backend: Arc<dyn SecureLinearBackend>,
+) -> TractResult<usize> {
     let mut bound = 0;
     for node in model.nodes_mut() {
         if let Some(op) = node.op_as_mut::<Box<dyn Expansion>>()

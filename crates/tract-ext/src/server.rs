@@ -9,7 +9,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
-use secinfer_model::{read_contract, LayerSpec, LinearKind, Role};
+use secinfer_model::{LayerSpec, LinearKind, Role, read_contract};
 use secinfer_protocol::{MaskedLinear, OpId};
 use secinfer_ring::{Ring, RingTensor};
 
@@ -39,19 +39,40 @@ impl ServerSecureLinear {
             .to_plain_array_view::<i64>()?
             .mapv(|v| ring.from_signed(v));
         if w.shape() != spec.weight_shape.as_slice() {
-            bail!("SecureLinear op {}: weight has shape {:?}, spec says {:?}", spec.op_id, w.shape(), spec.weight_shape);
+            bail!(
+                "SecureLinear op {}: weight has shape {:?}, spec says {:?}",
+                spec.op_id,
+                w.shape(),
+                spec.weight_shape
+            );
         }
-        let b: Vec<u64> = bias.cast_to::<i64>()?.to_plain_array_view::<i64>()?.iter().map(|&v| ring.from_signed(v)).collect();
+        let b: Vec<u64> = bias
+            .cast_to::<i64>()?
+            .to_plain_array_view::<i64>()?
+            .iter()
+            .map(|&v| ring.from_signed(v))
+            .collect();
         if b.len() != spec.bias_len() {
-            bail!("SecureLinear op {}: bias has {} values, the op has {} outputs features", spec.op_id, b.len(), spec.bias_len());
+            bail!(
+                "SecureLinear op {}: bias has {} values, the op has {} outputs features",
+                spec.op_id,
+                b.len(),
+                spec.bias_len()
+            );
         }
-        Ok(ServerSecureLinear { spec, weight: Arc::new(w), bias: Arc::new(b), ring })
+        Ok(ServerSecureLinear {
+            spec,
+            weight: Arc::new(w),
+            bias: Arc::new(b),
+            ring,
+        })
     }
 
     /// `W·x + b mod 2^k` for a batch.
     pub fn apply(&self, x: &RingTensor) -> TractResult<RingTensor> {
         let spec = &self.spec;
-        spec.samples_in_input(x.shape()).map_err(|e| format_err!(e))?;
+        spec.samples_in_input(x.shape())
+            .map_err(|e| format_err!(e))?;
         let w = self.weight.view();
         let mut y = match &spec.kind {
             LinearKind::MatMul => {
@@ -73,7 +94,8 @@ impl ServerSecureLinear {
                 let w2 = w.into_shape_with_order((m, k))?;
                 let mut out = Vec::with_capacity(batches * m * cols);
                 for b in 0..batches {
-                    let y = secinfer_ring::matmul(w2.view(), x3.index_axis(tract_ndarray::Axis(0), b))?;
+                    let y =
+                        secinfer_ring::matmul(w2.view(), x3.index_axis(tract_ndarray::Axis(0), b))?;
                     out.extend(y.iter());
                 }
                 let mut shape = x.shape().to_vec();
@@ -82,9 +104,10 @@ impl ServerSecureLinear {
                 RingTensor::from_shape_vec(shape, out)?
             }
             LinearKind::Conv(g) => secinfer_ring::conv(x.view(), w, g)?,
-            LinearKind::ConvTranspose { geometry, output_padding } => {
-                secinfer_ring::conv_transpose(x.view(), w, geometry, output_padding)?
-            }
+            LinearKind::ConvTranspose {
+                geometry,
+                output_padding,
+            } => secinfer_ring::conv_transpose(x.view(), w, geometry, output_padding)?,
         };
         let rank = y.ndim() as isize;
         let axis = spec.kind.bias_axis();
@@ -104,7 +127,12 @@ impl Op for ServerSecureLinear {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
-        Ok(vec![format!("op {} ({:?}) in Z_2^{}", self.spec.op_id, self.spec.kind.tag(), self.ring.bits())])
+        Ok(vec![format!(
+            "op {} ({:?}) in Z_2^{}",
+            self.spec.op_id,
+            self.spec.kind.tag(),
+            self.ring.bits()
+        )])
     }
 
     op_as_typed_op!();
@@ -124,7 +152,11 @@ impl EvalOp for ServerSecureLinear {
 impl TypedOp for ServerSecureLinear {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         if inputs[0].datum_type != u64::datum_type() {
-            bail!("SecureLinear op {} takes u64 ring elements, got {:?}", self.spec.op_id, inputs[0].datum_type);
+            bail!(
+                "SecureLinear op {} takes u64 ring elements, got {:?}",
+                self.spec.op_id,
+                inputs[0].datum_type
+            );
         }
         let shape = crate::output_shape(&self.spec, &inputs[0].shape.to_tvec())?;
         Ok(tvec!(u64::fact(shape)))
@@ -142,7 +174,12 @@ pub struct ServerModel {
 
 impl std::fmt::Debug for ServerModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ServerModel({} ops, digest {})", self.layers.len(), self.digest)
+        write!(
+            f,
+            "ServerModel({} ops, digest {})",
+            self.layers.len(),
+            self.digest
+        )
     }
 }
 
@@ -157,12 +194,19 @@ impl ServerModel {
     /// Loads and checks a server model from bytes: role, digest over specs and
     /// weights, one SecureLinear node per op.
     pub fn from_bytes(bytes: &[u8]) -> anyhow::Result<ServerModel> {
-        let proto = pb::ModelProto::decode(bytes).map_err(|e| anyhow::anyhow!("not an ONNX model: {e}"))?;
+        let proto =
+            pb::ModelProto::decode(bytes).map_err(|e| anyhow::anyhow!("not an ONNX model: {e}"))?;
         let contract = read_contract(&proto)?;
         if contract.role != Role::Server {
-            anyhow::bail!("this is a {} model; the server needs server.onnx", contract.role.as_str());
+            anyhow::bail!(
+                "this is a {} model; the server needs server.onnx",
+                contract.role.as_str()
+            );
         }
-        let graph = proto.graph.as_ref().ok_or_else(|| anyhow::anyhow!("no graph"))?;
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no graph"))?;
         let mut weights = Vec::with_capacity(contract.layers.len());
         for spec in &contract.layers {
             let node = graph
@@ -171,34 +215,59 @@ impl ServerModel {
                 .find(|n| LayerSpec::from_node(n).is_ok_and(|s| s.op_id == spec.op_id))
                 .ok_or_else(|| anyhow::anyhow!("op {} has no node", spec.op_id))?;
             let init = |ix: usize| -> anyhow::Result<Vec<i64>> {
-                let name = node.input.get(ix).ok_or_else(|| anyhow::anyhow!("op {} lacks input {ix}", spec.op_id))?;
+                let name = node
+                    .input
+                    .get(ix)
+                    .ok_or_else(|| anyhow::anyhow!("op {} lacks input {ix}", spec.op_id))?;
                 let t = graph
                     .initializer
                     .iter()
                     .find(|t| &t.name == name)
-                    .ok_or_else(|| anyhow::anyhow!("op {}: initializer {name} is missing", spec.op_id))?;
-                if t.data_type != pb::tensor_proto::DataType::Int64 as i32 || t.raw_data.len() % 8 != 0 {
+                    .ok_or_else(|| {
+                        anyhow::anyhow!("op {}: initializer {name} is missing", spec.op_id)
+                    })?;
+                if t.data_type != pb::tensor_proto::DataType::Int64 as i32
+                    || t.raw_data.len() % 8 != 0
+                {
                     anyhow::bail!("op {}: {name} must be INT64 raw data", spec.op_id);
                 }
-                Ok(t.raw_data.chunks_exact(8).map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+                Ok(t.raw_data
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect())
             };
             weights.push((init(1)?, init(2)?));
         }
-        let wd = secinfer_model::weights_digest(weights.iter().map(|(w, b)| (w.as_slice(), b.as_slice())));
+        let wd = secinfer_model::weights_digest(
+            weights.iter().map(|(w, b)| (w.as_slice(), b.as_slice())),
+        );
         let digest = secinfer_model::model_digest(&contract.layers, &wd);
         if digest != contract.digest {
-            anyhow::bail!("model digest mismatch: the file records {}, its contents hash to {digest}; the file is damaged or edited", contract.digest);
+            anyhow::bail!(
+                "model digest mismatch: the file records {}, its contents hash to {digest}; the file is damaged or edited",
+                contract.digest
+            );
         }
         let mut plans = Vec::with_capacity(contract.layers.len());
         for spec in &contract.layers {
             plans.push(Self::plan_for(&proto, spec)?);
         }
-        Ok(ServerModel { layers: contract.layers, plans, digest })
+        Ok(ServerModel {
+            layers: contract.layers,
+            plans,
+            digest,
+        })
     }
 
     /// A one-node model for op `spec`, loaded through tract with the plugin.
-    fn plan_for(proto: &pb::ModelProto, spec: &LayerSpec) -> anyhow::Result<Arc<TypedRunnableModel>> {
-        let graph = proto.graph.as_ref().ok_or_else(|| anyhow::anyhow!("no graph"))?;
+    fn plan_for(
+        proto: &pb::ModelProto,
+        spec: &LayerSpec,
+    ) -> anyhow::Result<Arc<TypedRunnableModel>> {
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("no graph"))?;
         let node = graph
             .node
             .iter()
@@ -210,8 +279,18 @@ impl ServerModel {
                 name: format!("op{}", spec.op_id),
                 node: vec![node.clone()],
                 initializer: node.input.iter().skip(1).filter_map(pick).collect(),
-                input: graph.input.iter().filter(|i| node.input.first() == Some(&i.name)).cloned().collect(),
-                output: graph.output.iter().filter(|o| node.output.first() == Some(&o.name)).cloned().collect(),
+                input: graph
+                    .input
+                    .iter()
+                    .filter(|i| node.input.first() == Some(&i.name))
+                    .cloned()
+                    .collect(),
+                output: graph
+                    .output
+                    .iter()
+                    .filter(|o| node.output.first() == Some(&o.name))
+                    .cloned()
+                    .collect(),
                 ..Default::default()
             }),
             ..proto.clone()
@@ -238,9 +317,16 @@ impl MaskedLinear for ServerModel {
     }
 
     fn evaluate(&self, op: OpId, x: RingTensor) -> Result<RingTensor, String> {
-        let plan = self.plans.get(op as usize).ok_or_else(|| format!("no op {op}"))?;
-        let out = plan.run(tvec!(x.into_tensor().into_tvalue())).map_err(|e| format!("{e:#}"))?;
+        let plan = self
+            .plans
+            .get(op as usize)
+            .ok_or_else(|| format!("no op {op}"))?;
+        let out = plan
+            .run(tvec!(x.into_tensor().into_tvalue()))
+            .map_err(|e| format!("{e:#}"))?;
         let y = out.into_iter().next().ok_or("no output")?;
-        y.into_tensor().into_plain_array::<u64>().map_err(|e| format!("{e:#}"))
+        y.into_tensor()
+            .into_plain_array::<u64>()
+            .map_err(|e| format!("{e:#}"))
     }
 }
