@@ -45,7 +45,6 @@ fn secure_node(spec: &LayerSpec, inputs: Vec<String>, output: String) -> pb::Nod
             "{} node '{}' (and what was folded into it)",
             spec.source_op, spec.source_node
         ),
-        ..Default::default()
     }
 }
 

@@ -472,17 +472,17 @@ fn batch_norm_affine(
     }
     let mut slope = Vec::with_capacity(c);
     let mut shift = Vec::with_capacity(c);
-    for k in 0..c {
-        let var = params[3][k];
+    let [gamma, beta, mean, variance] = [&params[0], &params[1], &params[2], &params[3]];
+    for (k, &var) in variance.iter().enumerate() {
         if var + eps <= 0.0 {
             return Err(unsupported(
                 node,
                 format!("variance {var} of channel {k} is negative"),
             ));
         }
-        let s = params[0][k] / (var + eps).sqrt();
+        let s = gamma[k] / (var + eps).sqrt();
         slope.push(s);
-        shift.push(params[1][k] - params[2][k] * s);
+        shift.push(beta[k] - mean[k] * s);
     }
     Ok((slope, shift))
 }

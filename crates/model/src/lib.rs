@@ -713,10 +713,7 @@ mod tests {
             }
         });
         let err = LayerSpec::from_node(&node).unwrap_err().to_string();
-        assert!(
-            err.contains("group") && err.contains("FLOAT") == false,
-            "{err}"
-        );
+        assert!(err.contains("group") && !err.contains("FLOAT"), "{err}");
         assert!(err.contains("INT"), "{err}");
     }
 

@@ -13,6 +13,9 @@ use crate::ProtocolError;
 use crate::messages::{ClientMaterial, PreprocessingId, ServerMaterial};
 use crate::server::MaskedLinear;
 
+/// One inference's material for one op: (r, c = W·r − s, s).
+type Triple = (Vec<u64>, Vec<u64>, Vec<u64>);
+
 /// Computes `(r, W·r − s)` for the client and `s` for the server, in one
 /// process that sees everything. Not for production; see the module docs.
 pub struct InsecureLocalDealer {
@@ -38,7 +41,8 @@ impl InsecureLocalDealer {
         count: usize,
     ) -> Result<Vec<(ClientMaterial, ServerMaterial)>, ProtocolError> {
         let layers = linear.layers();
-        let mut per_op: Vec<Vec<(Vec<u64>, Vec<u64>, Vec<u64>)>> = Vec::with_capacity(layers.len());
+        // Per op, per inference: (r, c, s).
+        let mut per_op: Vec<Vec<Triple>> = Vec::with_capacity(layers.len());
         for spec in layers {
             let op = spec.op_id;
             let ring = spec
