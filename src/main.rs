@@ -83,6 +83,10 @@ enum Command {
         /// Write the report as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// With --dataset, layer bounds are calibrated on that data set unless
+        /// this is given (then --input-bound applies to every layer).
+        #[arg(long, conflicts_with = "calibrate")]
+        no_calibrate: bool,
         #[command(flatten)]
         args: ConvertArgs,
     },
@@ -189,8 +193,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             limit,
             batch,
             json,
-            args,
+            no_calibrate,
+            mut args,
         } => {
+            if let (Some(d), None, false) = (&dataset, &args.calibrate, no_calibrate) {
+                println!(
+                    "calibrating layer bounds on the first 1,000 samples of {d} (--no-calibrate to skip)"
+                );
+                args.calibrate = Some(d.clone());
+            }
             let inputs = match (dataset, random) {
                 (Some(d), None) => Inputs::Dataset(d),
                 (None, Some(n)) => Inputs::Random(n),

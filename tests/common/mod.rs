@@ -71,18 +71,17 @@ impl SecurePair {
 
     /// Deals material for the run and predicts.
     pub fn predict(&mut self, input: Tensor) -> TVec<TValue> {
+        self.try_predict(input).expect("secure prediction")
+    }
+
+    /// Deals material for the run and predicts, returning errors.
+    pub fn try_predict(&mut self, input: Tensor) -> anyhow::Result<TVec<TValue>> {
         let n = self.client.inferences_in(&input);
-        for (c, s) in self.dealer.deal(self.server.as_ref(), n).unwrap() {
-            self.client.backend().accept_preprocessing(c).unwrap();
-            self.client
-                .backend()
-                .channel()
-                .accept_preprocessing(s)
-                .unwrap();
+        for (c, s) in self.dealer.deal(self.server.as_ref(), n)? {
+            self.client.backend().accept_preprocessing(c)?;
+            self.client.backend().channel().accept_preprocessing(s)?;
         }
-        self.client
-            .predict(tvec!(input.into_tvalue()))
-            .expect("secure prediction")
+        self.client.predict(tvec!(input.into_tvalue()))
     }
 }
 

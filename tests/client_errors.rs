@@ -1,0 +1,45 @@
+//! What the client refuses: inputs that would not survive fixed-point
+//! encoding (NaN, values beyond the converted bound) and wrong shapes, each
+//! with a message naming the problem, and the session stays usable after.
+
+use tract_onnx::prelude::*;
+
+mod common;
+
+fn pair() -> common::SecurePair {
+    let bytes = std::fs::read(common::model("mnist_mlp.onnx")).unwrap();
+    common::SecurePair::new(&common::convert_bytes(&bytes))
+}
+
+fn image(fill: f32) -> Tensor {
+    tract_ndarray::ArrayD::from_elem(vec![1, 1, 28, 28], fill).into_tensor()
+}
+
+#[test]
+fn nan_and_out_of_range_inputs_are_refused_by_name() {
+    let mut p = pair();
+    let mut nan = image(0.5);
+    nan.to_plain_array_view_mut::<f32>().unwrap()[[0, 0, 3, 4]] = f32::NAN;
+    let e = format!("{:#}", p.try_predict(nan).unwrap_err());
+    assert!(e.contains("not a number") && e.contains("op 0"), "{e}");
+
+    let e = format!("{:#}", p.try_predict(image(1e6)).unwrap_err());
+    assert!(
+        e.contains("out of range") && e.contains("--input-bound"),
+        "{e}"
+    );
+
+    // The session survives refused inputs.
+    let ok = p
+        .try_predict(image(0.25))
+        .expect("a valid input still works");
+    assert_eq!(ok[0].shape(), &[1, 10]);
+}
+
+#[test]
+fn wrong_input_shape_is_an_error_not_a_crash() {
+    let mut p = pair();
+    let wrong = tract_ndarray::ArrayD::from_elem(vec![1, 1, 27, 28], 0.5f32).into_tensor();
+    assert!(p.try_predict(wrong).is_err());
+    assert!(p.try_predict(image(0.5)).is_ok());
+}
