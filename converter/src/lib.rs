@@ -227,19 +227,30 @@ pub fn convert(bytes: &[u8], options: &Options) -> Result<Converted, ConvertErro
     }
     let names: Vec<&str> = layers.iter().map(|l| l.input.as_str()).collect();
     let (shapes, batch) = resolve::infer_shapes(&graph, &names)?;
-    let bounds: Vec<f32> = match &options.calibration {
-        Some(samples) => resolve::observed_maxima(&graph, &names, samples)?
+    // Per layer: the bound |x| <= A the scales guarantee, and a typical |x|
+    // (rms) for splitting fractional bits between inputs and weights. Without
+    // calibration, inputs are assumed to be A/8 on average.
+    let observed: Vec<(f32, f64)> = match &options.calibration {
+        Some(samples) => resolve::observe(&graph, &names, samples)?
             .into_iter()
-            .map(|m| calibrated_bound(m, options.input_bound))
+            .map(|o| {
+                let bound = calibrated_bound(o.max, options.input_bound);
+                (
+                    bound,
+                    o.rms.clamp(f64::from(bound) / 4096.0, f64::from(bound)),
+                )
+            })
             .collect(),
-        None => vec![options.input_bound; names.len()],
+        None => vec![(options.input_bound, f64::from(options.input_bound) / 8.0); names.len()],
     };
 
     let mut specs = Vec::with_capacity(layers.len());
     let mut quantised = Vec::with_capacity(layers.len());
-    for (id, ((layer, shape), &bound)) in layers.iter_mut().zip(&shapes).zip(&bounds).enumerate() {
+    for (id, ((layer, shape), &(bound, typical))) in
+        layers.iter_mut().zip(&shapes).zip(&observed).enumerate()
+    {
         let resolved = resolve::resolve(layer, shape, batch.as_ref())?;
-        let q = scale::choose(layer, options.ring_bits, f64::from(bound))?;
+        let q = scale::choose(layer, options.ring_bits, f64::from(bound), typical)?;
         let spec = LayerSpec {
             op_id: id as u32,
             source_node: layer.source_node.clone(),

@@ -62,13 +62,22 @@ pub fn infer_shapes(
     .map_err(|problem| ConvertError::Shapes { problem })
 }
 
-/// Largest |value| reaching each tensor in `names` when the original model
-/// runs (plaintext, tract) on `samples`.
-pub fn observed_maxima(
+/// What calibration saw at one layer's input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observed {
+    /// largest |value|
+    pub max: f64,
+    /// root mean square of all values
+    pub rms: f64,
+}
+
+/// Largest and typical |value| reaching each tensor in `names` when the
+/// original model runs (plaintext, tract) on `samples`.
+pub fn observe(
     graph: &Graph,
     names: &[&str],
     samples: &Tensor,
-) -> Result<Vec<f64>, ConvertError> {
+) -> Result<Vec<Observed>, ConvertError> {
     let proto = graph.to_model()?;
     catch_tract(|| {
         let parsed = tract_onnx::onnx().parse(&proto, None)?;
@@ -90,9 +99,11 @@ pub fn observed_maxima(
             .iter()
             .map(|t| {
                 let t = t.cast_to::<f32>()?;
-                Ok(t.to_plain_array_view::<f32>()?
-                    .iter()
-                    .fold(0f64, |m, v| m.max(f64::from(v.abs()))))
+                let v = t.to_plain_array_view::<f32>()?;
+                let max = v.iter().fold(0f64, |m, x| m.max(f64::from(x.abs())));
+                let sq = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>();
+                let rms = (sq / v.len().max(1) as f64).sqrt();
+                Ok(Observed { max, rms })
             })
             .collect::<TractResult<Vec<_>>>()
     })

@@ -5,8 +5,14 @@
 //! |x| <= A (the layer's input bound) every output satisfies
 //! |y| <= max_m (sum_k |Wq[m,k]|·ceil(A·2^fa) + |bq[m]|): the bound holds for
 //! *any* input within A, whatever the signs. We take the largest `fa + fw`
-//! for which that bound stays below 2^(k−1) (the centred range of Z_2^k),
-//! split it evenly, and report the headroom left, in bits.
+//! for which that bound stays below 2^(k−1) (the centred range of Z_2^k)
+//! and report the headroom left, in bits.
+//!
+//! The total is split to minimise the typical rounding error. Rounding
+//! errors are independent and uniform, so an output's error variance is
+//! (‖x‖²·2^-2fw + ‖w‖²·2^-2fa)/12 with x over one output's receptive field
+//! (fan-in n): minimal when fw − fa = log2(‖x‖/‖w‖), with ‖x‖ ≈ √n·rms(x)
+//! (rms from calibration, else assumed A/8) and ‖w‖ the rms row norm.
 
 use crate::ConvertError;
 use crate::extract::LinearLayer;
@@ -75,13 +81,32 @@ pub fn choose(
     layer: &LinearLayer,
     ring_bits: u32,
     input_bound: f64,
+    typical_input: f64,
 ) -> Result<Quantised, ConvertError> {
     let features = layer.feature_of_weights();
     let limit = 2f64.powi(ring_bits as i32 - 1);
+    let mut l1 = vec![0f64; layer.features()];
+    let mut l2 = vec![0f64; layer.features()];
+    let mut count = vec![0usize; layer.features()];
+    for (w, &m) in layer.weight.iter().zip(&features) {
+        l1[m] += w.abs();
+        l2[m] += w * w;
+        count[m] += 1;
+    }
+    let fan_in = count.iter().copied().max().unwrap_or(0);
+    let w_norm = (l2.iter().sum::<f64>() / l2.len().max(1) as f64).sqrt();
+    let x_norm = (fan_in as f64).sqrt() * typical_input;
+    let skew = if w_norm > 0.0 && x_norm > 0.0 {
+        (x_norm / w_norm).log2().round() as i64
+    } else {
+        0
+    };
     // Largest total first; each step costs one pass over the weights, and the
     // first candidate is usually right, so this stays cheap.
     for total in (2..=ring_bits.saturating_sub(2)).rev() {
-        let fw = total.div_ceil(2);
+        let fw = (total as i64 + skew)
+            .div_euclid(2)
+            .clamp(1, total as i64 - 1) as u32;
         let fa = total - fw;
         let Some((worst, weight, bias)) = worst_case(layer, &features, fa, fw, input_bound) else {
             continue;
@@ -89,12 +114,6 @@ pub fn choose(
         // Strictly below the half range, with one spare unit for the encoder's rounding.
         if worst + 1.0 < limit {
             let bound_bits = worst.max(1.0).log2();
-            let mut l1 = vec![0f64; layer.features()];
-            let mut count = vec![0usize; layer.features()];
-            for (w, &m) in layer.weight.iter().zip(&features) {
-                l1[m] += w.abs();
-                count[m] += 1;
-            }
             return Ok(Quantised {
                 input_frac_bits: fa,
                 weight_frac_bits: fw,
@@ -103,7 +122,7 @@ pub fn choose(
                 bound_bits,
                 headroom_bits: (ring_bits - 1) as f64 - bound_bits,
                 weight_l1_max: l1.iter().copied().fold(0.0, f64::max),
-                fan_in: count.iter().copied().max().unwrap_or(0),
+                fan_in,
             });
         }
     }
@@ -144,7 +163,7 @@ mod tests {
             2,
             vec![3.0, -1.0],
         );
-        let q = choose(&layer, 37, 8.0).unwrap();
+        let q = choose(&layer, 37, 8.0, 1.0).unwrap();
         // Evaluate the worst input exactly in i128: x = ±A at every position with the sign of w.
         let xa = (8.0 * 2f64.powi(q.input_frac_bits as i32)) as i128;
         for m in 0..2 {
@@ -165,8 +184,8 @@ mod tests {
     #[test]
     fn larger_inputs_get_fewer_fractional_bits() {
         let layer = dense(vec![1.0, 1.0], 2, 1, vec![0.0]);
-        let small = choose(&layer, 37, 1.0).unwrap();
-        let large = choose(&layer, 37, 1024.0).unwrap();
+        let small = choose(&layer, 37, 1.0, 0.125).unwrap();
+        let large = choose(&layer, 37, 1024.0, 128.0).unwrap();
         assert_eq!(
             small.input_frac_bits + small.weight_frac_bits
                 - (large.input_frac_bits + large.weight_frac_bits),
@@ -175,9 +194,31 @@ mod tests {
     }
 
     #[test]
+    fn bits_go_where_rounding_hurts_most() {
+        // Many small weights and large inputs: weight rounding dominates.
+        let wide = dense(vec![0.01; 1024], 1024, 1, vec![0.0]);
+        let q = choose(&wide, 37, 4.0, 1.0).unwrap();
+        assert!(
+            q.weight_frac_bits >= q.input_frac_bits + 5,
+            "fa {} fw {}",
+            q.input_frac_bits,
+            q.weight_frac_bits
+        );
+        // One large weight and tiny inputs: input rounding dominates.
+        let narrow = dense(vec![30.0], 1, 1, vec![0.0]);
+        let q = choose(&narrow, 37, 1.0, 0.01).unwrap();
+        assert!(
+            q.input_frac_bits >= q.weight_frac_bits + 5,
+            "fa {} fw {}",
+            q.input_frac_bits,
+            q.weight_frac_bits
+        );
+    }
+
+    #[test]
     fn impossible_layers_are_refused() {
         let layer = dense(vec![1e12, 1.0], 2, 1, vec![0.0]);
-        let e = choose(&layer, 37, 1e6).unwrap_err().to_string();
+        let e = choose(&layer, 37, 1e6, 1.0).unwrap_err().to_string();
         assert!(e.contains("fc") && e.contains("too large"), "{e}");
     }
 }
