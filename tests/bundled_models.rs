@@ -55,3 +55,37 @@ fn breast_cancer_mlp_test_split_agrees() {
     assert!(r.n > 100);
     assert_eq!(r.agreement, r.n, "max error {}", r.max_abs_error);
 }
+
+#[test]
+fn random_inputs_report_agreement_and_the_fixed_json_keys() {
+    let work_dir: PathBuf =
+        std::env::temp_dir().join(format!("secinfer-test-{}-random", std::process::id()));
+    let cfg = BenchConfig {
+        model: common::model("mnist_mlp.onnx"),
+        inputs: Inputs::Random(50),
+        limit: None,
+        batch: 16,
+        options: Options::default(),
+        work_dir: work_dir.clone(),
+    };
+    let r = bench::run(&cfg, |_, _| {}).expect("bench runs");
+    let _ = std::fs::remove_dir_all(work_dir);
+    assert_eq!((r.n, r.dataset.as_str()), (50, "random"));
+    assert_eq!(r.agreement, 50, "max error {}", r.max_abs_error);
+    assert!(r.accuracy_plain.is_none() && r.accuracy_secure.is_none());
+    let json = serde_json::to_value(&r).unwrap();
+    for key in [
+        "model",
+        "dataset",
+        "n",
+        "accuracy_plain",
+        "accuracy_secure",
+        "agreement",
+        "max_abs_error",
+        "preprocessing",
+        "transport",
+    ] {
+        assert!(json.get(key).is_some(), "JSON report lacks '{key}'");
+    }
+    assert_eq!(json["preprocessing"], "insecure-local-dealer");
+}
