@@ -125,28 +125,20 @@ fn tiny_model(op: &str, weight_as_input: bool) -> pb::ModelProto {
     if weight_as_input {
         input.push(vi("w", &[2, 1, 3, 3]));
     }
-    pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(pb::GraphProto {
-            name: "tiny".into(),
-            node: vec![pb::NodeProto {
-                name: "the_node".into(),
-                op_type: op.into(),
-                input: vec!["x".into(), "w".into()],
-                output: vec!["y".into()],
-                ..Default::default()
-            }],
-            initializer: if weight_as_input { vec![] } else { vec![w] },
-            input,
-            output: vec![vi("y", &[1, 2, 3, 3])],
+    common::opset13_model(pb::GraphProto {
+        name: "tiny".into(),
+        node: vec![pb::NodeProto {
+            name: "the_node".into(),
+            op_type: op.into(),
+            input: vec!["x".into(), "w".into()],
+            output: vec!["y".into()],
             ..Default::default()
-        }),
+        }],
+        initializer: if weight_as_input { vec![] } else { vec![w] },
+        input,
+        output: vec![vi("y", &[1, 2, 3, 3])],
         ..Default::default()
-    }
+    })
 }
 
 fn convert_fails(name: &str, bytes: &[u8], expect: &[&str]) {

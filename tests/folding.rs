@@ -87,63 +87,55 @@ fn model() -> pb::ModelProto {
         ..Default::default()
     };
     let per_channel = |name: &str, v: Vec<f32>| floats(name, &[c_out, 1, 1], v);
-    pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(pb::GraphProto {
-            name: "folding".into(),
-            node: vec![
-                node(
-                    "reshape_w",
-                    "Reshape",
-                    &["w_flat", "w_shape"],
-                    &["w"],
-                    vec![],
-                ),
-                node(
-                    "bias_from_shape",
-                    "ConstantOfShape",
-                    &["bias_len"],
-                    &["bias"],
-                    vec![value_attr],
-                ),
-                node("conv", "Conv", &["x", "w", "bias"], &["c"], vec![]),
-                node(
-                    "bn",
-                    "BatchNormalization",
-                    &["c", "gamma", "beta", "mean", "var"],
-                    &["b"],
-                    vec![],
-                ),
-                node("scale", "Mul", &["b", "m"], &["s"], vec![]),
-                node("shift", "Add", &["a", "s"], &["t"], vec![]),
-                node("unshift", "Sub", &["t", "d"], &["u"], vec![]),
-                node("relu", "Relu", &["u"], &["y"], vec![]),
-            ],
-            initializer: vec![
-                floats("w_flat", &[w.len() as i64], w),
-                ints("w_shape", vec![c_out, 2, 3, 3]),
-                ints("bias_len", vec![c_out]),
-                floats("gamma", &[c_out], vec![1.5, 0.5, -1.0]),
-                floats("beta", &[c_out], vec![0.1, -0.2, 0.3]),
-                floats("mean", &[c_out], vec![0.05, 0.0, -0.1]),
-                floats("var", &[c_out], vec![0.8, 1.2, 2.0]),
-                per_channel("m", vec![2.0, -1.0, 0.5]),
-                per_channel("a", vec![0.3, 0.0, -0.3]),
-                per_channel("d", vec![0.1, 0.1, 0.1]),
-            ],
-            input: vec![input_info("x")],
-            output: vec![pb::ValueInfoProto {
-                name: "y".into(),
-                ..Default::default()
-            }],
+    common::opset13_model(pb::GraphProto {
+        name: "folding".into(),
+        node: vec![
+            node(
+                "reshape_w",
+                "Reshape",
+                &["w_flat", "w_shape"],
+                &["w"],
+                vec![],
+            ),
+            node(
+                "bias_from_shape",
+                "ConstantOfShape",
+                &["bias_len"],
+                &["bias"],
+                vec![value_attr],
+            ),
+            node("conv", "Conv", &["x", "w", "bias"], &["c"], vec![]),
+            node(
+                "bn",
+                "BatchNormalization",
+                &["c", "gamma", "beta", "mean", "var"],
+                &["b"],
+                vec![],
+            ),
+            node("scale", "Mul", &["b", "m"], &["s"], vec![]),
+            node("shift", "Add", &["a", "s"], &["t"], vec![]),
+            node("unshift", "Sub", &["t", "d"], &["u"], vec![]),
+            node("relu", "Relu", &["u"], &["y"], vec![]),
+        ],
+        initializer: vec![
+            floats("w_flat", &[w.len() as i64], w),
+            ints("w_shape", vec![c_out, 2, 3, 3]),
+            ints("bias_len", vec![c_out]),
+            floats("gamma", &[c_out], vec![1.5, 0.5, -1.0]),
+            floats("beta", &[c_out], vec![0.1, -0.2, 0.3]),
+            floats("mean", &[c_out], vec![0.05, 0.0, -0.1]),
+            floats("var", &[c_out], vec![0.8, 1.2, 2.0]),
+            per_channel("m", vec![2.0, -1.0, 0.5]),
+            per_channel("a", vec![0.3, 0.0, -0.3]),
+            per_channel("d", vec![0.1, 0.1, 0.1]),
+        ],
+        input: vec![input_info("x")],
+        output: vec![pb::ValueInfoProto {
+            name: "y".into(),
             ..Default::default()
-        }),
+        }],
         ..Default::default()
-    }
+    })
 }
 
 #[test]

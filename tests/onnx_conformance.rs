@@ -70,18 +70,7 @@ fn run_case(dir: &Path) -> Result<(f64, f64), String> {
         ));
     }
     // First layer sees the test input; later ones are bounded by the converter's input bound.
-    let tolerance: f64 = converted
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            l.error_bound(if i == 0 {
-                input_max
-            } else {
-                f64::from(l.spec.input_bound)
-            })
-        })
-        .sum::<f64>()
+    let tolerance = common::tolerance(&converted, input_max)
         + 1e-5 * want.iter().fold(1f64, |m, v| m.max(f64::from(v.abs())));
     let err = got
         .iter()

@@ -92,25 +92,17 @@ fn model(
     initializer: Vec<pb::TensorProto>,
     output: &str,
 ) -> pb::ModelProto {
-    pb::ModelProto {
-        ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 13,
-        }],
-        graph: Some(pb::GraphProto {
-            name: "forms".into(),
-            node: nodes,
-            initializer,
-            input: vec![input_info(input)],
-            output: vec![pb::ValueInfoProto {
-                name: output.into(),
-                ..Default::default()
-            }],
+    common::opset13_model(pb::GraphProto {
+        name: "forms".into(),
+        node: nodes,
+        initializer,
+        input: vec![input_info(input)],
+        output: vec![pb::ValueInfoProto {
+            name: output.into(),
             ..Default::default()
-        }),
+        }],
         ..Default::default()
-    }
+    })
 }
 
 fn node(
@@ -155,18 +147,7 @@ fn check(name: &str, m: pb::ModelProto, input_shape: &[usize]) {
     );
     assert_eq!(p.shape(), s.shape(), "{name}: shapes");
     // Inputs here are within [-1, 1]; later layers within the converter's bound.
-    let tolerance: f64 = converted
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            l.error_bound(if i == 0 {
-                1.0
-            } else {
-                f64::from(l.spec.input_bound)
-            })
-        })
-        .sum();
+    let tolerance = common::tolerance(&converted, 1.0);
     let err = p
         .iter()
         .zip(s.iter())

@@ -27,6 +27,24 @@ pub struct LayerShapes {
     pub batched: bool,
 }
 
+/// The model loaded in tract with the tensors `names` as its outputs.
+fn with_outputs(proto: &tract_onnx::pb::ModelProto, names: &[&str]) -> TractResult<InferenceModel> {
+    let parsed = tract_onnx::onnx().parse(proto, None)?;
+    let mut model = parsed.model;
+    let outlets = names
+        .iter()
+        .map(|n| {
+            parsed
+                .outlets_by_name
+                .get(*n)
+                .copied()
+                .ok_or_else(|| format_err!("tensor '{n}' not found"))
+        })
+        .collect::<TractResult<Vec<_>>>()?;
+    model.select_output_outlets(&outlets)?;
+    Ok(model)
+}
+
 /// Input shapes (as tract infers them) of the given tensors, and the model's
 /// batch symbol if its first input has a symbolic first dimension.
 pub fn infer_shapes(
@@ -35,19 +53,7 @@ pub fn infer_shapes(
 ) -> Result<(Vec<Vec<TDim>>, Option<TDim>), ConvertError> {
     let proto = graph.to_model()?;
     catch_tract(|| {
-        let parsed = tract_onnx::onnx().parse(&proto, None)?;
-        let mut model = parsed.model;
-        let outlets = names
-            .iter()
-            .map(|n| {
-                parsed
-                    .outlets_by_name
-                    .get(*n)
-                    .copied()
-                    .ok_or_else(|| format_err!("tensor '{n}' not found"))
-            })
-            .collect::<TractResult<Vec<_>>>()?;
-        model.select_output_outlets(&outlets)?;
+        let model = with_outputs(&proto, names)?;
         let typed = model.into_typed()?;
         let shapes = (0..names.len())
             .map(|i| Ok(typed.output_fact(i)?.shape.to_tvec().into_vec()))
@@ -80,19 +86,7 @@ pub fn observe(
 ) -> Result<Vec<Observed>, ConvertError> {
     let proto = graph.to_model()?;
     catch_tract(|| {
-        let parsed = tract_onnx::onnx().parse(&proto, None)?;
-        let mut model = parsed.model;
-        let outlets = names
-            .iter()
-            .map(|n| {
-                parsed
-                    .outlets_by_name
-                    .get(*n)
-                    .copied()
-                    .ok_or_else(|| format_err!("tensor '{n}' not found"))
-            })
-            .collect::<TractResult<Vec<_>>>()?;
-        model.select_output_outlets(&outlets)?;
+        let model = with_outputs(&proto, names)?;
         let plan = model.into_optimized()?.into_runnable()?;
         let outputs = plan.run(tvec!(samples.clone().into_tvalue()))?;
         outputs

@@ -88,3 +88,35 @@ impl SecurePair {
 pub fn convert_bytes(bytes: &[u8]) -> Converted {
     secinfer_converter::convert(bytes, &Options::default()).expect("conversion")
 }
+
+/// Bound on the secure-vs-plaintext error of a converted model: the first
+/// layer's inputs are within `first_input_max`, later ones within the bounds
+/// the converter recorded; each layer contributes its own rounding bound.
+pub fn tolerance(converted: &Converted, first_input_max: f64) -> f64 {
+    converted
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            l.error_bound(if i == 0 {
+                first_input_max
+            } else {
+                f64::from(l.spec.input_bound)
+            })
+        })
+        .sum()
+}
+
+/// An opset-13 model around `graph`.
+pub fn opset13_model(graph: tract_onnx::pb::GraphProto) -> tract_onnx::pb::ModelProto {
+    use tract_onnx::pb;
+    pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto {
+            domain: String::new(),
+            version: 13,
+        }],
+        graph: Some(graph),
+        ..Default::default()
+    }
+}

@@ -109,13 +109,7 @@ impl ClientSession {
         ids: &[PreprocessingId],
         x: &RingTensor,
     ) -> Result<MaskedInput, ProtocolError> {
-        let spec = self
-            .layers
-            .get(op as usize)
-            .ok_or(ProtocolError::UnknownOp(op))?;
-        let ring = spec
-            .ring()
-            .map_err(|e| ProtocolError::Model(e.to_string()))?;
+        let (spec, ring) = crate::op_spec(&self.layers, op)?;
         let n = spec
             .samples_in_input(x.shape())
             .map_err(|problem| ProtocolError::Shape { op, problem })?;
@@ -160,13 +154,7 @@ impl ClientSession {
     /// Unmasks the server's answer: `W·(x − r) + b + s + c = W·x + b`.
     pub fn unmask(&mut self, out: MaskedOutput) -> Result<RingTensor, ProtocolError> {
         let op = out.op;
-        let spec = self
-            .layers
-            .get(op as usize)
-            .ok_or(ProtocolError::UnknownOp(op))?;
-        let ring = spec
-            .ring()
-            .map_err(|e| ProtocolError::Model(e.to_string()))?;
+        let (spec, ring) = crate::op_spec(&self.layers, op)?;
         let pending = self
             .pending
             .remove(&op)

@@ -100,5 +100,19 @@ pub enum ProtocolError {
     Model(String),
 }
 
+/// The spec of op `op` and its ring, or the error naming what is wrong.
+pub(crate) fn op_spec(
+    layers: &[secinfer_model::LayerSpec],
+    op: OpId,
+) -> Result<(&secinfer_model::LayerSpec, secinfer_ring::Ring), ProtocolError> {
+    let spec = layers
+        .get(op as usize)
+        .ok_or(ProtocolError::UnknownOp(op))?;
+    let ring = spec
+        .ring()
+        .map_err(|e| ProtocolError::Model(e.to_string()))?;
+    Ok((spec, ring))
+}
+
 #[cfg(test)]
 mod tests;

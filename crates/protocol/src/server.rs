@@ -70,14 +70,7 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
     /// (op, ids, shape, ring) before any material is consumed.
     pub fn handle(&mut self, req: MaskedInput) -> Result<MaskedOutput, ProtocolError> {
         let op = req.op;
-        let spec = self
-            .linear
-            .layers()
-            .get(op as usize)
-            .ok_or(ProtocolError::UnknownOp(op))?;
-        let ring = spec
-            .ring()
-            .map_err(|e| ProtocolError::Model(e.to_string()))?;
+        let (spec, ring) = crate::op_spec(self.linear.layers(), op)?;
         let x = req.masked.into_tensor(op)?;
         let n = spec
             .samples_in_input(x.shape())
