@@ -1,0 +1,425 @@
+//! The server's side: `Enc(r) -> Enc(W·r − s)`, re-randomised, flooded,
+//! shrunk.
+//!
+//! The product runs on the ciphertexts' residues. Residue slot `(component,
+//! prime l, coefficient i)` of input ciphertext `j` is a number below `q_l`;
+//! across `j` these numbers form one input vector of the layer, and the layer's
+//! linear map of it, reduced mod `q_l`, is the same slot of every output
+//! ciphertext (the map is linear and the representation, NTT or not, is too).
+//! Residues are cut into limbs of `limb_bits` so that `Σ_j |W_oj| · 2^limb_bits`
+//! stays below `2^63`: then the ring kernels' wrapping `u64` arithmetic gives
+//! the exact signed result, which is reduced mod `q_l` and recombined.
+
+use std::ops::Range;
+
+use fhe::bfv::{Ciphertext, Encoding, Plaintext, PublicKey};
+use fhe_math::rq::traits::TryConvertFrom;
+use fhe_math::rq::{Poly, Representation};
+use fhe_math::zq::Modulus;
+use fhe_traits::{DeserializeParametrized, FheEncoder, FheEncrypter, Serialize};
+use ndarray::Array2;
+use rand_chacha09::ChaCha20Rng;
+use rand_chacha09::rand_core::{RngCore, SeedableRng};
+use rayon::prelude::*;
+
+use crate::{FloodPlan, HeError, HeParams, decode_guarded, lib_err};
+
+/// A layer's weights as the server applies them: `y = W·x` over the integers
+/// (centred weights, no bias), one sample per row.
+pub trait LinearForm: Sync {
+    /// Elements of one sample's input.
+    fn input_len(&self) -> usize;
+    /// Elements of one sample's output.
+    fn output_len(&self) -> usize;
+    /// Public bound: no output depends on more than this many weights. It
+    /// sizes the noise flood, so it must hold for any weights of this shape.
+    fn fan_in(&self) -> usize;
+    /// `max_o Σ_j |W_oj|` for the actual weights (server-private; sizes limbs).
+    fn max_abs_row_sum(&self) -> u128;
+    /// Outputs come in this many blocks that can be computed on their own
+    /// (output channels, column ranges), so that a big layer is evaluated a
+    /// few blocks at a time in bounded memory.
+    fn blocks(&self) -> usize;
+    /// The per-sample output indices of block `block`, in the order
+    /// [`LinearForm::apply_block`] returns them.
+    fn block_outputs(&self, block: usize) -> Vec<usize>;
+    /// Block `block` of `W·x` for `rows` samples, `x` row-major
+    /// `[rows, input_len]` of signed values as wrapping `u64`; the result is
+    /// row-major `[rows, block_outputs(block).len()]`, exact modulo `2^64`.
+    fn apply_block(&self, block: usize, x: &[u64], rows: usize) -> Result<Vec<u64>, String>;
+}
+
+/// The client's public key, as the server holds it.
+#[derive(Clone)]
+pub struct ServerKey {
+    params: HeParams,
+    pk: PublicKey,
+}
+
+impl std::fmt::Debug for ServerKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerKey")
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ServerKey {
+    /// Reads a client's public key.
+    pub fn from_bytes(params: &HeParams, bytes: &[u8]) -> Result<ServerKey, HeError> {
+        let pk = decode_guarded("public key", || PublicKey::from_bytes(bytes, params.bfv()))?;
+        Ok(ServerKey {
+            params: params.clone(),
+            pk,
+        })
+    }
+
+    /// The parameters.
+    pub fn params(&self) -> &HeParams {
+        &self.params
+    }
+}
+
+/// The server's answer for one layer and one batch: the reply ciphertexts
+/// (one per output feature) and its own masks `s` (one row per inference).
+#[derive(Debug)]
+pub struct Reply {
+    /// serialised `Enc(W·r − s)`, one per output feature
+    pub ciphertexts: Vec<Vec<u8>>,
+    /// `s`, `count` rows of `output_len`
+    pub masks: Vec<Vec<u64>>,
+}
+
+/// Bytes of output accumulators (2 components × primes × N residues × 8 B
+/// per output) held at once; bigger layers are done a few blocks at a time.
+const OUTPUT_MEMORY_BUDGET: usize = 1 << 30;
+/// Residue positions per kernel call.
+const SLOT_CHUNK: usize = 256;
+
+/// Whether the reply hides the weights. Only `Full` is reachable outside this
+/// crate; the other exists so a test can show the attack it prevents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Privacy {
+    /// re-randomise with the public key and flood the noise
+    Full,
+    /// return `Σ_j W_oj·ct_j − s` as computed: the client can recover `W`
+    #[cfg(test)]
+    NoneInsecure,
+}
+
+/// `Enc(W·r − s)` for a batch of `count` inferences whose masks the client
+/// encrypted with [`crate::ClientKey::encrypt`] (`input_len` ciphertexts).
+/// Draws `s` uniformly over `Z_2^k` for every coefficient (the unused ones
+/// too) from a CSPRNG.
+pub fn evaluate(
+    key: &ServerKey,
+    form: &dyn LinearForm,
+    ciphertexts: &[Vec<u8>],
+    count: usize,
+) -> Result<Reply, HeError> {
+    evaluate_with(key, form, ciphertexts, count, Privacy::Full, true)
+}
+
+pub(crate) fn evaluate_with(
+    key: &ServerKey,
+    form: &dyn LinearForm,
+    ciphertexts: &[Vec<u8>],
+    count: usize,
+    privacy: Privacy,
+    shrink: bool,
+) -> Result<Reply, HeError> {
+    let params = &key.params;
+    let n = params.degree();
+    if count == 0 || count > n {
+        return Err(HeError::Shape(format!("{count} inferences; a batch holds 1..={n}")));
+    }
+    if ciphertexts.len() != form.input_len() {
+        return Err(HeError::Shape(format!(
+            "{} ciphertexts for a layer with {} inputs",
+            ciphertexts.len(),
+            form.input_len()
+        )));
+    }
+    let plan = params.flood_plan(form.fan_in())?;
+    let par = params.bfv();
+    let inputs: Vec<Ciphertext> = ciphertexts
+        .par_iter()
+        .map(|bytes| {
+            let ct = decode_guarded("mask ciphertext", || Ciphertext::from_bytes(bytes, par))?;
+            let level = par.level_of_context(ct[0].ctx()).ok();
+            if ct.len() != 2 || level != Some(0) {
+                return Err(HeError::Malformed {
+                    what: "mask ciphertext",
+                    problem: format!(
+                        "{} components at level {level:?}, expected 2 at level 0",
+                        ct.len()
+                    ),
+                });
+            }
+            Ok(ct)
+        })
+        .collect::<Result<_, _>>()?;
+    let limb_bits = limb_bits(form.max_abs_row_sum())?;
+    let moduli = par.moduli().to_vec();
+    let ctx = par.context_at_level(0).map_err(lib_err)?.clone();
+    let t_mask = (1u64 << params.ring_bits()) - 1;
+
+    let out_len = form.output_len();
+    let mut replies: Vec<Option<Vec<u8>>> = vec![None; out_len];
+    let mut masks = vec![vec![0u64; out_len]; count];
+    let per_output = 2 * moduli.len() * n * 8;
+    let max_outputs = (OUTPUT_MEMORY_BUDGET / per_output).max(1);
+    for group in block_groups(form, max_outputs) {
+        let outputs: Vec<usize> = group.clone().flat_map(|b| form.block_outputs(b)).collect();
+        // rows[comp * L + l] is [outputs.len(), N]: that residue row of every output.
+        let rows = products(form, group, &outputs, &inputs, &moduli, n, limb_bits)?;
+        let finished: Vec<(usize, Vec<u8>, Vec<u64>)> = outputs
+            .par_iter()
+            .enumerate()
+            .map_init(ChaCha20Rng::from_os_rng, |rng, (k, &o)| {
+                let gather = |comp: usize| {
+                    let mut a = Array2::<u64>::zeros((moduli.len(), n));
+                    for l in 0..moduli.len() {
+                        a.row_mut(l).assign(&rows[comp * moduli.len() + l].row(k));
+                    }
+                    Poly::try_convert_from(a, &ctx, false, Representation::Ntt).map_err(lib_err)
+                };
+                let c0 = gather(0)?;
+                let c1 = gather(1)?;
+                let s: Vec<u64> = (0..n).map(|_| rng.next_u64() & t_mask).collect();
+                let ct = finish(key, c0, c1, &s, &plan, privacy, shrink, rng)?;
+                Ok((o, ct.to_bytes(), s))
+            })
+            .collect::<Result<_, HeError>>()?;
+        for (o, bytes, s) in finished {
+            replies[o] = Some(bytes);
+            for (b, row) in masks.iter_mut().enumerate() {
+                row[o] = s[b];
+            }
+        }
+    }
+    let ciphertexts = replies
+        .into_iter()
+        .enumerate()
+        .map(|(o, r)| r.ok_or_else(|| HeError::Linear(format!("no block computes output {o}"))))
+        .collect::<Result<_, _>>()?;
+    Ok(Reply { ciphertexts, masks })
+}
+
+/// Limb width such that `max_row_sum · (2^bits − 1) < 2^63`.
+fn limb_bits(max_row_sum: u128) -> Result<u32, HeError> {
+    let need = 128 - max_row_sum.max(1).leading_zeros(); // bits of the row sum
+    let bits = 63u32.saturating_sub(need);
+    if bits == 0 {
+        return Err(HeError::Linear(format!(
+            "weights too large: a row's absolute sum is {max_row_sum}"
+        )));
+    }
+    Ok(bits.min(62))
+}
+
+/// Consecutive blocks whose outputs fit `max_outputs` together (a block
+/// larger than that is a group of its own).
+fn block_groups(form: &dyn LinearForm, max_outputs: usize) -> Vec<Range<usize>> {
+    let mut groups = Vec::new();
+    let mut start = 0;
+    let mut size = 0;
+    for b in 0..form.blocks() {
+        let len = form.block_outputs(b).len();
+        if b > start && size + len > max_outputs {
+            groups.push(start..b);
+            start = b;
+            size = 0;
+        }
+        size += len;
+    }
+    if start < form.blocks() {
+        groups.push(start..form.blocks());
+    }
+    groups
+}
+
+/// `Σ_j W_oj · ct_j` for the outputs of `group`, residue row by residue row.
+fn products(
+    form: &dyn LinearForm,
+    group: Range<usize>,
+    outputs: &[usize],
+    inputs: &[Ciphertext],
+    moduli: &[u64],
+    n: usize,
+    limb_bits: u32,
+) -> Result<Vec<Array2<u64>>, HeError> {
+    let in_len = inputs.len();
+    let q_bits = 64 - moduli.iter().max().copied().unwrap_or(1).leading_zeros();
+    let limbs = q_bits.div_ceil(limb_bits) as usize;
+    let limb_mask = if limb_bits >= 64 { u64::MAX } else { (1u64 << limb_bits) - 1 };
+    let row_ids: Vec<(usize, usize)> = (0..2)
+        .flat_map(|comp| (0..moduli.len()).map(move |l| (comp, l)))
+        .collect();
+    row_ids
+        .par_iter()
+        .map(|&(comp, l)| {
+            let q = moduli[l];
+            let m = Modulus::new(q).map_err(lib_err)?;
+            let pow: Vec<u64> = (0..limbs)
+                .map(|t| pow2_mod(t as u32 * limb_bits, q))
+                .collect();
+            let pow_shoup: Vec<u64> = pow.iter().map(|&p| m.shoup(p)).collect();
+            let mut out = Array2::<u64>::zeros((outputs.len(), n));
+            let residues: Vec<_> = inputs.iter().map(|ct| ct[comp].coefficients()).collect();
+            let mut x = vec![0u64; SLOT_CHUNK * limbs * in_len];
+            for i0 in (0..n).step_by(SLOT_CHUNK) {
+                let width = SLOT_CHUNK.min(n - i0);
+                let rows = width * limbs;
+                for (j, res) in residues.iter().enumerate() {
+                    let row = res.row(l);
+                    for s in 0..width {
+                        let v = m.reduce(row[i0 + s]);
+                        for t in 0..limbs {
+                            x[(s * limbs + t) * in_len + j] = (v >> (t as u32 * limb_bits)) & limb_mask;
+                        }
+                    }
+                }
+                let mut col = 0;
+                for b in group.clone() {
+                    let width_b = form.block_outputs(b).len();
+                    let y = form
+                        .apply_block(b, &x[..rows * in_len], rows)
+                        .map_err(HeError::Linear)?;
+                    if y.len() != rows * width_b {
+                        return Err(HeError::Linear(format!(
+                            "block {b} returned {} values, expected {}",
+                            y.len(),
+                            rows * width_b
+                        )));
+                    }
+                    for s in 0..width {
+                        for k in 0..width_b {
+                            let mut acc = 0u64;
+                            for t in 0..limbs {
+                                let v = y[(s * limbs + t) * width_b + k] as i64;
+                                let r = if v >= 0 {
+                                    m.reduce(v as u64)
+                                } else {
+                                    m.neg(m.reduce(v.unsigned_abs()))
+                                };
+                                acc = m.add(acc, m.mul_shoup(r, pow[t], pow_shoup[t]));
+                            }
+                            out[[col + k, i0 + s]] = acc;
+                        }
+                    }
+                    col += width_b;
+                }
+            }
+            Ok(out)
+        })
+        .collect()
+}
+
+/// Subtracts `s`, re-randomises, floods and (if `shrink`) drops to the last
+/// prime.
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    key: &ServerKey,
+    mut c0: Poly,
+    mut c1: Poly,
+    s: &[u64],
+    plan: &FloodPlan,
+    privacy: Privacy,
+    shrink: bool,
+    rng: &mut ChaCha20Rng,
+) -> Result<Ciphertext, HeError> {
+    let par = key.params.bfv();
+    let t = 1u64 << key.params.ring_bits();
+    let neg_s: Vec<u64> = s.iter().map(|&v| (t - v) & (t - 1)).collect();
+    let pt = Plaintext::try_encode(&neg_s[..], Encoding::poly(), par).map_err(lib_err)?;
+    match privacy {
+        Privacy::Full => {
+            // Enc_pk(−s): adds −s and a fresh encryption of zero, so the reply's
+            // second component no longer reveals Σ_j W_oj·a_j.
+            let fresh = key.pk.try_encrypt(&pt, rng).map_err(lib_err)?;
+            c0 += &fresh[0];
+            c1 += &fresh[1];
+            c0 += &flood(par.degree(), par.context_at_level(0).map_err(lib_err)?, plan, rng)?;
+        }
+        #[cfg(test)]
+        Privacy::NoneInsecure => {
+            // −s added as a noiseless "trivial" encryption, nothing else.
+            let _ = pt;
+            c0 += &trivial_encoding(&c0.ctx().clone(), &neg_s, key.params.ring_bits())?;
+        }
+    }
+    let mut ct = Ciphertext::new(vec![c0, c1], par).map_err(lib_err)?;
+    if shrink {
+        ct.switch_to_level(par.max_level()).map_err(lib_err)?;
+    }
+    Ok(ct)
+}
+
+/// A polynomial with independent coefficients uniform in `[−2^β, 2^β)`.
+fn flood(
+    key_degree: usize,
+    ctx: &std::sync::Arc<fhe_math::rq::Context>,
+    plan: &FloodPlan,
+    rng: &mut ChaCha20Rng,
+) -> Result<Poly, HeError> {
+    let beta = plan.flood_bits;
+    if beta >= 127 {
+        return Err(HeError::Params(format!("flood of 2^{beta} does not fit 128-bit sampling")));
+    }
+    let moduli = ctx.moduli();
+    let n = key_degree;
+    let range_mask: u128 = (1u128 << (beta + 1)) - 1;
+    let offset = 1u128 << beta;
+    let mut a = Array2::<u64>::zeros((moduli.len(), n));
+    for i in 0..n {
+        let u = ((rng.next_u64() as u128) << 64 | rng.next_u64() as u128) & range_mask;
+        // value = u − 2^β, in [−2^β, 2^β)
+        for (l, &q) in moduli.iter().enumerate() {
+            let q = q as u128;
+            a[[l, i]] = ((u % q + q - offset % q) % q) as u64;
+        }
+    }
+    let mut p = Poly::try_convert_from(a, ctx, false, Representation::PowerBasis).map_err(lib_err)?;
+    p.change_representation(Representation::Ntt);
+    Ok(p)
+}
+
+/// `floor(q·m / t)` for plaintext coefficients `m`, the encoding `fhe` uses,
+/// computed as `[m·(q mod t)]_t · (−t)^{-1} mod q_l` per prime.
+#[cfg(test)]
+fn trivial_encoding(
+    ctx: &std::sync::Arc<fhe_math::rq::Context>,
+    m: &[u64],
+    ring_bits: u32,
+) -> Result<Poly, HeError> {
+    let t_mask = (1u64 << ring_bits) - 1;
+    let moduli = ctx.moduli();
+    let q_mod_t = moduli.iter().fold(1u64, |acc, &q| acc.wrapping_mul(q)) & t_mask;
+    let mut a = Array2::<u64>::zeros((moduli.len(), m.len()));
+    for (l, &q) in moduli.iter().enumerate() {
+        let md = Modulus::new(q).map_err(lib_err)?;
+        let neg_t = md.neg(md.reduce(t_mask + 1));
+        let inv = md.inv(neg_t).ok_or_else(|| HeError::Params("t not invertible".into()))?;
+        for (i, &v) in m.iter().enumerate() {
+            let r = v.wrapping_mul(q_mod_t) & t_mask;
+            a[[l, i]] = md.mul(md.reduce(r), inv);
+        }
+    }
+    let mut p = Poly::try_convert_from(a, ctx, false, Representation::PowerBasis).map_err(lib_err)?;
+    p.change_representation(Representation::Ntt);
+    Ok(p)
+}
+
+fn add_mod(a: u64, b: u64, q: u64) -> u64 {
+    let s = a + b;
+    if s >= q { s - q } else { s }
+}
+
+fn pow2_mod(e: u32, q: u64) -> u64 {
+    let mut r = 1u64 % q;
+    for _ in 0..e {
+        r = add_mod(r, r, q);
+    }
+    r
+}

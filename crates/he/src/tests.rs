@@ -1,0 +1,273 @@
+use fhe::bfv::Ciphertext;
+use fhe_math::zq::Modulus;
+use fhe_traits::DeserializeParametrized;
+use rand09::{Rng, SeedableRng};
+
+use crate::server::{Privacy, evaluate_with};
+use crate::*;
+
+/// A dense `m × n` matrix with signed weights, split into blocks of rows.
+struct Dense {
+    w: Vec<Vec<i64>>,
+    block_rows: usize,
+}
+
+impl LinearForm for Dense {
+    fn input_len(&self) -> usize {
+        self.w[0].len()
+    }
+    fn output_len(&self) -> usize {
+        self.w.len()
+    }
+    fn fan_in(&self) -> usize {
+        self.input_len()
+    }
+    fn max_abs_row_sum(&self) -> u128 {
+        self.w
+            .iter()
+            .map(|r| r.iter().map(|v| v.unsigned_abs() as u128).sum())
+            .max()
+            .unwrap_or(0)
+    }
+    fn blocks(&self) -> usize {
+        self.w.len().div_ceil(self.block_rows)
+    }
+    fn block_outputs(&self, block: usize) -> Vec<usize> {
+        (block * self.block_rows..((block + 1) * self.block_rows).min(self.w.len())).collect()
+    }
+    fn apply_block(&self, block: usize, x: &[u64], rows: usize) -> Result<Vec<u64>, String> {
+        let n = self.input_len();
+        let outs = self.block_outputs(block);
+        let mut y = Vec::with_capacity(rows * outs.len());
+        for r in 0..rows {
+            for &o in &outs {
+                let mut acc = 0u64;
+                for j in 0..n {
+                    acc = acc.wrapping_add((self.w[o][j] as u64).wrapping_mul(x[r * n + j]));
+                }
+                y.push(acc);
+            }
+        }
+        Ok(y)
+    }
+}
+
+fn rng() -> rand09::rngs::StdRng {
+    rand09::rngs::StdRng::seed_from_u64(7)
+}
+
+fn random_dense(m: usize, n: usize, bound: i64, block_rows: usize) -> Dense {
+    let mut g = rng();
+    Dense {
+        w: (0..m)
+            .map(|_| (0..n).map(|_| g.random_range(-bound..=bound)).collect())
+            .collect(),
+        block_rows,
+    }
+}
+
+fn expected(d: &Dense, r: &[u64], ring_bits: u32) -> Vec<u64> {
+    let mask = (1u64 << ring_bits) - 1;
+    d.w.iter()
+        .map(|row| {
+            row.iter()
+                .zip(r)
+                .fold(0u64, |a, (&w, &x)| a.wrapping_add((w as u64).wrapping_mul(x)))
+                & mask
+        })
+        .collect()
+}
+
+#[test]
+fn default_parameters_pass_every_check() {
+    let p = HeParams::for_ring(37).unwrap();
+    assert_eq!(p.degree(), 8192);
+    assert!(p.log2_q() <= 218.0, "{}", p.log2_q());
+    let plan = p.flood_plan(3136).unwrap();
+    assert!(plan.flood_bits >= plan.log2_noise.ceil() as u32 + STAT_SECURITY_BITS);
+    assert!(plan.headroom_bits >= 1.0);
+}
+
+#[test]
+fn unsafe_parameters_are_refused() {
+    let err = |r: Result<HeParams, HeError>| match r {
+        Err(HeError::Params(m)) => m,
+        other => panic!("expected a parameter error, got {other:?}"),
+    };
+    // beyond the 128-bit table
+    assert!(err(HeParams::new(8192, &[60, 60, 60, 45], 37)).contains("exceeds 218"));
+    assert!(err(HeParams::new(4096, &[60, 55], 37)).contains("exceeds 109"));
+    // degree not in the table
+    assert!(err(HeParams::new(512, &[20, 20], 10)).contains("not in the HE-standard"));
+    // t not below every prime: a 36-bit prime with t = 2^37
+    assert!(err(HeParams::new(8192, &[36, 60, 60], 37)).contains("silently wrong"));
+    // one prime only
+    assert!(err(HeParams::new(8192, &[60], 37)).contains("two"));
+    // a layer whose worst-case noise cannot be flooded
+    let p = HeParams::for_ring(37).unwrap();
+    assert!(matches!(p.flood_plan(1 << 40), Err(HeError::Params(m)) if m.contains("flood")));
+    // N = 4096 cannot flood even a small layer at t = 2^37
+    let small = HeParams::new(4096, &[60, 49], 37).unwrap();
+    assert!(small.flood_plan(784).is_err());
+}
+
+#[test]
+fn decryption_is_exactly_w_r_minus_s() {
+    let p = HeParams::for_ring(37).unwrap();
+    let client = ClientKey::generate(&p);
+    let server = ServerKey::from_bytes(&p, &client.public_key_bytes()).unwrap();
+    let mask = (1u64 << 37) - 1;
+    // weights up to the ring's full centred range
+    for (d, count) in [
+        (random_dense(5, 7, (1 << 36) - 1, 2), 3),
+        (random_dense(3, 40, 1 << 20, 3), p.degree()),
+    ] {
+        let mut g = rng();
+        let masks: Vec<Vec<u64>> = (0..count)
+            .map(|_| (0..d.input_len()).map(|_| g.random::<u64>() & mask).collect())
+            .collect();
+        let views: Vec<&[u64]> = masks.iter().map(|m| &m[..]).collect();
+        let cts = client.encrypt(&views, d.input_len()).unwrap();
+        let reply = evaluate(&server, &d, &cts, count).unwrap();
+        assert_eq!(reply.masks.len(), count);
+        let c = client
+            .decrypt(&reply.ciphertexts, count, d.output_len())
+            .unwrap();
+        for b in 0..count {
+            let wr = expected(&d, &masks[b], 37);
+            let want: Vec<u64> = wr
+                .iter()
+                .zip(&reply.masks[b])
+                .map(|(a, s)| a.wrapping_sub(*s) & mask)
+                .collect();
+            assert_eq!(c[b], want, "inference {b}");
+        }
+    }
+}
+
+/// Solves `A·w = y (mod p)` for square `A` by Gaussian elimination.
+fn solve_mod(mut a: Vec<Vec<u64>>, mut y: Vec<u64>, p: u64) -> Option<Vec<u64>> {
+    let m = Modulus::new(p).unwrap();
+    let n = y.len();
+    for col in 0..n {
+        let piv = (col..n).find(|&r| a[r][col] != 0)?;
+        a.swap(col, piv);
+        y.swap(col, piv);
+        let inv = m.inv(a[col][col])?;
+        for k in 0..n {
+            a[col][k] = m.mul(a[col][k], inv);
+        }
+        y[col] = m.mul(y[col], inv);
+        for r in 0..n {
+            if r != col && a[r][col] != 0 {
+                let f = a[r][col];
+                for k in 0..n {
+                    a[r][k] = m.sub(a[r][k], m.mul(f, a[col][k]));
+                }
+                y[r] = m.sub(y[r], m.mul(f, y[col]));
+            }
+        }
+    }
+    Some(y)
+}
+
+/// The curious client's attack: the second component of an honest-but-naive
+/// reply is `Σ_j W_oj · a_j`, and the client knows every `a_j` (it made
+/// them), so `n` residues of it are `n` linear equations in row `o` of `W`.
+fn recover_row(
+    p: &HeParams,
+    inputs: &[Vec<u8>],
+    reply: &[u8],
+) -> Option<Vec<i64>> {
+    let par = p.bfv();
+    let a: Vec<Ciphertext> = inputs
+        .iter()
+        .map(|b| Ciphertext::from_bytes(b, par).unwrap())
+        .collect();
+    let r = Ciphertext::from_bytes(reply, par).unwrap();
+    let q = par.moduli()[0];
+    let n = inputs.len();
+    let rows: Vec<Vec<u64>> = (0..n)
+        .map(|i| a.iter().map(|ct| ct[1].coefficients()[[0, i]]).collect())
+        .collect();
+    let y: Vec<u64> = (0..n).map(|i| r[1].coefficients()[[0, i]]).collect();
+    let w = solve_mod(rows, y, q)?;
+    Some(
+        w.into_iter()
+            .map(|v| if v > q / 2 { v as i64 - q as i64 } else { v as i64 })
+            .collect(),
+    )
+}
+
+#[test]
+fn without_rerandomisation_the_client_recovers_the_weights() {
+    let p = HeParams::for_ring(37).unwrap();
+    let client = ClientKey::generate(&p);
+    let server = ServerKey::from_bytes(&p, &client.public_key_bytes()).unwrap();
+    let d = random_dense(2, 6, 1 << 30, 1);
+    let masks: Vec<Vec<u64>> = vec![vec![1, 2, 3, 4, 5, 6]];
+    let views: Vec<&[u64]> = masks.iter().map(|m| &m[..]).collect();
+    let cts = client.encrypt(&views, 6).unwrap();
+
+    // A naive server: no re-randomisation, no flooding, no shrinking.
+    let naive = evaluate_with(&server, &d, &cts, 1, Privacy::NoneInsecure, false).unwrap();
+    for o in 0..2 {
+        let w = recover_row(&p, &cts, &naive.ciphertexts[o]).expect("solvable");
+        assert_eq!(w, d.w[o], "the attack recovers row {o} of W exactly");
+    }
+    // The real server, inspected at the same point (before shrinking): the
+    // same attack yields nothing like the weights.
+    let real = evaluate_with(&server, &d, &cts, 1, Privacy::Full, false).unwrap();
+    for o in 0..2 {
+        let w = recover_row(&p, &cts, &real.ciphertexts[o]);
+        assert_ne!(w.as_ref(), Some(&d.w[o]), "re-randomised reply leaked row {o}");
+        if let Some(w) = w {
+            // uniform-looking garbage, not small weights
+            assert!(w.iter().any(|v| v.unsigned_abs() > 1 << 40), "{w:?}");
+        }
+    }
+    // And its shrunk form still decrypts to W·r − s.
+    let c = client.decrypt(&evaluate(&server, &d, &cts, 1).unwrap().ciphertexts, 1, 2);
+    assert!(c.is_ok());
+}
+
+#[test]
+fn flooded_noise_is_as_wide_as_planned() {
+    // The client's view of the noise, before shrinking, is dominated by the
+    // flood whatever the weights: zero weights and large weights look alike.
+    let p = HeParams::for_ring(37).unwrap();
+    let client = ClientKey::generate(&p);
+    let server = ServerKey::from_bytes(&p, &client.public_key_bytes()).unwrap();
+    let plan = p.flood_plan(4).unwrap();
+    for bound in [0i64, 1 << 36] {
+        let d = random_dense(1, 4, bound, 1);
+        let cts = client.encrypt(&[&[9, 8, 7, 6]], 4).unwrap();
+        let reply = evaluate_with(&server, &d, &cts, 1, Privacy::Full, false).unwrap();
+        let ct = Ciphertext::from_bytes(&reply.ciphertexts[0], p.bfv()).unwrap();
+        // SAFETY: measure_noise is variable-time; fine in a test.
+        #[allow(unsafe_code)]
+        let bits = unsafe { client.secret().measure_noise(&ct).unwrap() };
+        assert!(
+            (plan.flood_bits as usize - 2..=plan.flood_bits as usize + 1).contains(&bits),
+            "noise of 2^{bits} with weights up to {bound}, flood 2^{}",
+            plan.flood_bits
+        );
+    }
+}
+
+#[test]
+fn malformed_inputs_are_errors() {
+    let p = HeParams::for_ring(37).unwrap();
+    let client = ClientKey::generate(&p);
+    let server = ServerKey::from_bytes(&p, &client.public_key_bytes()).unwrap();
+    assert!(ServerKey::from_bytes(&p, b"not a key").is_err());
+    let d = random_dense(2, 3, 5, 1);
+    let cts = client.encrypt(&[&[1, 2, 3]], 3).unwrap();
+    assert!(matches!(evaluate(&server, &d, &cts[..2], 1), Err(HeError::Shape(_))));
+    assert!(matches!(evaluate(&server, &d, &cts, 0), Err(HeError::Shape(_))));
+    let mut bad = cts.clone();
+    bad[1] = vec![0xff; 100];
+    assert!(matches!(evaluate(&server, &d, &bad, 1), Err(HeError::Malformed { .. })));
+    assert!(client.encrypt(&[&[1, 2]], 3).is_err());
+    assert!(client.decrypt(&[vec![1, 2, 3]], 1, 1).is_err());
+}
