@@ -80,6 +80,10 @@ enum Command {
         /// Inferences per round trip.
         #[arg(long, default_value_t = 100)]
         batch: usize,
+        /// Inferences per offline (HE) batch, 1..=8192 (default: as many as
+        /// fit 3 GiB of offline material).
+        #[arg(long, value_name = "N")]
+        offline_batch: Option<usize>,
         /// Write the report as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -192,10 +196,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             random,
             limit,
             batch,
+            offline_batch,
             json,
             no_calibrate,
             mut args,
         } => {
+            if let Some(b) = offline_batch {
+                if !(1..=secinfer_tract_ext::MAX_BATCH).contains(&b) {
+                    anyhow::bail!(
+                        "--offline-batch {b}: an offline batch holds 1..={} inferences",
+                        secinfer_tract_ext::MAX_BATCH
+                    );
+                }
+            }
             if let (Some(d), None, false) = (&dataset, &args.calibrate, no_calibrate) {
                 println!(
                     "calibrating layer bounds on the first 1,000 samples of {d} (--no-calibrate to skip)"
@@ -213,6 +226,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 inputs,
                 limit,
                 batch,
+                offline_batch,
                 options: args.options()?,
                 work_dir: work_dir.clone(),
             };
@@ -231,6 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 inputs: Inputs::Dataset("mnist".into()),
                 limit,
                 batch: 100,
+                offline_batch: None,
                 options: Options {
                     calibration: Some(secinfer::data::calibration_samples("mnist", 1000)?),
                     ..Options::default()

@@ -16,6 +16,7 @@ fn full_run(model: &str, dataset: &str, input_bound: f32) -> bench::BenchReport 
         inputs: Inputs::Dataset(dataset.into()),
         limit: None,
         batch: 200,
+        offline_batch: None,
         options: Options {
             input_bound,
             calibration: Some(
@@ -65,6 +66,7 @@ fn random_inputs_report_agreement_and_the_fixed_json_keys() {
         inputs: Inputs::Random(50),
         limit: None,
         batch: 16,
+        offline_batch: Some(20),
         options: Options::default(),
         work_dir: work_dir.clone(),
     };
@@ -84,8 +86,17 @@ fn random_inputs_report_agreement_and_the_fixed_json_keys() {
         "max_abs_error",
         "preprocessing",
         "transport",
+        "batch",
+        "predictions_per_s",
+        "online_predictions_per_s",
+        "plain_predictions_per_s",
+        "bytes_online_per_prediction",
+        "bytes_offline_per_prediction",
     ] {
         assert!(json.get(key).is_some(), "JSON report lacks '{key}'");
     }
-    assert_eq!(json["preprocessing"], "insecure-local-dealer");
+    assert_eq!(json["preprocessing"], "bfv");
+    // 50 predictions in offline batches of 20: three HE batches ran.
+    assert_eq!(r.offline_batch, 20);
+    assert!(r.bytes_offline_per_prediction > r.bytes_online_per_prediction);
 }

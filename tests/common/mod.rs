@@ -6,7 +6,6 @@ use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
 use secinfer_converter::{Converted, Options};
-use secinfer_protocol::InsecureLocalDealer;
 use secinfer_tract_ext::{ClientModel, InMemoryChannel, ServerModel};
 use tract_onnx::prelude::*;
 
@@ -44,11 +43,10 @@ pub fn onnx_python() -> PathBuf {
     .clone()
 }
 
-/// Runs the converted pair in one process with the test dealer.
+/// Runs the converted pair in one process, material from the HE offline phase.
 pub struct SecurePair {
     pub server: Arc<ServerModel>,
     pub client: ClientModel<InMemoryChannel<ServerModel>>,
-    dealer: InsecureLocalDealer,
 }
 
 impl SecurePair {
@@ -62,24 +60,22 @@ impl SecurePair {
             InMemoryChannel::new(server.clone()),
         )
         .expect("client model loads");
-        SecurePair {
-            server,
-            client,
-            dealer: InsecureLocalDealer::new().unwrap(),
-        }
+        SecurePair { server, client }
     }
 
-    /// Deals material for the run and predicts.
+    /// Preprocesses the run (HE) and predicts.
     pub fn predict(&mut self, input: Tensor) -> TVec<TValue> {
         self.try_predict(input).expect("secure prediction")
     }
 
-    /// Deals material for the run and predicts, returning errors.
+    /// Preprocesses the run (HE) and predicts, returning errors.
     pub fn try_predict(&mut self, input: Tensor) -> anyhow::Result<TVec<TValue>> {
         let n = self.client.inferences_in(&input);
-        for (c, s) in self.dealer.deal(self.server.as_ref(), n)? {
-            self.client.backend().accept_preprocessing(c)?;
-            self.client.backend().channel().accept_preprocessing(s)?;
+        let ready = self.client.backend().ready();
+        if ready < n {
+            self.client
+                .backend()
+                .preprocess_in_batches(n - ready, secinfer_tract_ext::MAX_BATCH)?;
         }
         self.client.predict(tvec!(input.into_tvalue()))
     }

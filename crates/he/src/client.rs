@@ -103,13 +103,7 @@ impl ClientKey {
         let columns: Vec<Vec<u64>> = replies
             .par_iter()
             .map(|bytes| {
-                let ct = decode_guarded("reply ciphertext", || Ciphertext::from_bytes(bytes, par))?;
-                if ct.len() != 2 {
-                    return Err(HeError::Malformed {
-                        what: "reply ciphertext",
-                        problem: format!("{} components, expected 2", ct.len()),
-                    });
-                }
+                let ct = decode_reply(par, bytes)?;
                 let pt = self.sk.try_decrypt(&ct).map_err(lib_err)?;
                 let v = Vec::<u64>::try_decode(&pt, Encoding::poly()).map_err(lib_err)?;
                 Ok(v)
@@ -125,4 +119,25 @@ impl ClientKey {
     pub(crate) fn secret(&self) -> &SecretKey {
         &self.sk
     }
+}
+
+/// Reads a reply ciphertext (sent in coefficient representation) into the
+/// NTT representation `fhe` computes with.
+pub(crate) fn decode_reply(
+    par: &std::sync::Arc<fhe::bfv::BfvParameters>,
+    bytes: &[u8],
+) -> Result<Ciphertext, HeError> {
+    let mut ct = decode_guarded("reply ciphertext", || Ciphertext::from_bytes(bytes, par))?;
+    if ct.len() != 2 {
+        return Err(HeError::Malformed {
+            what: "reply ciphertext",
+            problem: format!("{} components, expected 2", ct.len()),
+        });
+    }
+    for p in ct.iter_mut() {
+        if *p.representation() != fhe_math::rq::Representation::Ntt {
+            p.change_representation(fhe_math::rq::Representation::Ntt);
+        }
+    }
+    Ok(ct)
 }

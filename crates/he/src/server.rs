@@ -17,6 +17,7 @@ use fhe_math::rq::traits::TryConvertFrom;
 use fhe_math::rq::{Poly, Representation};
 use fhe_math::zq::Modulus;
 use fhe_traits::{DeserializeParametrized, FheEncoder, FheEncrypter, Serialize};
+use prost::Message;
 use ndarray::Array2;
 use rand_chacha09::ChaCha20Rng;
 use rand_chacha09::rand_core::{RngCore, SeedableRng};
@@ -40,13 +41,15 @@ pub trait LinearForm: Sync {
     /// (output channels, column ranges), so that a big layer is evaluated a
     /// few blocks at a time in bounded memory.
     fn blocks(&self) -> usize;
-    /// The per-sample output indices of block `block`, in the order
-    /// [`LinearForm::apply_block`] returns them.
-    fn block_outputs(&self, block: usize) -> Vec<usize>;
-    /// Block `block` of `W·x` for `rows` samples, `x` row-major
+    /// Outputs of one sample in block `block`.
+    fn block_len(&self, block: usize) -> usize;
+    /// The per-sample output indices that blocks `blocks` compute, in the
+    /// order [`LinearForm::apply_blocks`] returns them.
+    fn outputs(&self, blocks: Range<usize>) -> Vec<usize>;
+    /// Blocks `blocks` of `W·x` for `rows` samples, `x` row-major
     /// `[rows, input_len]` of signed values as wrapping `u64`; the result is
-    /// row-major `[rows, block_outputs(block).len()]`, exact modulo `2^64`.
-    fn apply_block(&self, block: usize, x: &[u64], rows: usize) -> Result<Vec<u64>, String>;
+    /// row-major `[rows, outputs(blocks).len()]`, exact modulo `2^64`.
+    fn apply_blocks(&self, blocks: Range<usize>, x: &[u64], rows: usize) -> Result<Vec<u64>, String>;
 }
 
 /// The client's public key, as the server holds it.
@@ -80,8 +83,20 @@ impl ServerKey {
     }
 }
 
-/// The server's answer for one layer and one batch: the reply ciphertexts
-/// (one per output feature) and its own masks `s` (one row per inference).
+/// Part of the server's answer for one layer and one batch: the reply
+/// ciphertexts of some output features, and the server's own masks `s` for
+/// them. [`evaluate`] produces a layer's parts one group of blocks at a time.
+#[derive(Debug)]
+pub struct Part {
+    /// per-sample output indices, one per ciphertext
+    pub outputs: Vec<usize>,
+    /// serialised `Enc(W·r − s)`, one per output in `outputs`
+    pub ciphertexts: Vec<Vec<u8>>,
+    /// `s`: `count` rows, each with one value per output in `outputs`
+    pub masks: Vec<Vec<u64>>,
+}
+
+/// A whole layer's answer, outputs in order (see [`evaluate_all`]).
 #[derive(Debug)]
 pub struct Reply {
     /// serialised `Enc(W·r − s)`, one per output feature
@@ -108,26 +123,66 @@ pub(crate) enum Privacy {
 }
 
 /// `Enc(W·r − s)` for a batch of `count` inferences whose masks the client
-/// encrypted with [`crate::ClientKey::encrypt`] (`input_len` ciphertexts).
-/// Draws `s` uniformly over `Z_2^k` for every coefficient (the unused ones
-/// too) from a CSPRNG.
+/// encrypted with [`crate::ClientKey::encrypt`] (`input_len` ciphertexts),
+/// handed to `emit` in parts as they are done (so memory stays bounded for
+/// big layers). Draws `s` uniformly over `Z_2^k` for every coefficient (the
+/// unused ones too) from a CSPRNG.
 pub fn evaluate(
     key: &ServerKey,
     form: &dyn LinearForm,
-    ciphertexts: &[Vec<u8>],
+    ciphertexts: Vec<Vec<u8>>,
+    count: usize,
+    emit: &mut dyn FnMut(Part) -> Result<(), HeError>,
+) -> Result<(), HeError> {
+    evaluate_with(key, form, ciphertexts, count, Privacy::Full, true, emit)
+}
+
+/// [`evaluate`], collected into one [`Reply`] (for small layers and tests).
+pub fn evaluate_all(
+    key: &ServerKey,
+    form: &dyn LinearForm,
+    ciphertexts: Vec<Vec<u8>>,
     count: usize,
 ) -> Result<Reply, HeError> {
-    evaluate_with(key, form, ciphertexts, count, Privacy::Full, true)
+    collect(form, count, move |emit| {
+        evaluate_with(key, form, ciphertexts, count, Privacy::Full, true, emit)
+    })
+}
+
+pub(crate) fn collect(
+    form: &dyn LinearForm,
+    count: usize,
+    run: impl FnOnce(&mut dyn FnMut(Part) -> Result<(), HeError>) -> Result<(), HeError>,
+) -> Result<Reply, HeError> {
+    let out_len = form.output_len();
+    let mut cts: Vec<Option<Vec<u8>>> = vec![None; out_len];
+    let mut masks = vec![vec![0u64; out_len]; count];
+    run(&mut |part: Part| {
+        for (k, (o, ct)) in part.outputs.iter().zip(part.ciphertexts).enumerate() {
+            cts[*o] = Some(ct);
+            for (b, row) in masks.iter_mut().enumerate() {
+                row[*o] = part.masks[b][k];
+            }
+        }
+        Ok(())
+    })?;
+    let ciphertexts = cts
+        .into_iter()
+        .enumerate()
+        .map(|(o, r)| r.ok_or_else(|| HeError::Linear(format!("no block computes output {o}"))))
+        .collect::<Result<_, _>>()?;
+    Ok(Reply { ciphertexts, masks })
 }
 
 pub(crate) fn evaluate_with(
     key: &ServerKey,
     form: &dyn LinearForm,
-    ciphertexts: &[Vec<u8>],
+    ciphertexts: Vec<Vec<u8>>,
     count: usize,
     privacy: Privacy,
     shrink: bool,
-) -> Result<Reply, HeError> {
+    emit: &mut dyn FnMut(Part) -> Result<(), HeError>,
+) -> Result<(), HeError> {
     let params = &key.params;
     let n = params.degree();
     if count == 0 || count > n {
@@ -142,10 +197,11 @@ pub(crate) fn evaluate_with(
     }
     let plan = params.flood_plan(form.fan_in())?;
     let par = params.bfv();
+    // Decoded one by one, each serialised form dropped as soon as it is read.
     let inputs: Vec<Ciphertext> = ciphertexts
-        .par_iter()
+        .into_par_iter()
         .map(|bytes| {
-            let ct = decode_guarded("mask ciphertext", || Ciphertext::from_bytes(bytes, par))?;
+            let ct = decode_guarded("mask ciphertext", || Ciphertext::from_bytes(&bytes, par))?;
             let level = par.level_of_context(ct[0].ctx()).ok();
             if ct.len() != 2 || level != Some(0) {
                 return Err(HeError::Malformed {
@@ -164,19 +220,18 @@ pub(crate) fn evaluate_with(
     let ctx = par.context_at_level(0).map_err(lib_err)?.clone();
     let t_mask = (1u64 << params.ring_bits()) - 1;
 
-    let out_len = form.output_len();
-    let mut replies: Vec<Option<Vec<u8>>> = vec![None; out_len];
-    let mut masks = vec![vec![0u64; out_len]; count];
     let per_output = 2 * moduli.len() * n * 8;
     let max_outputs = (OUTPUT_MEMORY_BUDGET / per_output).max(1);
+    let trace = std::env::var_os("SECINFER_TRACE").is_some();
     for group in block_groups(form, max_outputs) {
-        let outputs: Vec<usize> = group.clone().flat_map(|b| form.block_outputs(b)).collect();
+        let outputs = form.outputs(group.clone());
         // rows[comp * L + l] is [outputs.len(), N]: that residue row of every output.
+        let t0 = std::time::Instant::now();
         let rows = products(form, group, &outputs, &inputs, &moduli, n, limb_bits)?;
-        let finished: Vec<(usize, Vec<u8>, Vec<u64>)> = outputs
-            .par_iter()
-            .enumerate()
-            .map_init(ChaCha20Rng::from_os_rng, |rng, (k, &o)| {
+        let t1 = std::time::Instant::now();
+        let finished: Vec<(Vec<u8>, Vec<u64>)> = (0..outputs.len())
+            .into_par_iter()
+            .map_init(ChaCha20Rng::from_os_rng, |rng, k| {
                 let gather = |comp: usize| {
                     let mut a = Array2::<u64>::zeros((moduli.len(), n));
                     for l in 0..moduli.len() {
@@ -188,22 +243,30 @@ pub(crate) fn evaluate_with(
                 let c1 = gather(1)?;
                 let s: Vec<u64> = (0..n).map(|_| rng.next_u64() & t_mask).collect();
                 let ct = finish(key, c0, c1, &s, &plan, privacy, shrink, rng)?;
-                Ok((o, ct.to_bytes(), s))
+                Ok((ct, s))
             })
             .collect::<Result<_, HeError>>()?;
-        for (o, bytes, s) in finished {
-            replies[o] = Some(bytes);
-            for (b, row) in masks.iter_mut().enumerate() {
-                row[o] = s[b];
-            }
+        drop(rows);
+        if trace {
+            eprintln!(
+                "he: {} inputs -> {} outputs, limbs of {limb_bits} bits: products {:?}, finish {:?}",
+                inputs.len(),
+                outputs.len(),
+                t1 - t0,
+                t1.elapsed()
+            );
         }
+        let masks = (0..count)
+            .map(|b| finished.iter().map(|(_, s)| s[b]).collect())
+            .collect();
+        let ciphertexts = finished.into_iter().map(|(ct, _)| ct).collect();
+        emit(Part {
+            outputs,
+            ciphertexts,
+            masks,
+        })?;
     }
-    let ciphertexts = replies
-        .into_iter()
-        .enumerate()
-        .map(|(o, r)| r.ok_or_else(|| HeError::Linear(format!("no block computes output {o}"))))
-        .collect::<Result<_, _>>()?;
-    Ok(Reply { ciphertexts, masks })
+    Ok(())
 }
 
 /// Limb width such that `max_row_sum · (2^bits − 1) < 2^63`.
@@ -225,7 +288,7 @@ fn block_groups(form: &dyn LinearForm, max_outputs: usize) -> Vec<Range<usize>> 
     let mut start = 0;
     let mut size = 0;
     for b in 0..form.blocks() {
-        let len = form.block_outputs(b).len();
+        let len = form.block_len(b);
         if b > start && size + len > max_outputs {
             groups.push(start..b);
             start = b;
@@ -280,35 +343,31 @@ fn products(
                         }
                     }
                 }
-                let mut col = 0;
-                for b in group.clone() {
-                    let width_b = form.block_outputs(b).len();
-                    let y = form
-                        .apply_block(b, &x[..rows * in_len], rows)
-                        .map_err(HeError::Linear)?;
-                    if y.len() != rows * width_b {
-                        return Err(HeError::Linear(format!(
-                            "block {b} returned {} values, expected {}",
-                            y.len(),
-                            rows * width_b
-                        )));
-                    }
-                    for s in 0..width {
-                        for k in 0..width_b {
-                            let mut acc = 0u64;
-                            for t in 0..limbs {
-                                let v = y[(s * limbs + t) * width_b + k] as i64;
-                                let r = if v >= 0 {
-                                    m.reduce(v as u64)
-                                } else {
-                                    m.neg(m.reduce(v.unsigned_abs()))
-                                };
-                                acc = m.add(acc, m.mul_shoup(r, pow[t], pow_shoup[t]));
-                            }
-                            out[[col + k, i0 + s]] = acc;
+                let width_o = outputs.len();
+                let y = form
+                    .apply_blocks(group.clone(), &x[..rows * in_len], rows)
+                    .map_err(HeError::Linear)?;
+                if y.len() != rows * width_o {
+                    return Err(HeError::Linear(format!(
+                        "blocks {group:?} returned {} values, expected {}",
+                        y.len(),
+                        rows * width_o
+                    )));
+                }
+                for s in 0..width {
+                    for k in 0..width_o {
+                        let mut acc = 0u64;
+                        for t in 0..limbs {
+                            let v = y[(s * limbs + t) * width_o + k] as i64;
+                            let r = if v >= 0 {
+                                m.reduce(v as u64)
+                            } else {
+                                m.neg(m.reduce(v.unsigned_abs()))
+                            };
+                            acc = m.add(acc, m.mul_shoup(r, pow[t], pow_shoup[t]));
                         }
+                        out[[k, i0 + s]] = acc;
                     }
-                    col += width_b;
                 }
             }
             Ok(out)
@@ -317,7 +376,7 @@ fn products(
 }
 
 /// Subtracts `s`, re-randomises, floods and (if `shrink`) drops to the last
-/// prime.
+/// prime; returns the serialised reply (coefficient representation).
 #[allow(clippy::too_many_arguments)]
 fn finish(
     key: &ServerKey,
@@ -328,61 +387,75 @@ fn finish(
     privacy: Privacy,
     shrink: bool,
     rng: &mut ChaCha20Rng,
-) -> Result<Ciphertext, HeError> {
+) -> Result<Vec<u8>, HeError> {
     let par = key.params.bfv();
     let t = 1u64 << key.params.ring_bits();
     let neg_s: Vec<u64> = s.iter().map(|&v| (t - v) & (t - 1)).collect();
-    let pt = Plaintext::try_encode(&neg_s[..], Encoding::poly(), par).map_err(lib_err)?;
     match privacy {
         Privacy::Full => {
             // Enc_pk(−s): adds −s and a fresh encryption of zero, so the reply's
             // second component no longer reveals Σ_j W_oj·a_j.
+            let pt = Plaintext::try_encode(&neg_s[..], Encoding::poly(), par).map_err(lib_err)?;
             let fresh = key.pk.try_encrypt(&pt, rng).map_err(lib_err)?;
             c0 += &fresh[0];
             c1 += &fresh[1];
-            c0 += &flood(par.degree(), par.context_at_level(0).map_err(lib_err)?, plan, rng)?;
         }
         #[cfg(test)]
         Privacy::NoneInsecure => {
             // −s added as a noiseless "trivial" encryption, nothing else.
-            let _ = pt;
             c0 += &trivial_encoding(&c0.ctx().clone(), &neg_s, key.params.ring_bits())?;
         }
     }
-    let mut ct = Ciphertext::new(vec![c0, c1], par).map_err(lib_err)?;
-    if shrink {
-        ct.switch_to_level(par.max_level()).map_err(lib_err)?;
+    // The rest is done on coefficients (flooding and dropping primes need
+    // them, and the reply travels that way), saving NTTs.
+    c0.change_representation(Representation::PowerBasis);
+    c1.change_representation(Representation::PowerBasis);
+    if privacy == Privacy::Full {
+        add_flood(&mut c0, plan, rng)?;
     }
-    Ok(ct)
+    let mut level = 0;
+    if shrink {
+        while level < par.max_level() {
+            c0.switch_down().map_err(lib_err)?;
+            c1.switch_down().map_err(lib_err)?;
+            level += 1;
+        }
+    }
+    Ok(fhe::proto::bfv::Ciphertext {
+        c: vec![c0.to_bytes(), c1.to_bytes()],
+        seed: vec![],
+        level: level as u32,
+    }
+    .encode_to_vec())
 }
 
-/// A polynomial with independent coefficients uniform in `[−2^β, 2^β)`.
-fn flood(
-    key_degree: usize,
-    ctx: &std::sync::Arc<fhe_math::rq::Context>,
-    plan: &FloodPlan,
-    rng: &mut ChaCha20Rng,
-) -> Result<Poly, HeError> {
+/// Adds to every coefficient of `p` (power basis, full level) an independent
+/// value uniform in `[−2^β, 2^β)`.
+fn add_flood(p: &mut Poly, plan: &FloodPlan, rng: &mut ChaCha20Rng) -> Result<(), HeError> {
     let beta = plan.flood_bits;
     if beta >= 127 {
         return Err(HeError::Params(format!("flood of 2^{beta} does not fit 128-bit sampling")));
     }
-    let moduli = ctx.moduli();
-    let n = key_degree;
+    let ctx = p.ctx().clone();
+    let moduli: Vec<Modulus> = ctx
+        .moduli()
+        .iter()
+        .map(|&q| Modulus::new(q).map_err(lib_err))
+        .collect::<Result<_, _>>()?;
+    let n = p.coefficients().ncols();
     let range_mask: u128 = (1u128 << (beta + 1)) - 1;
-    let offset = 1u128 << beta;
-    let mut a = Array2::<u64>::zeros((moduli.len(), n));
+    let offsets: Vec<u64> = moduli.iter().map(|m| m.reduce_u128(1u128 << beta)).collect();
+    let mut a = p.coefficients().to_owned();
     for i in 0..n {
+        // value = u − 2^β with u uniform in [0, 2^(β+1))
         let u = ((rng.next_u64() as u128) << 64 | rng.next_u64() as u128) & range_mask;
-        // value = u − 2^β, in [−2^β, 2^β)
-        for (l, &q) in moduli.iter().enumerate() {
-            let q = q as u128;
-            a[[l, i]] = ((u % q + q - offset % q) % q) as u64;
+        for (l, m) in moduli.iter().enumerate() {
+            let f = m.sub(m.reduce_u128(u), offsets[l]);
+            a[[l, i]] = m.add(a[[l, i]], f);
         }
     }
-    let mut p = Poly::try_convert_from(a, ctx, false, Representation::PowerBasis).map_err(lib_err)?;
-    p.change_representation(Representation::Ntt);
-    Ok(p)
+    *p = Poly::try_convert_from(a, &ctx, false, Representation::PowerBasis).map_err(lib_err)?;
+    Ok(())
 }
 
 /// `floor(q·m / t)` for plaintext coefficients `m`, the encoding `fhe` uses,

@@ -32,12 +32,20 @@ impl LinearForm for Dense {
     fn blocks(&self) -> usize {
         self.w.len().div_ceil(self.block_rows)
     }
-    fn block_outputs(&self, block: usize) -> Vec<usize> {
-        (block * self.block_rows..((block + 1) * self.block_rows).min(self.w.len())).collect()
+    fn block_len(&self, block: usize) -> usize {
+        self.outputs(block..block + 1).len()
     }
-    fn apply_block(&self, block: usize, x: &[u64], rows: usize) -> Result<Vec<u64>, String> {
+    fn outputs(&self, blocks: std::ops::Range<usize>) -> Vec<usize> {
+        (blocks.start * self.block_rows..(blocks.end * self.block_rows).min(self.w.len())).collect()
+    }
+    fn apply_blocks(
+        &self,
+        blocks: std::ops::Range<usize>,
+        x: &[u64],
+        rows: usize,
+    ) -> Result<Vec<u64>, String> {
         let n = self.input_len();
-        let outs = self.block_outputs(block);
+        let outs = self.outputs(blocks);
         let mut y = Vec::with_capacity(rows * outs.len());
         for r in 0..rows {
             for &o in &outs {
@@ -128,7 +136,7 @@ fn decryption_is_exactly_w_r_minus_s() {
             .collect();
         let views: Vec<&[u64]> = masks.iter().map(|m| &m[..]).collect();
         let cts = client.encrypt(&views, d.input_len()).unwrap();
-        let reply = evaluate(&server, &d, &cts, count).unwrap();
+        let reply = evaluate_all(&server, &d, cts.clone(), count).unwrap();
         assert_eq!(reply.masks.len(), count);
         let c = client
             .decrypt(&reply.ciphertexts, count, d.output_len())
@@ -184,7 +192,7 @@ fn recover_row(
         .iter()
         .map(|b| Ciphertext::from_bytes(b, par).unwrap())
         .collect();
-    let r = Ciphertext::from_bytes(reply, par).unwrap();
+    let r = crate::client::decode_reply(par, reply).unwrap();
     let q = par.moduli()[0];
     let n = inputs.len();
     let rows: Vec<Vec<u64>> = (0..n)
@@ -210,14 +218,20 @@ fn without_rerandomisation_the_client_recovers_the_weights() {
     let cts = client.encrypt(&views, 6).unwrap();
 
     // A naive server: no re-randomisation, no flooding, no shrinking.
-    let naive = evaluate_with(&server, &d, &cts, 1, Privacy::NoneInsecure, false).unwrap();
+    let run = |privacy| {
+        crate::server::collect(&d, 1, |emit| {
+            evaluate_with(&server, &d, cts.clone(), 1, privacy, false, emit)
+        })
+        .unwrap()
+    };
+    let naive = run(Privacy::NoneInsecure);
     for o in 0..2 {
         let w = recover_row(&p, &cts, &naive.ciphertexts[o]).expect("solvable");
         assert_eq!(w, d.w[o], "the attack recovers row {o} of W exactly");
     }
     // The real server, inspected at the same point (before shrinking): the
     // same attack yields nothing like the weights.
-    let real = evaluate_with(&server, &d, &cts, 1, Privacy::Full, false).unwrap();
+    let real = run(Privacy::Full);
     for o in 0..2 {
         let w = recover_row(&p, &cts, &real.ciphertexts[o]);
         assert_ne!(w.as_ref(), Some(&d.w[o]), "re-randomised reply leaked row {o}");
@@ -227,7 +241,7 @@ fn without_rerandomisation_the_client_recovers_the_weights() {
         }
     }
     // And its shrunk form still decrypts to W·r − s.
-    let c = client.decrypt(&evaluate(&server, &d, &cts, 1).unwrap().ciphertexts, 1, 2);
+    let c = client.decrypt(&evaluate_all(&server, &d, cts.clone(), 1).unwrap().ciphertexts, 1, 2);
     assert!(c.is_ok());
 }
 
@@ -242,8 +256,11 @@ fn flooded_noise_is_as_wide_as_planned() {
     for bound in [0i64, 1 << 36] {
         let d = random_dense(1, 4, bound, 1);
         let cts = client.encrypt(&[&[9, 8, 7, 6]], 4).unwrap();
-        let reply = evaluate_with(&server, &d, &cts, 1, Privacy::Full, false).unwrap();
-        let ct = Ciphertext::from_bytes(&reply.ciphertexts[0], p.bfv()).unwrap();
+        let reply = crate::server::collect(&d, 1, |emit| {
+            evaluate_with(&server, &d, cts.clone(), 1, Privacy::Full, false, emit)
+        })
+        .unwrap();
+        let ct = crate::client::decode_reply(p.bfv(), &reply.ciphertexts[0]).unwrap();
         // SAFETY: measure_noise is variable-time; fine in a test.
         #[allow(unsafe_code)]
         let bits = unsafe { client.secret().measure_noise(&ct).unwrap() };
@@ -263,11 +280,11 @@ fn malformed_inputs_are_errors() {
     assert!(ServerKey::from_bytes(&p, b"not a key").is_err());
     let d = random_dense(2, 3, 5, 1);
     let cts = client.encrypt(&[&[1, 2, 3]], 3).unwrap();
-    assert!(matches!(evaluate(&server, &d, &cts[..2], 1), Err(HeError::Shape(_))));
-    assert!(matches!(evaluate(&server, &d, &cts, 0), Err(HeError::Shape(_))));
+    assert!(matches!(evaluate_all(&server, &d, cts[..2].to_vec(), 1), Err(HeError::Shape(_))));
+    assert!(matches!(evaluate_all(&server, &d, cts.clone(), 0), Err(HeError::Shape(_))));
     let mut bad = cts.clone();
     bad[1] = vec![0xff; 100];
-    assert!(matches!(evaluate(&server, &d, &bad, 1), Err(HeError::Malformed { .. })));
+    assert!(matches!(evaluate_all(&server, &d, bad, 1), Err(HeError::Malformed { .. })));
     assert!(client.encrypt(&[&[1, 2]], 3).is_err());
     assert!(client.decrypt(&[vec![1, 2, 3]], 1, 1).is_err());
 }

@@ -1,9 +1,8 @@
 //! A trusted dealer that computes the offline material in the clear.
 //!
 //! **Insecure by construction**: it sees the client's masks `r` and the
-//! server's weights and shares at once. It exists so that the online protocol
-//! can be tested and benchmarked before the two-party HE offline phase lands;
-//! every report produced with it says `insecure-local-dealer`.
+//! server's weights and shares at once. It exists only in this crate's unit
+//! tests (`cfg(test)`), to test the online protocol apart from the HE phase.
 
 use ndarray::{ArrayD, Axis, IxDyn};
 use rand::rngs::{ChaCha20Rng, SysRng};
@@ -24,9 +23,6 @@ pub struct InsecureLocalDealer {
 }
 
 impl InsecureLocalDealer {
-    /// The name every report carries when this dealer made the material.
-    pub const NAME: &'static str = "insecure-local-dealer";
-
     /// A dealer seeded from the operating system's CSPRNG.
     pub fn new() -> Result<Self, ProtocolError> {
         let rng = ChaCha20Rng::try_from_rng(&mut SysRng)

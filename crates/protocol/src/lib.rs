@@ -16,25 +16,32 @@
 //! is an error on both sides, and a request is checked whole before anything in
 //! it is consumed.
 //!
-//! Where offline material comes from is pluggable. Until the HE offline phase
-//! lands, [`InsecureLocalDealer`] computes it in the clear, seeing both
-//! parties' secrets: it is for tests and the in-process bench only, and every
-//! output it affects says so.
+//! Offline material is made by the two parties together with lattice HE
+//! ([`offline`]): the client's [`Preprocessor`] encrypts its masks, the
+//! server session answers `Enc(W·r − s)` and keeps `s`. No party ever sees
+//! the other's secrets. (The unit tests also use an in-the-clear dealer,
+//! which exists only in `cfg(test)`.)
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
 mod client;
+#[cfg(test)]
 mod dealer;
 pub mod messages;
+pub mod offline;
 mod server;
 mod store;
 
 pub use client::ClientSession;
-pub use dealer::InsecureLocalDealer;
+#[cfg(test)]
+pub(crate) use dealer::InsecureLocalDealer;
+pub use offline::{
+    MaskRequest, OfflineHello, PoolPolicy, Preprocessor, ProductReply, params_for,
+};
 pub use messages::{
     ClientMaterial, MaskedInput, MaskedOutput, OpId, PreprocessingId, ServerMaterial, WireTensor,
 };
-pub use server::{MaskedLinear, ServerSession};
+pub use server::{MAX_BATCHES_IN_FLIGHT, MaskedLinear, ServerSession};
 
 /// Everything that can go wrong in a session; each variant names the op and id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -93,6 +100,14 @@ pub enum ProtocolError {
         /// the op
         op: OpId,
         /// the evaluator's message
+        problem: String,
+    },
+    /// The offline (HE) phase failed for this op.
+    #[error("op {op}: offline phase: {problem}")]
+    Offline {
+        /// the op
+        op: OpId,
+        /// what failed
         problem: String,
     },
     /// The model description itself is unusable.

@@ -1,13 +1,26 @@
 //! The server's session: holds `s` per (id, op) and answers masked inputs.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
+use secinfer_he::{LinearForm, ServerKey};
 use secinfer_model::LayerSpec;
 use secinfer_ring::RingTensor;
 
 use crate::ProtocolError;
-use crate::messages::{MaskedInput, MaskedOutput, OpId, ServerMaterial, WireTensor};
+use crate::messages::{
+    MaskedInput, MaskedOutput, OpId, PreprocessingId, WireTensor,
+};
+#[cfg(test)]
+use crate::messages::ServerMaterial;
+use crate::offline::{
+    CIPHERTEXTS_PER_MESSAGE, MaskRequest, OfflineHello, ProductReply, he_err, params_for,
+};
 use crate::store::SingleUseStore;
+
+/// Batches a client may have in flight at once on the server (each holds one
+/// op's ciphertexts at a time plus the batch's `s`).
+pub const MAX_BATCHES_IN_FLIGHT: usize = 2;
 
 /// The server's linear layers: `W·x + b` in Z_2^k for a batch of samples.
 /// Implemented by the tract plugin (`secinfer-tract-ext`), which runs the
@@ -17,6 +30,19 @@ pub trait MaskedLinear: Send + Sync {
     fn layers(&self) -> &[LayerSpec];
     /// `W·x + b mod 2^k`; `x` has the op's input shape with any batch size.
     fn evaluate(&self, op: OpId, x: RingTensor) -> Result<RingTensor, String>;
+    /// Op `op`'s weights as the HE offline phase applies them.
+    fn he_form(&self, op: OpId) -> Result<&dyn LinearForm, String>;
+}
+
+/// A batch being preprocessed on the server.
+struct ServerBatch {
+    count: usize,
+    /// per op: the client's ciphertexts received so far
+    inputs: Vec<Vec<Option<Vec<u8>>>>,
+    /// per op: ciphertexts received
+    received: Vec<usize>,
+    /// per op: `s` once the op is answered, `count` rows of `output_len`
+    masks: Vec<Option<Vec<Vec<u64>>>>,
 }
 
 /// One client's session on the server. Not thread-safe by itself: the
@@ -24,6 +50,8 @@ pub trait MaskedLinear: Send + Sync {
 pub struct ServerSession<L: MaskedLinear + ?Sized> {
     linear: Arc<L>,
     store: SingleUseStore<Vec<u64>>,
+    key: Option<ServerKey>,
+    batches: HashMap<PreprocessingId, ServerBatch>,
 }
 
 impl<L: MaskedLinear + ?Sized> ServerSession<L> {
@@ -32,11 +60,178 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
         ServerSession {
             linear,
             store: SingleUseStore::new(),
+            key: None,
+            batches: HashMap::new(),
         }
     }
 
-    /// Files the server's share `s` of one inference's material.
-    pub fn accept_preprocessing(&mut self, m: ServerMaterial) -> Result<(), ProtocolError> {
+    /// Takes the client's public key (once per session), after checking that
+    /// it is for this model's HE parameters.
+    pub fn accept_hello(&mut self, hello: OfflineHello) -> Result<(), ProtocolError> {
+        if self.key.is_some() {
+            return Err(ProtocolError::Model("the session already has a client key".into()));
+        }
+        let params = params_for(self.linear.layers())?;
+        if hello.degree as usize != params.degree() || hello.ring_bits != params.ring_bits() {
+            return Err(ProtocolError::Model(format!(
+                "client key is for N = {}, t = 2^{}; this model uses N = {}, t = 2^{}",
+                hello.degree,
+                hello.ring_bits,
+                params.degree(),
+                params.ring_bits()
+            )));
+        }
+        let key = ServerKey::from_bytes(&params, &hello.public_key)
+            .map_err(|e| ProtocolError::Model(format!("client public key: {e}")))?;
+        self.key = Some(key);
+        Ok(())
+    }
+
+    /// Takes a chunk of a batch's encrypted masks. When it completes an op,
+    /// computes `Enc(W·r − s)` and hands the reply to `emit` in parts; when the
+    /// batch is complete, files `s` for every id of it. A batch that names an
+    /// id this session has seen is refused whole.
+    pub fn handle_offline(
+        &mut self,
+        req: MaskRequest,
+        emit: &mut dyn FnMut(ProductReply) -> Result<(), ProtocolError>,
+    ) -> Result<(), ProtocolError> {
+        let op = req.op;
+        let key = self
+            .key
+            .clone()
+            .ok_or_else(|| ProtocolError::Model("offline request before the client's key".into()))?;
+        let layers = self.linear.layers();
+        let (spec, _) = crate::op_spec(layers, op)?;
+        let count = req.count as usize;
+        let max = key.params().degree();
+        if count == 0 || count > max {
+            return Err(ProtocolError::Shape {
+                op,
+                problem: format!("a batch holds 1..={max} inferences, not {count}"),
+            });
+        }
+        let first = req.first_id;
+        if !self.batches.contains_key(&first) {
+            if self.batches.len() >= MAX_BATCHES_IN_FLIGHT {
+                return Err(ProtocolError::Model(format!(
+                    "{MAX_BATCHES_IN_FLIGHT} preprocessing batches are already in flight"
+                )));
+            }
+            let end = first.0.checked_add(count as u64).ok_or(ProtocolError::DuplicateId(first))?;
+            for id in first.0..end {
+                let id = PreprocessingId(id);
+                if self.store.known(id) {
+                    return Err(ProtocolError::DuplicateId(id));
+                }
+            }
+            if let Some((&other, _)) = self.batches.iter().find(|(o, b)| {
+                first.0 < o.0 + b.count as u64 && o.0 < end
+            }) {
+                return Err(ProtocolError::DuplicateId(PreprocessingId(first.0.max(other.0))));
+            }
+            self.batches.insert(
+                first,
+                ServerBatch {
+                    count,
+                    inputs: layers.iter().map(|_| Vec::new()).collect(),
+                    received: vec![0; layers.len()],
+                    masks: vec![None; layers.len()],
+                },
+            );
+        }
+        let batch = self.batches.get_mut(&first).ok_or(ProtocolError::UnknownId(first))?;
+        if batch.count != count {
+            return Err(ProtocolError::Shape {
+                op,
+                problem: format!("batch {first} has {} inferences, request says {count}", batch.count),
+            });
+        }
+        let in_len = spec.input_len();
+        let slots = &mut batch.inputs[op as usize];
+        if batch.masks[op as usize].is_some() {
+            return Err(ProtocolError::Unexpected {
+                op,
+                problem: format!("batch {first} already has its reply for this op"),
+            });
+        }
+        if slots.is_empty() {
+            slots.resize(in_len, None);
+        }
+        let offset = req.offset as usize;
+        if offset.checked_add(req.ciphertexts.len()).is_none_or(|e| e > in_len) {
+            return Err(ProtocolError::Shape {
+                op,
+                problem: format!(
+                    "ciphertexts {offset}..+{} exceed the op's {in_len} inputs",
+                    req.ciphertexts.len()
+                ),
+            });
+        }
+        if slots[offset..offset + req.ciphertexts.len()].iter().any(Option::is_some) {
+            return Err(ProtocolError::Unexpected {
+                op,
+                problem: format!("ciphertexts from {offset} arrived twice"),
+            });
+        }
+        batch.received[op as usize] += req.ciphertexts.len();
+        for (j, ct) in req.ciphertexts.into_iter().enumerate() {
+            slots[offset + j] = Some(ct);
+        }
+        if batch.received[op as usize] < in_len {
+            return Ok(());
+        }
+        let inputs: Vec<Vec<u8>> = std::mem::take(slots).into_iter().flatten().collect();
+        let form = self
+            .linear
+            .he_form(op)
+            .map_err(|problem| ProtocolError::Evaluation { op, problem })?;
+        let mut masks = vec![vec![0u64; spec.output_len()]; count];
+        let mut emit_err = None;
+        secinfer_he::evaluate(&key, form, inputs, count, &mut |part| {
+            for (k, &o) in part.outputs.iter().enumerate() {
+                for (b, row) in masks.iter_mut().enumerate() {
+                    row[o] = part.masks[b][k];
+                }
+            }
+            let mut cts = part.ciphertexts.into_iter();
+            for outs in part.outputs.chunks(CIPHERTEXTS_PER_MESSAGE) {
+                let reply = ProductReply {
+                    first_id: first,
+                    op,
+                    outputs: outs.iter().map(|&o| o as u32).collect(),
+                    ciphertexts: cts.by_ref().take(outs.len()).collect(),
+                };
+                if let Err(e) = emit(reply) {
+                    emit_err = Some(e.clone());
+                    return Err(secinfer_he::HeError::Linear(format!("sending the reply: {e}")));
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| emit_err.take().unwrap_or_else(|| he_err(op, e)))?;
+        let batch = self.batches.get_mut(&first).ok_or(ProtocolError::UnknownId(first))?;
+        batch.masks[op as usize] = Some(masks);
+        if batch.masks.iter().all(Option::is_some) {
+            let batch = self.batches.remove(&first).ok_or(ProtocolError::UnknownId(first))?;
+            let mut per_op: Vec<_> = batch.masks.into_iter().flatten().map(Vec::into_iter).collect();
+            for b in 0..batch.count {
+                let ops = per_op.iter_mut().map(|it| it.next().unwrap_or_default()).collect();
+                self.store.insert(PreprocessingId(first.0 + b as u64), ops)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Preprocessing batches started by the client and not yet complete.
+    pub fn batches_in_flight(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Files the server's share `s` of one inference's material, made
+    /// elsewhere (tests' in-the-clear dealer only).
+    #[cfg(test)]
+    pub(crate) fn accept_preprocessing(&mut self, m: ServerMaterial) -> Result<(), ProtocolError> {
         let layers = self.linear.layers();
         if m.ops.len() != layers.len() {
             return Err(ProtocolError::Model(format!(

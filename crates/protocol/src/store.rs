@@ -84,6 +84,11 @@ impl<T> SingleUseStore<T> {
     }
 
     /// Number of ids with material still held.
+    /// Whether `id` was ever filed here.
+    pub(crate) fn known(&self, id: PreprocessingId) -> bool {
+        self.live.contains_key(&id) || self.spent.contains(&id)
+    }
+
     pub(crate) fn live(&self) -> usize {
         self.live.len()
     }

@@ -49,6 +49,52 @@ impl TinyDense {
     }
 }
 
+/// W as the HE phase applies it: x [rows, 3] -> x·W [rows, 2], centred.
+struct TinyForm(Vec<i64>);
+
+impl secinfer_he::LinearForm for TinyForm {
+    fn input_len(&self) -> usize {
+        3
+    }
+    fn output_len(&self) -> usize {
+        2
+    }
+    fn fan_in(&self) -> usize {
+        3
+    }
+    fn max_abs_row_sum(&self) -> u128 {
+        self.0.iter().map(|v| v.unsigned_abs() as u128).sum()
+    }
+    fn blocks(&self) -> usize {
+        1
+    }
+    fn block_len(&self, _: usize) -> usize {
+        2
+    }
+    fn outputs(&self, _: std::ops::Range<usize>) -> Vec<usize> {
+        vec![0, 1]
+    }
+    fn apply_blocks(
+        &self,
+        _: std::ops::Range<usize>,
+        x: &[u64],
+        rows: usize,
+    ) -> Result<Vec<u64>, String> {
+        let mut y = Vec::with_capacity(rows * 2);
+        for r in 0..rows {
+            for o in 0..2 {
+                y.push((0..3).fold(0u64, |a, k| {
+                    a.wrapping_add(x[r * 3 + k].wrapping_mul(self.0[k * 2 + o] as u64))
+                }));
+            }
+        }
+        Ok(y)
+    }
+}
+
+static TINY_FORM: std::sync::LazyLock<TinyForm> =
+    std::sync::LazyLock::new(|| TinyForm(vec![1, -2, 3, 4, -5, 6]));
+
 impl MaskedLinear for TinyDense {
     fn layers(&self) -> &[LayerSpec] {
         &self.layers
@@ -69,6 +115,13 @@ impl MaskedLinear for TinyDense {
             }
         }
         Ok(y.into_dyn())
+    }
+
+    fn he_form(&self, op: OpId) -> Result<&dyn secinfer_he::LinearForm, String> {
+        if op != 0 {
+            return Err("no such op".into());
+        }
+        Ok(&*TINY_FORM)
     }
 }
 
@@ -260,4 +313,126 @@ fn masks_are_fresh_per_id() {
         b.masked.data[..3],
         "two sessions got equal masks"
     );
+}
+
+/// Runs one HE preprocessing batch of `count` between the two sessions.
+fn preprocess(
+    pre: &mut Preprocessor,
+    client: &mut ClientSession,
+    server: &mut ServerSession<TinyDense>,
+    count: usize,
+) {
+    let first = pre.start(count).unwrap();
+    let mut replies = Vec::new();
+    while let Some(req) = pre.next_request(first).unwrap() {
+        server
+            .handle_offline(req, &mut |r| {
+                replies.push(r);
+                Ok(())
+            })
+            .unwrap();
+    }
+    let mut material = Vec::new();
+    for r in replies {
+        material.extend(pre.accept(r).unwrap());
+    }
+    assert_eq!(material.len(), count);
+    for m in material {
+        client.accept_preprocessing(m).unwrap();
+    }
+}
+
+fn he_setup() -> (Arc<TinyDense>, Preprocessor, ClientSession, ServerSession<TinyDense>) {
+    let linear = Arc::new(TinyDense::new());
+    let pre = Preprocessor::new(linear.layers.clone()).unwrap();
+    let client = ClientSession::new(linear.layers.clone());
+    let mut server = ServerSession::new(linear.clone());
+    server.accept_hello(pre.hello()).unwrap();
+    (linear, pre, client, server)
+}
+
+#[test]
+fn he_preprocessing_gives_exact_results() {
+    let (linear, mut pre, mut client, mut server) = he_setup();
+    preprocess(&mut pre, &mut client, &mut server, 4);
+    assert_eq!(server.pending_material(), 4);
+    assert_eq!(server.batches_in_flight(), 0);
+    let ids = client.reserve(4).unwrap();
+    let x = input(4);
+    let req = client.mask(0, &ids, &x).unwrap();
+    let y = client.unmask(server.handle(req).unwrap()).unwrap();
+    assert_eq!(y, linear.clear(&x));
+}
+
+#[test]
+fn he_batches_with_a_seen_id_are_refused() {
+    let (_, mut pre, mut client, mut server) = he_setup();
+    preprocess(&mut pre, &mut client, &mut server, 2);
+    // A second client engine (same key, ids restart at 0) replays ids 0..2.
+    let mut replay = Preprocessor::new(TinyDense::new().layers).unwrap();
+    let first = replay.start(3).unwrap();
+    let req = replay.next_request(first).unwrap().unwrap();
+    let err = server.handle_offline(req, &mut |_| Ok(())).unwrap_err();
+    assert_eq!(err, ProtocolError::DuplicateId(PreprocessingId(0)));
+    // and after the ids are used online, still refused
+    let ids = client.reserve(2).unwrap();
+    let req = client.mask(0, &ids, &input(2)).unwrap();
+    client.unmask(server.handle(req).unwrap()).unwrap();
+    let req = replay.next_request(first);
+    assert!(req.unwrap().is_none(), "the one op's chunk was already produced");
+    let mut again = Preprocessor::new(TinyDense::new().layers).unwrap();
+    let f = again.start(1).unwrap();
+    let err = server
+        .handle_offline(again.next_request(f).unwrap().unwrap(), &mut |_| Ok(()))
+        .unwrap_err();
+    assert_eq!(err, ProtocolError::DuplicateId(PreprocessingId(0)));
+}
+
+#[test]
+fn he_offline_errors_are_named() {
+    let linear = Arc::new(TinyDense::new());
+    let mut server = ServerSession::new(linear.clone());
+    let mut pre = Preprocessor::new(linear.layers.clone()).unwrap();
+    let first = pre.start(1).unwrap();
+    let req = pre.next_request(first).unwrap().unwrap();
+    // before the key
+    assert!(matches!(
+        server.handle_offline(req.clone(), &mut |_| Ok(())),
+        Err(ProtocolError::Model(m)) if m.contains("key")
+    ));
+    let mut bad = pre.hello();
+    bad.public_key.truncate(10);
+    assert!(server.accept_hello(bad).is_err());
+    server.accept_hello(pre.hello()).unwrap();
+    assert!(server.accept_hello(pre.hello()).is_err(), "one key per session");
+    let mut too_many = req.clone();
+    too_many.offset = 2;
+    assert!(matches!(
+        server.handle_offline(too_many, &mut |_| Ok(())),
+        Err(ProtocolError::Shape { .. })
+    ));
+    let mut garbage = req.clone();
+    garbage.ciphertexts[0] = vec![1, 2, 3];
+    let mut sent = 0;
+    assert!(matches!(
+        server.handle_offline(garbage, &mut |_| {
+            sent += 1;
+            Ok(())
+        }),
+        Err(ProtocolError::Offline { op: 0, .. })
+    ));
+    assert_eq!(sent, 0);
+    assert!(pre.start(0).is_err());
+    assert!(pre.start(pre.max_batch() + 1).is_err());
+}
+
+#[test]
+fn pool_policy_refills_below_low_water() {
+    let p = PoolPolicy {
+        batch: 100,
+        low_water: 10,
+    };
+    assert_eq!(p.next_batch(5, 0), Some(100));
+    assert_eq!(p.next_batch(5, 1), None);
+    assert_eq!(p.next_batch(10, 0), None);
 }

@@ -1,9 +1,12 @@
 //! Client side: the bound SecureLinear op, the backend it calls (fixed-point
-//! encoding + the protocol's client session + a channel to the server), and
-//! the client model that runs `client.onnx` with it.
+//! encoding + the protocol's client session + a channel to the server), the
+//! offline driver and its background pool, and the client model that runs
+//! `client.onnx` with it.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
 
 use anyhow::{Context, anyhow, bail};
 use ndarray::{ArrayD, ArrayViewD, Dimension};
@@ -14,8 +17,9 @@ use tract_onnx::tract_hir::internal::*;
 
 use secinfer_model::{LayerSpec, Role, read_contract};
 use secinfer_protocol::{
-    ClientMaterial, ClientSession, MaskedInput, MaskedLinear, MaskedOutput, PreprocessingId,
-    ProtocolError, ServerMaterial, ServerSession,
+    ClientMaterial, ClientSession, MaskRequest, MaskedInput, MaskedLinear, MaskedOutput,
+    OfflineHello, PoolPolicy, PreprocessingId, Preprocessor, ProductReply, ProtocolError,
+    ServerSession,
 };
 
 /// Evaluates one SecureLinear op for the client on real-valued inputs.
@@ -24,10 +28,20 @@ pub trait SecureLinearBackend: Send + Sync + std::fmt::Debug {
     fn secure_linear(&self, spec: &LayerSpec, x: ArrayViewD<f32>) -> anyhow::Result<ArrayD<f32>>;
 }
 
-/// One online round trip: `x − r` to the server, `W·(x − r) + b + s` back.
-pub trait OnlineChannel: Send + Sync {
-    /// Sends the request and waits for the answer.
+/// The client's link to the server, both phases. Offline and online calls
+/// may come from different threads (the pool runs offline in the background).
+pub trait Channel: Send + Sync {
+    /// Online: sends `x − r` and waits for `W·(x − r) + b + s`.
     fn round_trip(&self, request: MaskedInput) -> anyhow::Result<MaskedOutput>;
+    /// Offline: sends the client's public key (once per session).
+    fn hello(&self, hello: OfflineHello) -> anyhow::Result<()>;
+    /// Offline: sends a chunk of encrypted masks; the server's reply parts
+    /// (none until an op's chunks are complete) go to `on_reply` as they come.
+    fn offline(
+        &self,
+        request: MaskRequest,
+        on_reply: &mut dyn FnMut(ProductReply) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()>;
 }
 
 /// The bound client op: typed, f32 in and out.
@@ -85,31 +99,104 @@ struct ClientState {
     session: ClientSession,
     /// Ids of the inferences of the run in progress.
     current: Vec<PreprocessingId>,
+    /// Inferences a waiting prediction needs (the pool refills up to this).
+    demand: usize,
+    /// Why the background pool stopped, if it failed.
+    pool_error: Option<String>,
+    /// Whether a background pool is running.
+    pool_running: bool,
 }
 
 /// The client's backend: encodes, masks through the protocol session, calls
-/// the channel, unmasks and decodes.
-pub struct SessionBackend<C: OnlineChannel> {
+/// the channel, unmasks and decodes; and drives the offline phase.
+pub struct SessionBackend<C: Channel> {
     state: Mutex<ClientState>,
+    /// signalled when material arrives or the pool stops
+    changed: Condvar,
+    /// the offline engine (the client's HE key and batches in flight)
+    offline: Mutex<Option<Preprocessor>>,
     channel: C,
 }
 
-impl<C: OnlineChannel> std::fmt::Debug for SessionBackend<C> {
+impl<C: Channel> std::fmt::Debug for SessionBackend<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "SessionBackend")
     }
 }
 
-impl<C: OnlineChannel> SessionBackend<C> {
+impl<C: Channel> SessionBackend<C> {
     /// A backend for a session over `channel`.
     pub fn new(session: ClientSession, channel: C) -> Self {
         SessionBackend {
             state: Mutex::new(ClientState {
                 session,
                 current: vec![],
+                demand: 0,
+                pool_error: None,
+                pool_running: false,
             }),
+            changed: Condvar::new(),
+            offline: Mutex::new(None),
             channel,
         }
+    }
+
+    /// Runs one offline batch of `count` inferences (at most the HE ring
+    /// degree, 8192) with the server and files the material. The first call
+    /// makes the session's HE key and sends it.
+    pub fn preprocess(&self, count: usize) -> anyhow::Result<()> {
+        let mut guard = self
+            .offline
+            .lock()
+            .map_err(|_| anyhow!("offline engine poisoned by an earlier panic"))?;
+        if guard.is_none() {
+            let layers = self.lock()?.session.layers().to_vec();
+            let pre = Preprocessor::new(layers)?;
+            self.channel
+                .hello(pre.hello())
+                .context("sending the HE public key")?;
+            *guard = Some(pre);
+        }
+        let pre = guard.as_mut().ok_or_else(|| anyhow!("no offline engine"))?;
+        let first = pre.start(count)?;
+        let result = (|| -> anyhow::Result<()> {
+            while let Some(req) = pre.next_request(first)? {
+                self.channel.offline(req, &mut |reply| {
+                    for m in pre.accept(reply)? {
+                        self.lock()?.session.accept_preprocessing(m)?;
+                    }
+                    Ok(())
+                })?;
+            }
+            Ok(())
+        })();
+        if result.is_err() || pre.in_flight() > 0 {
+            pre.abandon(first);
+        }
+        self.changed.notify_all();
+        result.and_then(|()| {
+            if self.ready() == 0 && count > 0 {
+                bail!("offline batch finished without material");
+            }
+            Ok(())
+        })
+    }
+
+    /// Preprocesses `total` inferences in batches of at most `batch`.
+    pub fn preprocess_in_batches(&self, total: usize, batch: usize) -> anyhow::Result<()> {
+        let batch = batch.clamp(1, MAX_BATCH);
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(batch);
+            self.preprocess(n)?;
+            left -= n;
+        }
+        Ok(())
+    }
+
+    /// The most inferences one offline batch holds.
+    pub fn max_batch(&self) -> usize {
+        MAX_BATCH
     }
 
     fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, ClientState>> {
@@ -141,7 +228,22 @@ impl<C: OnlineChannel> SessionBackend<C> {
         if !st.current.is_empty() {
             bail!("a prediction is already running on this session");
         }
+        while st.session.ready() < n && st.pool_running {
+            st.demand = n;
+            self.changed.notify_all();
+            st = self
+                .changed
+                .wait(st)
+                .map_err(|_| anyhow!("client session poisoned by an earlier panic"))?;
+        }
+        st.demand = 0;
+        if st.session.ready() < n {
+            if let Some(e) = &st.pool_error {
+                bail!("the preprocessing pool stopped: {e}");
+            }
+        }
         st.current = st.session.reserve(n)?;
+        self.changed.notify_all();
         Ok(())
     }
 
@@ -153,7 +255,7 @@ impl<C: OnlineChannel> SessionBackend<C> {
     }
 }
 
-impl<C: OnlineChannel> SecureLinearBackend for SessionBackend<C> {
+impl<C: Channel> SecureLinearBackend for SessionBackend<C> {
     fn secure_linear(&self, spec: &LayerSpec, x: ArrayViewD<f32>) -> anyhow::Result<ArrayD<f32>> {
         let ring = spec.ring()?;
         if let Some((ix, v)) = x
@@ -189,12 +291,115 @@ impl<C: OnlineChannel> SecureLinearBackend for SessionBackend<C> {
     }
 }
 
+/// Inferences per offline batch at most (the HE ring degree).
+pub const MAX_BATCH: usize = 8192;
+
+/// Keeps a client session supplied with offline material from a background
+/// thread: whenever fewer than the policy's low-water mark (or fewer than a
+/// waiting prediction needs) are ready, it runs a batch. Dropping the pool
+/// stops it after the batch in progress.
+pub struct PreprocessingPool {
+    stop: Arc<AtomicBool>,
+    wake: Arc<dyn Fn() + Send + Sync>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PreprocessingPool {
+    /// Starts filling `backend` according to `policy`.
+    pub fn start<C: Channel + 'static>(
+        backend: Arc<SessionBackend<C>>,
+        policy: PoolPolicy,
+    ) -> anyhow::Result<PreprocessingPool> {
+        if policy.batch == 0 || policy.batch > MAX_BATCH {
+            bail!("pool batch size must be 1..={MAX_BATCH}, not {}", policy.batch);
+        }
+        backend.lock()?.pool_running = true;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (b, st) = (backend.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("secinfer-preprocessing".into())
+            .spawn(move || {
+                let outcome = (|| -> anyhow::Result<()> {
+                    loop {
+                        let next = {
+                            let mut state = b.lock()?;
+                            loop {
+                                if st.load(Ordering::SeqCst) {
+                                    return Ok(());
+                                }
+                                let ready = state.session.ready();
+                                let low = policy.low_water.max(state.demand);
+                                let want = PoolPolicy {
+                                    low_water: low,
+                                    ..policy
+                                }
+                                .next_batch(ready, 0);
+                                if let Some(n) = want {
+                                    break n;
+                                }
+                                state = b
+                                    .changed
+                                    .wait(state)
+                                    .map_err(|_| anyhow!("session poisoned"))?;
+                            }
+                        };
+                        b.preprocess(next)?;
+                    }
+                })();
+                if let Ok(mut state) = b.lock() {
+                    state.pool_running = false;
+                    if let Err(e) = outcome {
+                        state.pool_error = Some(format!("{e:#}"));
+                    }
+                }
+                b.changed.notify_all();
+            })?;
+        let b = backend.clone();
+        Ok(PreprocessingPool {
+            stop,
+            wake: Arc::new(move || b.changed.notify_all()),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the pool and waits for its thread.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        (self.wake)();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for PreprocessingPool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
 /// The server in the same process: serialised messages are not needed, but
 /// the bytes that would travel are counted.
 pub struct InMemoryChannel<L: MaskedLinear + ?Sized> {
     server: Mutex<ServerSession<L>>,
-    bytes_up: std::sync::atomic::AtomicU64,
-    bytes_down: std::sync::atomic::AtomicU64,
+    bytes: [std::sync::atomic::AtomicU64; 4],
+}
+
+/// Bytes counted by an [`InMemoryChannel`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// online, client to server
+    pub online_up: u64,
+    /// online, server to client
+    pub online_down: u64,
+    /// offline, client to server (public key and encrypted masks)
+    pub offline_up: u64,
+    /// offline, server to client
+    pub offline_down: u64,
 }
 
 impl<L: MaskedLinear + ?Sized> InMemoryChannel<L> {
@@ -202,49 +407,72 @@ impl<L: MaskedLinear + ?Sized> InMemoryChannel<L> {
     pub fn new(linear: Arc<L>) -> Self {
         InMemoryChannel {
             server: Mutex::new(ServerSession::new(linear)),
-            bytes_up: 0.into(),
-            bytes_down: 0.into(),
+            bytes: Default::default(),
         }
     }
 
-    /// Files the server's share of offline material.
-    pub fn accept_preprocessing(&self, m: ServerMaterial) -> anyhow::Result<()> {
-        self.server
-            .lock()
-            .map_err(|_| anyhow!("server session poisoned"))?
-            .accept_preprocessing(m)?;
-        Ok(())
+    /// Payload bytes so far, per phase and direction.
+    pub fn traffic(&self) -> Traffic {
+        use std::sync::atomic::Ordering::Relaxed;
+        let b = |i: usize| self.bytes[i].load(Relaxed);
+        Traffic {
+            online_up: b(0),
+            online_down: b(1),
+            offline_up: b(2),
+            offline_down: b(3),
+        }
     }
 
-    /// (client→server, server→client) online payload bytes so far.
-    pub fn online_bytes(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering::Relaxed;
-        (self.bytes_up.load(Relaxed), self.bytes_down.load(Relaxed))
+    fn count(&self, i: usize, n: usize) {
+        self.bytes[i].fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn server(&self) -> anyhow::Result<std::sync::MutexGuard<'_, ServerSession<L>>> {
+        self.server
+            .lock()
+            .map_err(|_| anyhow!("server session poisoned"))
     }
 }
 
-impl<L: MaskedLinear + ?Sized> OnlineChannel for InMemoryChannel<L> {
+impl<L: MaskedLinear + ?Sized> Channel for InMemoryChannel<L> {
     fn round_trip(&self, request: MaskedInput) -> anyhow::Result<MaskedOutput> {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.bytes_up.fetch_add(
-            (request.masked.payload_bytes() + 8 * request.ids.len() + 4) as u64,
-            Relaxed,
-        );
-        let out = self
-            .server
-            .lock()
-            .map_err(|_| anyhow!("server session poisoned"))?
-            .handle(request)?;
-        self.bytes_down.fetch_add(
-            (out.masked.payload_bytes() + 8 * out.ids.len() + 4) as u64,
-            Relaxed,
-        );
+        self.count(0, request.masked.payload_bytes() + 8 * request.ids.len() + 4);
+        let out = self.server()?.handle(request)?;
+        self.count(1, out.masked.payload_bytes() + 8 * out.ids.len() + 4);
         Ok(out)
+    }
+
+    fn hello(&self, hello: OfflineHello) -> anyhow::Result<()> {
+        self.count(2, hello.public_key.len() + 8);
+        self.server()?.accept_hello(hello)?;
+        Ok(())
+    }
+
+    fn offline(
+        &self,
+        request: MaskRequest,
+        on_reply: &mut dyn FnMut(ProductReply) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        self.count(2, request.payload_bytes() + 24);
+        let mut failure = None;
+        let result = self.server()?.handle_offline(request, &mut |reply| {
+            self.count(3, reply.payload_bytes() + 16);
+            on_reply(reply).map_err(|e| {
+                let msg = format!("{e:#}");
+                failure = Some(e);
+                ProtocolError::Model(msg)
+            })
+        });
+        match (result, failure) {
+            (_, Some(e)) => Err(e),
+            (Err(e), None) => Err(e.into()),
+            (Ok(()), None) => Ok(()),
+        }
     }
 }
 
 /// `client.onnx` loaded and bound to a backend, ready to predict.
-pub struct ClientModel<C: OnlineChannel + 'static> {
+pub struct ClientModel<C: Channel + 'static> {
     plan: Arc<TypedRunnableModel>,
     backend: Arc<SessionBackend<C>>,
     layers: Vec<LayerSpec>,
@@ -252,7 +480,7 @@ pub struct ClientModel<C: OnlineChannel + 'static> {
     batched: bool,
 }
 
-impl<C: OnlineChannel + 'static> ClientModel<C> {
+impl<C: Channel + 'static> ClientModel<C> {
     /// Loads `client.onnx` and binds its SecureLinear ops to a new session over `channel`.
     pub fn load(path: &Path, channel: C) -> anyhow::Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;

@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 pub mod client;
+pub mod he_form;
 pub mod server;
 
 use std::sync::Arc;
@@ -32,8 +33,10 @@ use tract_onnx::tract_hir::internal::*;
 use secinfer_model::{LayerSpec, OP_TYPE};
 
 pub use client::{
-    ClientModel, InMemoryChannel, OnlineChannel, SecureLinearBackend, SessionBackend,
+    Channel, ClientModel, InMemoryChannel, MAX_BATCH, PreprocessingPool, SecureLinearBackend,
+    SessionBackend, Traffic,
 };
+pub use he_form::HeLayer;
 pub use server::{ServerModel, ServerSecureLinear};
 
 /// tract's ONNX front end with SecureLinear registered.

@@ -11,6 +11,8 @@ use tract_onnx::tract_hir::internal::*;
 
 use secinfer_model::{LayerSpec, LinearKind, Role, read_contract};
 use secinfer_protocol::{MaskedLinear, OpId};
+
+use crate::he_form::HeLayer;
 use secinfer_ring::{Ring, RingTensor};
 
 /// `W·x + b` in Z_2^k: the typed tract op the server runs.
@@ -169,6 +171,7 @@ impl TypedOp for ServerSecureLinear {
 pub struct ServerModel {
     layers: Vec<LayerSpec>,
     plans: Vec<Arc<TypedRunnableModel>>,
+    he: Vec<HeLayer>,
     digest: String,
 }
 
@@ -249,12 +252,15 @@ impl ServerModel {
             );
         }
         let mut plans = Vec::with_capacity(contract.layers.len());
-        for spec in &contract.layers {
+        let mut he = Vec::with_capacity(contract.layers.len());
+        for (spec, (w, _)) in contract.layers.iter().zip(&weights) {
             plans.push(Self::plan_for(&proto, spec)?);
+            he.push(HeLayer::new(spec, w).map_err(|e| anyhow::anyhow!(e))?);
         }
         Ok(ServerModel {
             layers: contract.layers,
             plans,
+            he,
             digest,
         })
     }
@@ -314,6 +320,13 @@ impl ServerModel {
 impl MaskedLinear for ServerModel {
     fn layers(&self) -> &[LayerSpec] {
         &self.layers
+    }
+
+    fn he_form(&self, op: OpId) -> Result<&dyn secinfer_he::LinearForm, String> {
+        self.he
+            .get(op as usize)
+            .map(|l| l as &dyn secinfer_he::LinearForm)
+            .ok_or_else(|| format!("no op {op}"))
     }
 
     fn evaluate(&self, op: OpId, x: RingTensor) -> Result<RingTensor, String> {

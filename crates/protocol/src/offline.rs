@@ -1,0 +1,361 @@
+//! The offline phase, sans IO: how a batch of inferences' material is made
+//! with HE (crate `secinfer-he`), without a trusted party.
+//!
+//! 1. Once per session the client sends its BFV public key ([`OfflineHello`]).
+//! 2. For a batch of `count` inferences with ids `first_id ..
+//!    first_id + count`, the client draws every op's masks `r` (CSPRNG,
+//!    uniform over Z_2^k) and sends them encrypted, op by op, in chunks of
+//!    ciphertexts ([`MaskRequest`]).
+//! 3. When the server has all of an op's ciphertexts it answers `Enc(W·r − s)`
+//!    in parts ([`ProductReply`]) and keeps `s`.
+//! 4. When a batch is complete on a side, that side files one material per id
+//!    in its single-use store: the client its `(r, c)` via
+//!    [`crate::ClientSession::accept_preprocessing`], the server its `s`
+//!    inside [`crate::ServerSession`].
+//!
+//! Ids are never reused: the server refuses a batch that names any id it has
+//! seen in this session (pending, live or spent), and the client's store
+//! refuses duplicates as well. Material lives only in memory.
+
+use std::collections::HashMap;
+
+use rand::rngs::{ChaCha20Rng, SysRng};
+use rand::{Rng, SeedableRng};
+use secinfer_he::{ClientKey, HeParams};
+use secinfer_model::LayerSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::messages::{ClientMaterial, OpId, PreprocessingId};
+use crate::ProtocolError;
+
+/// Ciphertexts per [`MaskRequest`] / [`ProductReply`] (about 180 KiB each up,
+/// 120 KiB down), so that one message stays around 10 MiB.
+pub const CIPHERTEXTS_PER_MESSAGE: usize = 64;
+
+/// Offline, client to server, once per session: the client's public key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OfflineHello {
+    /// ring degree of the parameter set the key belongs to
+    pub degree: u32,
+    /// plaintext bits (the model's ring)
+    pub ring_bits: u32,
+    /// serialised BFV public key
+    pub public_key: Vec<u8>,
+}
+
+/// Offline, client to server: some of one op's encrypted masks for a batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskRequest {
+    /// first id of the batch
+    pub first_id: PreprocessingId,
+    /// inferences in the batch (ids `first_id .. first_id + count`)
+    pub count: u32,
+    /// the op
+    pub op: OpId,
+    /// index of the first ciphertext here among the op's `input_len`
+    pub offset: u32,
+    /// serialised ciphertexts; number `offset + j` holds input feature
+    /// `offset + j` of every inference of the batch
+    pub ciphertexts: Vec<Vec<u8>>,
+}
+
+/// Offline, server to client: some of one op's `Enc(W·r − s)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProductReply {
+    /// first id of the batch
+    pub first_id: PreprocessingId,
+    /// the op
+    pub op: OpId,
+    /// which output features these ciphertexts are
+    pub outputs: Vec<u32>,
+    /// serialised ciphertexts, one per entry of `outputs`
+    pub ciphertexts: Vec<Vec<u8>>,
+}
+
+impl MaskRequest {
+    /// Bytes of ciphertext carried.
+    pub fn payload_bytes(&self) -> usize {
+        self.ciphertexts.iter().map(Vec::len).sum()
+    }
+}
+
+impl ProductReply {
+    /// Bytes of ciphertext carried.
+    pub fn payload_bytes(&self) -> usize {
+        self.ciphertexts.iter().map(Vec::len).sum::<usize>() + 4 * self.outputs.len()
+    }
+}
+
+/// A batch the client has started and not finished.
+struct ClientBatch {
+    count: usize,
+    /// per op: the masks, `count` rows of `input_len`
+    masks: Vec<Vec<Vec<u64>>>,
+    /// per op: `c`, `count` rows of `output_len`, filled as replies arrive
+    products: Vec<Vec<Vec<u64>>>,
+    /// per op: outputs received (each at most once)
+    received: Vec<Vec<bool>>,
+    /// per op: number of outputs received
+    done: Vec<usize>,
+    /// next (op, offset) to encrypt and send
+    cursor: (usize, usize),
+}
+
+/// The client's offline engine: its key, and the batches in flight.
+pub struct Preprocessor {
+    key: ClientKey,
+    layers: Vec<LayerSpec>,
+    rng: ChaCha20Rng,
+    next_id: u64,
+    batches: HashMap<PreprocessingId, ClientBatch>,
+}
+
+impl std::fmt::Debug for Preprocessor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Preprocessor({} batches in flight)", self.batches.len())
+    }
+}
+
+impl Preprocessor {
+    /// A fresh key for a model's ops; all ops must share one ring.
+    pub fn new(layers: Vec<LayerSpec>) -> Result<Preprocessor, ProtocolError> {
+        let params = params_for(&layers)?;
+        let rng = ChaCha20Rng::try_from_rng(&mut SysRng)
+            .map_err(|e| ProtocolError::Model(format!("OS randomness unavailable: {e}")))?;
+        Ok(Preprocessor {
+            key: ClientKey::generate(&params),
+            layers,
+            rng,
+            next_id: 0,
+            batches: HashMap::new(),
+        })
+    }
+
+    /// The most inferences one batch can hold (the ring degree).
+    pub fn max_batch(&self) -> usize {
+        self.key.params().degree()
+    }
+
+    /// The session's first offline message.
+    pub fn hello(&self) -> OfflineHello {
+        OfflineHello {
+            degree: self.key.params().degree() as u32,
+            ring_bits: self.key.params().ring_bits(),
+            public_key: self.key.public_key_bytes(),
+        }
+    }
+
+    /// Starts a batch of `count` inferences: draws the masks and returns the
+    /// batch's first id. Its requests come from [`Preprocessor::next_request`].
+    pub fn start(&mut self, count: usize) -> Result<PreprocessingId, ProtocolError> {
+        if count == 0 || count > self.max_batch() {
+            return Err(ProtocolError::Model(format!(
+                "a preprocessing batch holds 1..={} inferences, not {count}",
+                self.max_batch()
+            )));
+        }
+        let first = PreprocessingId(self.next_id);
+        self.next_id = self
+            .next_id
+            .checked_add(count as u64)
+            .ok_or_else(|| ProtocolError::Model("preprocessing ids exhausted".into()))?;
+        let mut masks = Vec::with_capacity(self.layers.len());
+        for spec in &self.layers {
+            let mask = (1u64 << spec.ring_bits) - 1;
+            masks.push(
+                (0..count)
+                    .map(|_| (0..spec.input_len()).map(|_| self.rng.next_u64() & mask).collect())
+                    .collect(),
+            );
+        }
+        self.batches.insert(
+            first,
+            ClientBatch {
+                count,
+                masks,
+                products: self
+                    .layers
+                    .iter()
+                    .map(|s| vec![vec![0; s.output_len()]; count])
+                    .collect(),
+                received: self.layers.iter().map(|s| vec![false; s.output_len()]).collect(),
+                done: vec![0; self.layers.len()],
+                cursor: (0, 0),
+            },
+        );
+        Ok(first)
+    }
+
+    /// The next chunk of encrypted masks of batch `first`, or `None` when all
+    /// have been produced (or the batch is already complete). Encrypting is
+    /// the client's main offline cost; each call does one chunk.
+    pub fn next_request(
+        &mut self,
+        first: PreprocessingId,
+    ) -> Result<Option<MaskRequest>, ProtocolError> {
+        if first.0 >= self.next_id {
+            return Err(ProtocolError::UnknownId(first));
+        }
+        let Some(batch) = self.batches.get_mut(&first) else {
+            return Ok(None);
+        };
+        let (mut op, mut offset) = batch.cursor;
+        while op < self.layers.len() && offset >= self.layers[op].input_len() {
+            op += 1;
+            offset = 0;
+        }
+        if op >= self.layers.len() {
+            batch.cursor = (op, 0);
+            return Ok(None);
+        }
+        let in_len = self.layers[op].input_len();
+        let end = (offset + CIPHERTEXTS_PER_MESSAGE).min(in_len);
+        let cols: Vec<Vec<u64>> = batch.masks[op]
+            .iter()
+            .map(|m| m[offset..end].to_vec())
+            .collect();
+        let views: Vec<&[u64]> = cols.iter().map(|c| &c[..]).collect();
+        let ciphertexts = self
+            .key
+            .encrypt(&views, end - offset)
+            .map_err(|e| he_err(op as OpId, e))?;
+        batch.cursor = (op, end);
+        Ok(Some(MaskRequest {
+            first_id: first,
+            count: batch.count as u32,
+            op: op as OpId,
+            offset: offset as u32,
+            ciphertexts,
+        }))
+    }
+
+    /// Takes a reply part; when it completes its batch, returns the batch's
+    /// material (one per id, in id order) for the client session.
+    pub fn accept(&mut self, reply: ProductReply) -> Result<Vec<ClientMaterial>, ProtocolError> {
+        let op = reply.op;
+        let first = reply.first_id;
+        let spec = self
+            .layers
+            .get(op as usize)
+            .ok_or(ProtocolError::UnknownOp(op))?;
+        let batch = self
+            .batches
+            .get_mut(&first)
+            .ok_or_else(|| ProtocolError::Unexpected {
+                op,
+                problem: format!("reply for batch {first}, which is not in flight"),
+            })?;
+        if reply.outputs.len() != reply.ciphertexts.len() {
+            return Err(ProtocolError::Shape {
+                op,
+                problem: format!(
+                    "{} output indices for {} ciphertexts",
+                    reply.outputs.len(),
+                    reply.ciphertexts.len()
+                ),
+            });
+        }
+        let out_len = spec.output_len();
+        for &o in &reply.outputs {
+            let o = o as usize;
+            if o >= out_len || batch.received[op as usize][o] {
+                return Err(ProtocolError::Unexpected {
+                    op,
+                    problem: format!("output {o} is out of range or arrived twice"),
+                });
+            }
+        }
+        let c = self
+            .key
+            .decrypt(&reply.ciphertexts, batch.count, reply.ciphertexts.len())
+            .map_err(|e| he_err(op, e))?;
+        for (k, &o) in reply.outputs.iter().enumerate() {
+            let o = o as usize;
+            batch.received[op as usize][o] = true;
+            for (b, row) in batch.products[op as usize].iter_mut().enumerate() {
+                row[o] = c[b][k];
+            }
+        }
+        batch.done[op as usize] += reply.outputs.len();
+        let complete = batch
+            .done
+            .iter()
+            .zip(&self.layers)
+            .all(|(&d, s)| d == s.output_len());
+        if !complete {
+            return Ok(Vec::new());
+        }
+        let batch = self
+            .batches
+            .remove(&first)
+            .ok_or(ProtocolError::UnknownId(first))?;
+        let mut per_op: Vec<_> = batch
+            .masks
+            .into_iter()
+            .zip(batch.products)
+            .map(|(r, c)| r.into_iter().zip(c))
+            .collect();
+        Ok((0..batch.count)
+            .map(|b| ClientMaterial {
+                id: PreprocessingId(first.0 + b as u64),
+                ops: per_op
+                    .iter_mut()
+                    .map(|it| it.next().unwrap_or_default())
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// Batches started and not yet complete.
+    pub fn in_flight(&self) -> usize {
+        self.batches.len()
+    }
+
+    /// Drops an unfinished batch (e.g. after the connection broke). Its ids
+    /// are never handed out again.
+    pub fn abandon(&mut self, first: PreprocessingId) {
+        self.batches.remove(&first);
+    }
+}
+
+/// The HE parameters for a model: one ring for all ops.
+pub fn params_for(layers: &[LayerSpec]) -> Result<HeParams, ProtocolError> {
+    let bits = layers
+        .first()
+        .map(|s| s.ring_bits)
+        .ok_or_else(|| ProtocolError::Model("the model has no SecureLinear op".into()))?;
+    if let Some(s) = layers.iter().find(|s| s.ring_bits != bits) {
+        return Err(ProtocolError::Model(format!(
+            "op {} uses Z_2^{}, op 0 uses Z_2^{bits}; one ring per model",
+            s.op_id, s.ring_bits
+        )));
+    }
+    let params = HeParams::for_ring(bits).map_err(|e| ProtocolError::Model(e.to_string()))?;
+    Ok(params)
+}
+
+pub(crate) fn he_err(op: OpId, e: secinfer_he::HeError) -> ProtocolError {
+    ProtocolError::Offline {
+        op,
+        problem: e.to_string(),
+    }
+}
+
+/// A policy for keeping a pool of ready material: start a batch of
+/// `batch` inferences whenever fewer than `low_water` are ready and none is
+/// in flight. The driver (bench, transport) asks it and runs the batches in
+/// the background.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolPolicy {
+    /// inferences per preprocessing batch (at most the ring degree)
+    pub batch: usize,
+    /// refill when fewer than this many inferences are ready
+    pub low_water: usize,
+}
+
+impl PoolPolicy {
+    /// How many inferences to preprocess next, if any.
+    pub fn next_batch(&self, ready: usize, in_flight: usize) -> Option<usize> {
+        (in_flight == 0 && ready < self.low_water && self.batch > 0).then_some(self.batch)
+    }
+}

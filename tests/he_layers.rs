@@ -1,0 +1,143 @@
+//! The HE offline phase on the bundled models' real layers: what the client
+//! decrypts is exactly `W·r − s` in Z_2^k, where `W·r` is computed here by
+//! the server's own online op (`W·r + b` minus `W·0 + b`).
+//!
+//! The big convolutions are checked on their first block group of outputs
+//! (output channels), through the same code path as the rest; the whole
+//! layers are exercised by the 10,000-image agreement tests.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use ndarray::{ArrayD, IxDyn};
+use prost::Message;
+use rand::{Rng, SeedableRng};
+use secinfer_he::{ClientKey, HeParams, LinearForm, ServerKey, evaluate};
+use secinfer_protocol::MaskedLinear;
+use secinfer_tract_ext::ServerModel;
+
+mod common;
+
+/// At most this many outputs of a layer are checked.
+const MAX_OUTPUTS: usize = 600;
+
+/// The first blocks of a layer, up to about [`MAX_OUTPUTS`] outputs.
+struct FirstBlocks<'a> {
+    inner: &'a dyn LinearForm,
+    blocks: usize,
+}
+
+impl<'a> FirstBlocks<'a> {
+    fn new(inner: &'a dyn LinearForm) -> Self {
+        let mut blocks = 0;
+        let mut outputs = 0;
+        while blocks < inner.blocks() && (blocks == 0 || outputs + inner.block_len(blocks) <= MAX_OUTPUTS)
+        {
+            outputs += inner.block_len(blocks);
+            blocks += 1;
+        }
+        FirstBlocks { inner, blocks }
+    }
+}
+
+impl LinearForm for FirstBlocks<'_> {
+    fn input_len(&self) -> usize {
+        self.inner.input_len()
+    }
+    fn output_len(&self) -> usize {
+        self.inner.output_len()
+    }
+    fn fan_in(&self) -> usize {
+        self.inner.fan_in()
+    }
+    fn max_abs_row_sum(&self) -> u128 {
+        self.inner.max_abs_row_sum()
+    }
+    fn blocks(&self) -> usize {
+        self.blocks
+    }
+    fn block_len(&self, b: usize) -> usize {
+        self.inner.block_len(b)
+    }
+    fn outputs(&self, b: Range<usize>) -> Vec<usize> {
+        self.inner.outputs(b)
+    }
+    fn apply_blocks(&self, b: Range<usize>, x: &[u64], rows: usize) -> Result<Vec<u64>, String> {
+        self.inner.apply_blocks(b, x, rows)
+    }
+}
+
+fn check_model(name: &str) {
+    let bytes = std::fs::read(common::model(name)).unwrap();
+    let converted = common::convert_bytes(&bytes);
+    let server = Arc::new(ServerModel::from_bytes(&converted.server.encode_to_vec()).unwrap());
+    let layers = server.layers().to_vec();
+    let params = HeParams::for_ring(layers[0].ring_bits).unwrap();
+    let client = ClientKey::generate(&params);
+    let key = ServerKey::from_bytes(&params, &client.public_key_bytes()).unwrap();
+    let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(11);
+    let count = 5;
+    for spec in &layers {
+        let op = spec.op_id;
+        let ring = spec.ring().unwrap();
+        let r: Vec<Vec<u64>> = (0..count)
+            .map(|_| (0..spec.input_len()).map(|_| rng.next_u64() & ring.mask()).collect())
+            .collect();
+        let form = FirstBlocks::new(server.he_form(op).unwrap());
+        let views: Vec<&[u64]> = r.iter().map(|v| &v[..]).collect();
+        let cts = client.encrypt(&views, spec.input_len()).unwrap();
+        let mut checked = 0;
+        let mut parts = Vec::new();
+        evaluate(&key, &form, cts, count, &mut |p| {
+            parts.push(p);
+            Ok(())
+        })
+        .unwrap();
+
+        // W·r = (W·r + b) − (W·0 + b), from the online op.
+        let stacked = ArrayD::from_shape_vec(
+            IxDyn(&spec.batch_input_shape(count)),
+            r.concat(),
+        )
+        .unwrap();
+        let zeros = ArrayD::zeros(IxDyn(&spec.batch_input_shape(count)));
+        let wrb = server.evaluate(op, stacked).unwrap();
+        let b = server.evaluate(op, zeros).unwrap();
+        let out_len = spec.output_len();
+        let wr: Vec<u64> = wrb
+            .iter()
+            .zip(b.iter())
+            .map(|(a, b)| ring.reduce(a.wrapping_sub(*b)))
+            .collect();
+        for p in parts {
+            let c = client.decrypt(&p.ciphertexts, count, p.outputs.len()).unwrap();
+            for (k, &o) in p.outputs.iter().enumerate() {
+                for i in 0..count {
+                    assert_eq!(
+                        ring.reduce(c[i][k].wrapping_add(p.masks[i][k])),
+                        wr[i * out_len + o],
+                        "{name} op {op}: output {o} of inference {i}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked >= count * out_len.min(MAX_OUTPUTS / 4), "{name} op {op}: only {checked} checked");
+        println!("{name} op {op} ({}): {checked} values exact", spec.source_op);
+    }
+}
+
+#[test]
+fn mnist_mlp_layers_decrypt_to_w_r_minus_s() {
+    check_model("mnist_mlp.onnx");
+}
+
+#[test]
+fn mnist_cnn_layers_decrypt_to_w_r_minus_s() {
+    check_model("mnist_cnn.onnx");
+}
+
+#[test]
+fn breast_cancer_layers_decrypt_to_w_r_minus_s() {
+    check_model("breast_cancer_mlp.onnx");
+}
