@@ -109,7 +109,7 @@ pub struct LayerSummary {
 
 /// Bytes of offline material (client `r`, `c`; server `s`) one automatic
 /// offline batch may hold.
-pub const MATERIAL_BUDGET: usize = 3 << 30;
+pub const MATERIAL_BUDGET: usize = 4 << 30;
 
 /// The automatic offline batch for a model: as many inferences as fit
 /// [`MATERIAL_BUDGET`], at most one per ciphertext coefficient.
@@ -195,10 +195,27 @@ pub fn convert_into(model: &Path, dir: &Path, options: &Options) -> anyhow::Resu
     Ok(converted)
 }
 
+/// What the bench is doing, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// an offline (HE) batch for this many inferences is starting
+    Preprocessing {
+        /// inferences in the batch
+        count: usize,
+    },
+    /// `done` of `total` predictions are finished
+    Predicted {
+        /// finished
+        done: usize,
+        /// all
+        total: usize,
+    },
+}
+
 /// Runs the bench.
 pub fn run(
     cfg: &BenchConfig,
-    mut progress: impl FnMut(usize, usize),
+    mut progress: impl FnMut(Progress),
 ) -> anyhow::Result<BenchReport> {
     let converted = convert_into(&cfg.model, &cfg.work_dir, &cfg.options)?;
     let server = Arc::new(ServerModel::load(&cfg.work_dir.join("server.onnx"))?);
@@ -251,8 +268,10 @@ pub fn run(
         // batch 1), so the runs left need `total - done` ids in all.
         while client.backend().ready() < inferences {
             let needed = (total - done).saturating_sub(client.backend().ready());
+            let count = offline_batch.min(needed).max(1);
+            progress(Progress::Preprocessing { count });
             let t = Instant::now();
-            client.backend().preprocess(offline_batch.min(needed).max(1))?;
+            client.backend().preprocess(count)?;
             offline += t.elapsed();
         }
         let t = Instant::now();
@@ -295,7 +314,7 @@ pub fn run(
             }
         }
         done += n;
-        progress(done, total);
+        progress(Progress::Predicted { done, total });
     }
     let traffic = client.backend().channel().traffic();
     let has_labels = !data.labels.is_empty();

@@ -94,11 +94,11 @@ enum Command {
         #[command(flatten)]
         args: ConvertArgs,
     },
-    /// The bundled MNIST CNN on the MNIST test set, securely (bench with defaults).
+    /// The bundled MNIST CNN on MNIST test images, securely (bench with defaults).
     Demo {
-        /// Only the first N test images.
-        #[arg(long)]
-        limit: Option<usize>,
+        /// The first N test images (up to 10000).
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
     },
 }
 
@@ -158,11 +158,23 @@ fn bundled(path: &str) -> PathBuf {
 
 fn run_bench(cfg: BenchConfig, json: Option<&Path>) -> anyhow::Result<()> {
     let tty = std::io::stderr().is_terminal();
-    let report = bench::run(&cfg, |done, total| {
-        if tty {
-            eprint!("\r{done}/{total} predictions");
-            if done == total {
+    let started = std::time::Instant::now();
+    let report = bench::run(&cfg, |p| match p {
+        bench::Progress::Preprocessing { count } => {
+            if tty {
                 eprintln!();
+            }
+            eprintln!(
+                "[{:>5.0} s] offline: HE preprocessing for {count} inferences (one batch of up to 8192)",
+                started.elapsed().as_secs_f64()
+            );
+        }
+        bench::Progress::Predicted { done, total } => {
+            if tty {
+                eprint!("\r{done}/{total} predictions");
+                if done == total {
+                    eprintln!();
+                }
             }
         }
     })?;
@@ -238,12 +250,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let model = bundled("onnx-models/mnist_cnn.onnx");
             let work_dir = work_dir(&model);
             println!(
-                "secinfer demo: the bundled MNIST CNN on the MNIST test set, secure linear layers in one process\n"
+                "secinfer demo: the bundled MNIST CNN on the first {limit} MNIST test images.\n\
+                 Client and server run in one process; the offline phase (lattice HE, about 6 minutes \n\
+                 per batch of up to 8192 images on 2 cores) comes first, then the online predictions.\n"
             );
             let cfg = BenchConfig {
                 model,
                 inputs: Inputs::Dataset("mnist".into()),
-                limit,
+                limit: Some(limit),
                 batch: 100,
                 offline_batch: None,
                 options: Options {

@@ -26,7 +26,7 @@ fn full_run(model: &str, dataset: &str, input_bound: f32) -> bench::BenchReport 
         },
         work_dir: work_dir.clone(),
     };
-    let report = bench::run(&cfg, |_, _| {}).expect("bench runs");
+    let report = bench::run(&cfg, |_| {}).expect("bench runs");
     let _ = std::fs::remove_dir_all(work_dir);
     println!("{}", report.summary());
     report
@@ -70,7 +70,7 @@ fn random_inputs_report_agreement_and_the_fixed_json_keys() {
         options: Options::default(),
         work_dir: work_dir.clone(),
     };
-    let r = bench::run(&cfg, |_, _| {}).expect("bench runs");
+    let r = bench::run(&cfg, |_| {}).expect("bench runs");
     let _ = std::fs::remove_dir_all(work_dir);
     assert_eq!((r.n, r.dataset.as_str()), (50, "random"));
     assert_eq!(r.agreement, 50, "max error {}", r.max_abs_error);

@@ -6,13 +6,12 @@
 //! (output channels), through the same code path as the rest; the whole
 //! layers are exercised by the 10,000-image agreement tests.
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use ndarray::{ArrayD, IxDyn};
 use prost::Message;
 use rand::{Rng, SeedableRng};
-use secinfer_he::{ClientKey, HeParams, LinearForm, ServerKey, evaluate};
+use secinfer_he::{ClientKey, FirstBlocks, HeParams, ServerKey, evaluate};
 use secinfer_protocol::MaskedLinear;
 use secinfer_tract_ext::ServerModel;
 
@@ -20,52 +19,6 @@ mod common;
 
 /// At most this many outputs of a layer are checked.
 const MAX_OUTPUTS: usize = 600;
-
-/// The first blocks of a layer, up to about [`MAX_OUTPUTS`] outputs.
-struct FirstBlocks<'a> {
-    inner: &'a dyn LinearForm,
-    blocks: usize,
-}
-
-impl<'a> FirstBlocks<'a> {
-    fn new(inner: &'a dyn LinearForm) -> Self {
-        let mut blocks = 0;
-        let mut outputs = 0;
-        while blocks < inner.blocks() && (blocks == 0 || outputs + inner.block_len(blocks) <= MAX_OUTPUTS)
-        {
-            outputs += inner.block_len(blocks);
-            blocks += 1;
-        }
-        FirstBlocks { inner, blocks }
-    }
-}
-
-impl LinearForm for FirstBlocks<'_> {
-    fn input_len(&self) -> usize {
-        self.inner.input_len()
-    }
-    fn output_len(&self) -> usize {
-        self.inner.output_len()
-    }
-    fn fan_in(&self) -> usize {
-        self.inner.fan_in()
-    }
-    fn max_abs_row_sum(&self) -> u128 {
-        self.inner.max_abs_row_sum()
-    }
-    fn blocks(&self) -> usize {
-        self.blocks
-    }
-    fn block_len(&self, b: usize) -> usize {
-        self.inner.block_len(b)
-    }
-    fn outputs(&self, b: Range<usize>) -> Vec<usize> {
-        self.inner.outputs(b)
-    }
-    fn apply_blocks(&self, b: Range<usize>, x: &[u64], rows: usize) -> Result<Vec<u64>, String> {
-        self.inner.apply_blocks(b, x, rows)
-    }
-}
 
 fn check_model(name: &str) {
     let bytes = std::fs::read(common::model(name)).unwrap();
@@ -83,7 +36,7 @@ fn check_model(name: &str) {
         let r: Vec<Vec<u64>> = (0..count)
             .map(|_| (0..spec.input_len()).map(|_| rng.next_u64() & ring.mask()).collect())
             .collect();
-        let form = FirstBlocks::new(server.he_form(op).unwrap());
+        let form = FirstBlocks::up_to_outputs(server.he_form(op).unwrap(), MAX_OUTPUTS);
         let views: Vec<&[u64]> = r.iter().map(|v| &v[..]).collect();
         let cts = client.encrypt(&views, spec.input_len()).unwrap();
         let mut checked = 0;

@@ -40,7 +40,7 @@ pub use params::{
     ERROR_BOUND, ERROR_VARIANCE, FloodPlan, HE_STANDARD_128, HeParams, REPLIES_PER_KEY_BITS,
     STAT_SECURITY_BITS,
 };
-pub use server::{LinearForm, Part, Reply, ServerKey, evaluate, evaluate_all};
+pub use server::{FirstBlocks, LinearForm, Part, Reply, ServerKey, evaluate, evaluate_all};
 
 /// What can go wrong in the offline phase.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -12,11 +12,11 @@
 
 use std::ops::Range;
 
-use fhe::bfv::{Ciphertext, Encoding, Plaintext, PublicKey};
+use fhe::bfv::{Ciphertext, PublicKey};
 use fhe_math::rq::traits::TryConvertFrom;
 use fhe_math::rq::{Poly, Representation};
 use fhe_math::zq::Modulus;
-use fhe_traits::{DeserializeParametrized, FheEncoder, FheEncrypter, Serialize};
+use fhe_traits::{DeserializeParametrized, Serialize};
 use prost::Message;
 use ndarray::Array2;
 use rand_chacha09::ChaCha20Rng;
@@ -56,7 +56,9 @@ pub trait LinearForm: Sync {
 #[derive(Clone)]
 pub struct ServerKey {
     params: HeParams,
-    pk: PublicKey,
+    /// the public key `(p0, p1)`, `p0 + p1·s = e`, in NTT-Shoup form
+    p0: Poly,
+    p1: Poly,
 }
 
 impl std::fmt::Debug for ServerKey {
@@ -70,10 +72,37 @@ impl std::fmt::Debug for ServerKey {
 impl ServerKey {
     /// Reads a client's public key.
     pub fn from_bytes(params: &HeParams, bytes: &[u8]) -> Result<ServerKey, HeError> {
-        let pk = decode_guarded("public key", || PublicKey::from_bytes(bytes, params.bfv()))?;
+        let par = params.bfv();
+        // Parsed by fhe first (its checks), then its two polynomials taken out.
+        decode_guarded("public key", || PublicKey::from_bytes(bytes, par))?;
+        let proto = fhe::proto::bfv::PublicKey::decode(bytes).map_err(|e| HeError::Malformed {
+            what: "public key",
+            problem: e.to_string(),
+        })?;
+        let ct_proto = proto.c.ok_or_else(|| HeError::Malformed {
+            what: "public key",
+            problem: "no ciphertext".into(),
+        })?;
+        let ct = decode_guarded("public key", || {
+            Ciphertext::from_bytes(&ct_proto.encode_to_vec(), par)
+        })?;
+        if ct.len() != 2 || par.level_of_context(ct[0].ctx()).ok() != Some(0) {
+            return Err(HeError::Malformed {
+                what: "public key",
+                problem: "not two polynomials at the full level".into(),
+            });
+        }
+        let (mut p0, mut p1) = (ct[0].clone(), ct[1].clone());
+        for p in [&mut p0, &mut p1] {
+            if *p.representation() != Representation::Ntt {
+                p.change_representation(Representation::Ntt);
+            }
+            p.change_representation(Representation::NttShoup);
+        }
         Ok(ServerKey {
             params: params.clone(),
-            pk,
+            p0,
+            p1,
         })
     }
 
@@ -391,26 +420,35 @@ fn finish(
     let par = key.params.bfv();
     let t = 1u64 << key.params.ring_bits();
     let neg_s: Vec<u64> = s.iter().map(|&v| (t - v) & (t - 1)).collect();
-    match privacy {
-        Privacy::Full => {
-            // Enc_pk(−s): adds −s and a fresh encryption of zero, so the reply's
-            // second component no longer reveals Σ_j W_oj·a_j.
-            let pt = Plaintext::try_encode(&neg_s[..], Encoding::poly(), par).map_err(lib_err)?;
-            let fresh = key.pk.try_encrypt(&pt, rng).map_err(lib_err)?;
-            c0 += &fresh[0];
-            c1 += &fresh[1];
-        }
-        #[cfg(test)]
-        Privacy::NoneInsecure => {
-            // −s added as a noiseless "trivial" encryption, nothing else.
-            c0 += &trivial_encoding(&c0.ctx().clone(), &neg_s, key.params.ring_bits())?;
-        }
+    let ctx = c0.ctx().clone();
+    if privacy == Privacy::Full {
+        // Re-randomise with a fresh encryption of zero under the client's key,
+        // (u·p0 + e1, u·p1 + e2), so the second component no longer reveals
+        // Σ_j W_oj·a_j. u is multiplied in the NTT domain; e1, e2 are added to
+        // the coefficients below. Same distributions as `fhe`'s own public-key
+        // encryption (centred binomial, variance ERROR_VARIANCE), which the
+        // flooding bound assumes.
+        let u = Poly::small(&ctx, Representation::Ntt, crate::ERROR_VARIANCE, rng)
+            .map_err(lib_err)?;
+        let mut r0 = u.clone();
+        r0 *= &key.p0;
+        let mut r1 = u;
+        r1 *= &key.p1;
+        c0 += &r0;
+        c1 += &r1;
     }
     // The rest is done on coefficients (flooding and dropping primes need
-    // them, and the reply travels that way), saving NTTs.
+    // them, and the reply travels that way).
     c0.change_representation(Representation::PowerBasis);
     c1.change_representation(Representation::PowerBasis);
+    c0 += &encode_scaled(&ctx, &neg_s, key.params.ring_bits())?;
     if privacy == Privacy::Full {
+        let e1 = Poly::small(&ctx, Representation::PowerBasis, crate::ERROR_VARIANCE, rng)
+            .map_err(lib_err)?;
+        let e2 = Poly::small(&ctx, Representation::PowerBasis, crate::ERROR_VARIANCE, rng)
+            .map_err(lib_err)?;
+        c0 += &e1;
+        c1 += &e2;
         add_flood(&mut c0, plan, rng)?;
     }
     let mut level = 0;
@@ -458,10 +496,10 @@ fn add_flood(p: &mut Poly, plan: &FloodPlan, rng: &mut ChaCha20Rng) -> Result<()
     Ok(())
 }
 
-/// `floor(q·m / t)` for plaintext coefficients `m`, the encoding `fhe` uses,
-/// computed as `[m·(q mod t)]_t · (−t)^{-1} mod q_l` per prime.
-#[cfg(test)]
-fn trivial_encoding(
+/// `floor(q·m / t)` for plaintext coefficients `m` (the encoding `fhe` uses
+/// for a plaintext), in power basis at `ctx`'s level, computed as
+/// `[m·(q mod t)]_t · (−t)^{-1} mod q_l` per prime.
+fn encode_scaled(
     ctx: &std::sync::Arc<fhe_math::rq::Context>,
     m: &[u64],
     ring_bits: u32,
@@ -474,14 +512,13 @@ fn trivial_encoding(
         let md = Modulus::new(q).map_err(lib_err)?;
         let neg_t = md.neg(md.reduce(t_mask + 1));
         let inv = md.inv(neg_t).ok_or_else(|| HeError::Params("t not invertible".into()))?;
+        let inv_shoup = md.shoup(inv);
         for (i, &v) in m.iter().enumerate() {
             let r = v.wrapping_mul(q_mod_t) & t_mask;
-            a[[l, i]] = md.mul(md.reduce(r), inv);
+            a[[l, i]] = md.mul_shoup(md.reduce(r), inv, inv_shoup);
         }
     }
-    let mut p = Poly::try_convert_from(a, ctx, false, Representation::PowerBasis).map_err(lib_err)?;
-    p.change_representation(Representation::Ntt);
-    Ok(p)
+    Poly::try_convert_from(a, ctx, false, Representation::PowerBasis).map_err(lib_err)
 }
 
 fn add_mod(a: u64, b: u64, q: u64) -> u64 {
@@ -495,4 +532,63 @@ fn pow2_mod(e: u32, q: u64) -> u64 {
         r = add_mod(r, r, q);
     }
     r
+}
+
+/// A layer restricted to its first few blocks of outputs (the others are not
+/// computed), for tests and benchmarks that look at part of a big layer
+/// through the same code path as the whole.
+pub struct FirstBlocks<'a> {
+    inner: &'a dyn LinearForm,
+    blocks: usize,
+}
+
+impl<'a> FirstBlocks<'a> {
+    /// The first blocks of `inner` whose outputs total at most `max_outputs`
+    /// (at least one block).
+    pub fn up_to_outputs(inner: &'a dyn LinearForm, max_outputs: usize) -> Self {
+        let mut blocks = 0;
+        let mut outputs = 0;
+        while blocks < inner.blocks()
+            && (blocks == 0 || outputs + inner.block_len(blocks) <= max_outputs)
+        {
+            outputs += inner.block_len(blocks);
+            blocks += 1;
+        }
+        FirstBlocks { inner, blocks }
+    }
+
+    /// Outputs computed.
+    pub fn computed_outputs(&self) -> usize {
+        (0..self.blocks).map(|b| self.inner.block_len(b)).sum()
+    }
+}
+
+impl LinearForm for FirstBlocks<'_> {
+    fn input_len(&self) -> usize {
+        self.inner.input_len()
+    }
+    fn output_len(&self) -> usize {
+        self.inner.output_len()
+    }
+    fn fan_in(&self) -> usize {
+        self.inner.fan_in()
+    }
+    fn max_abs_row_sum(&self) -> u128 {
+        self.inner.max_abs_row_sum()
+    }
+    fn blocks(&self) -> usize {
+        self.blocks
+    }
+    fn block_len(&self, b: usize) -> usize {
+        self.inner.block_len(b)
+    }
+    fn outputs(&self, b: Range<usize>) -> Vec<usize> {
+        self.inner.outputs(b)
+    }
+    fn apply_blocks(&self, b: Range<usize>, x: &[u64], rows: usize) -> Result<Vec<u64>, String> {
+        if b.end > self.blocks {
+            return Err(format!("blocks {b:?} beyond the first {}", self.blocks));
+        }
+        self.inner.apply_blocks(b, x, rows)
+    }
 }

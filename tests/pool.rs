@@ -1,0 +1,84 @@
+//! The background preprocessing pool: predictions draw material that a pool
+//! thread makes ahead of time with the HE offline phase, refilling below its
+//! low-water mark; without a pool, a prediction without material is refused.
+
+use ndarray::Axis;
+use secinfer_protocol::PoolPolicy;
+use secinfer_tract_ext::PreprocessingPool;
+use tract_onnx::prelude::*;
+
+mod common;
+
+#[test]
+fn pool_keeps_predictions_supplied_and_results_exact() {
+    let model = common::model("breast_cancer_mlp.onnx");
+    let bytes = std::fs::read(&model).unwrap();
+    let converted = common::convert_bytes(&bytes);
+    let tol = common::tolerance(&converted, 64.0);
+    let pair = common::SecurePair::new(&converted);
+    let data = secinfer::data::load("breast-cancer").unwrap();
+    let plain = tract_onnx::onnx()
+        .model_for_path(&model)
+        .unwrap()
+        .into_optimized()
+        .unwrap()
+        .into_runnable()
+        .unwrap();
+
+    let backend = pair.client.backend().clone();
+    let pool = PreprocessingPool::start(
+        backend.clone(),
+        PoolPolicy {
+            batch: 40,
+            low_water: 15,
+        },
+    )
+    .unwrap();
+    let mut max_err = 0f32;
+    for k in 0..10 {
+        let x = data
+            .inputs
+            .slice_axis(Axis(0), (k * 10..k * 10 + 10).into())
+            .to_owned()
+            .into_tensor();
+        let secure = pair.client.predict(tvec!(x.clone().into_tvalue())).unwrap();
+        let reference = plain.run(tvec!(x.into_tvalue())).unwrap();
+        let (s, r) = (
+            secure[0].to_plain_array_view::<f32>().unwrap(),
+            reference[0].to_plain_array_view::<f32>().unwrap(),
+        );
+        for (a, b) in s.iter().zip(r.iter()) {
+            max_err = max_err.max((a - b).abs());
+        }
+    }
+    assert!(f64::from(max_err) <= tol, "max error {max_err} > {tol}");
+    // The pool made whole batches of 40 and the predictions took exactly 100.
+    pool.stop();
+    let left = backend.ready();
+    assert_eq!((left + 100) % 40, 0, "{left} ready after the pool stopped");
+
+    // Without a pool, running out of material is an error, not a hang.
+    let x = data
+        .inputs
+        .slice_axis(Axis(0), (0..left + 1).into())
+        .to_owned()
+        .into_tensor();
+    let e = format!("{:#}", pair.client.predict(tvec!(x.into_tvalue())).unwrap_err());
+    assert!(e.contains("need preprocessing"), "{e}");
+}
+
+#[test]
+fn pool_refuses_bad_batch_sizes() {
+    let bytes = std::fs::read(common::model("breast_cancer_mlp.onnx")).unwrap();
+    let pair = common::SecurePair::new(&common::convert_bytes(&bytes));
+    for batch in [0, secinfer_tract_ext::MAX_BATCH + 1] {
+        let r = PreprocessingPool::start(
+            pair.client.backend().clone(),
+            PoolPolicy {
+                batch,
+                low_water: 1,
+            },
+        );
+        assert!(r.is_err(), "batch {batch} accepted");
+    }
+}
