@@ -67,7 +67,7 @@ fn check_model(name: &str) {
             for (k, &o) in p.outputs.iter().enumerate() {
                 for i in 0..count {
                     assert_eq!(
-                        ring.reduce(c[i][k].wrapping_add(p.masks[i][k])),
+                        ring.reduce(c[k][i].wrapping_add(p.masks[i][k])),
                         wr[i * out_len + o],
                         "{name} op {op}: output {o} of inference {i}"
                     );

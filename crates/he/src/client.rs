@@ -81,8 +81,9 @@ impl ClientKey {
             .collect()
     }
 
-    /// Decrypts a layer's reply: `count` inferences of `output_len` elements
-    /// each, `c = W·r − s` in `Z_2^k`.
+    /// Decrypts reply ciphertexts: for each, `c = W·r − s` in `Z_2^k` of its
+    /// output feature, for the batch's `count` inferences (one row per
+    /// ciphertext).
     pub fn decrypt(
         &self,
         replies: &[Vec<u8>],
@@ -100,18 +101,16 @@ impl ClientKey {
             )));
         }
         let par = self.params.bfv();
-        let columns: Vec<Vec<u64>> = replies
+        replies
             .par_iter()
             .map(|bytes| {
                 let ct = decode_reply(par, bytes)?;
                 let pt = self.sk.try_decrypt(&ct).map_err(lib_err)?;
-                let v = Vec::<u64>::try_decode(&pt, Encoding::poly()).map_err(lib_err)?;
+                let mut v = Vec::<u64>::try_decode(&pt, Encoding::poly()).map_err(lib_err)?;
+                v.truncate(count);
                 Ok(v)
             })
-            .collect::<Result<_, HeError>>()?;
-        Ok((0..count)
-            .map(|b| columns.iter().map(|col| col[b]).collect())
-            .collect())
+            .collect()
     }
 
     /// The secret key, for tests that play a curious client.

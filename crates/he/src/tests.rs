@@ -141,6 +141,7 @@ fn decryption_is_exactly_w_r_minus_s() {
         let c = client
             .decrypt(&reply.ciphertexts, count, d.output_len())
             .unwrap();
+        assert_eq!(c.len(), d.output_len());
         for b in 0..count {
             let wr = expected(&d, &masks[b], 37);
             let want: Vec<u64> = wr
@@ -148,7 +149,8 @@ fn decryption_is_exactly_w_r_minus_s() {
                 .zip(&reply.masks[b])
                 .map(|(a, s)| a.wrapping_sub(*s) & mask)
                 .collect();
-            assert_eq!(c[b], want, "inference {b}");
+            let got: Vec<u64> = c.iter().map(|row| row[b]).collect();
+            assert_eq!(got, want, "inference {b}");
         }
     }
 }

@@ -269,11 +269,11 @@ impl Preprocessor {
             .key
             .decrypt(&reply.ciphertexts, batch.count, reply.ciphertexts.len())
             .map_err(|e| he_err(op, e))?;
-        for (k, &o) in reply.outputs.iter().enumerate() {
+        for (&o, col) in reply.outputs.iter().zip(&c) {
             let o = o as usize;
             batch.received[op as usize][o] = true;
-            for (b, row) in batch.products[op as usize].iter_mut().enumerate() {
-                row[o] = c[b][k];
+            for (row, &v) in batch.products[op as usize].iter_mut().zip(col) {
+                row[o] = v;
             }
         }
         batch.done[op as usize] += reply.outputs.len();
