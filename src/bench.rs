@@ -367,7 +367,7 @@ impl BenchReport {
              max |error|      {:.3e}\n\
              throughput       {:.0} predictions/s end to end (offline {:.0}/s, online {:.0}/s)   plaintext tract {:.0}/s\n\
              bytes            {:.0} per prediction offline, {:.0} online\n\
-             preprocessing    {} (two-party, lattice HE; offline batches of {})\n\
+             preprocessing    {} (two-party, lattice HE; offline batches of up to {})\n\
              transport        {}",
             self.model,
             self.dataset,
