@@ -213,10 +213,7 @@ pub enum Progress {
 }
 
 /// Runs the bench.
-pub fn run(
-    cfg: &BenchConfig,
-    mut progress: impl FnMut(Progress),
-) -> anyhow::Result<BenchReport> {
+pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(Progress)) -> anyhow::Result<BenchReport> {
     let converted = convert_into(&cfg.model, &cfg.work_dir, &cfg.options)?;
     let server = Arc::new(ServerModel::load(&cfg.work_dir.join("server.onnx"))?);
     let channel = InMemoryChannel::new(server.clone());

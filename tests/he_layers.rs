@@ -34,7 +34,11 @@ fn check_model(name: &str) {
         let op = spec.op_id;
         let ring = spec.ring().unwrap();
         let r: Vec<Vec<u64>> = (0..count)
-            .map(|_| (0..spec.input_len()).map(|_| rng.next_u64() & ring.mask()).collect())
+            .map(|_| {
+                (0..spec.input_len())
+                    .map(|_| rng.next_u64() & ring.mask())
+                    .collect()
+            })
             .collect();
         let form = FirstBlocks::up_to_outputs(server.he_form(op).unwrap(), MAX_OUTPUTS);
         let views: Vec<&[u64]> = r.iter().map(|v| &v[..]).collect();
@@ -48,11 +52,8 @@ fn check_model(name: &str) {
         .unwrap();
 
         // W·r = (W·r + b) − (W·0 + b), from the online op.
-        let stacked = ArrayD::from_shape_vec(
-            IxDyn(&spec.batch_input_shape(count)),
-            r.concat(),
-        )
-        .unwrap();
+        let stacked =
+            ArrayD::from_shape_vec(IxDyn(&spec.batch_input_shape(count)), r.concat()).unwrap();
         let zeros = ArrayD::zeros(IxDyn(&spec.batch_input_shape(count)));
         let wrb = server.evaluate(op, stacked).unwrap();
         let b = server.evaluate(op, zeros).unwrap();
@@ -63,7 +64,9 @@ fn check_model(name: &str) {
             .map(|(a, b)| ring.reduce(a.wrapping_sub(*b)))
             .collect();
         for p in parts {
-            let c = client.decrypt(&p.ciphertexts, count, p.outputs.len()).unwrap();
+            let c = client
+                .decrypt(&p.ciphertexts, count, p.outputs.len())
+                .unwrap();
             for (k, &o) in p.outputs.iter().enumerate() {
                 for i in 0..count {
                     assert_eq!(
@@ -75,8 +78,14 @@ fn check_model(name: &str) {
                 }
             }
         }
-        assert!(checked >= count * out_len.min(MAX_OUTPUTS / 4), "{name} op {op}: only {checked} checked");
-        println!("{name} op {op} ({}): {checked} values exact", spec.source_op);
+        assert!(
+            checked >= count * out_len.min(MAX_OUTPUTS / 4),
+            "{name} op {op}: only {checked} checked"
+        );
+        println!(
+            "{name} op {op} ({}): {checked} values exact",
+            spec.source_op
+        );
     }
 }
 

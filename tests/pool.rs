@@ -63,7 +63,10 @@ fn pool_keeps_predictions_supplied_and_results_exact() {
         .slice_axis(Axis(0), (0..left + 1).into())
         .to_owned()
         .into_tensor();
-    let e = format!("{:#}", pair.client.predict(tvec!(x.into_tvalue())).unwrap_err());
+    let e = format!(
+        "{:#}",
+        pair.client.predict(tvec!(x.into_tvalue())).unwrap_err()
+    );
     assert!(e.contains("need preprocessing"), "{e}");
 }
 

@@ -41,7 +41,11 @@ fn server_model(name: &str) -> Arc<ServerModel> {
 fn masks(count: usize, len: usize, bits: u32) -> Vec<Vec<u64>> {
     let mut rng = rand::rngs::ChaCha20Rng::seed_from_u64(3);
     (0..count)
-        .map(|_| (0..len).map(|_| rng.next_u64() & ((1 << bits) - 1)).collect())
+        .map(|_| {
+            (0..len)
+                .map(|_| rng.next_u64() & ((1 << bits) - 1))
+                .collect()
+        })
         .collect()
 }
 

@@ -74,7 +74,8 @@ impl ClientKey {
             .into_par_iter()
             .map_init(ChaCha20Rng::from_os_rng, |rng, j| {
                 let column: Vec<u64> = masks.iter().map(|m| m[j] & t_mask).collect();
-                let pt = Plaintext::try_encode(&column[..], Encoding::poly(), par).map_err(lib_err)?;
+                let pt =
+                    Plaintext::try_encode(&column[..], Encoding::poly(), par).map_err(lib_err)?;
                 let ct: Ciphertext = self.sk.try_encrypt(&pt, rng).map_err(lib_err)?;
                 Ok(ct.to_bytes())
             })
@@ -92,7 +93,9 @@ impl ClientKey {
     ) -> Result<Vec<Vec<u64>>, HeError> {
         let n = self.params.degree();
         if count == 0 || count > n {
-            return Err(HeError::Shape(format!("{count} inferences; a batch holds 1..={n}")));
+            return Err(HeError::Shape(format!(
+                "{count} inferences; a batch holds 1..={n}"
+            )));
         }
         if replies.len() != output_len {
             return Err(HeError::Shape(format!(

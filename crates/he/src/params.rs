@@ -53,6 +53,19 @@ pub const HE_STANDARD_128: [(usize, u32); 6] = [
     (32768, 881),
 ];
 
+/// The HE standard's 128-bit bound on `log2 q` for ring degree `degree`.
+fn max_log_q(degree: usize) -> Result<u32, HeError> {
+    HE_STANDARD_128
+        .iter()
+        .find(|(n, _)| *n == degree)
+        .map(|(_, b)| *b)
+        .ok_or_else(|| {
+            HeError::Params(format!(
+                "ring degree {degree} is not in the HE-standard 128-bit table (1024 … 32768)"
+            ))
+        })
+}
+
 /// A checked BFV parameter set for a ring `Z_2^k`.
 #[derive(Clone)]
 pub struct HeParams {
@@ -83,15 +96,7 @@ impl HeParams {
     /// sizes (generated, NTT-friendly) and plaintext modulus `2^ring_bits`;
     /// refused unless it passes the security and decryptability checks.
     pub fn new(degree: usize, moduli_bits: &[usize], ring_bits: u32) -> Result<HeParams, HeError> {
-        let max_bits = HE_STANDARD_128
-            .iter()
-            .find(|(n, _)| *n == degree)
-            .map(|(_, b)| *b)
-            .ok_or_else(|| {
-                HeError::Params(format!(
-                    "ring degree {degree} is not in the HE-standard 128-bit table (1024 … 32768)"
-                ))
-            })?;
+        let max_bits = max_log_q(degree)?;
         if moduli_bits.len() < 2 {
             return Err(HeError::Params(
                 "need at least two ciphertext primes (one is dropped before the reply is sent)"
@@ -124,34 +129,10 @@ impl HeParams {
         HeParams::check(ring_bits, bfv)
     }
 
-    /// A parameter set with the given primes (instead of generated ones); the
-    /// same checks apply.
-    pub fn with_moduli(degree: usize, moduli: &[u64], ring_bits: u32) -> Result<HeParams, HeError> {
-        if !(2..=62).contains(&ring_bits) {
-            return Err(HeError::Params(format!(
-                "plaintext modulus 2^{ring_bits}: ring bits must be 2..=62"
-            )));
-        }
-        let bfv = BfvParametersBuilder::new()
-            .set_degree(degree)
-            .set_plaintext_modulus(1u64 << ring_bits)
-            .set_moduli(moduli)
-            .set_variance(ERROR_VARIANCE)
-            .build_arc()
-            .map_err(|e| HeError::Params(format!("fhe refused the parameters: {e}")))?;
-        HeParams::check(ring_bits, bfv)
-    }
-
     /// Checks a built parameter set; every set was built with [`ERROR_VARIANCE`].
     fn check(ring_bits: u32, bfv: Arc<BfvParameters>) -> Result<HeParams, HeError> {
         let degree = bfv.degree();
-        let max_bits = HE_STANDARD_128
-            .iter()
-            .find(|(n, _)| *n == degree)
-            .map(|(_, b)| *b)
-            .ok_or_else(|| {
-                HeError::Params(format!("ring degree {degree} is not in the HE-standard table"))
-            })?;
+        let max_bits = max_log_q(degree)?;
         if bfv.plaintext() != 1u64 << ring_bits {
             return Err(HeError::Params(format!(
                 "plaintext modulus {} is not 2^{ring_bits}, the model's ring",
@@ -172,7 +153,9 @@ impl HeParams {
             )));
         }
         if bfv.moduli().len() < 2 {
-            return Err(HeError::Params("need at least two ciphertext primes".into()));
+            return Err(HeError::Params(
+                "need at least two ciphertext primes".into(),
+            ));
         }
         Ok(HeParams {
             ring_bits,

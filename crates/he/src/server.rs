@@ -17,8 +17,8 @@ use fhe_math::rq::traits::TryConvertFrom;
 use fhe_math::rq::{Poly, Representation};
 use fhe_math::zq::Modulus;
 use fhe_traits::{DeserializeParametrized, Serialize};
-use prost::Message;
 use ndarray::Array2;
+use prost::Message;
 use rand_chacha09::ChaCha20Rng;
 use rand_chacha09::rand_core::{RngCore, SeedableRng};
 use rayon::prelude::*;
@@ -49,7 +49,12 @@ pub trait LinearForm: Sync {
     /// Blocks `blocks` of `W·x` for `rows` samples, `x` row-major
     /// `[rows, input_len]` of signed values as wrapping `u64`; the result is
     /// row-major `[rows, outputs(blocks).len()]`, exact modulo `2^64`.
-    fn apply_blocks(&self, blocks: Range<usize>, x: &[u64], rows: usize) -> Result<Vec<u64>, String>;
+    fn apply_blocks(
+        &self,
+        blocks: Range<usize>,
+        x: &[u64],
+        rows: usize,
+    ) -> Result<Vec<u64>, String>;
 }
 
 /// The client's public key, as the server holds it.
@@ -215,7 +220,9 @@ pub(crate) fn evaluate_with(
     let params = &key.params;
     let n = params.degree();
     if count == 0 || count > n {
-        return Err(HeError::Shape(format!("{count} inferences; a batch holds 1..={n}")));
+        return Err(HeError::Shape(format!(
+            "{count} inferences; a batch holds 1..={n}"
+        )));
     }
     if ciphertexts.len() != form.input_len() {
         return Err(HeError::Shape(format!(
@@ -344,7 +351,11 @@ fn products(
     let in_len = inputs.len();
     let q_bits = 64 - moduli.iter().max().copied().unwrap_or(1).leading_zeros();
     let limbs = q_bits.div_ceil(limb_bits) as usize;
-    let limb_mask = if limb_bits >= 64 { u64::MAX } else { (1u64 << limb_bits) - 1 };
+    let limb_mask = if limb_bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << limb_bits) - 1
+    };
     let row_ids: Vec<(usize, usize)> = (0..2)
         .flat_map(|comp| (0..moduli.len()).map(move |l| (comp, l)))
         .collect();
@@ -368,7 +379,8 @@ fn products(
                     for s in 0..width {
                         let v = m.reduce(row[i0 + s]);
                         for t in 0..limbs {
-                            x[(s * limbs + t) * in_len + j] = (v >> (t as u32 * limb_bits)) & limb_mask;
+                            x[(s * limbs + t) * in_len + j] =
+                                (v >> (t as u32 * limb_bits)) & limb_mask;
                         }
                     }
                 }
@@ -428,8 +440,8 @@ fn finish(
         // the coefficients below. Same distributions as `fhe`'s own public-key
         // encryption (centred binomial, variance ERROR_VARIANCE), which the
         // flooding bound assumes.
-        let u = Poly::small(&ctx, Representation::Ntt, crate::ERROR_VARIANCE, rng)
-            .map_err(lib_err)?;
+        let u =
+            Poly::small(&ctx, Representation::Ntt, crate::ERROR_VARIANCE, rng).map_err(lib_err)?;
         let mut r0 = u.clone();
         r0 *= &key.p0;
         let mut r1 = u;
@@ -472,7 +484,9 @@ fn finish(
 fn add_flood(p: &mut Poly, plan: &FloodPlan, rng: &mut ChaCha20Rng) -> Result<(), HeError> {
     let beta = plan.flood_bits;
     if beta >= 127 {
-        return Err(HeError::Params(format!("flood of 2^{beta} does not fit 128-bit sampling")));
+        return Err(HeError::Params(format!(
+            "flood of 2^{beta} does not fit 128-bit sampling"
+        )));
     }
     let ctx = p.ctx().clone();
     let moduli: Vec<Modulus> = ctx
@@ -482,7 +496,10 @@ fn add_flood(p: &mut Poly, plan: &FloodPlan, rng: &mut ChaCha20Rng) -> Result<()
         .collect::<Result<_, _>>()?;
     let n = p.coefficients().ncols();
     let range_mask: u128 = (1u128 << (beta + 1)) - 1;
-    let offsets: Vec<u64> = moduli.iter().map(|m| m.reduce_u128(1u128 << beta)).collect();
+    let offsets: Vec<u64> = moduli
+        .iter()
+        .map(|m| m.reduce_u128(1u128 << beta))
+        .collect();
     let mut a = p.coefficients().to_owned();
     for i in 0..n {
         // value = u − 2^β with u uniform in [0, 2^(β+1))
@@ -511,7 +528,9 @@ fn encode_scaled(
     for (l, &q) in moduli.iter().enumerate() {
         let md = Modulus::new(q).map_err(lib_err)?;
         let neg_t = md.neg(md.reduce(t_mask + 1));
-        let inv = md.inv(neg_t).ok_or_else(|| HeError::Params("t not invertible".into()))?;
+        let inv = md
+            .inv(neg_t)
+            .ok_or_else(|| HeError::Params("t not invertible".into()))?;
         let inv_shoup = md.shoup(inv);
         for (i, &v) in m.iter().enumerate() {
             let r = v.wrapping_mul(q_mod_t) & t_mask;

@@ -78,10 +78,9 @@ fn expected(d: &Dense, r: &[u64], ring_bits: u32) -> Vec<u64> {
     let mask = (1u64 << ring_bits) - 1;
     d.w.iter()
         .map(|row| {
-            row.iter()
-                .zip(r)
-                .fold(0u64, |a, (&w, &x)| a.wrapping_add((w as u64).wrapping_mul(x)))
-                & mask
+            row.iter().zip(r).fold(0u64, |a, (&w, &x)| {
+                a.wrapping_add((w as u64).wrapping_mul(x))
+            }) & mask
         })
         .collect()
 }
@@ -132,7 +131,11 @@ fn decryption_is_exactly_w_r_minus_s() {
     ] {
         let mut g = rng();
         let masks: Vec<Vec<u64>> = (0..count)
-            .map(|_| (0..d.input_len()).map(|_| g.random::<u64>() & mask).collect())
+            .map(|_| {
+                (0..d.input_len())
+                    .map(|_| g.random::<u64>() & mask)
+                    .collect()
+            })
             .collect();
         let views: Vec<&[u64]> = masks.iter().map(|m| &m[..]).collect();
         let cts = client.encrypt(&views, d.input_len()).unwrap();
@@ -184,11 +187,7 @@ fn solve_mod(mut a: Vec<Vec<u64>>, mut y: Vec<u64>, p: u64) -> Option<Vec<u64>> 
 /// The curious client's attack: the second component of an honest-but-naive
 /// reply is `Σ_j W_oj · a_j`, and the client knows every `a_j` (it made
 /// them), so `n` residues of it are `n` linear equations in row `o` of `W`.
-fn recover_row(
-    p: &HeParams,
-    inputs: &[Vec<u8>],
-    reply: &[u8],
-) -> Option<Vec<i64>> {
+fn recover_row(p: &HeParams, inputs: &[Vec<u8>], reply: &[u8]) -> Option<Vec<i64>> {
     let par = p.bfv();
     let a: Vec<Ciphertext> = inputs
         .iter()
@@ -204,7 +203,13 @@ fn recover_row(
     let w = solve_mod(rows, y, q)?;
     Some(
         w.into_iter()
-            .map(|v| if v > q / 2 { v as i64 - q as i64 } else { v as i64 })
+            .map(|v| {
+                if v > q / 2 {
+                    v as i64 - q as i64
+                } else {
+                    v as i64
+                }
+            })
             .collect(),
     )
 }
@@ -236,14 +241,24 @@ fn without_rerandomisation_the_client_recovers_the_weights() {
     let real = run(Privacy::Full);
     for o in 0..2 {
         let w = recover_row(&p, &cts, &real.ciphertexts[o]);
-        assert_ne!(w.as_ref(), Some(&d.w[o]), "re-randomised reply leaked row {o}");
+        assert_ne!(
+            w.as_ref(),
+            Some(&d.w[o]),
+            "re-randomised reply leaked row {o}"
+        );
         if let Some(w) = w {
             // uniform-looking garbage, not small weights
             assert!(w.iter().any(|v| v.unsigned_abs() > 1 << 40), "{w:?}");
         }
     }
     // And its shrunk form still decrypts to W·r − s.
-    let c = client.decrypt(&evaluate_all(&server, &d, cts.clone(), 1).unwrap().ciphertexts, 1, 2);
+    let c = client.decrypt(
+        &evaluate_all(&server, &d, cts.clone(), 1)
+            .unwrap()
+            .ciphertexts,
+        1,
+        2,
+    );
     assert!(c.is_ok());
 }
 
@@ -282,11 +297,20 @@ fn malformed_inputs_are_errors() {
     assert!(ServerKey::from_bytes(&p, b"not a key").is_err());
     let d = random_dense(2, 3, 5, 1);
     let cts = client.encrypt(&[&[1, 2, 3]], 3).unwrap();
-    assert!(matches!(evaluate_all(&server, &d, cts[..2].to_vec(), 1), Err(HeError::Shape(_))));
-    assert!(matches!(evaluate_all(&server, &d, cts.clone(), 0), Err(HeError::Shape(_))));
+    assert!(matches!(
+        evaluate_all(&server, &d, cts[..2].to_vec(), 1),
+        Err(HeError::Shape(_))
+    ));
+    assert!(matches!(
+        evaluate_all(&server, &d, cts.clone(), 0),
+        Err(HeError::Shape(_))
+    ));
     let mut bad = cts.clone();
     bad[1] = vec![0xff; 100];
-    assert!(matches!(evaluate_all(&server, &d, bad, 1), Err(HeError::Malformed { .. })));
+    assert!(matches!(
+        evaluate_all(&server, &d, bad, 1),
+        Err(HeError::Malformed { .. })
+    ));
     assert!(client.encrypt(&[&[1, 2]], 3).is_err());
     assert!(client.decrypt(&[vec![1, 2, 3]], 1, 1).is_err());
 }

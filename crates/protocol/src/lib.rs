@@ -35,12 +35,10 @@ mod store;
 pub use client::ClientSession;
 #[cfg(test)]
 pub(crate) use dealer::InsecureLocalDealer;
-pub use offline::{
-    MaskRequest, OfflineHello, PoolPolicy, Preprocessor, ProductReply, params_for,
-};
 pub use messages::{
     ClientMaterial, MaskedInput, MaskedOutput, OpId, PreprocessingId, ServerMaterial, WireTensor,
 };
+pub use offline::{MaskRequest, OfflineHello, PoolPolicy, Preprocessor, ProductReply, params_for};
 pub use server::{MAX_BATCHES_IN_FLIGHT, MaskedLinear, ServerSession};
 
 /// Everything that can go wrong in a session; each variant names the op and id.

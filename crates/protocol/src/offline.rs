@@ -25,8 +25,8 @@ use secinfer_he::{ClientKey, HeParams};
 use secinfer_model::LayerSpec;
 use serde::{Deserialize, Serialize};
 
-use crate::messages::{ClientMaterial, OpId, PreprocessingId};
 use crate::ProtocolError;
+use crate::messages::{ClientMaterial, OpId, PreprocessingId};
 
 /// Ciphertexts per [`MaskRequest`] / [`ProductReply`] (about 180 KiB each up,
 /// 120 KiB down), so that one message stays around 10 MiB.
@@ -164,7 +164,11 @@ impl Preprocessor {
             let mask = (1u64 << spec.ring_bits) - 1;
             masks.push(
                 (0..count)
-                    .map(|_| (0..spec.input_len()).map(|_| self.rng.next_u64() & mask).collect())
+                    .map(|_| {
+                        (0..spec.input_len())
+                            .map(|_| self.rng.next_u64() & mask)
+                            .collect()
+                    })
                     .collect(),
             );
         }
@@ -178,7 +182,11 @@ impl Preprocessor {
                     .iter()
                     .map(|s| vec![vec![0; s.output_len()]; count])
                     .collect(),
-                received: self.layers.iter().map(|s| vec![false; s.output_len()]).collect(),
+                received: self
+                    .layers
+                    .iter()
+                    .map(|s| vec![false; s.output_len()])
+                    .collect(),
                 done: vec![0; self.layers.len()],
                 cursor: (0, 0),
             },

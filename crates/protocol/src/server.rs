@@ -8,11 +8,9 @@ use secinfer_model::LayerSpec;
 use secinfer_ring::RingTensor;
 
 use crate::ProtocolError;
-use crate::messages::{
-    MaskedInput, MaskedOutput, OpId, PreprocessingId, WireTensor,
-};
 #[cfg(test)]
 use crate::messages::ServerMaterial;
+use crate::messages::{MaskedInput, MaskedOutput, OpId, PreprocessingId, WireTensor};
 use crate::offline::{
     CIPHERTEXTS_PER_MESSAGE, MaskRequest, OfflineHello, ProductReply, he_err, params_for,
 };
@@ -69,7 +67,9 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
     /// it is for this model's HE parameters.
     pub fn accept_hello(&mut self, hello: OfflineHello) -> Result<(), ProtocolError> {
         if self.key.is_some() {
-            return Err(ProtocolError::Model("the session already has a client key".into()));
+            return Err(ProtocolError::Model(
+                "the session already has a client key".into(),
+            ));
         }
         let params = params_for(self.linear.layers())?;
         if hello.degree as usize != params.degree() || hello.ring_bits != params.ring_bits() {
@@ -97,10 +97,9 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
         emit: &mut dyn FnMut(ProductReply) -> Result<(), ProtocolError>,
     ) -> Result<(), ProtocolError> {
         let op = req.op;
-        let key = self
-            .key
-            .clone()
-            .ok_or_else(|| ProtocolError::Model("offline request before the client's key".into()))?;
+        let key = self.key.clone().ok_or_else(|| {
+            ProtocolError::Model("offline request before the client's key".into())
+        })?;
         let layers = self.linear.layers();
         let (spec, _) = crate::op_spec(layers, op)?;
         let count = req.count as usize;
@@ -118,17 +117,24 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
                     "{MAX_BATCHES_IN_FLIGHT} preprocessing batches are already in flight"
                 )));
             }
-            let end = first.0.checked_add(count as u64).ok_or(ProtocolError::DuplicateId(first))?;
+            let end = first
+                .0
+                .checked_add(count as u64)
+                .ok_or(ProtocolError::DuplicateId(first))?;
             for id in first.0..end {
                 let id = PreprocessingId(id);
                 if self.store.known(id) {
                     return Err(ProtocolError::DuplicateId(id));
                 }
             }
-            if let Some((&other, _)) = self.batches.iter().find(|(o, b)| {
-                first.0 < o.0 + b.count as u64 && o.0 < end
-            }) {
-                return Err(ProtocolError::DuplicateId(PreprocessingId(first.0.max(other.0))));
+            if let Some((&other, _)) = self
+                .batches
+                .iter()
+                .find(|(o, b)| first.0 < o.0 + b.count as u64 && o.0 < end)
+            {
+                return Err(ProtocolError::DuplicateId(PreprocessingId(
+                    first.0.max(other.0),
+                )));
             }
             self.batches.insert(
                 first,
@@ -140,11 +146,17 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
                 },
             );
         }
-        let batch = self.batches.get_mut(&first).ok_or(ProtocolError::UnknownId(first))?;
+        let batch = self
+            .batches
+            .get_mut(&first)
+            .ok_or(ProtocolError::UnknownId(first))?;
         if batch.count != count {
             return Err(ProtocolError::Shape {
                 op,
-                problem: format!("batch {first} has {} inferences, request says {count}", batch.count),
+                problem: format!(
+                    "batch {first} has {} inferences, request says {count}",
+                    batch.count
+                ),
             });
         }
         let in_len = spec.input_len();
@@ -159,7 +171,10 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             slots.resize(in_len, None);
         }
         let offset = req.offset as usize;
-        if offset.checked_add(req.ciphertexts.len()).is_none_or(|e| e > in_len) {
+        if offset
+            .checked_add(req.ciphertexts.len())
+            .is_none_or(|e| e > in_len)
+        {
             return Err(ProtocolError::Shape {
                 op,
                 problem: format!(
@@ -168,7 +183,10 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
                 ),
             });
         }
-        if slots[offset..offset + req.ciphertexts.len()].iter().any(Option::is_some) {
+        if slots[offset..offset + req.ciphertexts.len()]
+            .iter()
+            .any(Option::is_some)
+        {
             return Err(ProtocolError::Unexpected {
                 op,
                 problem: format!("ciphertexts from {offset} arrived twice"),
@@ -204,20 +222,37 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
                 };
                 if let Err(e) = emit(reply) {
                     emit_err = Some(e.clone());
-                    return Err(secinfer_he::HeError::Linear(format!("sending the reply: {e}")));
+                    return Err(secinfer_he::HeError::Linear(format!(
+                        "sending the reply: {e}"
+                    )));
                 }
             }
             Ok(())
         })
         .map_err(|e| emit_err.take().unwrap_or_else(|| he_err(op, e)))?;
-        let batch = self.batches.get_mut(&first).ok_or(ProtocolError::UnknownId(first))?;
+        let batch = self
+            .batches
+            .get_mut(&first)
+            .ok_or(ProtocolError::UnknownId(first))?;
         batch.masks[op as usize] = Some(masks);
         if batch.masks.iter().all(Option::is_some) {
-            let batch = self.batches.remove(&first).ok_or(ProtocolError::UnknownId(first))?;
-            let mut per_op: Vec<_> = batch.masks.into_iter().flatten().map(Vec::into_iter).collect();
+            let batch = self
+                .batches
+                .remove(&first)
+                .ok_or(ProtocolError::UnknownId(first))?;
+            let mut per_op: Vec<_> = batch
+                .masks
+                .into_iter()
+                .flatten()
+                .map(Vec::into_iter)
+                .collect();
             for b in 0..batch.count {
-                let ops = per_op.iter_mut().map(|it| it.next().unwrap_or_default()).collect();
-                self.store.insert(PreprocessingId(first.0 + b as u64), ops)?;
+                let ops = per_op
+                    .iter_mut()
+                    .map(|it| it.next().unwrap_or_default())
+                    .collect();
+                self.store
+                    .insert(PreprocessingId(first.0 + b as u64), ops)?;
             }
         }
         Ok(())

@@ -342,7 +342,12 @@ fn preprocess(
     }
 }
 
-fn he_setup() -> (Arc<TinyDense>, Preprocessor, ClientSession, ServerSession<TinyDense>) {
+fn he_setup() -> (
+    Arc<TinyDense>,
+    Preprocessor,
+    ClientSession,
+    ServerSession<TinyDense>,
+) {
     let linear = Arc::new(TinyDense::new());
     let pre = Preprocessor::new(linear.layers.clone()).unwrap();
     let client = ClientSession::new(linear.layers.clone());
@@ -379,7 +384,10 @@ fn he_batches_with_a_seen_id_are_refused() {
     let req = client.mask(0, &ids, &input(2)).unwrap();
     client.unmask(server.handle(req).unwrap()).unwrap();
     let req = replay.next_request(first);
-    assert!(req.unwrap().is_none(), "the one op's chunk was already produced");
+    assert!(
+        req.unwrap().is_none(),
+        "the one op's chunk was already produced"
+    );
     let mut again = Preprocessor::new(TinyDense::new().layers).unwrap();
     let f = again.start(1).unwrap();
     let err = server
@@ -404,7 +412,10 @@ fn he_offline_errors_are_named() {
     bad.public_key.truncate(10);
     assert!(server.accept_hello(bad).is_err());
     server.accept_hello(pre.hello()).unwrap();
-    assert!(server.accept_hello(pre.hello()).is_err(), "one key per session");
+    assert!(
+        server.accept_hello(pre.hello()).is_err(),
+        "one key per session"
+    );
     let mut too_many = req.clone();
     too_many.offset = 2;
     assert!(matches!(

@@ -170,16 +170,18 @@ impl<C: Channel> SessionBackend<C> {
             }
             Ok(())
         })();
-        if result.is_err() || pre.in_flight() > 0 {
+        let incomplete = pre.in_flight() > 0;
+        if result.is_err() || incomplete {
             pre.abandon(first);
         }
-        self.changed.notify_all();
-        result.and_then(|()| {
-            if self.ready() == 0 && count > 0 {
-                bail!("offline batch finished without material");
+        let result = result.and_then(|()| {
+            if incomplete {
+                bail!("the server did not answer every op of offline batch {first}");
             }
             Ok(())
-        })
+        });
+        self.changed.notify_all();
+        result
     }
 
     /// Preprocesses `total` inferences in batches of at most `batch`.
@@ -192,11 +194,6 @@ impl<C: Channel> SessionBackend<C> {
             left -= n;
         }
         Ok(())
-    }
-
-    /// The most inferences one offline batch holds.
-    pub fn max_batch(&self) -> usize {
-        MAX_BATCH
     }
 
     fn lock(&self) -> anyhow::Result<std::sync::MutexGuard<'_, ClientState>> {
@@ -311,7 +308,10 @@ impl PreprocessingPool {
         policy: PoolPolicy,
     ) -> anyhow::Result<PreprocessingPool> {
         if policy.batch == 0 || policy.batch > MAX_BATCH {
-            bail!("pool batch size must be 1..={MAX_BATCH}, not {}", policy.batch);
+            bail!(
+                "pool batch size must be 1..={MAX_BATCH}, not {}",
+                policy.batch
+            );
         }
         backend.lock()?.pool_running = true;
         let stop = Arc::new(AtomicBool::new(false));
@@ -436,7 +436,10 @@ impl<L: MaskedLinear + ?Sized> InMemoryChannel<L> {
 
 impl<L: MaskedLinear + ?Sized> Channel for InMemoryChannel<L> {
     fn round_trip(&self, request: MaskedInput) -> anyhow::Result<MaskedOutput> {
-        self.count(0, request.masked.payload_bytes() + 8 * request.ids.len() + 4);
+        self.count(
+            0,
+            request.masked.payload_bytes() + 8 * request.ids.len() + 4,
+        );
         let out = self.server()?.handle(request)?;
         self.count(1, out.masked.payload_bytes() + 8 * out.ids.len() + 4);
         Ok(out)

@@ -39,7 +39,12 @@ impl HeLayer {
             IxDyn(&spec.weight_shape),
             weights.iter().map(|&v| v as u64).collect(),
         )
-        .map_err(|e| format!("op {}: weights do not match {:?}: {e}", spec.op_id, spec.weight_shape))?;
+        .map_err(|e| {
+            format!(
+                "op {}: weights do not match {:?}: {e}",
+                spec.op_id, spec.weight_shape
+            )
+        })?;
         let abs = |v: u64| (v as i64).unsigned_abs() as u128;
         let ws = &spec.weight_shape;
         let (fan_in, max_row_sum) = match &spec.kind {
@@ -183,8 +188,8 @@ impl HeLayer {
                     .map_err(|e| e.to_string())?;
                 let mut out = Vec::with_capacity(batches * w2.nrows() * cols);
                 for b in 0..batches {
-                    let y = secinfer_ring::matmul(w2.view(), x3.index_axis(Axis(0), b))
-                        .map_err(err)?;
+                    let y =
+                        secinfer_ring::matmul(w2.view(), x3.index_axis(Axis(0), b)).map_err(err)?;
                     out.extend(y.iter());
                 }
                 RingTensor::from_shape_vec(IxDyn(&[out.len()]), out).map_err(|e| e.to_string())
@@ -213,9 +218,15 @@ impl HeLayer {
         g: &ConvGeometry,
         blocks: &Range<usize>,
         units: &Range<usize>,
-    ) -> (CowArray<'a, u64, IxDyn>, CowArray<'a, u64, IxDyn>, ConvGeometry) {
+    ) -> (
+        CowArray<'a, u64, IxDyn>,
+        CowArray<'a, u64, IxDyn>,
+        ConvGeometry,
+    ) {
         if g.group == 1 {
-            let w = self.w.slice_axis(Axis(out_axis), Slice::from(units.clone()));
+            let w = self
+                .w
+                .slice_axis(Axis(out_axis), Slice::from(units.clone()));
             return (x.into(), w.into(), g.clone());
         }
         let c = x.shape()[1] / g.group;
@@ -280,7 +291,12 @@ impl LinearForm for HeLayer {
         v
     }
 
-    fn apply_blocks(&self, blocks: Range<usize>, x: &[u64], rows: usize) -> Result<Vec<u64>, String> {
+    fn apply_blocks(
+        &self,
+        blocks: Range<usize>,
+        x: &[u64],
+        rows: usize,
+    ) -> Result<Vec<u64>, String> {
         if x.len() != rows * self.input_len() {
             return Err(format!(
                 "op {}: {} values for {rows} samples of {}",
