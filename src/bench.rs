@@ -1,6 +1,6 @@
-//! `secinfer bench`: convert a model, run client and server sessions in one
-//! process, and compare the secure predictions with plaintext tract on the
-//! original model.
+//! `secinfer bench`: convert a model, serve it and run the client in one
+//! process (over loopback QUIC by default, or an in-memory channel), and
+//! compare the secure predictions with plaintext tract on the original model.
 //!
 //! Offline material is made by the two-party HE phase (`"preprocessing":
 //! "bfv"`), in batches of up to 8192 inferences (one per ciphertext
@@ -19,8 +19,9 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::DimLike;
 
 use secinfer_converter::{Converted, Options, convert_file};
-use secinfer_protocol::MaskedLinear;
+use secinfer_protocol::{Channel, MaskedLinear};
 use secinfer_tract_ext::{ClientModel, InMemoryChannel, MAX_BATCH, ServerModel};
+use secinfer_transport::Loopback;
 
 use crate::data::Dataset;
 
@@ -31,6 +32,25 @@ pub enum Inputs {
     Dataset(String),
     /// N inputs drawn uniformly in [-1, 1) with a fixed seed, in the model's declared input shape
     Random(usize),
+}
+
+/// How the bench's client reaches its server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// a QUIC server on 127.0.0.1 in the same process (TLS, token, framing)
+    Quic,
+    /// direct calls into the server session; bytes are counted, not sent
+    Memory,
+}
+
+impl Transport {
+    /// The name reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Quic => "quic",
+            Transport::Memory => "memory",
+        }
+    }
 }
 
 /// What to run.
@@ -47,6 +67,8 @@ pub struct BenchConfig {
     /// inferences per offline (HE) batch; `None` picks the largest that keeps
     /// the batch's material under [`MATERIAL_BUDGET`]
     pub offline_batch: Option<usize>,
+    /// how client and server talk
+    pub transport: Transport,
     /// converter settings
     pub options: Options,
     /// where the converted files go
@@ -213,11 +235,33 @@ pub enum Progress {
 }
 
 /// Runs the bench.
-pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(Progress)) -> anyhow::Result<BenchReport> {
+pub fn run(cfg: &BenchConfig, progress: impl FnMut(Progress)) -> anyhow::Result<BenchReport> {
     let converted = convert_into(&cfg.model, &cfg.work_dir, &cfg.options)?;
     let server = Arc::new(ServerModel::load(&cfg.work_dir.join("server.onnx"))?);
-    let channel = InMemoryChannel::new(server.clone());
-    let client = ClientModel::load(&cfg.work_dir.join("client.onnx"), channel)?;
+    let client_path = cfg.work_dir.join("client.onnx");
+    match cfg.transport {
+        Transport::Memory => {
+            let channel = InMemoryChannel::new(server.clone());
+            let client = ClientModel::load(&client_path, channel)?;
+            run_on(cfg, &converted, &server, &client, progress)
+        }
+        Transport::Quic => {
+            let lo = Loopback::start(server.clone(), server.digest(), Default::default())?;
+            let client = ClientModel::load_with(&client_path, |digest| lo.connect(digest))?;
+            let report = run_on(cfg, &converted, &server, &client, progress);
+            drop(client);
+            report
+        }
+    }
+}
+
+fn run_on<C: Channel + 'static>(
+    cfg: &BenchConfig,
+    converted: &Converted,
+    server: &ServerModel,
+    client: &ClientModel<C>,
+    mut progress: impl FnMut(Progress),
+) -> anyhow::Result<BenchReport> {
     if client.digest() != server.digest() {
         bail!("client and server files come from different conversions");
     }
@@ -325,7 +369,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(Progress)) -> anyhow::Res
         agreement,
         max_abs_error,
         preprocessing: "bfv".into(),
-        transport: "memory".into(),
+        transport: cfg.transport.name().into(),
         batch,
         offline_batch,
         predictions_per_s: total as f64 / (online + offline).as_secs_f64().max(1e-9),

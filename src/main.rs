@@ -1,13 +1,13 @@
-//! The `secinfer` command line: convert, bench, demo.
+//! The `secinfer` command line: convert, serve, predict, bench, demo.
 
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use secinfer::bench::{self, BenchConfig, Inputs};
+use secinfer::bench::{self, BenchConfig, Inputs, Transport};
+use secinfer::net;
 use secinfer_converter::Options;
 
 #[derive(Parser)]
@@ -77,11 +77,15 @@ enum Command {
         /// Only the first N samples.
         #[arg(long)]
         limit: Option<usize>,
+        /// How client and server talk: quic (a server on 127.0.0.1 in this
+        /// process, TLS and all) or memory (direct calls, bytes counted).
+        #[arg(long, default_value = "quic", value_parser = ["quic", "memory"])]
+        transport: String,
         /// Inferences per round trip.
         #[arg(long, default_value_t = 100)]
         batch: usize,
         /// Inferences per offline (HE) batch, 1..=8192 (default: as many as
-        /// fit 3 GiB of offline material).
+        /// fit 4 GiB of offline material).
         #[arg(long, value_name = "N")]
         offline_batch: Option<usize>,
         /// Write the report as JSON.
@@ -93,6 +97,77 @@ enum Command {
         no_calibrate: bool,
         #[command(flatten)]
         args: ConvertArgs,
+    },
+    /// Serve a converted model to clients over QUIC until Ctrl-C.
+    Serve {
+        /// The server model (DIR/server.onnx from `convert`).
+        #[arg(long)]
+        model: PathBuf,
+        /// Address to listen on (UDP).
+        #[arg(long, default_value = "127.0.0.1:4433")]
+        listen: std::net::SocketAddr,
+        /// Where the generated certificate, key and token file are kept.
+        #[arg(long, default_value = "secinfer-state")]
+        state_dir: PathBuf,
+        /// A certificate chain (PEM) to use instead of the generated one.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// The private key (PEM) of --cert.
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// File of accepted API tokens, one per line (default: STATE_DIR/tokens,
+        /// created with one new token on first start).
+        #[arg(long)]
+        tokens: Option<PathBuf>,
+        /// Clients served at once.
+        #[arg(long, default_value_t = 64)]
+        max_sessions: usize,
+        /// Largest message, MiB.
+        #[arg(long, default_value_t = 64)]
+        max_frame_mib: usize,
+        /// Preprocessed inferences (ready or in flight) one client may hold.
+        #[arg(long, default_value_t = secinfer_protocol::DEFAULT_MAX_PENDING)]
+        max_pending: usize,
+        /// HE evaluations at once across clients (each uses every core).
+        #[arg(long, default_value_t = 1)]
+        he_jobs: usize,
+        /// Close a connection silent for this long, seconds.
+        #[arg(long, default_value_t = 60)]
+        idle_timeout: u64,
+        /// On Ctrl-C, how long requests in progress may take, seconds.
+        #[arg(long, default_value_t = 30)]
+        shutdown_grace: u64,
+    },
+    /// Predict with a served model: the input stays private, the weights stay on the server.
+    #[command(group(clap::ArgGroup::new("trust").required(true).args(["fingerprint", "ca"])))]
+    Predict {
+        /// The server, host:port.
+        #[arg(long)]
+        server: String,
+        /// The client model (DIR/client.onnx from `convert`).
+        #[arg(long)]
+        model: PathBuf,
+        /// Pin the server's certificate by the SHA-256 fingerprint `serve` prints.
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// Trust server certificates issued by the CA certificate(s) in this PEM file.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Name to check in the server certificate with --ca (default: the host of --server).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// API token (or --token-file, or the SECINFER_TOKEN environment variable).
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        /// File whose first line is the API token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Print every output score, not just the class.
+        #[arg(long)]
+        scores: bool,
+        /// Input files: .npy arrays, PNG images (image models) or CSV rows (tabular models).
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
     },
     /// The bundled MNIST CNN on MNIST test images, securely (bench with defaults).
     Demo {
@@ -157,28 +232,47 @@ fn bundled(path: &str) -> PathBuf {
 }
 
 fn run_bench(cfg: BenchConfig, json: Option<&Path>) -> anyhow::Result<()> {
-    let tty = std::io::stderr().is_terminal();
+    let tty = secinfer::progress::on_terminal();
     let started = std::time::Instant::now();
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let mut spinner: Option<secinfer::progress::Spinner> = None;
     let report = bench::run(&cfg, |p| match p {
         bench::Progress::Preprocessing { count } => {
-            if tty {
-                eprintln!();
-            }
-            eprintln!(
-                "[{:>5.0} s] offline: HE preprocessing for {count} inferences (one batch of up to 8192)",
-                started.elapsed().as_secs_f64()
+            let msg = format!(
+                "offline: HE preprocessing for {count} inferences (one batch of up to 8192)"
             );
+            if tty {
+                if let Some(b) = &bar {
+                    b.suspend(|| ());
+                }
+                spinner = Some(secinfer::progress::Spinner::new(&msg));
+            } else {
+                eprintln!("[{:>5.0} s] {msg}", started.elapsed().as_secs_f64());
+            }
         }
         bench::Progress::Predicted { done, total } => {
+            if let Some(s) = spinner.take() {
+                s.finish();
+            }
             if tty {
-                eprint!("\r{done}/{total} predictions");
+                let b =
+                    bar.get_or_insert_with(|| secinfer::progress::bar(total as u64, "predictions"));
+                b.set_position(done as u64);
                 if done == total {
-                    eprintln!();
+                    b.finish_and_clear();
                 }
             }
         }
-    })?;
+    });
+    if let Some(s) = spinner.take() {
+        s.finish();
+    }
+    if let Some(b) = bar.take() {
+        b.finish_and_clear();
+    }
+    let report = report?;
     println!("{}", report.summary());
+    println!("took {:.0} s", started.elapsed().as_secs_f64());
     if let Some(path) = json {
         let text = serde_json::to_string_pretty(&report)?;
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
@@ -207,6 +301,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             dataset,
             random,
             limit,
+            transport,
             batch,
             offline_batch,
             json,
@@ -239,6 +334,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 limit,
                 batch,
                 offline_batch,
+                transport: if transport == "memory" {
+                    Transport::Memory
+                } else {
+                    Transport::Quic
+                },
                 options: args.options()?,
                 work_dir: work_dir.clone(),
             };
@@ -246,13 +346,68 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = std::fs::remove_dir_all(&work_dir);
             result
         }
+        Command::Serve {
+            model,
+            listen,
+            state_dir,
+            cert,
+            key,
+            tokens,
+            max_sessions,
+            max_frame_mib,
+            max_pending,
+            he_jobs,
+            idle_timeout,
+            shutdown_grace,
+        } => net::serve(net::ServeOptions {
+            model,
+            listen,
+            state_dir,
+            cert_key: cert.zip(key),
+            tokens,
+            limits: net::limits(
+                max_sessions,
+                max_frame_mib,
+                max_pending,
+                he_jobs,
+                idle_timeout,
+                shutdown_grace,
+            )?,
+        }),
+        Command::Predict {
+            server,
+            model,
+            fingerprint,
+            ca,
+            server_name,
+            token,
+            token_file,
+            scores,
+            inputs,
+        } => {
+            let trust = match (fingerprint, ca) {
+                (Some(f), None) => secinfer_transport::Trust::Fingerprint(f.parse()?),
+                (None, Some(ca)) => secinfer_transport::Trust::CaFile(ca),
+                _ => anyhow::bail!("give exactly one of --fingerprint and --ca"),
+            };
+            net::predict(net::PredictOptions {
+                server,
+                model,
+                trust,
+                server_name,
+                token: net::resolve_token(token, token_file.as_deref())?,
+                inputs,
+                scores,
+            })
+        }
         Command::Demo { limit } => {
             let model = bundled("onnx-models/mnist_cnn.onnx");
             let work_dir = work_dir(&model);
             println!(
                 "secinfer demo: the bundled MNIST CNN on the first {limit} MNIST test images.\n\
-                 Client and server run in one process; the offline phase (lattice HE, about 6 minutes \n\
-                 per batch of up to 8192 images on 2 cores) comes first, then the online predictions.\n"
+                 A server on 127.0.0.1 (QUIC, TLS 1.3, pinned certificate, API token) and a client run in\n\
+                 one process. The offline phase (lattice HE, about 5 minutes per batch of up to 8192 images\n\
+                 on 2 cores) comes first, then the online predictions.\n"
             );
             let cfg = BenchConfig {
                 model,
@@ -260,6 +415,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 limit: Some(limit),
                 batch: 100,
                 offline_batch: None,
+                transport: Transport::Quic,
                 options: Options {
                     calibration: Some(secinfer::data::calibration_samples("mnist", 1000)?),
                     ..Options::default()

@@ -3,12 +3,20 @@
 
 use std::path::PathBuf;
 
-use secinfer::bench::{self, BenchConfig, Inputs};
+use secinfer::bench::{self, BenchConfig, Inputs, Transport};
 use secinfer_converter::Options;
 
 mod common;
 
-fn full_run(model: &str, dataset: &str, input_bound: f32) -> bench::BenchReport {
+/// The CNN's 10k-image run uses the in-memory channel (13 GB of offline
+/// traffic would add minutes to CI and prove nothing more than the QUIC
+/// tests do); the other models run over loopback QUIC.
+fn full_run(
+    model: &str,
+    dataset: &str,
+    input_bound: f32,
+    transport: Transport,
+) -> bench::BenchReport {
     let work_dir: PathBuf =
         std::env::temp_dir().join(format!("secinfer-test-{}-{model}", std::process::id()));
     let cfg = BenchConfig {
@@ -17,6 +25,7 @@ fn full_run(model: &str, dataset: &str, input_bound: f32) -> bench::BenchReport 
         limit: None,
         batch: 200,
         offline_batch: None,
+        transport,
         options: Options {
             input_bound,
             calibration: Some(
@@ -34,7 +43,7 @@ fn full_run(model: &str, dataset: &str, input_bound: f32) -> bench::BenchReport 
 
 #[test]
 fn mnist_cnn_all_10000_images_agree() {
-    let r = full_run("mnist_cnn.onnx", "mnist", 64.0);
+    let r = full_run("mnist_cnn.onnx", "mnist", 64.0, Transport::Memory);
     assert_eq!(r.n, 10_000);
     assert_eq!(r.agreement, r.n, "max error {}", r.max_abs_error);
     assert_eq!(r.accuracy_plain, r.accuracy_secure);
@@ -44,7 +53,7 @@ fn mnist_cnn_all_10000_images_agree() {
 
 #[test]
 fn mnist_mlp_all_10000_images_agree() {
-    let r = full_run("mnist_mlp.onnx", "mnist", 64.0);
+    let r = full_run("mnist_mlp.onnx", "mnist", 64.0, Transport::Quic);
     assert_eq!(r.n, 10_000);
     assert_eq!(r.agreement, r.n, "max error {}", r.max_abs_error);
     assert!(r.max_abs_error < 5e-2, "max error {}", r.max_abs_error);
@@ -52,7 +61,12 @@ fn mnist_mlp_all_10000_images_agree() {
 
 #[test]
 fn breast_cancer_mlp_test_split_agrees() {
-    let r = full_run("breast_cancer_mlp.onnx", "breast-cancer", 64.0);
+    let r = full_run(
+        "breast_cancer_mlp.onnx",
+        "breast-cancer",
+        64.0,
+        Transport::Quic,
+    );
     assert!(r.n > 100);
     assert_eq!(r.agreement, r.n, "max error {}", r.max_abs_error);
 }
@@ -67,6 +81,7 @@ fn random_inputs_report_agreement_and_the_fixed_json_keys() {
         limit: None,
         batch: 16,
         offline_batch: Some(20),
+        transport: Transport::Quic,
         options: Options::default(),
         work_dir: work_dir.clone(),
     };
@@ -96,6 +111,7 @@ fn random_inputs_report_agreement_and_the_fixed_json_keys() {
         assert!(json.get(key).is_some(), "JSON report lacks '{key}'");
     }
     assert_eq!(json["preprocessing"], "bfv");
+    assert_eq!(json["transport"], "quic");
     // 50 predictions in offline batches of 20: three HE batches ran.
     assert_eq!(r.offline_batch, 20);
     assert!(r.bytes_offline_per_prediction > r.bytes_online_per_prediction);

@@ -24,6 +24,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod channel;
 mod client;
 #[cfg(test)]
 mod dealer;
@@ -32,6 +33,7 @@ pub mod offline;
 mod server;
 mod store;
 
+pub use channel::{Channel, Traffic};
 pub use client::ClientSession;
 #[cfg(test)]
 pub(crate) use dealer::InsecureLocalDealer;
@@ -39,7 +41,10 @@ pub use messages::{
     ClientMaterial, MaskedInput, MaskedOutput, OpId, PreprocessingId, ServerMaterial, WireTensor,
 };
 pub use offline::{MaskRequest, OfflineHello, PoolPolicy, Preprocessor, ProductReply, params_for};
-pub use server::{MAX_BATCHES_IN_FLIGHT, MaskedLinear, ServerSession};
+pub use server::{
+    DEFAULT_MAX_PENDING, MAX_BATCHES_IN_FLIGHT, MaskedLinear, OfflineJob, OfflineProduct,
+    ServerSession,
+};
 
 /// Everything that can go wrong in a session; each variant names the op and id.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -50,6 +50,82 @@ pub struct ServerSession<L: MaskedLinear + ?Sized> {
     store: SingleUseStore<Vec<u64>>,
     key: Option<ServerKey>,
     batches: HashMap<PreprocessingId, ServerBatch>,
+    max_pending: usize,
+}
+
+/// Preprocessed inferences (ready plus in flight) a session may hold by
+/// default: two full batches.
+pub const DEFAULT_MAX_PENDING: usize = 2 * 8192;
+
+/// One op's HE evaluation for a batch, taken out of the session so that it
+/// can run while the session serves online requests.
+pub struct OfflineJob {
+    first: PreprocessingId,
+    op: OpId,
+    count: usize,
+    inputs: Vec<Vec<u8>>,
+    key: ServerKey,
+}
+
+/// A finished [`OfflineJob`]: the masks `s` to file, `count` rows.
+pub struct OfflineProduct {
+    first: PreprocessingId,
+    op: OpId,
+    masks: Vec<Vec<u64>>,
+}
+
+impl OfflineJob {
+    /// The batch this job belongs to.
+    pub fn batch(&self) -> PreprocessingId {
+        self.first
+    }
+
+    /// Computes `Enc(W·r − s)` with fresh `s` and hands the reply to `emit`
+    /// in parts of at most [`CIPHERTEXTS_PER_MESSAGE`] ciphertexts.
+    pub fn run<L: MaskedLinear + ?Sized>(
+        self,
+        linear: &L,
+        emit: &mut dyn FnMut(ProductReply) -> Result<(), ProtocolError>,
+    ) -> Result<OfflineProduct, ProtocolError> {
+        let OfflineJob {
+            first,
+            op,
+            count,
+            inputs,
+            key,
+        } = self;
+        let (spec, _) = crate::op_spec(linear.layers(), op)?;
+        let form = linear
+            .he_form(op)
+            .map_err(|problem| ProtocolError::Evaluation { op, problem })?;
+        let mut masks = vec![vec![0u64; spec.output_len()]; count];
+        let mut emit_err = None;
+        secinfer_he::evaluate(&key, form, inputs, count, &mut |part| {
+            for (k, &o) in part.outputs.iter().enumerate() {
+                for (b, row) in masks.iter_mut().enumerate() {
+                    row[o] = part.masks[b][k];
+                }
+            }
+            let mut cts = part.ciphertexts.into_iter();
+            for outs in part.outputs.chunks(CIPHERTEXTS_PER_MESSAGE) {
+                let reply = ProductReply {
+                    first_id: first,
+                    op,
+                    outputs: outs.iter().map(|&o| o as u32).collect(),
+                    ciphertexts: cts.by_ref().take(outs.len()).collect(),
+                };
+                if let Err(e) = emit(reply) {
+                    emit_err = Some(e.clone());
+                    return Err(secinfer_he::HeError::Linear(format!(
+                        "sending the reply: {e}"
+                    )));
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| emit_err.take().unwrap_or_else(|| he_err(op, e)))?;
+        Ok(OfflineProduct { first, op, masks })
+    }
 }
 
 impl<L: MaskedLinear + ?Sized> ServerSession<L> {
@@ -60,6 +136,7 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             store: SingleUseStore::new(),
             key: None,
             batches: HashMap::new(),
+            max_pending: DEFAULT_MAX_PENDING,
         }
     }
 
@@ -90,12 +167,42 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
     /// Takes a chunk of a batch's encrypted masks. When it completes an op,
     /// computes `Enc(W·r − s)` and hands the reply to `emit` in parts; when the
     /// batch is complete, files `s` for every id of it. A batch that names an
-    /// id this session has seen is refused whole.
+    /// id this session has seen is refused whole. This is [`receive_offline`],
+    /// [`OfflineJob::run`] and [`complete_offline`] in one call; a server that
+    /// serves online requests while a job runs calls them apart.
+    ///
+    /// [`receive_offline`]: Self::receive_offline
+    /// [`complete_offline`]: Self::complete_offline
     pub fn handle_offline(
         &mut self,
         req: MaskRequest,
         emit: &mut dyn FnMut(ProductReply) -> Result<(), ProtocolError>,
     ) -> Result<(), ProtocolError> {
+        let Some(job) = self.receive_offline(req)? else {
+            return Ok(());
+        };
+        let first = job.first;
+        match job.run(&*self.linear, emit) {
+            Ok(product) => self.complete_offline(product),
+            Err(e) => {
+                self.abort_offline(first);
+                Err(e)
+            }
+        }
+    }
+
+    /// Takes a chunk of a batch's encrypted masks and checks it against the
+    /// batch, without evaluating anything. Returns the op's evaluation job
+    /// when this chunk completes the op's inputs.
+    ///
+    /// Memory per session is bounded: ciphertexts of only one (batch, op)
+    /// are buffered at a time (the client sends op after op), at most
+    /// [`MAX_BATCHES_IN_FLIGHT`] batches are open, and material already made
+    /// plus batches in flight stay within the session's pending limit.
+    pub fn receive_offline(
+        &mut self,
+        req: MaskRequest,
+    ) -> Result<Option<OfflineJob>, ProtocolError> {
         let op = req.op;
         let key = self.key.clone().ok_or_else(|| {
             ProtocolError::Model("offline request before the client's key".into())
@@ -115,6 +222,14 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             if self.batches.len() >= MAX_BATCHES_IN_FLIGHT {
                 return Err(ProtocolError::Model(format!(
                     "{MAX_BATCHES_IN_FLIGHT} preprocessing batches are already in flight"
+                )));
+            }
+            let open: usize = self.batches.values().map(|b| b.count).sum();
+            if self.store.live() + open + count > self.max_pending {
+                return Err(ProtocolError::Model(format!(
+                    "a batch of {count} would exceed this session's limit of {} preprocessed inferences ({} ready, {open} in flight); use some first",
+                    self.max_pending,
+                    self.store.live()
                 )));
             }
             let end = first
@@ -146,6 +261,24 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
                 },
             );
         }
+        let in_len = spec.input_len();
+        if let Some((other, o)) = self.batches.iter().find_map(|(b, batch)| {
+            batch
+                .received
+                .iter()
+                .enumerate()
+                .find(|&(o, &r)| {
+                    r > 0 && r < layers[o].input_len() && (*b, o) != (first, op as usize)
+                })
+                .map(|(o, _)| (*b, o))
+        }) {
+            return Err(ProtocolError::Unexpected {
+                op,
+                problem: format!(
+                    "op {o} of batch {other} is still incomplete; send one op's ciphertexts at a time"
+                ),
+            });
+        }
         let batch = self
             .batches
             .get_mut(&first)
@@ -159,14 +292,13 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
                 ),
             });
         }
-        let in_len = spec.input_len();
-        let slots = &mut batch.inputs[op as usize];
-        if batch.masks[op as usize].is_some() {
+        if batch.received[op as usize] >= in_len {
             return Err(ProtocolError::Unexpected {
                 op,
-                problem: format!("batch {first} already has its reply for this op"),
+                problem: format!("batch {first} already has all ciphertexts of this op"),
             });
         }
+        let slots = &mut batch.inputs[op as usize];
         if slots.is_empty() {
             slots.resize(in_len, None);
         }
@@ -197,44 +329,37 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             slots[offset + j] = Some(ct);
         }
         if batch.received[op as usize] < in_len {
-            return Ok(());
+            return Ok(None);
         }
         let inputs: Vec<Vec<u8>> = std::mem::take(slots).into_iter().flatten().collect();
-        let form = self
-            .linear
-            .he_form(op)
-            .map_err(|problem| ProtocolError::Evaluation { op, problem })?;
-        let mut masks = vec![vec![0u64; spec.output_len()]; count];
-        let mut emit_err = None;
-        secinfer_he::evaluate(&key, form, inputs, count, &mut |part| {
-            for (k, &o) in part.outputs.iter().enumerate() {
-                for (b, row) in masks.iter_mut().enumerate() {
-                    row[o] = part.masks[b][k];
-                }
-            }
-            let mut cts = part.ciphertexts.into_iter();
-            for outs in part.outputs.chunks(CIPHERTEXTS_PER_MESSAGE) {
-                let reply = ProductReply {
-                    first_id: first,
-                    op,
-                    outputs: outs.iter().map(|&o| o as u32).collect(),
-                    ciphertexts: cts.by_ref().take(outs.len()).collect(),
-                };
-                if let Err(e) = emit(reply) {
-                    emit_err = Some(e.clone());
-                    return Err(secinfer_he::HeError::Linear(format!(
-                        "sending the reply: {e}"
-                    )));
-                }
-            }
-            Ok(())
-        })
-        .map_err(|e| emit_err.take().unwrap_or_else(|| he_err(op, e)))?;
+        Ok(Some(OfflineJob {
+            first,
+            op,
+            count,
+            inputs,
+            key,
+        }))
+    }
+
+    /// Files the result of a job from [`receive_offline`](Self::receive_offline);
+    /// when it completes its batch, files `s` for every id of it.
+    pub fn complete_offline(&mut self, product: OfflineProduct) -> Result<(), ProtocolError> {
+        let OfflineProduct { first, op, masks } = product;
         let batch = self
             .batches
             .get_mut(&first)
             .ok_or(ProtocolError::UnknownId(first))?;
-        batch.masks[op as usize] = Some(masks);
+        let slot = batch
+            .masks
+            .get_mut(op as usize)
+            .ok_or(ProtocolError::UnknownOp(op))?;
+        if slot.is_some() || masks.len() != batch.count {
+            return Err(ProtocolError::Unexpected {
+                op,
+                problem: format!("batch {first} cannot take this product"),
+            });
+        }
+        *slot = Some(masks);
         if batch.masks.iter().all(Option::is_some) {
             let batch = self
                 .batches
@@ -256,6 +381,27 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             }
         }
         Ok(())
+    }
+
+    /// Drops batch `first` and everything buffered for it (its job failed or
+    /// its reply could not be delivered). Its ids stay unusable.
+    pub fn abort_offline(&mut self, first: PreprocessingId) {
+        if let Some(batch) = self.batches.remove(&first) {
+            for b in 0..batch.count {
+                self.store.retire(PreprocessingId(first.0 + b as u64));
+            }
+        }
+    }
+
+    /// The server's linear layers.
+    pub fn linear(&self) -> &Arc<L> {
+        &self.linear
+    }
+
+    /// Sets how many preprocessed inferences (ready plus in flight) this
+    /// session may hold; the default is [`DEFAULT_MAX_PENDING`].
+    pub fn set_max_pending(&mut self, max: usize) {
+        self.max_pending = max;
     }
 
     /// Preprocessing batches started by the client and not yet complete.

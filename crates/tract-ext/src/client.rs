@@ -16,6 +16,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 use secinfer_model::{LayerSpec, Role, read_contract};
+pub use secinfer_protocol::{Channel, Traffic};
 use secinfer_protocol::{
     ClientMaterial, ClientSession, MaskRequest, MaskedInput, MaskedLinear, MaskedOutput,
     OfflineHello, PoolPolicy, PreprocessingId, Preprocessor, ProductReply, ProtocolError,
@@ -26,22 +27,6 @@ use secinfer_protocol::{
 pub trait SecureLinearBackend: Send + Sync + std::fmt::Debug {
     /// `W·x + b` for op `spec`, computed jointly with the server.
     fn secure_linear(&self, spec: &LayerSpec, x: ArrayViewD<f32>) -> anyhow::Result<ArrayD<f32>>;
-}
-
-/// The client's link to the server, both phases. Offline and online calls
-/// may come from different threads (the pool runs offline in the background).
-pub trait Channel: Send + Sync {
-    /// Online: sends `x − r` and waits for `W·(x − r) + b + s`.
-    fn round_trip(&self, request: MaskedInput) -> anyhow::Result<MaskedOutput>;
-    /// Offline: sends the client's public key (once per session).
-    fn hello(&self, hello: OfflineHello) -> anyhow::Result<()>;
-    /// Offline: sends a chunk of encrypted masks; the server's reply parts
-    /// (none until an op's chunks are complete) go to `on_reply` as they come.
-    fn offline(
-        &self,
-        request: MaskRequest,
-        on_reply: &mut dyn FnMut(ProductReply) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()>;
 }
 
 /// The bound client op: typed, f32 in and out.
@@ -389,37 +374,12 @@ pub struct InMemoryChannel<L: MaskedLinear + ?Sized> {
     bytes: [std::sync::atomic::AtomicU64; 4],
 }
 
-/// Bytes counted by an [`InMemoryChannel`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Traffic {
-    /// online, client to server
-    pub online_up: u64,
-    /// online, server to client
-    pub online_down: u64,
-    /// offline, client to server (public key and encrypted masks)
-    pub offline_up: u64,
-    /// offline, server to client
-    pub offline_down: u64,
-}
-
 impl<L: MaskedLinear + ?Sized> InMemoryChannel<L> {
     /// A channel to a fresh server session for `linear`.
     pub fn new(linear: Arc<L>) -> Self {
         InMemoryChannel {
             server: Mutex::new(ServerSession::new(linear)),
             bytes: Default::default(),
-        }
-    }
-
-    /// Payload bytes so far, per phase and direction.
-    pub fn traffic(&self) -> Traffic {
-        use std::sync::atomic::Ordering::Relaxed;
-        let b = |i: usize| self.bytes[i].load(Relaxed);
-        Traffic {
-            online_up: b(0),
-            online_down: b(1),
-            offline_up: b(2),
-            offline_down: b(3),
         }
     }
 
@@ -457,8 +417,15 @@ impl<L: MaskedLinear + ?Sized> Channel for InMemoryChannel<L> {
         on_reply: &mut dyn FnMut(ProductReply) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         self.count(2, request.payload_bytes() + 24);
+        // The session lock is held only to file the chunk and the result, not
+        // while the HE job runs, so online requests are not held up by it.
+        let Some(job) = self.server()?.receive_offline(request)? else {
+            return Ok(());
+        };
+        let first = job.batch();
+        let linear = self.server()?.linear().clone();
         let mut failure = None;
-        let result = self.server()?.handle_offline(request, &mut |reply| {
+        let product = job.run(&*linear, &mut |reply| {
             self.count(3, reply.payload_bytes() + 16);
             on_reply(reply).map_err(|e| {
                 let msg = format!("{e:#}");
@@ -466,10 +433,27 @@ impl<L: MaskedLinear + ?Sized> Channel for InMemoryChannel<L> {
                 ProtocolError::Model(msg)
             })
         });
-        match (result, failure) {
-            (_, Some(e)) => Err(e),
-            (Err(e), None) => Err(e.into()),
-            (Ok(()), None) => Ok(()),
+        match (product, failure) {
+            (Ok(p), None) => Ok(self.server()?.complete_offline(p)?),
+            (Ok(_), Some(e)) | (Err(_), Some(e)) => {
+                self.server()?.abort_offline(first);
+                Err(e)
+            }
+            (Err(e), None) => {
+                self.server()?.abort_offline(first);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn traffic(&self) -> Traffic {
+        use std::sync::atomic::Ordering::Relaxed;
+        let b = |i: usize| self.bytes[i].load(Relaxed);
+        Traffic {
+            online_up: b(0),
+            online_down: b(1),
+            offline_up: b(2),
+            offline_down: b(3),
         }
     }
 }
@@ -486,13 +470,31 @@ pub struct ClientModel<C: Channel + 'static> {
 impl<C: Channel + 'static> ClientModel<C> {
     /// Loads `client.onnx` and binds its SecureLinear ops to a new session over `channel`.
     pub fn load(path: &Path, channel: C) -> anyhow::Result<Self> {
+        Self::load_with(path, |_| Ok(channel))
+    }
+
+    /// Loads `client.onnx`, then opens the channel with `connect`, which is
+    /// given the model's digest (a network channel sends it in its
+    /// handshake so the server can refuse a mismatched model).
+    pub fn load_with(
+        path: &Path,
+        connect: impl FnOnce(&str) -> anyhow::Result<C>,
+    ) -> anyhow::Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_bytes(&bytes, channel)
+        Self::from_bytes_with(&bytes, connect)
             .with_context(|| format!("loading client model {}", path.display()))
     }
 
     /// As [`load`](Self::load), from bytes.
     pub fn from_bytes(bytes: &[u8], channel: C) -> anyhow::Result<Self> {
+        Self::from_bytes_with(bytes, |_| Ok(channel))
+    }
+
+    /// As [`load_with`](Self::load_with), from bytes.
+    pub fn from_bytes_with(
+        bytes: &[u8],
+        connect: impl FnOnce(&str) -> anyhow::Result<C>,
+    ) -> anyhow::Result<Self> {
         let proto = pb::ModelProto::decode(bytes).map_err(|e| anyhow!("not an ONNX model: {e}"))?;
         let contract = read_contract(&proto)?;
         if contract.role != Role::Client {
@@ -501,6 +503,7 @@ impl<C: Channel + 'static> ClientModel<C> {
                 contract.role.as_str()
             );
         }
+        let channel = connect(&contract.digest)?;
         let backend = Arc::new(SessionBackend::new(
             ClientSession::new(contract.layers.clone()),
             channel,
@@ -543,6 +546,17 @@ impl<C: Channel + 'static> ClientModel<C> {
     /// The digest recorded by the converter.
     pub fn digest(&self) -> &str {
         &self.digest
+    }
+
+    /// The first input's shape as the model declares it (`None` for a
+    /// symbolic dimension such as the batch).
+    pub fn input_shape(&self) -> anyhow::Result<Vec<Option<usize>>> {
+        let fact = self
+            .plan
+            .model()
+            .input_fact(0)
+            .map_err(|e| anyhow!("the client model has no input: {e:#}"))?;
+        Ok(fact.shape.iter().map(|d| d.to_usize().ok()).collect())
     }
 
     /// Inferences in a run with `input` as the first input.

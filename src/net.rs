@@ -1,0 +1,232 @@
+//! `secinfer serve` and `secinfer predict`: the server and the client over
+//! QUIC, as separate processes.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use ndarray::Axis;
+use tract_onnx::prelude::*;
+
+use secinfer_protocol::MaskedLinear;
+use secinfer_tract_ext::{ClientModel, MAX_BATCH, ServerModel};
+use secinfer_transport::{
+    ClientConfig, Identity, Limits, QuicChannel, Server, ServerConfig, TokenSet, Trust,
+};
+
+/// What `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// the server model
+    pub model: PathBuf,
+    /// address to listen on
+    pub listen: std::net::SocketAddr,
+    /// where the generated certificate, key and token file live
+    pub state_dir: PathBuf,
+    /// a CA-issued certificate chain and key (PEM) instead of the generated pair
+    pub cert_key: Option<(PathBuf, PathBuf)>,
+    /// token file (default: STATE_DIR/tokens)
+    pub tokens: Option<PathBuf>,
+    /// limits
+    pub limits: Limits,
+}
+
+/// Runs the server until Ctrl-C.
+pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let model = Arc::new(ServerModel::load(&opts.model)?);
+    let (identity, generated) = match &opts.cert_key {
+        Some((cert, key)) => (Identity::from_pem_files(cert, key)?, false),
+        None => Identity::load_or_generate(&opts.state_dir)?,
+    };
+    let token_path = opts
+        .tokens
+        .clone()
+        .unwrap_or_else(|| opts.state_dir.join("tokens"));
+    if let Some(dir) = token_path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let (tokens, new_token) = TokenSet::load_or_create(&token_path)?;
+    let fingerprint = identity.fingerprint();
+    let digest = model.digest().to_string();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("secinfer-server")
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let server = Server::start(
+            ServerConfig {
+                listen: opts.listen,
+                identity,
+                tokens,
+                limits: opts.limits.clone(),
+            },
+            model.clone(),
+            digest.clone(),
+        )?;
+        let addr = server.local_addr()?;
+        println!(
+            "serving {} ({} SecureLinear ops, model digest {digest})",
+            opts.model.display(),
+            model.layers().len()
+        );
+        println!("listening on {addr} (QUIC, TLS 1.3)");
+        if generated {
+            println!(
+                "generated a self-signed certificate in {}",
+                opts.state_dir.display()
+            );
+        }
+        println!("certificate fingerprint {fingerprint}");
+        match &new_token {
+            Some(t) => println!("new API token (saved in {}): {t}", token_path.display()),
+            None => println!("API tokens are read from {}", token_path.display()),
+        }
+        println!(
+            "clients: secinfer predict --server {addr} --fingerprint {fingerprint} --token-file {} --model DIR/client.onnx INPUT...",
+            token_path.display()
+        );
+        println!("Ctrl-C stops the server after the requests in progress.");
+        server.run_until_ctrl_c().await
+    })
+}
+
+/// What `predict` needs.
+#[derive(Debug, Clone)]
+pub struct PredictOptions {
+    /// `host:port`
+    pub server: String,
+    /// the client model
+    pub model: PathBuf,
+    /// how the server is trusted
+    pub trust: Trust,
+    /// name in the server certificate (CA trust)
+    pub server_name: Option<String>,
+    /// API token
+    pub token: String,
+    /// input files
+    pub inputs: Vec<PathBuf>,
+    /// print every score, not just the class
+    pub scores: bool,
+}
+
+/// Predicts the class of every input sample.
+pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
+    let progress = crate::progress::Spinner::new("connecting");
+    let client = ClientModel::load_with(&opts.model, |digest| {
+        let mut cfg = ClientConfig::new(&opts.server, opts.trust.clone(), &opts.token, digest);
+        cfg.server_name = opts.server_name.clone();
+        QuicChannel::connect(&cfg)
+    })?;
+    let declared = client.input_shape()?;
+    let batched = declared.first().is_some_and(Option::is_none);
+    let sample: Vec<usize> = declared
+        .iter()
+        .skip(usize::from(batched))
+        .map(|d| d.context("the model's input has a symbolic dimension other than the batch"))
+        .collect::<anyhow::Result<_>>()?;
+    let samples = crate::inputs::read_all(&opts.inputs, &sample)?;
+    let n = samples.names.len();
+    // One inference per sample, batched or not.
+    let inferences = n;
+    progress.set(format!(
+        "offline phase: HE preprocessing for {inferences} inferences (a batch costs the same for 1 or {MAX_BATCH})"
+    ));
+    client
+        .backend()
+        .preprocess_in_batches(inferences, MAX_BATCH)
+        .context("offline phase")?;
+    progress.set("online phase".into());
+    let outputs: Vec<Vec<f32>> = if batched {
+        let out = client.predict(tvec!(samples.data.clone().into_tensor().into_tvalue()))?;
+        split_rows(&out[0], n)?
+    } else {
+        let mut rows = Vec::new();
+        for i in 0..n {
+            let one = samples.data.index_axis(Axis(0), i).to_owned();
+            let out = client.predict(tvec!(one.into_tensor().into_tvalue()))?;
+            rows.extend(split_rows(&out[0], 1)?);
+        }
+        rows
+    };
+    progress.finish();
+    for (name, scores) in samples.names.iter().zip(&outputs) {
+        let class = argmax(scores);
+        if opts.scores {
+            let s: Vec<String> = scores.iter().map(|v| format!("{v:.4}")).collect();
+            println!("{name}: class {class}  scores [{}]", s.join(", "));
+        } else {
+            println!("{name}: class {class}");
+        }
+    }
+    Ok(())
+}
+
+fn split_rows(t: &TValue, n: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+    let v = t
+        .to_plain_array_view::<f32>()
+        .map_err(|e| anyhow::anyhow!("model output: {e:#}"))?;
+    let flat: Vec<f32> = v.iter().copied().collect();
+    if n == 0 || flat.len() % n != 0 {
+        bail!(
+            "model output of {} values does not split into {n} samples",
+            flat.len()
+        );
+    }
+    Ok(flat.chunks(flat.len() / n).map(<[f32]>::to_vec).collect())
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
+            if x > best.1 { (i, x) } else { best }
+        })
+        .0
+}
+
+/// The token from the flag, the file or the environment, in that order.
+pub fn resolve_token(token: Option<String>, file: Option<&Path>) -> anyhow::Result<String> {
+    if let Some(t) = token {
+        return Ok(t);
+    }
+    if let Some(f) = file {
+        return secinfer_transport::auth::read_token(f);
+    }
+    if let Ok(t) = std::env::var("SECINFER_TOKEN") {
+        return Ok(t);
+    }
+    bail!(
+        "no API token: give --token, --token-file or set SECINFER_TOKEN (serve prints where its tokens are)"
+    )
+}
+
+/// Limits from command-line values.
+pub fn limits(
+    max_sessions: usize,
+    max_frame_mib: usize,
+    max_pending: usize,
+    he_jobs: usize,
+    idle_timeout_s: u64,
+    shutdown_grace_s: u64,
+) -> anyhow::Result<Limits> {
+    if max_sessions == 0 || he_jobs == 0 || max_frame_mib == 0 || max_pending == 0 {
+        bail!("session, frame, pending and HE-job limits must be at least 1");
+    }
+    if idle_timeout_s < 5 {
+        bail!("--idle-timeout {idle_timeout_s}: at least 5 s (clients ping every 2 s)");
+    }
+    if max_frame_mib > 1024 {
+        bail!("--max-frame-mib {max_frame_mib}: at most 1024");
+    }
+    Ok(Limits {
+        max_sessions,
+        max_frame_bytes: max_frame_mib << 20,
+        max_pending_inferences: max_pending,
+        concurrent_he_jobs: he_jobs,
+        idle_timeout: Duration::from_secs(idle_timeout_s),
+        shutdown_grace: Duration::from_secs(shutdown_grace_s),
+        ..Limits::default()
+    })
+}

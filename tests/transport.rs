@@ -1,0 +1,467 @@
+//! The QUIC transport end to end over loopback: real TLS, tokens, framing and
+//! limits, with the bundled models and HE preprocessing.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ndarray::{Axis, s};
+use secinfer_converter::{Converted, Options};
+use secinfer_protocol::{Channel, MaskedInput, PreprocessingId, Preprocessor, WireTensor};
+use secinfer_tract_ext::{ClientModel, InMemoryChannel, MAX_BATCH, ServerModel};
+use secinfer_transport::{
+    ClientConfig, Fingerprint, Identity, Limits, Loopback, QuicChannel, Trust,
+};
+use tract_onnx::prelude::*;
+
+mod common;
+
+/// A bundled model converted (bounds calibrated on its data set) and written
+/// to a fresh directory.
+struct Pair {
+    dir: PathBuf,
+    server: Arc<ServerModel>,
+    client_path: PathBuf,
+    converted: Converted,
+}
+
+impl Pair {
+    fn new(model: &str, dataset: &str, tag: &str) -> Pair {
+        let dir =
+            std::env::temp_dir().join(format!("secinfer-transport-{}-{tag}", std::process::id()));
+        let options = Options {
+            calibration: Some(
+                secinfer::data::calibration_samples(dataset, 1000).expect("calibration data"),
+            ),
+            ..Options::default()
+        };
+        let converted =
+            secinfer_converter::convert_file(&common::model(model), &options).expect("converts");
+        converted.write(&dir).expect("writes");
+        let server = Arc::new(ServerModel::load(&dir.join("server.onnx")).expect("server loads"));
+        Pair {
+            client_path: dir.join("client.onnx"),
+            dir,
+            server,
+            converted,
+        }
+    }
+
+    fn serve(&self, limits: Limits) -> Loopback {
+        Loopback::start(self.server.clone(), self.server.digest(), limits).expect("server starts")
+    }
+
+    fn client(&self, lo: &Loopback) -> ClientModel<QuicChannel> {
+        ClientModel::load_with(&self.client_path, |d| lo.connect(d)).expect("client connects")
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn samples(dataset: &str, from: usize, n: usize) -> Tensor {
+    let data = secinfer::data::load(dataset).expect("data set");
+    data.inputs
+        .slice_axis(Axis(0), (from..from + n).into())
+        .to_owned()
+        .into_tensor()
+}
+
+fn run<C: Channel + 'static>(client: &ClientModel<C>, input: Tensor) -> Vec<f32> {
+    let n = client.inferences_in(&input);
+    client
+        .backend()
+        .preprocess_in_batches(n, MAX_BATCH)
+        .expect("offline phase");
+    let out = client
+        .predict(tvec!(input.into_tvalue()))
+        .expect("prediction");
+    out[0]
+        .to_plain_array_view::<f32>()
+        .expect("f32 output")
+        .iter()
+        .copied()
+        .collect()
+}
+
+/// Waits (up to a minute) for the server to drop every session; this is a
+/// bound on how long cleanup may take, not a speed check.
+fn wait_until_no_sessions(lo: &Loopback) -> usize {
+    let start = Instant::now();
+    while lo.server().live_sessions() > 0 && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    lo.server().live_sessions()
+}
+
+fn message(e: anyhow::Error) -> String {
+    format!("{e:#}")
+}
+
+#[test]
+fn quic_predictions_equal_in_process_predictions() {
+    let pair = Pair::new("mnist_mlp.onnx", "mnist", "equal");
+    let input = samples("mnist", 0, 64);
+    let lo = pair.serve(Limits::default());
+    let quic = pair.client(&lo);
+    let over_quic = run(&quic, input.clone());
+    let local = ClientModel::load(&pair.client_path, InMemoryChannel::new(pair.server.clone()))
+        .expect("in-process client");
+    let in_process = run(&local, input.clone());
+    assert_eq!(over_quic.len(), 64 * 10);
+    assert_eq!(over_quic, in_process, "QUIC and in-process outputs differ");
+    // and both are the model's answers
+    let plain = tract_onnx::onnx()
+        .model_for_path(common::model("mnist_mlp.onnx"))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .expect("plain model")
+        .run(tvec!(input.into_tvalue()))
+        .expect("plain run");
+    let plain: Vec<f32> = plain[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect();
+    let tol = common::tolerance(&pair.converted, 1.0);
+    for (a, b) in plain.iter().zip(&over_quic) {
+        assert!(
+            f64::from((a - b).abs()) <= tol,
+            "{a} vs {b}, tolerance {tol}"
+        );
+    }
+    let t = quic.backend().channel().traffic();
+    assert!(t.offline_up > t.offline_down && t.offline_down > 0, "{t:?}");
+    assert!(t.online_up > 0 && t.online_down > 0, "{t:?}");
+    drop(quic);
+    assert_eq!(wait_until_no_sessions(&lo), 0);
+}
+
+#[test]
+fn wrong_fingerprint_is_refused() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "fingerprint");
+    let lo = pair.serve(Limits::default());
+    let other = Identity::self_signed(&["localhost"]).unwrap().fingerprint();
+    let mut cfg = lo.client_config(pair.server.digest());
+    cfg.trust = Trust::Fingerprint(other);
+    let e = message(QuicChannel::connect(&cfg).unwrap_err());
+    assert!(e.contains("fingerprint"), "{e}");
+    assert!(
+        e.contains(&lo.fingerprint().to_string()),
+        "names the certificate seen: {e}"
+    );
+    // a CA file that did not issue the server's certificate fails too
+    let ca = pair.dir.join("other-ca.pem");
+    std::fs::write(
+        &ca,
+        rcgen_free_pem(&Identity::self_signed(&["localhost"]).unwrap()),
+    )
+    .unwrap();
+    cfg.trust = Trust::CaFile(ca);
+    let e = message(QuicChannel::connect(&cfg).unwrap_err());
+    assert!(e.contains("TLS handshake"), "{e}");
+    assert_eq!(lo.server().live_sessions(), 0);
+}
+
+/// PEM text of an identity's certificate.
+fn rcgen_free_pem(id: &Identity) -> String {
+    use std::fmt::Write;
+    let b64 = base64(id.chain[0].as_ref());
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        let _ = writeln!(out, "{}", std::str::from_utf8(line).unwrap());
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn missing_or_wrong_token_is_refused_before_any_model_work() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "token");
+    let lo = pair.serve(Limits::default());
+    for token in ["", "0123456789abcdef0123456789abcdef0123456789abcdef"] {
+        let mut cfg = lo.client_config(pair.server.digest());
+        cfg.token = token.to_string();
+        let e = message(QuicChannel::connect(&cfg).unwrap_err());
+        assert!(e.contains("refused") && e.contains("API token"), "{e}");
+    }
+    // A wrong token with a wrong digest is still an authentication failure:
+    // the server says nothing about its model to strangers.
+    let mut cfg = lo.client_config("not-the-digest");
+    cfg.token = "wrong".into();
+    let e = message(QuicChannel::connect(&cfg).unwrap_err());
+    assert!(
+        e.contains("API token") && !e.contains(pair.server.digest()),
+        "{e}"
+    );
+    assert_eq!(lo.server().live_sessions(), 0);
+}
+
+#[test]
+fn model_digest_mismatch_is_a_clear_error() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "digest");
+    let other = Pair::new("mnist_mlp.onnx", "mnist", "digest-other");
+    let lo = pair.serve(Limits::default());
+    let e = ClientModel::load_with(&other.client_path, |d| lo.connect(d))
+        .err()
+        .expect("the server must refuse another model's client");
+    let e = message(e);
+    assert!(e.contains("model digest mismatch"), "{e}");
+    assert!(e.contains("client.onnx"), "says what to do: {e}");
+}
+
+#[test]
+fn bad_frames_close_only_their_own_session() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "frames");
+    let lo = pair.serve(Limits {
+        max_frame_bytes: 8 << 20,
+        ..Limits::default()
+    });
+    let good = pair.client(&lo);
+    let expected = run(&good, samples("breast-cancer", 0, 4));
+
+    let bad = lo.connect(pair.server.digest()).unwrap();
+    let e = message(
+        bad.send_raw_for_tests(&[0xff, 0xff, 0xff, 0xff])
+            .unwrap_err(),
+    );
+    assert!(e.contains("exceeds the limit of 8388608 bytes"), "{e}");
+    let bad = lo.connect(pair.server.digest()).unwrap();
+    let e = message(
+        bad.send_raw_for_tests(&[0, 0, 0, 3, 0xff, 0xff, 0xff])
+            .unwrap_err(),
+    );
+    assert!(e.contains("malformed frame"), "{e}");
+    let bad = lo.connect(pair.server.digest()).unwrap();
+    let e = message(bad.send_raw_for_tests(&[0, 0, 0, 9, 1]).unwrap_err());
+    assert!(
+        e.contains("closed the session") || e.contains("ended"),
+        "{e}"
+    );
+    // A well-formed second hello is a protocol error too.
+    let hello = secinfer_transport::frame::encode(
+        &secinfer_transport::frame::ClientFrame::Hello {
+            version: secinfer_transport::PROTOCOL_VERSION,
+            model_digest: pair.server.digest().into(),
+            token: lo.token().into(),
+        },
+        1 << 20,
+    )
+    .unwrap();
+    let bad = lo.connect(pair.server.digest()).unwrap();
+    let e = message(bad.send_raw_for_tests(&hello).unwrap_err());
+    assert!(e.contains("hello only once"), "{e}");
+
+    // The good session, connected all along, still works.
+    let again = run(&good, samples("breast-cancer", 0, 4));
+    assert_eq!(again, expected);
+}
+
+#[test]
+fn reused_preprocessing_id_over_the_wire_closes_the_session() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "reuse");
+    let lo = pair.serve(Limits::default());
+    let client = pair.client(&lo);
+    client.backend().preprocess(2).unwrap();
+    let spec = &client.layers()[0];
+    let request = MaskedInput {
+        op: 0,
+        ids: vec![PreprocessingId(0)],
+        masked: WireTensor {
+            shape: vec![1, spec.input_len() as u64],
+            data: vec![0; spec.input_len()],
+        },
+    };
+    let channel = client.backend().channel();
+    channel.round_trip(request.clone()).expect("first use");
+    let e = message(channel.round_trip(request).unwrap_err());
+    assert!(
+        e.contains("already used") && e.contains("single-use"),
+        "{e}"
+    );
+}
+
+#[test]
+fn clients_that_vanish_mid_offline_or_mid_online_leave_nothing_behind() {
+    let pair = Pair::new("mnist_mlp.onnx", "mnist", "vanish");
+    // A client that vanishes without a word is noticed by the idle timeout.
+    let lo = pair.serve(Limits {
+        idle_timeout: Duration::from_secs(5),
+        ..Limits::default()
+    });
+    let layers = secinfer_protocol::MaskedLinear::layers(&*pair.server).to_vec();
+
+    // 1. gone after the first chunk of encrypted masks
+    let ch = lo.connect(pair.server.digest()).unwrap();
+    let mut pre = Preprocessor::new(layers.clone()).unwrap();
+    ch.hello(pre.hello()).unwrap();
+    let first = pre.start(8).unwrap();
+    let req = pre.next_request(first).unwrap().unwrap();
+    ch.offline(req, &mut |_| Ok(())).unwrap();
+    assert_eq!(lo.server().live_sessions(), 1);
+    ch.abort();
+    drop(ch);
+    assert_eq!(
+        wait_until_no_sessions(&lo),
+        0,
+        "session kept after abort mid-upload"
+    );
+
+    // 2. gone while the server is evaluating (its HE job must stop and free it)
+    let ch = Arc::new(lo.connect(pair.server.digest()).unwrap());
+    let mut pre = Preprocessor::new(layers.clone()).unwrap();
+    ch.hello(pre.hello()).unwrap();
+    let first = pre.start(8).unwrap();
+    let mut reqs = Vec::new();
+    let in0 = layers[0].input_len();
+    while let Some(r) = pre.next_request(first).unwrap() {
+        let last = r.op == 0 && r.offset as usize + r.ciphertexts.len() == in0;
+        reqs.push(r);
+        if last {
+            break;
+        }
+    }
+    let last = reqs.pop().unwrap();
+    for r in reqs {
+        ch.offline(r, &mut |_| Ok(())).unwrap();
+    }
+    let worker = {
+        let ch = ch.clone();
+        std::thread::spawn(move || ch.offline(last, &mut |_| Ok(())))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    ch.abort();
+    assert!(worker.join().unwrap().is_err(), "the cut call must fail");
+    drop(ch);
+    assert_eq!(
+        wait_until_no_sessions(&lo),
+        0,
+        "session kept after abort mid-job"
+    );
+
+    // 3. gone between the round trips of a prediction
+    let client = pair.client(&lo);
+    client.backend().preprocess(4).unwrap();
+    let spec = &client.layers()[0];
+    let request = MaskedInput {
+        op: 0,
+        ids: vec![PreprocessingId(0)],
+        masked: WireTensor {
+            shape: vec![1, spec.input_len() as u64],
+            data: vec![0; spec.input_len()],
+        },
+    };
+    client.backend().channel().round_trip(request).unwrap();
+    assert_eq!(lo.server().live_sessions(), 1);
+    client.backend().channel().abort();
+    drop(client);
+    assert_eq!(
+        wait_until_no_sessions(&lo),
+        0,
+        "session kept after abort mid-online"
+    );
+
+    // and the server still serves
+    let client = pair.client(&lo);
+    assert_eq!(run(&client, samples("mnist", 0, 2)).len(), 20);
+}
+
+#[test]
+fn twenty_concurrent_clients_each_get_correct_answers() {
+    let pair = Arc::new(Pair::new(
+        "breast_cancer_mlp.onnx",
+        "breast-cancer",
+        "twenty",
+    ));
+    let lo = Arc::new(pair.serve(Limits::default()));
+    let local =
+        ClientModel::load(&pair.client_path, InMemoryChannel::new(pair.server.clone())).unwrap();
+    let all = samples("breast-cancer", 0, 100);
+    let expected = run(&local, all.clone());
+    let per = expected.len() / 100;
+    let all = Arc::new(all);
+    let threads: Vec<_> = (0..20)
+        .map(|i| {
+            let (pair, lo, all) = (pair.clone(), lo.clone(), all.clone());
+            std::thread::spawn(move || {
+                let client = pair.client(&lo);
+                let view = all.to_plain_array_view::<f32>().unwrap();
+                let mine = view
+                    .slice(s![i * 5..i * 5 + 5, ..])
+                    .to_owned()
+                    .into_tensor();
+                run(&client, mine)
+            })
+        })
+        .collect();
+    let mut peak = 0;
+    for (i, t) in threads.into_iter().enumerate() {
+        peak = peak.max(lo.server().live_sessions());
+        let got = t.join().expect("client thread");
+        assert_eq!(
+            got,
+            expected[i * 5 * per..(i + 1) * 5 * per],
+            "client {i} got wrong answers"
+        );
+    }
+    assert!(peak <= 20);
+    assert_eq!(wait_until_no_sessions(&lo), 0);
+}
+
+#[test]
+fn session_limit_and_graceful_shutdown() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "limits");
+    let lo = pair.serve(Limits {
+        max_sessions: 1,
+        ..Limits::default()
+    });
+    let first = pair.client(&lo);
+    let e = message(lo.connect(pair.server.digest()).unwrap_err());
+    assert!(e.contains("limit of 1 sessions"), "{e}");
+    let out = run(&first, samples("breast-cancer", 0, 2));
+    assert_eq!(out.len(), 4);
+    first.backend().preprocess(2).unwrap();
+    // Shutting down: the connected client is told, and new ones cannot connect.
+    let addr = lo.addr();
+    let fingerprint: Fingerprint = lo.fingerprint();
+    let token = lo.token().to_string();
+    drop(lo);
+    let e = message(
+        first
+            .predict(tvec!(samples("breast-cancer", 0, 2).into_tvalue()))
+            .unwrap_err(),
+    );
+    assert!(e.contains("shutting down") || e.contains("closed"), "{e}");
+    let cfg = ClientConfig {
+        connect_timeout: Duration::from_secs(2),
+        ..ClientConfig::new(
+            &addr.to_string(),
+            Trust::Fingerprint(fingerprint),
+            &token,
+            pair.server.digest(),
+        )
+    };
+    assert!(QuicChannel::connect(&cfg).is_err());
+}

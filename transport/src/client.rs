@@ -1,0 +1,408 @@
+//! The QUIC client: a [`QuicChannel`] is one authenticated session with a
+//! server and implements the protocol crate's blocking `Channel`, so the
+//! client model, the preprocessing pool and the bench use it unchanged.
+//!
+//! It owns a small tokio runtime (one worker thread, which keeps the
+//! connection alive while the caller computes) and two streams: one for
+//! online round trips, one for the offline phase, each used by one call at
+//! a time. Frame bytes are counted per phase and direction.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+
+use secinfer_protocol::{
+    Channel, MaskRequest, MaskedInput, MaskedOutput, OfflineHello, ProductReply, Traffic,
+};
+
+use crate::close_code;
+use crate::frame::{
+    ClientFrame, FrameError, MAX_HELLO_BYTES, PROTOCOL_VERSION, ServerFrame, read_frame,
+    write_frame,
+};
+use crate::tls::Fingerprint;
+
+/// How the client decides the server is the right one.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// exactly the certificate with this SHA-256 (as `serve` prints it)
+    Fingerprint(Fingerprint),
+    /// any certificate for the server's name issued by a CA in this PEM file
+    CaFile(PathBuf),
+}
+
+/// What a client needs to connect.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the server
+    pub server: String,
+    /// name checked in the certificate (CA trust); default: the host part
+    pub server_name: Option<String>,
+    /// how the server is trusted
+    pub trust: Trust,
+    /// API token
+    pub token: String,
+    /// digest of the client model (`ClientModel::digest`)
+    pub model_digest: String,
+    /// largest frame in either direction (the server's limit should match)
+    pub max_frame_bytes: usize,
+    /// how long to wait for the connection and handshake
+    pub connect_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// A configuration with default limits.
+    pub fn new(server: &str, trust: Trust, token: &str, model_digest: &str) -> ClientConfig {
+        ClientConfig {
+            server: server.to_string(),
+            server_name: None,
+            trust,
+            token: token.to_string(),
+            model_digest: model_digest.to_string(),
+            max_frame_bytes: crate::DEFAULT_MAX_FRAME_BYTES,
+            connect_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+type Stream = (SendStream, RecvStream);
+
+/// How often an idle client pings the server; servers' idle timeouts must be
+/// longer (the `serve` command insists on at least 5 s).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+/// An authenticated session with a secinfer server over QUIC.
+pub struct QuicChannel {
+    runtime: tokio::runtime::Runtime,
+    endpoint: quinn::Endpoint,
+    conn: Connection,
+    online: Mutex<Option<Stream>>,
+    offline: Mutex<Option<Stream>>,
+    max_frame: usize,
+    /// online up, online down, offline up, offline down
+    bytes: [AtomicU64; 4],
+    server_ops: u32,
+}
+
+impl std::fmt::Debug for QuicChannel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "QuicChannel({})", self.conn.remote_address())
+    }
+}
+
+/// Turns a connection-level failure into what the user should read.
+fn explain(e: quinn::ConnectionError) -> anyhow::Error {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            let reason = String::from_utf8_lossy(&c.reason);
+            let code = c.error_code.into_inner();
+            match code as u32 {
+                close_code::REFUSED => anyhow!("the server refused the session: {reason}"),
+                close_code::SHUTDOWN => anyhow!("the server is shutting down"),
+                close_code::PROTOCOL => anyhow!("the server closed the session: {reason}"),
+                _ => anyhow!("the server closed the session (code {code}): {reason}"),
+            }
+        }
+        quinn::ConnectionError::TimedOut => anyhow!("the server stopped answering (idle timeout)"),
+        other => anyhow!("connection failed: {other}"),
+    }
+}
+
+impl QuicChannel {
+    /// Connects, checks the server's certificate and performs the handshake.
+    pub fn connect(config: &ClientConfig) -> anyhow::Result<QuicChannel> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("secinfer-quic-client")
+            .enable_all()
+            .build()
+            .context("starting the client's network runtime")?;
+        let addr: SocketAddr = config
+            .server
+            .to_socket_addrs()
+            .with_context(|| format!("resolving the server address '{}'", config.server))?
+            .next()
+            .ok_or_else(|| anyhow!("'{}' resolves to no address", config.server))?;
+        let name = match &config.server_name {
+            Some(n) => n.clone(),
+            None => host_part(&config.server),
+        };
+        let crypto = crate::tls::client_crypto(&config.trust)?;
+        let quic = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
+            .map_err(|e| anyhow!("TLS configuration unusable for QUIC: {e}"))?;
+        let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
+        let mut transport = crate::server::transport_config(&crate::Limits::default())?;
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
+        client_config.transport_config(Arc::new(transport));
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse()?
+        } else {
+            "0.0.0.0:0".parse()?
+        };
+        let (endpoint, conn, ops) = runtime.block_on(async {
+            let mut endpoint = {
+                let _guard = tokio::runtime::Handle::current().enter();
+                quinn::Endpoint::client(bind).context("opening a UDP socket")?
+            };
+            endpoint.set_default_client_config(client_config);
+            let connecting = endpoint
+                .connect(addr, &name)
+                .with_context(|| format!("connecting to {addr}"))?;
+            let handshake = async {
+                let conn = connecting.await.map_err(|e| match e {
+                    quinn::ConnectionError::TransportError(t) => anyhow!(
+                        "TLS handshake with {addr} failed: {t}"
+                    ),
+                    other => explain(other),
+                })?;
+                let (mut send, mut recv) = conn.open_bi().await.map_err(explain)?;
+                write_frame(
+                    &mut send,
+                    &ClientFrame::Hello {
+                        version: PROTOCOL_VERSION,
+                        model_digest: config.model_digest.clone(),
+                        token: config.token.clone(),
+                    },
+                    MAX_HELLO_BYTES,
+                )
+                .await
+                .map_err(|e| frame_err(&conn, e))?;
+                let _ = send.finish();
+                match read_frame::<_, ServerFrame>(&mut recv, MAX_HELLO_BYTES).await {
+                    Ok(Some((ServerFrame::Welcome { version, ops }, _))) => {
+                        if version != PROTOCOL_VERSION {
+                            bail!(
+                                "protocol version mismatch: server speaks {version}, client {PROTOCOL_VERSION}"
+                            );
+                        }
+                        Ok((conn, ops))
+                    }
+                    Ok(Some((other, _))) => bail!("unexpected first answer {other:?}"),
+                    Ok(None) => Err(closed_reason(&conn).await),
+                    Err(e) => Err(frame_err_wait(&conn, e).await),
+                }
+            };
+            let (conn, ops) = tokio::time::timeout(config.connect_timeout, handshake)
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "no answer from {addr} within {:?} (is the server running, and is UDP reachable?)",
+                        config.connect_timeout
+                    )
+                })??;
+            Ok::<_, anyhow::Error>((endpoint, conn, ops))
+        })?;
+        Ok(QuicChannel {
+            runtime,
+            endpoint,
+            conn,
+            online: Mutex::new(None),
+            offline: Mutex::new(None),
+            max_frame: config.max_frame_bytes,
+            bytes: Default::default(),
+            server_ops: ops,
+        })
+    }
+
+    /// SecureLinear ops the server's model has.
+    pub fn server_ops(&self) -> u32 {
+        self.server_ops
+    }
+
+    /// Ends the session politely (the server frees it at once); dropping
+    /// the channel does the same.
+    pub fn close(self) {
+        drop(self);
+    }
+
+    /// Drops the connection at once, without finishing anything in progress
+    /// (calls blocked on it return an error).
+    pub fn abort(&self) {
+        self.conn
+            .close(VarInt::from_u32(close_code::INTERNAL), b"client aborted");
+    }
+
+    /// Sends `bytes` as they are on a new stream and returns the server's
+    /// verdict: its first frame, or the reason it closed the session. Only
+    /// for tests of how the server treats malformed traffic.
+    #[doc(hidden)]
+    pub fn send_raw_for_tests(&self, bytes: &[u8]) -> anyhow::Result<String> {
+        let conn = &self.conn;
+        self.runtime.block_on(async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(explain)?;
+            tokio::io::AsyncWriteExt::write_all(&mut send, bytes)
+                .await
+                .map_err(|e| frame_err(conn, e.into()))?;
+            let _ = send.finish();
+            match read_frame::<_, ServerFrame>(&mut recv, self.max_frame).await {
+                Ok(Some((frame, _))) => Ok(format!("{frame:?}")),
+                Ok(None) => Err(closed_reason(conn).await),
+                Err(e) => Err(frame_err_wait(conn, e).await),
+            }
+        })
+    }
+
+    /// Sends `msg` on the stream in `slot` (opening it first if needed) and
+    /// reads answers with `on_answer` until it returns `true`.
+    fn exchange(
+        &self,
+        slot: &Mutex<Option<Stream>>,
+        msg: ClientFrame,
+        counters: (usize, usize),
+        on_answer: &mut dyn FnMut(ServerFrame) -> anyhow::Result<bool>,
+    ) -> anyhow::Result<()> {
+        let mut guard = slot
+            .lock()
+            .map_err(|_| anyhow!("stream poisoned by an earlier panic"))?;
+        let max = self.max_frame;
+        let conn = &self.conn;
+        self.runtime.block_on(async {
+            if guard.is_none() {
+                *guard = Some(conn.open_bi().await.map_err(explain)?);
+            }
+            let (send, recv) = guard.as_mut().ok_or_else(|| anyhow!("no stream"))?;
+            let n = write_frame(send, &msg, max)
+                .await
+                .map_err(|e| frame_err(conn, e))?;
+            self.bytes[counters.0].fetch_add(n as u64, Ordering::Relaxed);
+            loop {
+                match read_frame::<_, ServerFrame>(recv, max).await {
+                    Ok(Some((frame, n))) => {
+                        self.bytes[counters.1].fetch_add(n as u64, Ordering::Relaxed);
+                        if on_answer(frame)? {
+                            return Ok(());
+                        }
+                    }
+                    Ok(None) => return Err(closed_reason(conn).await),
+                    Err(e) => return Err(frame_err_wait(conn, e).await),
+                }
+            }
+        })
+    }
+}
+
+impl Drop for QuicChannel {
+    fn drop(&mut self) {
+        if self.conn.close_reason().is_none() {
+            self.conn
+                .close(VarInt::from_u32(close_code::DONE), b"client done");
+        }
+        // Let the runtime send the close before it stops, so the server frees
+        // the session now rather than at its idle timeout.
+        if tokio::runtime::Handle::try_current().is_err() {
+            let endpoint = self.endpoint.clone();
+            self.runtime.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+            });
+        }
+    }
+}
+
+fn host_part(server: &str) -> String {
+    let host = match server.rsplit_once(':') {
+        Some((h, _)) => h,
+        None => server,
+    };
+    host.trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
+/// A frame error, with the server's close reason if that is the cause.
+fn frame_err(conn: &Connection, e: FrameError) -> anyhow::Error {
+    match (conn.close_reason(), e) {
+        (Some(reason), _) => explain(reason),
+        (None, e) => anyhow!("{e}"),
+    }
+}
+
+/// As [`frame_err`], waiting briefly for the close reason to arrive.
+async fn frame_err_wait(conn: &Connection, e: FrameError) -> anyhow::Error {
+    if matches!(e, FrameError::Io(_) | FrameError::Truncated) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+    }
+    frame_err(conn, e)
+}
+
+/// The stream ended: the server must have closed the session.
+async fn closed_reason(conn: &Connection) -> anyhow::Error {
+    match tokio::time::timeout(Duration::from_secs(2), conn.closed()).await {
+        Ok(reason) => explain(reason),
+        Err(_) => anyhow!("the server ended the stream without an answer"),
+    }
+}
+
+fn unexpected(what: &str, got: &ServerFrame) -> anyhow::Error {
+    let name = match got {
+        ServerFrame::Welcome { .. } => "Welcome",
+        ServerFrame::Online(_) => "Online",
+        ServerFrame::OfflineReady => "OfflineReady",
+        ServerFrame::OfflineReply(_) => "OfflineReply",
+        ServerFrame::OfflineDone => "OfflineDone",
+    };
+    anyhow!("protocol error: expected {what}, the server sent {name}")
+}
+
+impl Channel for QuicChannel {
+    fn round_trip(&self, request: MaskedInput) -> anyhow::Result<MaskedOutput> {
+        let mut out = None;
+        self.exchange(
+            &self.online,
+            ClientFrame::Online(request),
+            (0, 1),
+            &mut |frame| match frame {
+                ServerFrame::Online(o) => {
+                    out = Some(o);
+                    Ok(true)
+                }
+                other => Err(unexpected("an online answer", &other)),
+            },
+        )?;
+        out.ok_or_else(|| anyhow!("no online answer"))
+    }
+
+    fn hello(&self, hello: OfflineHello) -> anyhow::Result<()> {
+        self.exchange(
+            &self.offline,
+            ClientFrame::OfflineHello(hello),
+            (2, 3),
+            &mut |frame| match frame {
+                ServerFrame::OfflineReady => Ok(true),
+                other => Err(unexpected("the key's acknowledgement", &other)),
+            },
+        )
+    }
+
+    fn offline(
+        &self,
+        request: MaskRequest,
+        on_reply: &mut dyn FnMut(ProductReply) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        self.exchange(
+            &self.offline,
+            ClientFrame::Offline(request),
+            (2, 3),
+            &mut |frame| match frame {
+                ServerFrame::OfflineReply(r) => on_reply(r).map(|()| false),
+                ServerFrame::OfflineDone => Ok(true),
+                other => Err(unexpected("an offline reply", &other)),
+            },
+        )
+    }
+
+    fn traffic(&self) -> Traffic {
+        let b = |i: usize| self.bytes[i].load(Ordering::Relaxed);
+        Traffic {
+            online_up: b(0),
+            online_down: b(1),
+            offline_up: b(2),
+            offline_down: b(3),
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Frames: every message is a 4-byte big-endian length followed by that many
+//! bytes of postcard-encoded [`ClientFrame`] or [`ServerFrame`]. The length is
+//! checked against the reader's maximum before any of the body is read or
+//! allocated, so an oversized frame costs the receiver four bytes.
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use secinfer_protocol::{MaskRequest, MaskedInput, MaskedOutput, OfflineHello, ProductReply};
+
+/// Version of the wire protocol; both sides must agree exactly.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest frame accepted by default: 64 MiB (an offline chunk is ~12 MiB; an
+/// online batch of 100 CNN images ~0.6 MiB).
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 << 20;
+
+/// Largest handshake frame (token and digest are short).
+pub const MAX_HELLO_BYTES: usize = 16 << 10;
+
+/// Client to server.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ClientFrame {
+    /// First frame of a session, on the first stream.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the client
+        version: u32,
+        /// digest of the client's `client.onnx` (it must match the server's model)
+        model_digest: String,
+        /// API token
+        token: String,
+    },
+    /// Online: `x − r` for one op.
+    Online(MaskedInput),
+    /// Offline: the client's HE public key.
+    OfflineHello(OfflineHello),
+    /// Offline: a chunk of encrypted masks.
+    Offline(MaskRequest),
+}
+
+/// Server to client.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ServerFrame {
+    /// The handshake succeeded.
+    Welcome {
+        /// [`PROTOCOL_VERSION`] of the server
+        version: u32,
+        /// SecureLinear ops in the served model
+        ops: u32,
+    },
+    /// Online: `W·(x − r) + b + s`.
+    Online(MaskedOutput),
+    /// Offline: the public key is accepted.
+    OfflineReady,
+    /// Offline: part of an op's `Enc(W·r − s)`.
+    OfflineReply(ProductReply),
+    /// Offline: the last chunk is fully answered.
+    OfflineDone,
+}
+
+/// What can go wrong with a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The declared length exceeds the maximum.
+    #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// declared length
+        len: usize,
+        /// the limit
+        max: usize,
+    },
+    /// The body does not decode as the expected message.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The stream ended inside a frame.
+    #[error("the stream ended inside a frame")]
+    Truncated,
+    /// The rest of a frame did not arrive in time.
+    #[error("a frame was not completed within {0:?}")]
+    Stalled(std::time::Duration),
+    /// Reading or writing failed (connection lost, reset, ...).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes `msg` as one frame (length prefix included), refusing to make a
+/// frame the peer would refuse.
+pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> {
+    let mut buf = vec![0u8; 4];
+    buf = postcard::to_extend(msg, buf).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    let len = buf.len() - 4;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    buf[..4].copy_from_slice(&(len as u32).to_be_bytes());
+    Ok(buf)
+}
+
+/// Writes one frame; returns the bytes written.
+pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    w: &mut W,
+    msg: &T,
+    max: usize,
+) -> Result<usize, FrameError> {
+    let buf = encode(msg, max)?;
+    w.write_all(&buf).await?;
+    Ok(buf.len())
+}
+
+/// Reads one frame: `Ok(None)` if the stream ends cleanly before it, else the
+/// message and the bytes read.
+pub async fn read_frame<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<(T, usize)>, FrameError> {
+    read_frame_within(r, max, None).await
+}
+
+/// As [`read_frame`], but once a frame has begun, its remaining bytes must
+/// arrive within `body_timeout` (a peer that stalls inside a frame would
+/// otherwise hold the reader forever while keep-alives keep it connected).
+pub async fn read_frame_within<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+    max: usize,
+    body_timeout: Option<std::time::Duration>,
+) -> Result<Option<(T, usize)>, FrameError> {
+    let mut len = [0u8; 4];
+    let first = r.read(&mut len).await?;
+    if first == 0 {
+        return Ok(None);
+    }
+    let rest = read_rest(r, len, first, max);
+    match body_timeout {
+        None => rest.await,
+        Some(t) => tokio::time::timeout(t, rest)
+            .await
+            .map_err(|_| FrameError::Stalled(t))?,
+    }
+    .map(Some)
+}
+
+async fn read_rest<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+    mut len: [u8; 4],
+    mut got: usize,
+    max: usize,
+) -> Result<(T, usize), FrameError> {
+    while got < 4 {
+        let n = r.read(&mut len[got..]).await?;
+        if n == 0 {
+            return Err(FrameError::Truncated);
+        }
+        got += n;
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Truncated
+        } else {
+            FrameError::Io(e)
+        }
+    })?;
+    let msg = postcard::from_bytes(&body).map_err(|e| FrameError::Malformed(e.to_string()))?;
+    Ok((msg, len + 4))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> ClientFrame {
+        ClientFrame::Hello {
+            version: PROTOCOL_VERSION,
+            model_digest: "ab".repeat(32),
+            token: "t".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip_and_count_bytes() {
+        let buf = encode(&hello(), 1024).unwrap();
+        let mut r = &buf[..];
+        let (msg, n): (ClientFrame, usize) = read_frame(&mut r, 1024).await.unwrap().unwrap();
+        assert_eq!(n, buf.len());
+        assert!(matches!(
+            msg,
+            ClientFrame::Hello {
+                version: PROTOCOL_VERSION,
+                ..
+            }
+        ));
+        let end: Option<(ClientFrame, usize)> = read_frame(&mut r, 1024).await.unwrap();
+        assert!(end.is_none());
+    }
+
+    #[tokio::test]
+    async fn oversized_truncated_and_garbage_frames_are_named() {
+        let buf = encode(&hello(), 1024).unwrap();
+        let mut r = &buf[..];
+        let e = read_frame::<_, ClientFrame>(&mut r, 10).await.unwrap_err();
+        assert!(matches!(e, FrameError::TooLarge { max: 10, .. }), "{e}");
+        let mut r = &buf[..buf.len() - 1];
+        let e = read_frame::<_, ClientFrame>(&mut r, 1024)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FrameError::Truncated), "{e}");
+        use tokio::io::AsyncWriteExt;
+        let (mut w, mut r2) = tokio::io::duplex(64);
+        w.write_all(&[0, 0, 0, 9, 1]).await.unwrap();
+        let e = read_frame_within::<_, ClientFrame>(
+            &mut r2,
+            1024,
+            Some(std::time::Duration::from_millis(50)),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, FrameError::Stalled(_)), "{e}");
+        let garbage = [0u8, 0, 0, 3, 0xff, 0xff, 0xff];
+        let e = read_frame::<_, ClientFrame>(&mut &garbage[..], 1024)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FrameError::Malformed(_)), "{e}");
+        assert!(matches!(
+            encode(&hello(), 8),
+            Err(FrameError::TooLarge { max: 8, .. })
+        ));
+    }
+}

@@ -1,0 +1,539 @@
+//! The QUIC server: accepts connections, authenticates each with its
+//! handshake, and drives one `ServerSession` per connection.
+//!
+//! Each connection is a task; each stream the client opens is a task that
+//! reads a frame, answers it, and reads the next. Online requests and the
+//! cheap offline steps run on blocking threads under the session's lock; an
+//! op's HE evaluation runs on a blocking thread *without* the lock (so the
+//! session keeps answering online requests), limited server-wide by
+//! [`Limits::concurrent_he_jobs`], and streams its reply parts back through a
+//! small bounded queue. When the client leaves, everything of its session is
+//! dropped: a running HE job stops at its next reply part.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use secinfer_protocol::{MaskedLinear, ProtocolError, ServerSession};
+
+use crate::TokenSet;
+use crate::close_code;
+use crate::frame::{
+    ClientFrame, FrameError, MAX_HELLO_BYTES, PROTOCOL_VERSION, ServerFrame, read_frame,
+    read_frame_within, write_frame,
+};
+use crate::tls::Identity;
+
+/// Server-wide and per-session limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// sessions (connections) at once; further clients are refused with a reason
+    pub max_sessions: usize,
+    /// largest frame in either direction
+    pub max_frame_bytes: usize,
+    /// preprocessed inferences (ready plus in flight) per session
+    pub max_pending_inferences: usize,
+    /// HE evaluations running at once across all sessions (each uses all cores)
+    pub concurrent_he_jobs: usize,
+    /// time a client has to open its session and say hello
+    pub handshake_timeout: Duration,
+    /// a connection silent this long is closed (clients send keep-alives)
+    pub idle_timeout: Duration,
+    /// once a frame has begun, the rest must arrive within this
+    pub frame_timeout: Duration,
+    /// on shutdown, how long requests in progress may take to finish
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: 64,
+            max_frame_bytes: crate::DEFAULT_MAX_FRAME_BYTES,
+            max_pending_inferences: secinfer_protocol::DEFAULT_MAX_PENDING,
+            concurrent_he_jobs: 1,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            frame_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What a server needs to start.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// address to listen on (port 0: any free port)
+    pub listen: SocketAddr,
+    /// the TLS certificate and key
+    pub identity: Identity,
+    /// accepted API tokens
+    pub tokens: TokenSet,
+    /// limits
+    pub limits: Limits,
+}
+
+/// A running server. Dropping it stops it abruptly; [`shutdown`](Self::shutdown)
+/// stops it gracefully.
+pub struct Server {
+    endpoint: quinn::Endpoint,
+    shutdown: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    stats: Arc<Stats>,
+}
+
+/// Counters a running server keeps.
+#[derive(Debug, Default)]
+struct Stats {
+    /// sessions whose state exists (authenticated, not yet dropped)
+    live: AtomicUsize,
+    /// connections being served (including handshakes)
+    connections: AtomicUsize,
+}
+
+struct Shared<L: ?Sized> {
+    linear: Arc<L>,
+    digest: String,
+    tokens: TokenSet,
+    limits: Limits,
+    sessions: Arc<Semaphore>,
+    he_jobs: Arc<Semaphore>,
+    stats: Arc<Stats>,
+    shutdown: watch::Receiver<bool>,
+}
+
+/// Why a session ended, and what the client is told.
+#[derive(Debug)]
+enum End {
+    /// refused at the handshake
+    Refused(String),
+    /// the client broke the protocol or sent a bad frame
+    Protocol(String),
+    /// the server is shutting down
+    Shutdown,
+    /// something failed on the server
+    Internal(String),
+    /// the connection is gone; nobody to tell
+    Lost,
+}
+
+impl From<FrameError> for End {
+    fn from(e: FrameError) -> End {
+        match e {
+            FrameError::Io(_) => End::Lost,
+            other => End::Protocol(other.to_string()),
+        }
+    }
+}
+
+impl From<ProtocolError> for End {
+    fn from(e: ProtocolError) -> End {
+        End::Protocol(e.to_string())
+    }
+}
+
+impl Server {
+    /// Binds and starts serving `linear` (whose converted files carry
+    /// `digest`). Must be called inside a tokio runtime.
+    pub fn start<L: MaskedLinear + 'static + ?Sized>(
+        config: ServerConfig,
+        linear: Arc<L>,
+        digest: String,
+    ) -> anyhow::Result<Server> {
+        let crypto = crate::tls::server_crypto(&config.identity)?;
+        let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
+            .map_err(|e| anyhow!("TLS configuration unusable for QUIC: {e}"))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
+        server_config.transport_config(Arc::new(transport_config(&config.limits)?));
+        let endpoint = quinn::Endpoint::server(server_config, config.listen)
+            .with_context(|| format!("listening on {}", config.listen))?;
+        let (tx, rx) = watch::channel(false);
+        let stats = Arc::new(Stats::default());
+        let shared = Arc::new(Shared {
+            linear,
+            digest,
+            tokens: config.tokens,
+            sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
+            he_jobs: Arc::new(Semaphore::new(config.limits.concurrent_he_jobs.max(1))),
+            limits: config.limits,
+            stats: stats.clone(),
+            shutdown: rx,
+        });
+        let task = tokio::spawn(accept_loop(endpoint.clone(), shared));
+        Ok(Server {
+            endpoint,
+            shutdown: tx,
+            task: Some(task),
+            stats,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Sessions whose state still exists on the server.
+    pub fn live_sessions(&self) -> usize {
+        self.stats.live.load(Ordering::SeqCst)
+    }
+
+    /// Connections being served (handshakes included).
+    pub fn connections(&self) -> usize {
+        self.stats.connections.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting, lets every session finish the request it is
+    /// answering (up to the grace period), tells clients the server is
+    /// shutting down, and waits until the endpoint is idle.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        self.endpoint
+            .close(VarInt::from_u32(close_code::SHUTDOWN), b"server shut down");
+        self.endpoint.wait_idle().await;
+    }
+
+    /// Serves until Ctrl-C, then shuts down gracefully.
+    pub async fn run_until_ctrl_c(self) -> anyhow::Result<()> {
+        tokio::signal::ctrl_c()
+            .await
+            .context("listening for Ctrl-C")?;
+        eprintln!("shutting down: finishing requests in progress");
+        self.shutdown().await;
+        Ok(())
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+    }
+}
+
+/// QUIC settings: windows large enough for ~12 MiB frames, keep-alives on the
+/// client side, the idle timeout from the limits, few streams per session.
+pub(crate) fn transport_config(limits: &Limits) -> anyhow::Result<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(limits.idle_timeout)
+            .map_err(|_| anyhow!("idle timeout {:?} is too long", limits.idle_timeout))?,
+    ));
+    t.stream_receive_window(VarInt::from_u32(32 << 20));
+    t.receive_window(VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(4));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    Ok(t)
+}
+
+async fn accept_loop<L: MaskedLinear + 'static + ?Sized>(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared<L>>,
+) {
+    let mut connections = JoinSet::new();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                connections.spawn(connection(incoming, shared.clone()));
+            }
+            Some(_) = connections.join_next() => {}
+            () = stopping(&mut shutdown) => break,
+        }
+    }
+    // Graceful part: sessions finish the request in hand, then close.
+    let grace = shared.limits.shutdown_grace;
+    let _ = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    connections.shutdown().await;
+}
+
+async fn connection<L: MaskedLinear + 'static + ?Sized>(
+    incoming: quinn::Incoming,
+    shared: Arc<Shared<L>>,
+) {
+    shared.stats.connections.fetch_add(1, Ordering::SeqCst);
+    if let Ok(conn) = incoming.await {
+        let end = session(&conn, &shared).await;
+        let (code, reason) = match end {
+            Ok(()) => (close_code::DONE, "done".to_string()),
+            Err(End::Refused(m)) => (close_code::REFUSED, m),
+            Err(End::Protocol(m)) => (close_code::PROTOCOL, m),
+            Err(End::Shutdown) => (close_code::SHUTDOWN, "the server is shutting down".into()),
+            Err(End::Internal(m)) => (close_code::INTERNAL, m),
+            Err(End::Lost) => (close_code::DONE, "connection lost".into()),
+        };
+        conn.close(VarInt::from_u32(code), truncate(&reason).as_bytes());
+    }
+    shared.stats.connections.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// A close reason must fit in one packet.
+fn truncate(s: &str) -> String {
+    const MAX: usize = 900;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &s[..end])
+}
+
+/// A session's state; dropping it frees it and updates the live count.
+struct SessionState<L: MaskedLinear + ?Sized> {
+    session: Mutex<ServerSession<L>>,
+    stats: Arc<Stats>,
+}
+
+impl<L: MaskedLinear + ?Sized> Drop for SessionState<L> {
+    fn drop(&mut self) {
+        self.stats.live.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl<L: MaskedLinear + ?Sized> SessionState<L> {
+    fn lock(&self) -> Result<std::sync::MutexGuard<'_, ServerSession<L>>, End> {
+        self.session
+            .lock()
+            .map_err(|_| End::Internal("session poisoned by an earlier panic".into()))
+    }
+}
+
+async fn session<L: MaskedLinear + 'static + ?Sized>(
+    conn: &Connection,
+    shared: &Arc<Shared<L>>,
+) -> Result<(), End> {
+    let limits = &shared.limits;
+    let hello = tokio::time::timeout(limits.handshake_timeout, async {
+        let (send, mut recv) = conn.accept_bi().await.map_err(|_| End::Lost)?;
+        let hello = read_frame::<_, ClientFrame>(&mut recv, MAX_HELLO_BYTES).await?;
+        Ok::<_, End>((send, hello))
+    })
+    .await
+    .map_err(|_| {
+        End::Refused(format!(
+            "no hello within {:?} of connecting",
+            limits.handshake_timeout
+        ))
+    })??;
+    let (mut send, hello) = hello;
+    let Some((
+        ClientFrame::Hello {
+            version,
+            model_digest,
+            token,
+        },
+        _,
+    )) = hello
+    else {
+        return Err(End::Refused(
+            "the first frame of a session must be a hello".into(),
+        ));
+    };
+    // Authentication comes first: nothing about the model is revealed or
+    // done for a client without a valid token.
+    if !shared.tokens.accepts(&token) {
+        return Err(End::Refused(
+            "authentication failed: unknown API token".into(),
+        ));
+    }
+    if version != PROTOCOL_VERSION {
+        return Err(End::Refused(format!(
+            "protocol version mismatch: client speaks {version}, server speaks {PROTOCOL_VERSION}"
+        )));
+    }
+    if model_digest != shared.digest {
+        return Err(End::Refused(format!(
+            "model digest mismatch: the client's model is {model_digest}, the server serves {}; use the client.onnx made with this server.onnx",
+            shared.digest
+        )));
+    }
+    let _permit = shared.sessions.clone().try_acquire_owned().map_err(|_| {
+        End::Refused(format!(
+            "the server is at its limit of {} sessions; try again later",
+            limits.max_sessions
+        ))
+    })?;
+    write_frame(
+        &mut send,
+        &ServerFrame::Welcome {
+            version: PROTOCOL_VERSION,
+            ops: shared.linear.layers().len() as u32,
+        },
+        MAX_HELLO_BYTES,
+    )
+    .await?;
+    let _ = send.finish();
+
+    let mut session = ServerSession::new(shared.linear.clone());
+    session.set_max_pending(limits.max_pending_inferences);
+    shared.stats.live.fetch_add(1, Ordering::SeqCst);
+    let state = Arc::new(SessionState {
+        session: Mutex::new(session),
+        stats: shared.stats.clone(),
+    });
+    let mut streams = JoinSet::new();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        tokio::select! {
+            s = conn.accept_bi() => match s {
+                Ok((send, recv)) => {
+                    streams.spawn(stream(send, recv, state.clone(), shared.clone()));
+                }
+                Err(quinn::ConnectionError::ApplicationClosed(c))
+                    if c.error_code == VarInt::from_u32(close_code::DONE) => return Ok(()),
+                Err(_) => return Err(End::Lost),
+            },
+            Some(done) = streams.join_next() => match done {
+                Ok(Ok(())) => {}
+                Ok(Err(end)) => return Err(end),
+                Err(e) => return Err(End::Internal(format!("stream task failed: {e}"))),
+            },
+            () = stopping(&mut shutdown) => {
+                // Each stream finishes the request it is answering, then stops.
+                while let Some(done) = streams.join_next().await {
+                    if let Ok(Err(end)) = done {
+                        return Err(end);
+                    }
+                }
+                return Err(End::Shutdown);
+            }
+        }
+    }
+}
+
+async fn stream<L: MaskedLinear + 'static + ?Sized>(
+    mut send: SendStream,
+    mut recv: RecvStream,
+    state: Arc<SessionState<L>>,
+    shared: Arc<Shared<L>>,
+) -> Result<(), End> {
+    let max = shared.limits.max_frame_bytes;
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        let frame = tokio::select! {
+            f = read_frame_within::<_, ClientFrame>(
+                &mut recv,
+                max,
+                Some(shared.limits.frame_timeout),
+            ) => f?,
+            () = stopping(&mut shutdown) => return Ok(()),
+        };
+        let Some((frame, _)) = frame else {
+            let _ = send.finish();
+            return Ok(());
+        };
+        match frame {
+            ClientFrame::Hello { .. } => {
+                return Err(End::Protocol("a session says hello only once".into()));
+            }
+            ClientFrame::Online(req) => {
+                let st = state.clone();
+                let out = blocking(move || Ok(st.lock()?.handle(req)?)).await?;
+                write_frame(&mut send, &ServerFrame::Online(out), max).await?;
+            }
+            ClientFrame::OfflineHello(hello) => {
+                let st = state.clone();
+                blocking(move || Ok(st.lock()?.accept_hello(hello)?)).await?;
+                write_frame(&mut send, &ServerFrame::OfflineReady, max).await?;
+            }
+            ClientFrame::Offline(req) => {
+                let st = state.clone();
+                let job = blocking(move || Ok(st.lock()?.receive_offline(req)?)).await?;
+                if let Some(job) = job {
+                    run_job(job, &mut send, &state, &shared).await?;
+                }
+                write_frame(&mut send, &ServerFrame::OfflineDone, max).await?;
+            }
+        }
+    }
+}
+
+/// Runs an HE job off the async threads and forwards its reply parts.
+async fn run_job<L: MaskedLinear + 'static + ?Sized>(
+    job: secinfer_protocol::OfflineJob,
+    send: &mut SendStream,
+    state: &Arc<SessionState<L>>,
+    shared: &Arc<Shared<L>>,
+) -> Result<(), End> {
+    let _permit = shared
+        .he_jobs
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| End::Shutdown)?;
+    let first = job.batch();
+    let (tx, mut rx) = mpsc::channel(2);
+    let linear = shared.linear.clone();
+    // The job holds the session alive (its memory is the session's) until it ends.
+    let keep = state.clone();
+    let handle = tokio::task::spawn_blocking(move || {
+        let _keep = keep;
+        job.run(&*linear, &mut |reply| {
+            tx.blocking_send(reply)
+                .map_err(|_| ProtocolError::Model("the client is gone".into()))
+        })
+    });
+    let mut sent = Ok(());
+    while let Some(reply) = rx.recv().await {
+        if let Err(e) = write_frame(
+            send,
+            &ServerFrame::OfflineReply(reply),
+            shared.limits.max_frame_bytes,
+        )
+        .await
+        {
+            sent = Err(End::from(e));
+            break;
+        }
+    }
+    drop(rx);
+    let product = handle
+        .await
+        .map_err(|e| End::Internal(format!("HE job failed: {e}")));
+    let st = state.clone();
+    match (sent, product) {
+        (Ok(()), Ok(Ok(product))) => {
+            blocking(move || Ok(st.lock()?.complete_offline(product)?)).await
+        }
+        (sent, product) => {
+            let _ = blocking(move || {
+                st.lock()?.abort_offline(first);
+                Ok(())
+            })
+            .await;
+            sent?;
+            match product? {
+                Err(e) => Err(e.into()),
+                Ok(_) => Err(End::Internal("HE job result lost".into())),
+            }
+        }
+    }
+}
+
+/// Resolves once shutdown is requested (or the server is gone).
+async fn stopping(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, End> + Send + 'static,
+) -> Result<T, End> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| End::Internal(format!("worker failed: {e}")))?
+}
