@@ -188,7 +188,10 @@ fn main() -> ExitCode {
 }
 
 fn convert(model: &Path, output: &Path, options: &Options) -> anyhow::Result<()> {
-    let converted = secinfer_converter::convert_file(model, options)?;
+    let spinner = secinfer::progress::Spinner::new(&format!("converting {}", model.display()));
+    let converted = secinfer_converter::convert_file(model, options);
+    spinner.finish();
+    let converted = converted?;
     let (server, client) = converted.write(output)?;
     println!(
         "{} SecureLinear ops in Z_2^{}:",

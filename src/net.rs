@@ -92,6 +92,9 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     })
 }
 
+/// Samples per online run of `predict`.
+const PREDICT_RUN: usize = 256;
+
 /// What `predict` needs.
 #[derive(Debug, Clone)]
 pub struct PredictOptions {
@@ -139,8 +142,21 @@ pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
         .context("offline phase")?;
     progress.set("online phase".into());
     let outputs: Vec<Vec<f32>> = if batched {
-        let out = client.predict(tvec!(samples.data.clone().into_tensor().into_tvalue()))?;
-        split_rows(&out[0], n)?
+        // Runs of at most PREDICT_RUN samples keep every message well below
+        // the frame limit, whatever the number of inputs.
+        let mut rows = Vec::with_capacity(n);
+        let mut at = 0;
+        while at < n {
+            let k = PREDICT_RUN.min(n - at);
+            let run = samples
+                .data
+                .slice_axis(Axis(0), (at..at + k).into())
+                .to_owned();
+            let out = client.predict(tvec!(run.into_tensor().into_tvalue()))?;
+            rows.extend(split_rows(&out[0], k)?);
+            at += k;
+        }
+        rows
     } else {
         let mut rows = Vec::new();
         for i in 0..n {
@@ -151,13 +167,19 @@ pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
         rows
     };
     progress.finish();
+    // A closed pipe (`predict ... | head`) ends the output quietly.
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
     for (name, scores) in samples.names.iter().zip(&outputs) {
         let class = argmax(scores);
-        if opts.scores {
+        let line = if opts.scores {
             let s: Vec<String> = scores.iter().map(|v| format!("{v:.4}")).collect();
-            println!("{name}: class {class}  scores [{}]", s.join(", "));
+            writeln!(out, "{name}: class {class}  scores [{}]", s.join(", "))
         } else {
-            println!("{name}: class {class}");
+            writeln!(out, "{name}: class {class}")
+        };
+        if line.is_err() {
+            break;
         }
     }
     Ok(())

@@ -481,8 +481,14 @@ impl<C: Channel + 'static> ClientModel<C> {
         connect: impl FnOnce(&str) -> anyhow::Result<C>,
     ) -> anyhow::Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        Self::from_bytes_with(&bytes, connect)
-            .with_context(|| format!("loading client model {}", path.display()))
+        let context = || format!("loading client model {}", path.display());
+        let proto = pb::ModelProto::decode(&bytes[..])
+            .map_err(|e| anyhow!("not an ONNX model: {e}"))
+            .with_context(context)?;
+        let digest = read_contract(&proto).with_context(context)?.digest;
+        // Connection errors are reported as they are, not as model errors.
+        let channel = connect(&digest)?;
+        Self::from_bytes(&bytes, channel).with_context(context)
     }
 
     /// As [`load`](Self::load), from bytes.
