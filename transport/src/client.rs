@@ -262,7 +262,7 @@ impl QuicChannel {
             .map_err(|_| anyhow!("stream poisoned by an earlier panic"))?;
         let max = self.max_frame;
         let conn = &self.conn;
-        self.runtime.block_on(async {
+        let result = self.runtime.block_on(async {
             if guard.is_none() {
                 *guard = Some(conn.open_bi().await.map_err(explain)?);
             }
@@ -283,7 +283,14 @@ impl QuicChannel {
                     Err(e) => return Err(frame_err_wait(conn, e).await),
                 }
             }
-        })
+        });
+        if result.is_err() {
+            // Answers may still be on their way on this stream: never read
+            // them as answers to a later message. Dropping the stream stops
+            // it; the server then ends the session.
+            *guard = None;
+        }
+        result
     }
 }
 
