@@ -403,6 +403,10 @@ impl Channel for QuicChannel {
         )
     }
 
+    fn max_message_bytes(&self) -> usize {
+        self.max_frame
+    }
+
     fn traffic(&self) -> Traffic {
         let b = |i: usize| self.bytes[i].load(Ordering::Relaxed);
         Traffic {

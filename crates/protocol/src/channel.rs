@@ -23,6 +23,11 @@ pub trait Channel: Send + Sync {
     ) -> anyhow::Result<()>;
     /// Bytes exchanged so far, per phase and direction.
     fn traffic(&self) -> Traffic;
+    /// The largest message the channel carries; callers split online
+    /// batches so that requests and answers stay below it.
+    fn max_message_bytes(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// Bytes a [`Channel`] has carried.

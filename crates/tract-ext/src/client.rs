@@ -237,6 +237,53 @@ impl<C: Channel> SessionBackend<C> {
     }
 }
 
+impl<C: Channel> SessionBackend<C> {
+    /// Sends `request`, split along the batch axis into as many round trips
+    /// as the channel's message limit needs (answers can be larger than
+    /// requests: a convolution's output), and joins the answers.
+    fn round_trips(&self, spec: &LayerSpec, request: MaskedInput) -> anyhow::Result<MaskedOutput> {
+        let rows = request.ids.len();
+        // Worst case per sample on the wire: 10 bytes per element (a u64
+        // varint), input or output, whichever is larger.
+        let per_row = 10 * spec.input_len().max(spec.output_len()) + 16;
+        let fit = (self.channel.max_message_bytes().saturating_sub(4096) / per_row).max(1);
+        let splittable = request.masked.shape.first() == Some(&(rows as u64))
+            && request.masked.data.len() % rows.max(1) == 0;
+        if rows <= fit || !splittable {
+            return self.channel.round_trip(request);
+        }
+        let width = request.masked.data.len() / rows;
+        let MaskedInput { op, ids, masked } = request;
+        let mut joined: Option<MaskedOutput> = None;
+        for (chunk_ids, chunk) in ids.chunks(fit).zip(masked.data.chunks(fit * width)) {
+            let mut shape = masked.shape.clone();
+            shape[0] = chunk_ids.len() as u64;
+            let part = self.channel.round_trip(MaskedInput {
+                op,
+                ids: chunk_ids.to_vec(),
+                masked: secinfer_protocol::WireTensor {
+                    shape,
+                    data: chunk.to_vec(),
+                },
+            })?;
+            match &mut joined {
+                None => joined = Some(part),
+                Some(all) => {
+                    if all.masked.shape.get(1..) != part.masked.shape.get(1..) {
+                        bail!("op {op}: the server's answers to one batch have different shapes");
+                    }
+                    all.ids.extend(part.ids);
+                    all.masked.data.extend(part.masked.data);
+                    if let Some(n) = all.masked.shape.first_mut() {
+                        *n += part.masked.shape.first().copied().unwrap_or(0);
+                    }
+                }
+            }
+        }
+        joined.ok_or_else(|| anyhow!("op {op}: empty batch"))
+    }
+}
+
 impl<C: Channel> SecureLinearBackend for SessionBackend<C> {
     fn secure_linear(&self, spec: &LayerSpec, x: ArrayViewD<f32>) -> anyhow::Result<ArrayD<f32>> {
         let ring = spec.ring()?;
@@ -263,7 +310,7 @@ impl<C: Channel> SecureLinearBackend for SessionBackend<C> {
             let ids = st.current.clone();
             st.session.mask(spec.op_id, &ids, &xq)?
         };
-        let response = self.channel.round_trip(request)?;
+        let response = self.round_trips(spec, request)?;
         let y = self.lock()?.session.unmask(response)?;
         Ok(secinfer_ring::decode_tensor(
             ring,
