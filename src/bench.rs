@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use ndarray::{ArrayD, Axis, IxDyn};
 use rand::{Rng, SeedableRng};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::DimLike;
 
@@ -69,6 +69,10 @@ pub struct BenchConfig {
     pub offline_batch: Option<usize>,
     /// how client and server talk
     pub transport: Transport,
+    /// single-sample predictions timed for the latency percentiles
+    pub latency_samples: usize,
+    /// online batch sizes to sweep (empty: no sweep)
+    pub sweep: Vec<usize>,
     /// converter settings
     pub options: Options,
     /// where the converted files go
@@ -76,7 +80,7 @@ pub struct BenchConfig {
 }
 
 /// The bench's result; field names are a fixed interface (JSON keys).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchReport {
     /// the model file
     pub model: String,
@@ -112,12 +116,68 @@ pub struct BenchReport {
     pub bytes_online_per_prediction: f64,
     /// offline bytes per prediction, both directions (the public key included)
     pub bytes_offline_per_prediction: f64,
+    /// latency of one prediction (batch 1, material ready: the online phase),
+    /// milliseconds
+    #[serde(default)]
+    pub latency_ms: Latency,
+    /// online and plaintext throughput per batch size (with `--sweep-batch`)
+    #[serde(default)]
+    pub sweep: Vec<SweepPoint>,
     /// per-layer scales and headroom chosen by the converter
     pub layers: Vec<LayerSummary>,
 }
 
+/// Percentiles of single-prediction latency, milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct Latency {
+    /// median
+    pub p50: f64,
+    /// 95th percentile
+    pub p95: f64,
+    /// 99th percentile
+    pub p99: f64,
+    /// predictions timed
+    pub samples: usize,
+}
+
+impl Latency {
+    /// Percentiles (nearest rank) of `times`.
+    pub fn of(mut times: Vec<Duration>) -> Latency {
+        if times.is_empty() {
+            return Latency::default();
+        }
+        times.sort();
+        let at = |q: f64| {
+            let rank = ((q * times.len() as f64).ceil() as usize).clamp(1, times.len());
+            times[rank - 1].as_secs_f64() * 1e3
+        };
+        Latency {
+            p50: at(0.50),
+            p95: at(0.95),
+            p99: at(0.99),
+            samples: times.len(),
+        }
+    }
+}
+
+/// Throughput at one online batch size.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct SweepPoint {
+    /// inferences per round trip
+    pub batch: usize,
+    /// predictions run at this size
+    pub n: usize,
+    /// secure, online phase only, predictions per second
+    pub online_predictions_per_s: f64,
+    /// plaintext tract, same batches, predictions per second
+    pub plain_predictions_per_s: f64,
+}
+
+/// Predictions run per swept batch size (at least one batch).
+pub const SWEEP_PREDICTIONS: usize = 1000;
+
 /// One SecureLinear op as the report shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerSummary {
     /// op id
     pub op: u32,
@@ -234,6 +294,22 @@ pub enum Progress {
     },
 }
 
+/// Makes sure `n` inferences of material are ready (outside the timed runs;
+/// normally the main run's batches already made it).
+fn top_up<C: Channel + 'static>(
+    client: &ClientModel<C>,
+    n: usize,
+    offline_batch: usize,
+) -> anyhow::Result<()> {
+    let ready = client.backend().ready();
+    if ready < n {
+        client
+            .backend()
+            .preprocess((n - ready).max(offline_batch.min(MAX_BATCH)))?;
+    }
+    Ok(())
+}
+
 /// Runs the bench.
 pub fn run(cfg: &BenchConfig, progress: impl FnMut(Progress)) -> anyhow::Result<BenchReport> {
     let converted = convert_into(&cfg.model, &cfg.work_dir, &cfg.options)?;
@@ -283,6 +359,20 @@ fn run_on<C: Channel + 'static>(
         .unwrap_or_else(|| auto_offline_batch(server.layers()))
         .clamp(1, MAX_BATCH);
     let mut offline = Duration::ZERO;
+    let all_batched = server.layers().iter().all(|l| l.batched);
+    let sweep: Vec<usize> = if all_batched && batched {
+        cfg.sweep.iter().map(|&b| b.clamp(1, total)).collect()
+    } else {
+        vec![]
+    };
+    let sweep_runs: Vec<(usize, usize)> = sweep
+        .iter()
+        .map(|&b| (b, b * SWEEP_PREDICTIONS.min(total).div_ceil(b)))
+        .collect();
+    // Material for the latency and sweep runs rides along in the main run's
+    // offline batches (a batch costs the same for any size), so offline time
+    // covers it too: the offline rate is, if anything, understated.
+    let extra = cfg.latency_samples + sweep_runs.iter().map(|&(_, m)| m).sum::<usize>();
 
     let (mut correct_plain, mut correct_secure, mut agreement) = (0, 0, 0);
     let mut max_abs_error = 0f64;
@@ -300,15 +390,11 @@ fn run_on<C: Channel + 'static>(
             // Unbatched models take their declared shape whole: drop the sample axis.
             slice.index_axis(Axis(0), 0).to_owned().into_tensor()
         };
-        let inferences = if server.layers().iter().all(|l| l.batched) {
-            n
-        } else {
-            1
-        };
+        let inferences = if all_batched { n } else { 1 };
         // Each run uses `inferences` ids (n, or 1 for an unbatched model with
         // batch 1), so the runs left need `total - done` ids in all.
         while client.backend().ready() < inferences {
-            let needed = (total - done).saturating_sub(client.backend().ready());
+            let needed = (total - done + extra).saturating_sub(client.backend().ready());
             let count = offline_batch.min(needed).max(1);
             progress(Progress::Preprocessing { count });
             let t = Instant::now();
@@ -358,6 +444,53 @@ fn run_on<C: Channel + 'static>(
         progress(Progress::Predicted { done, total });
     }
     let traffic = client.backend().channel().traffic();
+
+    // Latency: single samples, material ready, one after another.
+    let sample = |i: usize| -> Tensor {
+        let one = data.inputs.index_axis(Axis(0), i % total).to_owned();
+        if batched {
+            one.insert_axis(Axis(0)).into_tensor()
+        } else {
+            one.into_tensor()
+        }
+    };
+    let mut times = Vec::with_capacity(cfg.latency_samples);
+    for i in 0..cfg.latency_samples {
+        top_up(client, 1, offline_batch)?;
+        let input = sample(i);
+        let t = Instant::now();
+        client.predict(tvec!(input.into_tvalue()))?;
+        times.push(t.elapsed());
+    }
+    let latency_ms = Latency::of(times);
+
+    // Sweep: the same samples in batches of each size, secure and plaintext.
+    let mut points = Vec::new();
+    for &(b, m) in &sweep_runs {
+        let (mut secure_time, mut plain_sweep) = (Duration::ZERO, Duration::ZERO);
+        let mut at = 0;
+        while at < m {
+            let k = b.min(m - at);
+            let idx: Vec<usize> = (at..at + k).map(|i| i % total).collect();
+            let input = data.inputs.select(Axis(0), &idx).into_tensor();
+            top_up(client, k, offline_batch)?;
+            let t = Instant::now();
+            plain
+                .run(tvec!(input.clone().into_tvalue()))
+                .map_err(|e| anyhow::anyhow!("plaintext run: {e:#}"))?;
+            plain_sweep += t.elapsed();
+            let t = Instant::now();
+            client.predict(tvec!(input.into_tvalue()))?;
+            secure_time += t.elapsed();
+            at += k;
+        }
+        points.push(SweepPoint {
+            batch: b,
+            n: m,
+            online_predictions_per_s: m as f64 / secure_time.as_secs_f64().max(1e-9),
+            plain_predictions_per_s: m as f64 / plain_sweep.as_secs_f64().max(1e-9),
+        });
+    }
     let has_labels = !data.labels.is_empty();
     let acc = |c: usize| has_labels.then(|| c as f64 / total as f64);
     Ok(BenchReport {
@@ -380,6 +513,8 @@ fn run_on<C: Channel + 'static>(
             / total as f64,
         bytes_offline_per_prediction: (traffic.offline_up + traffic.offline_down) as f64
             / total as f64,
+        latency_ms,
+        sweep: points,
         layers: converted
             .layers
             .iter()
@@ -407,6 +542,7 @@ impl BenchReport {
              argmax agreement {}/{}\n\
              max |error|      {:.3e}\n\
              throughput       {:.0} predictions/s end to end (offline {:.0}/s, online {:.0}/s)   plaintext tract {:.0}/s\n\
+             latency          p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms (one prediction, online, {} timed)\n\
              bytes            {:.0} per prediction offline, {:.0} online\n\
              preprocessing    {} (two-party, lattice HE; offline batches of up to {})\n\
              transport        {}",
@@ -423,11 +559,27 @@ impl BenchReport {
             self.offline_predictions_per_s,
             self.online_predictions_per_s,
             self.plain_predictions_per_s,
+            self.latency_ms.p50,
+            self.latency_ms.p95,
+            self.latency_ms.p99,
+            self.latency_ms.samples,
             self.bytes_offline_per_prediction,
             self.bytes_online_per_prediction,
             self.preprocessing,
             self.offline_batch,
             self.transport
-        )
+        ) + &self
+            .sweep
+            .iter()
+            .map(|p| {
+                format!(
+                    "\nsweep batch {:>5}  online {:>9.0}/s   plaintext {:>10.0}/s   ({:.1} %)",
+                    p.batch,
+                    p.online_predictions_per_s,
+                    p.plain_predictions_per_s,
+                    100.0 * p.online_predictions_per_s / p.plain_predictions_per_s.max(1e-9)
+                )
+            })
+            .collect::<String>()
     }
 }

@@ -17,4 +17,5 @@ pub mod bench;
 pub mod data;
 pub mod inputs;
 pub mod net;
+pub mod plot;
 pub mod progress;

@@ -91,6 +91,16 @@ enum Command {
         /// Write the report as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Draw throughput vs batch size and accuracy into this SVG file.
+        #[arg(long, value_name = "FILE.svg")]
+        plot: Option<PathBuf>,
+        /// Also run the online phase at these batch sizes (default list
+        /// 1,10,100,1000), secure and plaintext, 1,000 predictions each.
+        #[arg(long, value_name = "SIZES", num_args = 0.., value_delimiter = ',')]
+        sweep_batch: Option<Vec<usize>>,
+        /// Single-sample predictions timed for the latency percentiles.
+        #[arg(long, default_value_t = 100)]
+        latency_samples: usize,
         /// With --dataset, layer bounds are calibrated on that data set unless
         /// this is given (then --input-bound applies to every layer).
         #[arg(long, conflicts_with = "calibrate")]
@@ -169,6 +179,15 @@ enum Command {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
+    /// Draw bench reports (JSON files from `bench --json`) into one SVG.
+    Plot {
+        /// The reports.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// The SVG file to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// The bundled MNIST CNN on MNIST test images, securely (bench with defaults).
     Demo {
         /// The first N test images (up to 10000).
@@ -234,7 +253,7 @@ fn bundled(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
-fn run_bench(cfg: BenchConfig, json: Option<&Path>) -> anyhow::Result<()> {
+fn run_bench(cfg: BenchConfig, json: Option<&Path>, plot: Option<&Path>) -> anyhow::Result<()> {
     let tty = secinfer::progress::on_terminal();
     let started = std::time::Instant::now();
     let mut bar: Option<indicatif::ProgressBar> = None;
@@ -281,6 +300,10 @@ fn run_bench(cfg: BenchConfig, json: Option<&Path>) -> anyhow::Result<()> {
         std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
         println!("report written to {}", path.display());
     }
+    if let Some(path) = plot {
+        secinfer::plot::write_svg(std::slice::from_ref(&report), path)?;
+        println!("plot written to {}", path.display());
+    }
     Ok(())
 }
 
@@ -308,9 +331,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             batch,
             offline_batch,
             json,
+            plot,
+            sweep_batch,
+            latency_samples,
             no_calibrate,
             mut args,
         } => {
+            let sweep = match sweep_batch {
+                Some(v) if v.is_empty() => vec![1, 10, 100, 1000],
+                Some(v) => v,
+                None => vec![],
+            };
+            if sweep.contains(&0) {
+                anyhow::bail!("--sweep-batch: batch sizes start at 1");
+            }
             if let Some(b) = offline_batch {
                 if !(1..=secinfer_tract_ext::MAX_BATCH).contains(&b) {
                     anyhow::bail!(
@@ -342,10 +376,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     Transport::Quic
                 },
+                latency_samples,
+                sweep,
                 options: args.options()?,
                 work_dir: work_dir.clone(),
             };
-            let result = run_bench(cfg, json.as_deref());
+            let result = run_bench(cfg, json.as_deref(), plot.as_deref());
             let _ = std::fs::remove_dir_all(&work_dir);
             result
         }
@@ -403,6 +439,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 scores,
             })
         }
+        Command::Plot { reports, output } => {
+            let reports = reports
+                .iter()
+                .map(|p| {
+                    let text = std::fs::read_to_string(p)
+                        .with_context(|| format!("reading {}", p.display()))?;
+                    serde_json::from_str::<bench::BenchReport>(&text)
+                        .with_context(|| format!("{}: not a bench report", p.display()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            secinfer::plot::write_svg(&reports, &output)?;
+            println!("plot written to {}", output.display());
+            Ok(())
+        }
         Command::Demo { limit } => {
             let model = bundled("onnx-models/mnist_cnn.onnx");
             let work_dir = work_dir(&model);
@@ -419,13 +469,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch: 100,
                 offline_batch: None,
                 transport: Transport::Quic,
+                latency_samples: 100,
+                sweep: vec![],
                 options: Options {
                     calibration: Some(secinfer::data::calibration_samples("mnist", 1000)?),
                     ..Options::default()
                 },
                 work_dir: work_dir.clone(),
             };
-            let result = run_bench(cfg, None);
+            let result = run_bench(cfg, None, None);
             let _ = std::fs::remove_dir_all(&work_dir);
             result
         }

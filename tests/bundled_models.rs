@@ -26,6 +26,8 @@ fn full_run(
         batch: 200,
         offline_batch: None,
         transport,
+        latency_samples: 10,
+        sweep: vec![],
         options: Options {
             input_bound,
             calibration: Some(
@@ -80,8 +82,10 @@ fn random_inputs_report_agreement_and_the_fixed_json_keys() {
         inputs: Inputs::Random(50),
         limit: None,
         batch: 16,
-        offline_batch: Some(20),
+        offline_batch: Some(256),
         transport: Transport::Quic,
+        latency_samples: 7,
+        sweep: vec![1, 8, 1000],
         options: Options::default(),
         work_dir: work_dir.clone(),
     };
@@ -112,7 +116,38 @@ fn random_inputs_report_agreement_and_the_fixed_json_keys() {
     }
     assert_eq!(json["preprocessing"], "bfv");
     assert_eq!(json["transport"], "quic");
-    // 50 predictions in offline batches of 20: three HE batches ran.
-    assert_eq!(r.offline_batch, 20);
+    // latency percentiles over the 7 timed single predictions, in order
+    let lat = &json["latency_ms"];
+    let (p50, p95, p99) = (
+        lat["p50"].as_f64().unwrap(),
+        lat["p95"].as_f64().unwrap(),
+        lat["p99"].as_f64().unwrap(),
+    );
+    assert_eq!(lat["samples"], 7);
+    assert!(0.0 < p50 && p50 <= p95 && p95 <= p99, "{lat}");
+    // the sweep ran each size (1000 capped to the 50 samples there are)
+    let sizes: Vec<u64> = json["sweep"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["batch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sizes, [1, 8, 50]);
+    for p in r.sweep.iter() {
+        assert!(p.n >= 50 && p.online_predictions_per_s > 0.0 && p.plain_predictions_per_s > 0.0);
+    }
+    // and the plot draws both panels
+    let svg = std::env::temp_dir().join(format!("secinfer-test-{}.svg", std::process::id()));
+    secinfer::plot::write_svg(std::slice::from_ref(&r), &svg).expect("plot");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    let _ = std::fs::remove_file(&svg);
+    assert!(
+        text.starts_with("<svg") && text.contains("mnist_mlp secure"),
+        "{}",
+        &text[..200.min(text.len())]
+    );
+    assert!(text.contains("throughput") && text.contains("Accuracy"));
+    // 50 predictions plus the latency and sweep runs' 163 fit one batch of 256.
+    assert_eq!(r.offline_batch, 256);
     assert!(r.bytes_offline_per_prediction > r.bytes_online_per_prediction);
 }
