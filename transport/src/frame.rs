@@ -89,7 +89,7 @@ pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> 
     let mut buf = vec![0u8; 4];
     buf = postcard::to_extend(msg, buf).map_err(|e| FrameError::Malformed(e.to_string()))?;
     let len = buf.len() - 4;
-    if len > max {
+    if len > max.min(u32::MAX as usize) {
         return Err(FrameError::TooLarge { len, max });
     }
     buf[..4].copy_from_slice(&(len as u32).to_be_bytes());

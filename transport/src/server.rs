@@ -264,7 +264,15 @@ async fn connection<L: MaskedLinear + 'static + ?Sized>(
     incoming: quinn::Incoming,
     shared: Arc<Shared<L>>,
 ) {
+    // Counted until this task ends, however it ends (shutdown aborts it).
+    struct Counted(Arc<Stats>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.connections.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
     shared.stats.connections.fetch_add(1, Ordering::SeqCst);
+    let _counted = Counted(shared.stats.clone());
     if let Ok(conn) = incoming.await {
         let end = session(&conn, &shared).await;
         let (code, reason) = match end {
@@ -277,7 +285,6 @@ async fn connection<L: MaskedLinear + 'static + ?Sized>(
         };
         conn.close(VarInt::from_u32(code), truncate(&reason).as_bytes());
     }
-    shared.stats.connections.fetch_sub(1, Ordering::SeqCst);
 }
 
 /// A close reason must fit in one packet.
@@ -470,7 +477,9 @@ async fn run_job<L: MaskedLinear + 'static + ?Sized>(
     state: &Arc<SessionState<L>>,
     shared: &Arc<Shared<L>>,
 ) -> Result<(), End> {
-    let _permit = shared
+    // The permit lives in the job itself, so a job whose client has left
+    // still counts against the limit until it has stopped.
+    let permit = shared
         .he_jobs
         .clone()
         .acquire_owned()
@@ -483,22 +492,35 @@ async fn run_job<L: MaskedLinear + 'static + ?Sized>(
     let keep = state.clone();
     let handle = tokio::task::spawn_blocking(move || {
         let _keep = keep;
+        let _permit = permit;
         job.run(&*linear, &mut |reply| {
             tx.blocking_send(reply)
                 .map_err(|_| ProtocolError::Model("the client is gone".into()))
         })
     });
     let mut sent = Ok(());
+    // A client that stops reading would stall the job (and, through the
+    // permit, every other session's offline phase): each reply part must be
+    // taken within the frame timeout.
+    let patience = shared.limits.frame_timeout;
     while let Some(reply) = rx.recv().await {
-        if let Err(e) = write_frame(
+        let write = write_frame(
             send,
             &ServerFrame::OfflineReply(reply),
             shared.limits.max_frame_bytes,
-        )
-        .await
-        {
-            sent = Err(End::from(e));
-            break;
+        );
+        match tokio::time::timeout(patience, write).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                sent = Err(End::from(e));
+                break;
+            }
+            Err(_) => {
+                sent = Err(End::Protocol(format!(
+                    "the client did not take an offline reply within {patience:?}"
+                )));
+                break;
+            }
         }
     }
     drop(rx);

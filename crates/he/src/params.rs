@@ -179,6 +179,13 @@ impl HeParams {
         self.ring_bits
     }
 
+    /// An upper bound on a serialised ciphertext of these parameters (two
+    /// polynomials, every modulus, 8 bytes per coefficient, plus framing);
+    /// anything larger is not a ciphertext and is refused before buffering.
+    pub fn max_ciphertext_bytes(&self) -> usize {
+        2 * self.degree() * self.bfv.moduli().len() * 8 + 4096
+    }
+
     /// `log2 q` at full level.
     pub fn log2_q(&self) -> f64 {
         self.log2_q

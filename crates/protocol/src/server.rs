@@ -217,6 +217,31 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
                 problem: format!("a batch holds 1..={max} inferences, not {count}"),
             });
         }
+        if req.ciphertexts.len() > CIPHERTEXTS_PER_MESSAGE {
+            return Err(ProtocolError::Shape {
+                op,
+                problem: format!(
+                    "{} ciphertexts in one message; at most {CIPHERTEXTS_PER_MESSAGE}",
+                    req.ciphertexts.len()
+                ),
+            });
+        }
+        let max_ct = key.params().max_ciphertext_bytes();
+        if let Some((j, ct)) = req
+            .ciphertexts
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.len() > max_ct)
+        {
+            return Err(ProtocolError::Shape {
+                op,
+                problem: format!(
+                    "ciphertext {} has {} bytes; a ciphertext of these parameters has at most {max_ct}",
+                    req.offset as usize + j,
+                    ct.len()
+                ),
+            });
+        }
         let first = req.first_id;
         if !self.batches.contains_key(&first) {
             if self.batches.len() >= MAX_BATCHES_IN_FLIGHT {

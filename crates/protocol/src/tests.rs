@@ -422,6 +422,21 @@ fn he_offline_errors_are_named() {
         server.handle_offline(too_many, &mut |_| Ok(())),
         Err(ProtocolError::Shape { .. })
     ));
+    // Oversized ciphertexts and overfull messages are refused before
+    // anything is buffered.
+    let mut huge = req.clone();
+    huge.ciphertexts[0] = vec![0; 1 << 20];
+    assert!(matches!(
+        server.handle_offline(huge, &mut |_| Ok(())),
+        Err(ProtocolError::Shape { problem, .. }) if problem.contains("1048576 bytes")
+    ));
+    let mut overfull = req.clone();
+    overfull.ciphertexts = vec![vec![0; 8]; crate::offline::CIPHERTEXTS_PER_MESSAGE + 1];
+    assert!(matches!(
+        server.handle_offline(overfull, &mut |_| Ok(())),
+        Err(ProtocolError::Shape { problem, .. }) if problem.contains("at most")
+    ));
+    assert_eq!(server.batches_in_flight(), 0);
     let mut garbage = req.clone();
     garbage.ciphertexts[0] = vec![1, 2, 3];
     let mut sent = 0;
