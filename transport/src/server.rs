@@ -504,11 +504,8 @@ async fn run_job<L: MaskedLinear + 'static + ?Sized>(
     // taken within the frame timeout.
     let patience = shared.limits.frame_timeout;
     while let Some(reply) = rx.recv().await {
-        let write = write_frame(
-            send,
-            &ServerFrame::OfflineReply(reply),
-            shared.limits.max_frame_bytes,
-        );
+        let frame = ServerFrame::OfflineReply(reply);
+        let write = write_frame(send, &frame, shared.limits.max_frame_bytes);
         match tokio::time::timeout(patience, write).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
