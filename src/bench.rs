@@ -260,7 +260,8 @@ fn random_inputs(path: &Path, count: usize) -> anyhow::Result<(Dataset, bool)> {
     ))
 }
 
-fn argmax(v: &[f32]) -> usize {
+/// Index of the largest score (the first on ties).
+pub fn argmax(v: &[f32]) -> usize {
     v.iter()
         .enumerate()
         .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {

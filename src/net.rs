@@ -171,7 +171,7 @@ pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     for (name, scores) in samples.names.iter().zip(&outputs) {
-        let class = argmax(scores);
+        let class = crate::bench::argmax(scores);
         let line = if opts.scores {
             let s: Vec<String> = scores.iter().map(|v| format!("{v:.4}")).collect();
             writeln!(out, "{name}: class {class}  scores [{}]", s.join(", "))
@@ -197,15 +197,6 @@ fn split_rows(t: &TValue, n: usize) -> anyhow::Result<Vec<Vec<f32>>> {
         );
     }
     Ok(flat.chunks(flat.len() / n).map(<[f32]>::to_vec).collect())
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, &x)| {
-            if x > best.1 { (i, x) } else { best }
-        })
-        .0
 }
 
 /// The token from the flag, the file or the environment, in that order.

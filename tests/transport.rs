@@ -97,6 +97,19 @@ fn wait_until_no_sessions(lo: &Loopback) -> usize {
     lo.server().live_sessions()
 }
 
+/// A well-formed online request for op 0 under preprocessing id 0 (all zeros).
+fn zero_request<C: Channel + 'static>(client: &ClientModel<C>) -> MaskedInput {
+    let len = client.layers()[0].input_len();
+    MaskedInput {
+        op: 0,
+        ids: vec![PreprocessingId(0)],
+        masked: WireTensor {
+            shape: vec![1, len as u64],
+            data: vec![0; len],
+        },
+    }
+}
+
 fn message(e: anyhow::Error) -> String {
     format!("{e:#}")
 }
@@ -285,15 +298,7 @@ fn reused_preprocessing_id_over_the_wire_closes_the_session() {
     let lo = pair.serve(Limits::default());
     let client = pair.client(&lo);
     client.backend().preprocess(2).unwrap();
-    let spec = &client.layers()[0];
-    let request = MaskedInput {
-        op: 0,
-        ids: vec![PreprocessingId(0)],
-        masked: WireTensor {
-            shape: vec![1, spec.input_len() as u64],
-            data: vec![0; spec.input_len()],
-        },
-    };
+    let request = zero_request(&client);
     let channel = client.backend().channel();
     channel.round_trip(request.clone()).expect("first use");
     let e = message(channel.round_trip(request).unwrap_err());
@@ -364,15 +369,7 @@ fn clients_that_vanish_mid_offline_or_mid_online_leave_nothing_behind() {
     // 3. gone between the round trips of a prediction
     let client = pair.client(&lo);
     client.backend().preprocess(4).unwrap();
-    let spec = &client.layers()[0];
-    let request = MaskedInput {
-        op: 0,
-        ids: vec![PreprocessingId(0)],
-        masked: WireTensor {
-            shape: vec![1, spec.input_len() as u64],
-            data: vec![0; spec.input_len()],
-        },
-    };
+    let request = zero_request(&client);
     client.backend().channel().round_trip(request).unwrap();
     assert_eq!(lo.server().live_sessions(), 1);
     client.backend().channel().abort();
