@@ -3,7 +3,9 @@
 //! Throughput is reported in elements/s where one element is one
 //! multiply-add, so criterion's "Melem/s" reads as MMAC/s. `ring` uses the
 //! global rayon pool (all cores), `ring_1t` a one-thread pool; tract runs on
-//! one thread (its default executor).
+//! one thread (its default executor). `exact_f64_1t` is the same kernel on
+//! integer-valued `f64` (the HE server's residue products: limbs below 2^31
+//! times 16-bit weights), one thread.
 
 use std::hint::black_box;
 
@@ -13,6 +15,18 @@ use secinfer_benches::{
     random_f32, random_u64, random_weights, run, tract_conv2d, tract_matmul, tvalue,
 };
 use secinfer_ring::{ConvGeometry, conv, matmul};
+
+/// Ring values cut to 31-bit limbs (inputs) or signed weights, as exact `f64`.
+fn exact_f64(t: &ndarray::ArrayViewD<u64>) -> ndarray::ArrayD<f64> {
+    t.mapv(|v| {
+        let s = v as i64;
+        if s.unsigned_abs() < 1 << 15 {
+            s as f64
+        } else {
+            (v >> 33) as f64
+        }
+    })
+}
 
 fn one_thread() -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new()
@@ -39,6 +53,19 @@ fn bench_matmul(c: &mut Criterion) {
         group.bench_function(format!("ring_1t/{id}"), |b| {
             pool.install(|| {
                 b.iter(|| matmul(black_box(x.view()), black_box(w.view())).expect("matmul"))
+            })
+        });
+        let (x64, w64) = (
+            exact_f64(&x.view().into_dyn()),
+            exact_f64(&w.view().into_dyn()),
+        );
+        let (x64, w64) = (
+            x64.into_dimensionality::<Ix2>().expect("2-D"),
+            w64.into_dimensionality::<Ix2>().expect("2-D"),
+        );
+        group.bench_function(format!("exact_f64_1t/{id}"), |b| {
+            pool.install(|| {
+                b.iter(|| matmul(black_box(x64.view()), black_box(w64.view())).expect("matmul"))
             })
         });
         let wf = random_f32(3, &[k, n]);
@@ -77,6 +104,12 @@ fn bench_conv(c: &mut Criterion) {
         group.bench_function(format!("ring_1t/{id}"), |b| {
             pool.install(|| {
                 b.iter(|| conv(black_box(x.view()), black_box(w.view()), &g).expect("conv"))
+            })
+        });
+        let (x64, w64) = (exact_f64(&x.view()), exact_f64(&w.view()));
+        group.bench_function(format!("exact_f64_1t/{id}"), |b| {
+            pool.install(|| {
+                b.iter(|| conv(black_box(x64.view()), black_box(w64.view()), &g).expect("conv"))
             })
         });
         let wf = random_f32(7, ws);

@@ -41,19 +41,20 @@ impl LinearForm for Dense {
     fn apply_blocks(
         &self,
         blocks: std::ops::Range<usize>,
-        x: &[u64],
+        x: &[f64],
         rows: usize,
-    ) -> Result<Vec<u64>, String> {
+    ) -> Result<Vec<f64>, String> {
+        // In i128, so that a limb too wide for f64 would show as a wrong answer.
         let n = self.input_len();
         let outs = self.outputs(blocks);
         let mut y = Vec::with_capacity(rows * outs.len());
         for r in 0..rows {
             for &o in &outs {
-                let mut acc = 0u64;
+                let mut acc = 0i128;
                 for j in 0..n {
-                    acc = acc.wrapping_add((self.w[o][j] as u64).wrapping_mul(x[r * n + j]));
+                    acc += self.w[o][j] as i128 * x[r * n + j] as i128;
                 }
-                y.push(acc);
+                y.push(acc as f64);
             }
         }
         Ok(y)

@@ -77,15 +77,13 @@ impl secinfer_he::LinearForm for TinyForm {
     fn apply_blocks(
         &self,
         _: std::ops::Range<usize>,
-        x: &[u64],
+        x: &[f64],
         rows: usize,
-    ) -> Result<Vec<u64>, String> {
+    ) -> Result<Vec<f64>, String> {
         let mut y = Vec::with_capacity(rows * 2);
         for r in 0..rows {
             for o in 0..2 {
-                y.push((0..3).fold(0u64, |a, k| {
-                    a.wrapping_add(x[r * 3 + k].wrapping_mul(self.0[k * 2 + o] as u64))
-                }));
+                y.push((0..3).fold(0f64, |a, k| a + x[r * 3 + k] * self.0[k * 2 + o] as f64));
             }
         }
         Ok(y)

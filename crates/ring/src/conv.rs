@@ -1,4 +1,5 @@
-//! ONNX `Conv` and `ConvTranspose` on ring tensors (wrapping modulo `2^64`).
+//! ONNX `Conv` and `ConvTranspose` over a [`Scalar`] (wrapping `u64` on ring
+//! tensors, or integer-valued `f64`).
 //!
 //! Both work per (batch item, group) "unit", whose output is a contiguous
 //! slice of the result, so units run in parallel on the rayon pool when the
@@ -7,11 +8,11 @@
 //! scatter-add in which the pads crop. Up to three spatial axes are handled
 //! by treating missing leading axes as size 1.
 
-use ndarray::{ArrayViewD, IxDyn};
+use ndarray::{ArrayD, ArrayViewD, IxDyn};
 use rayon::prelude::*;
 
 use crate::matmul::{PAR_MIN_MACS, contiguous, gemm, gemm_serial, shaped};
-use crate::{RingError, RingTensor};
+use crate::{RingError, Scalar};
 
 /// Geometry attributes of an ONNX `Conv`/`ConvTranspose` node.
 ///
@@ -323,14 +324,14 @@ fn valid_range(len: usize, s: usize, off: i64, target: usize) -> (usize, usize) 
 }
 
 /// Fills `cols` (`[cg * KK, P]`) from one unit's input channels `xu` (`[cg, D]`).
-fn im2col(p: &Plan, xu: &[u64], cols: &mut [u64]) {
+fn im2col<T: Scalar>(p: &Plan, xu: &[T], cols: &mut [T]) {
     let [d1, d2, d3] = p.d;
     let [o1, o2, o3] = p.o;
     let [s1, s2, s3] = p.s;
     let (dl, ol) = (p.d_len(), p.o_len());
     if dl == 0 || ol == 0 {
         // An empty input is all padding.
-        cols.fill(0);
+        cols.fill(T::default());
         return;
     }
     let mut rows = cols.chunks_exact_mut(ol);
@@ -347,19 +348,19 @@ fn im2col(p: &Plan, xu: &[u64], cols: &mut [u64]) {
                     let Some(dst) = rows.next() else { return };
                     for (a, dst1) in dst.chunks_exact_mut(o2 * o3).enumerate() {
                         if a < a_lo || a >= a_hi {
-                            dst1.fill(0);
+                            dst1.fill(T::default());
                             continue;
                         }
                         let i1 = (a as i64 * s1 as i64 + off1) as usize;
                         for (b, dst2) in dst1.chunks_exact_mut(o3).enumerate() {
                             if b < b_lo || b >= b_hi {
-                                dst2.fill(0);
+                                dst2.fill(T::default());
                                 continue;
                             }
                             let i2 = (b as i64 * s2 as i64 + off2) as usize;
                             let src = &xc[(i1 * d2 + i2) * d3..][..d3];
-                            dst2[..c_lo].fill(0);
-                            dst2[c_hi..].fill(0);
+                            dst2[..c_lo].fill(T::default());
+                            dst2[c_hi..].fill(T::default());
                             if c_lo < c_hi {
                                 let first = (c_lo as i64 * s3 as i64 + off3) as usize;
                                 if s3 == 1 {
@@ -384,7 +385,7 @@ fn im2col(p: &Plan, xu: &[u64], cols: &mut [u64]) {
 
 /// Adds `cols` (`[mg * KK, D]`) into one unit's output (`[mg, O]`); input
 /// position `i` and kernel position `k` land at `i * s + k * dil - pb`.
-fn col2im(p: &Plan, cols: &[u64], out: &mut [u64]) {
+fn col2im<T: Scalar>(p: &Plan, cols: &[T], out: &mut [T]) {
     let [d1, d2, d3] = p.d;
     let [o1, o2, o3] = p.o;
     let [s1, s2, s3] = p.s;
@@ -416,11 +417,11 @@ fn col2im(p: &Plan, cols: &[u64], out: &mut [u64]) {
                             let dst = &mut out_m[(q1 * o2 + q2) * o3..][first..];
                             if s3 == 1 {
                                 for (dv, &sv) in dst.iter_mut().zip(src) {
-                                    *dv = dv.wrapping_add(sv);
+                                    *dv = dv.plus(sv);
                                 }
                             } else {
                                 for (dv, &sv) in dst.iter_mut().step_by(s3).zip(src) {
-                                    *dv = dv.wrapping_add(sv);
+                                    *dv = dv.plus(sv);
                                 }
                             }
                         }
@@ -440,17 +441,18 @@ fn is_pointwise(p: &Plan) -> bool {
 /// (`r = 0` is a grouped linear map `[N, C] -> [N, M]`), giving
 /// `[N, M, o_1..o_r]` with `o_i = (d_i + pb_i + pe_i - ((k_i-1)*dil_i + 1)) / s_i + 1`.
 ///
-/// Wrapping arithmetic modulo `2^64`; any memory layout is accepted.
+/// Wrapping arithmetic modulo `2^64` for `u64`; for `f64`, exact while every
+/// partial sum stays below `2^53`. Any memory layout is accepted.
 /// Errors on inconsistent shapes or geometry, or when some `o_i < 1`.
-pub fn conv(
-    x: ArrayViewD<u64>,
-    w: ArrayViewD<u64>,
+pub fn conv<T: Scalar>(
+    x: ArrayViewD<T>,
+    w: ArrayViewD<T>,
     g: &ConvGeometry,
-) -> Result<RingTensor, RingError> {
+) -> Result<ArrayD<T>, RingError> {
     let p = conv_plan(x.shape(), w.shape(), g)?;
     let out_shape = p.out_shape();
     let (dl, kl, ol) = (p.d_len(), p.k_len(), p.o_len());
-    let mut out = vec![0u64; out_shape.iter().product()];
+    let mut out = vec![T::default(); out_shape.iter().product()];
     if out.is_empty() || p.cg == 0 {
         return shaped(IxDyn(&out_shape), out);
     }
@@ -461,18 +463,18 @@ pub fn conv(
     if p.r == 0 {
         // out[:, group gi] = x[:, group gi] . w_gi^T, as one product per group.
         for gi in 0..p.group {
-            let xg: Vec<u64> = x
+            let xg: Vec<T> = x
                 .chunks_exact(p.c)
                 .flat_map(|row| row[gi * p.cg..][..p.cg].iter().copied())
                 .collect();
             let wg = &w[gi * p.mg * p.cg..][..p.mg * p.cg];
-            let mut wt = vec![0u64; p.cg * p.mg];
+            let mut wt = vec![T::default(); p.cg * p.mg];
             for (j, wrow) in wg.chunks_exact(p.cg).enumerate() {
                 for (c, &v) in wrow.iter().enumerate() {
                     wt[c * p.mg + j] = v;
                 }
             }
-            let mut og = vec![0u64; p.n * p.mg];
+            let mut og = vec![T::default(); p.n * p.mg];
             gemm(p.n, p.cg, p.mg, &xg, &wt, &mut og);
             for (orow, grow) in out.chunks_exact_mut(p.m).zip(og.chunks_exact(p.mg)) {
                 orow[gi * p.mg..][..p.mg].copy_from_slice(grow);
@@ -482,14 +484,14 @@ pub fn conv(
     }
 
     let pointwise = is_pointwise(&p);
-    let unit = |u: usize, out_u: &mut [u64], buf: &mut Vec<u64>, parallel_gemm: bool| {
+    let unit = |u: usize, out_u: &mut [T], buf: &mut Vec<T>, parallel_gemm: bool| {
         let (n, gi) = (u / p.group, u % p.group);
         let xu = &x[(n * p.c + gi * p.cg) * dl..][..p.cg * dl];
         let wg = &w[gi * p.mg * ck..][..p.mg * ck];
-        let cols: &[u64] = if pointwise {
+        let cols: &[T] = if pointwise {
             xu
         } else {
-            buf.resize(ck * ol, 0);
+            buf.resize(ck * ol, T::default());
             im2col(&p, xu, buf);
             buf
         };
@@ -520,18 +522,19 @@ pub fn conv(
 /// (the pads crop). `output_padding` has one entry per spatial axis, or is
 /// empty for zeros.
 ///
-/// Wrapping arithmetic modulo `2^64`; any memory layout is accepted.
+/// Wrapping arithmetic modulo `2^64` for `u64`; for `f64`, exact while every
+/// partial sum stays below `2^53`. Any memory layout is accepted.
 /// Errors on inconsistent shapes or geometry, or when some `o_i < 1`.
-pub fn conv_transpose(
-    x: ArrayViewD<u64>,
-    w: ArrayViewD<u64>,
+pub fn conv_transpose<T: Scalar>(
+    x: ArrayViewD<T>,
+    w: ArrayViewD<T>,
     g: &ConvGeometry,
     output_padding: &[usize],
-) -> Result<RingTensor, RingError> {
+) -> Result<ArrayD<T>, RingError> {
     let p = conv_transpose_plan(x.shape(), w.shape(), g, output_padding)?;
     let out_shape = p.out_shape();
     let (dl, kl, ol) = (p.d_len(), p.k_len(), p.o_len());
-    let mut out = vec![0u64; out_shape.iter().product()];
+    let mut out = vec![T::default(); out_shape.iter().product()];
     if out.is_empty() || p.cg == 0 {
         return shaped(IxDyn(&out_shape), out);
     }
@@ -539,7 +542,7 @@ pub fn conv_transpose(
     let w = contiguous(&w);
     // Per group, w_g is [cg, mg * KK]; store its transpose [mg * KK, cg].
     let mk = p.mg * kl;
-    let mut wt = vec![0u64; p.group * mk * p.cg];
+    let mut wt = vec![T::default(); p.group * mk * p.cg];
     for (gi, wtg) in wt.chunks_exact_mut(mk * p.cg).enumerate() {
         let wg = &w[gi * p.cg * mk..][..p.cg * mk];
         for (c, wrow) in wg.chunks_exact(mk).enumerate() {
@@ -548,12 +551,12 @@ pub fn conv_transpose(
             }
         }
     }
-    let unit = |u: usize, out_u: &mut [u64], buf: &mut Vec<u64>, parallel_gemm: bool| {
+    let unit = |u: usize, out_u: &mut [T], buf: &mut Vec<T>, parallel_gemm: bool| {
         let (n, gi) = (u / p.group, u % p.group);
         let xu = &x[(n * p.c + gi * p.cg) * dl..][..p.cg * dl];
         let wtg = &wt[gi * mk * p.cg..][..mk * p.cg];
         buf.clear();
-        buf.resize(mk * dl, 0);
+        buf.resize(mk * dl, T::default());
         if parallel_gemm {
             gemm(mk, p.cg, dl, wtg, xu, buf);
         } else {

@@ -6,9 +6,11 @@
 //! centred signed lift), fixed-point encoding of reals as two's-complement ring
 //! elements ([`encode`], [`decode`], [`quantize`]), and the exact wrapping
 //! kernels that the converter, the server's tract op and the protocol call:
-//! [`matmul`], [`conv`] and [`conv_transpose`] (ONNX semantics). The kernels
-//! compute modulo `2^64`, which is exact modulo `2^k` for every `k <= 64`; the
-//! caller reduces with [`Ring::reduce_tensor`] when it needs canonical values.
+//! [`matmul`], [`conv`] and [`conv_transpose`] (ONNX semantics). On `u64` the
+//! kernels compute modulo `2^64`, which is exact modulo `2^k` for every
+//! `k <= 64`; the caller reduces with [`Ring::reduce_tensor`] when it needs
+//! canonical values. The same kernels run on integer-valued `f64` (see
+//! [`Scalar`]), which the HE server uses for its exact residue products.
 //! Signed weights are passed as the `u64` two's-complement bits of an `i64`.
 
 #![forbid(unsafe_code)]
@@ -18,6 +20,7 @@ mod conv;
 mod error;
 mod fixed;
 mod matmul;
+mod scalar;
 
 pub use conv::{
     ConvGeometry, conv, conv_output_shape, conv_transpose, conv_transpose_output_shape,
@@ -25,6 +28,7 @@ pub use conv::{
 pub use error::{RingError, TensorIndex};
 pub use fixed::{MAX_FRAC_BITS, decode, decode_tensor, encode, encode_tensor, quantize};
 pub use matmul::matmul;
+pub use scalar::Scalar;
 
 /// A tensor of ring elements (one `u64` per element, reduced or not).
 pub type RingTensor = ndarray::ArrayD<u64>;

@@ -1,7 +1,8 @@
 //! A SecureLinear op's weights as the HE offline phase applies them
 //! ([`secinfer_he::LinearForm`]): centred signed weights, no bias, on any
 //! number of independent samples stacked along axis 0, through the same ring
-//! kernels the online op uses. Outputs are split into blocks (output columns,
+//! kernels the online op uses, here in exact integer `f64` arithmetic (the HE
+//! side keeps every sum below `2^53`). Outputs are split into blocks (output columns,
 //! channels or groups) so that the HE side can evaluate a big layer in parts.
 
 use std::ops::Range;
@@ -9,7 +10,7 @@ use std::ops::Range;
 use ndarray::{ArrayD, ArrayViewD, Axis, CowArray, IxDyn, Slice};
 use secinfer_he::LinearForm;
 use secinfer_model::{LayerSpec, LinearKind};
-use secinfer_ring::{ConvGeometry, RingTensor};
+use secinfer_ring::ConvGeometry;
 
 /// Output columns (MatMul) or rows (LeftMatMul) per block.
 const MATMUL_BLOCK: usize = 32;
@@ -18,8 +19,8 @@ const MATMUL_BLOCK: usize = 32;
 #[derive(Debug, Clone)]
 pub struct HeLayer {
     spec: LayerSpec,
-    /// weights as two's-complement `u64` of the signed values
-    w: ArrayD<u64>,
+    /// the signed weights, exact in `f64` (each below `2^53`)
+    w: ArrayD<f64>,
     fan_in: usize,
     max_row_sum: u128,
 }
@@ -37,7 +38,7 @@ impl HeLayer {
     pub fn new(spec: &LayerSpec, weights: &[i64]) -> Result<HeLayer, String> {
         let w = ArrayD::from_shape_vec(
             IxDyn(&spec.weight_shape),
-            weights.iter().map(|&v| v as u64).collect(),
+            weights.iter().map(|&v| v as f64).collect(),
         )
         .map_err(|e| {
             format!(
@@ -45,7 +46,13 @@ impl HeLayer {
                 spec.op_id, spec.weight_shape
             )
         })?;
-        let abs = |v: u64| (v as i64).unsigned_abs() as u128;
+        if let Some(v) = weights.iter().find(|v| v.unsigned_abs() >= 1 << 52) {
+            return Err(format!(
+                "op {}: weight {v} is too large for the exact f64 products (|w| < 2^52)",
+                spec.op_id
+            ));
+        }
+        let abs = |v: f64| v.abs() as u128;
         let ws = &spec.weight_shape;
         let (fan_in, max_row_sum) = match &spec.kind {
             LinearKind::MatMul => (
@@ -156,7 +163,7 @@ impl HeLayer {
         s
     }
 
-    fn apply(&self, blocks: Range<usize>, x: &[u64], rows: usize) -> Result<RingTensor, String> {
+    fn apply(&self, blocks: Range<usize>, x: &[f64], rows: usize) -> Result<ArrayD<f64>, String> {
         let shape = self.stacked_input_shape(rows);
         let x = ArrayViewD::from_shape(IxDyn(&shape), x).map_err(|e| e.to_string())?;
         let err = |e: secinfer_ring::RingError| e.to_string();
@@ -192,7 +199,7 @@ impl HeLayer {
                         secinfer_ring::matmul(w2.view(), x3.index_axis(Axis(0), b)).map_err(err)?;
                     out.extend(y.iter());
                 }
-                RingTensor::from_shape_vec(IxDyn(&[out.len()]), out).map_err(|e| e.to_string())
+                ArrayD::from_shape_vec(IxDyn(&[out.len()]), out).map_err(|e| e.to_string())
             }
             LinearKind::Conv(g) => {
                 let (x, w, g) = self.group_slice(x, 0, g, &blocks, &units);
@@ -213,14 +220,14 @@ impl HeLayer {
     /// whole groups.
     fn group_slice<'a>(
         &'a self,
-        x: ArrayViewD<'a, u64>,
+        x: ArrayViewD<'a, f64>,
         out_axis: usize,
         g: &ConvGeometry,
         blocks: &Range<usize>,
         units: &Range<usize>,
     ) -> (
-        CowArray<'a, u64, IxDyn>,
-        CowArray<'a, u64, IxDyn>,
+        CowArray<'a, f64, IxDyn>,
+        CowArray<'a, f64, IxDyn>,
         ConvGeometry,
     ) {
         if g.group == 1 {
@@ -294,9 +301,9 @@ impl LinearForm for HeLayer {
     fn apply_blocks(
         &self,
         blocks: Range<usize>,
-        x: &[u64],
+        x: &[f64],
         rows: usize,
-    ) -> Result<Vec<u64>, String> {
+    ) -> Result<Vec<f64>, String> {
         if x.len() != rows * self.input_len() {
             return Err(format!(
                 "op {}: {} values for {rows} samples of {}",

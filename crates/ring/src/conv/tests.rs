@@ -15,6 +15,20 @@ fn signed(shape: &[usize], v: &[i64]) -> ArrayD<u64> {
     ArrayD::from_shape_vec(IxDyn(shape), v.iter().map(|&e| e as u64).collect()).unwrap()
 }
 
+/// Small non-negative inputs (below 2^20) and signed weights (|w| <= 2^10),
+/// as `u64` bits and as `f64`, so both arithmetics are exact.
+fn small_pair(seed: u64, shape: &[usize], signed: bool) -> (ArrayD<u64>, ArrayD<f64>) {
+    let u = random(seed, shape).mapv(|v| {
+        if signed {
+            ((v % 2049) as i64 - 1024) as u64
+        } else {
+            v % (1 << 20)
+        }
+    });
+    let f = u.mapv(|v| v as i64 as f64);
+    (u, f)
+}
+
 fn as_signed(t: &ArrayD<u64>) -> Vec<i64> {
     t.iter().map(|&v| v as i64).collect()
 }
@@ -362,6 +376,15 @@ fn large_cases_take_parallel_paths() {
             ref_conv(&x, &w, g),
             "{xs:?} {ws:?}"
         );
+        let (xu, xf) = small_pair(15, xs, false);
+        let (wu, wf) = small_pair(16, ws, true);
+        let want = as_signed(&ref_conv(&xu, &wu, g));
+        let got: Vec<i64> = conv(xf.view(), wf.view(), g)
+            .unwrap()
+            .iter()
+            .map(|&v| v as i64)
+            .collect();
+        assert_eq!(got, want, "f64 {xs:?} {ws:?}");
     }
     let tcases: &[(&[usize], &[usize], ConvGeometry, &[usize])] = &[
         (
@@ -385,6 +408,15 @@ fn large_cases_take_parallel_paths() {
             ref_conv_transpose(&x, &w, g, op),
             "{xs:?} {ws:?}"
         );
+        let (xu, xf) = small_pair(17, xs, false);
+        let (wu, wf) = small_pair(18, ws, true);
+        let want = as_signed(&ref_conv_transpose(&xu, &wu, g, op));
+        let got: Vec<i64> = conv_transpose(xf.view(), wf.view(), g, op)
+            .unwrap()
+            .iter()
+            .map(|&v| v as i64)
+            .collect();
+        assert_eq!(got, want, "f64 {xs:?} {ws:?}");
     }
 }
 
@@ -443,6 +475,11 @@ proptest! {
         let got = conv(x.view(), w.view(), &g).unwrap();
         prop_assert_eq!(got.shape(), &conv_output_shape(&xs, &ws, &g).unwrap()[..]);
         prop_assert_eq!(got, ref_conv(&x, &w, &g));
+        // The same geometry in exact f64 arithmetic.
+        let (xu, xf) = small_pair(seed, &xs, false);
+        let (wu, wf) = small_pair(!seed, &ws, true);
+        let got: Vec<i64> = conv(xf.view(), wf.view(), &g).unwrap().iter().map(|&v| v as i64).collect();
+        prop_assert_eq!(got, as_signed(&ref_conv(&xu, &wu, &g)));
     }
 
     #[test]
@@ -473,6 +510,10 @@ proptest! {
         let got = conv_transpose(x.view(), w.view(), &g, &op).unwrap();
         prop_assert_eq!(got.shape(), &conv_transpose_output_shape(&xs, &ws, &g, &op).unwrap()[..]);
         prop_assert_eq!(got, ref_conv_transpose(&x, &w, &g, &op));
+        let (xu, xf) = small_pair(seed, &xs, false);
+        let (wu, wf) = small_pair(!seed, &ws, true);
+        let got: Vec<i64> = conv_transpose(xf.view(), wf.view(), &g, &op).unwrap().iter().map(|&v| v as i64).collect();
+        prop_assert_eq!(got, as_signed(&ref_conv_transpose(&xu, &wu, &g, &op)));
     }
 
     /// <conv(x, w), y> == <x, conv_transpose(y, w)> (group 1, matching geometry).
