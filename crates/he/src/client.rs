@@ -1,22 +1,40 @@
 //! The client's side: its own BFV key, encryption of masks, decryption of
 //! replies.
+//!
+//! `fhe` makes the key pair; encryption and decryption are done here with its
+//! polynomial arithmetic, because its own `try_encrypt`/`try_decrypt` redo
+//! per call what is fixed per key (the secret key's NTT, at every prime), encode
+//! each plaintext twice, and decrypt through a multi-prime scaler where the
+//! replies have one prime. Same distributions and encoding as `fhe`
+//! (`tests.rs` checks both ways against it): secret-key encryption
+//! `(b, a) = (−a·s + e + ⌊q·m/t⌋, a)` with `a` sent as its seed, and
+//! decryption `round(t·(b + a·s)/q) mod t`.
 
-use fhe::bfv::{Ciphertext, Encoding, Plaintext, PublicKey, SecretKey};
-use fhe_traits::{
-    DeserializeParametrized, FheDecoder, FheDecrypter, FheEncoder, FheEncrypter, Serialize,
-};
+use fhe::bfv::{PublicKey, SecretKey};
+use fhe_math::rq::traits::TryConvertFrom;
+use fhe_math::rq::{Poly, Representation};
+use fhe_traits::Serialize;
 use rand_chacha09::ChaCha20Rng;
-use rand_chacha09::rand_core::SeedableRng;
+use rand_chacha09::rand_core::{RngCore, SeedableRng};
 use rayon::prelude::*;
+use zeroize::Zeroizing;
 
-use crate::{HeError, HeParams, decode_guarded, lib_err};
+use crate::encoding::{ScaledEncoder, decode_phase};
+use crate::{ERROR_VARIANCE, HeError, HeParams, lib_err, wire};
 
-/// A client's key pair; the secret key never leaves this struct (and `fhe`
-/// zeroes it on drop).
+/// A client's key pair; the secret key never leaves this struct (its NTT
+/// forms are zeroed on drop, and `fhe` zeroes its own copy).
 pub struct ClientKey {
     params: HeParams,
+    /// `fhe`'s key, for tests that play a curious client (`s_ntt` is all the
+    /// client itself needs).
+    #[cfg(test)]
     sk: SecretKey,
     pk: PublicKey,
+    /// `s` in NTT form at each level's context (index = level), made once.
+    s_ntt: Vec<Zeroizing<Poly>>,
+    /// plaintext encoding at the full level, where masks are encrypted
+    encoder: ScaledEncoder,
 }
 
 impl std::fmt::Debug for ClientKey {
@@ -33,10 +51,20 @@ impl ClientKey {
         let mut rng = ChaCha20Rng::from_os_rng();
         let sk = SecretKey::random(params.bfv(), &mut rng);
         let pk = PublicKey::new(&sk, &mut rng);
+        let s_ntt = secret_ntt(params, &sk);
+        let ctx = params
+            .bfv()
+            .context_at_level(0)
+            .expect("level 0 always has a context");
+        let encoder = ScaledEncoder::new(ctx, params.degree(), params.ring_bits())
+            .expect("checked parameters have t invertible modulo every prime");
         ClientKey {
             params: params.clone(),
+            #[cfg(test)]
             sk,
             pk,
+            s_ntt,
+            encoder,
         }
     }
 
@@ -69,15 +97,25 @@ impl ClientKey {
                 m.len()
             )));
         }
-        let par = self.params.bfv();
+        let ctx = self.params.bfv().context_at_level(0).map_err(lib_err)?;
+        let s = self.s_ntt.first().ok_or_else(|| lib_err("no secret key"))?;
         (0..input_len)
             .into_par_iter()
             .map_init(ChaCha20Rng::from_os_rng, |rng, j| {
                 let column: Vec<u64> = masks.iter().map(|m| m[j] & t_mask).collect();
-                let pt =
-                    Plaintext::try_encode(&column[..], Encoding::poly(), par).map_err(lib_err)?;
-                let ct: Ciphertext = self.sk.try_encrypt(&pt, rng).map_err(lib_err)?;
-                Ok(ct.to_bytes())
+                // a: uniform, expanded from a seed, which is what travels
+                let mut seed = [0u8; 32];
+                rng.fill_bytes(&mut seed);
+                let mut a = Poly::random_from_seed(ctx, Representation::Ntt, seed);
+                a *= s.as_ref();
+                a.change_representation(Representation::PowerBasis);
+                // b = e + ⌊q·m/t⌋ − a·s, on coefficients (how it travels)
+                let mut b = Poly::small(ctx, Representation::PowerBasis, ERROR_VARIANCE, rng)
+                    .map_err(lib_err)?;
+                b += &self.encoder.encode(&column)?;
+                b -= &a;
+                let b = wire::encode_poly(b.coefficients(), ctx.moduli());
+                Ok(wire::encode_ciphertext(vec![b], Some(seed), 0))
             })
             .collect()
     }
@@ -104,14 +142,46 @@ impl ClientKey {
             )));
         }
         let par = self.params.bfv();
+        let bits = self.params.ring_bits();
         replies
             .par_iter()
             .map(|bytes| {
-                let ct = decode_reply(par, bytes)?;
-                let pt = self.sk.try_decrypt(&ct).map_err(lib_err)?;
-                let mut v = Vec::<u64>::try_decode(&pt, Encoding::poly()).map_err(lib_err)?;
-                v.truncate(count);
-                Ok(v)
+                let ct = wire::decode_ciphertext("reply ciphertext", bytes, par)?;
+                let ctx = par.context_at_level(ct.level).map_err(lib_err)?;
+                let (None, [b, a]) = (ct.seed, &ct.polys[..]) else {
+                    return Err(HeError::Malformed {
+                        what: "reply ciphertext",
+                        problem: format!("{} polynomials, expected 2", ct.polys.len()),
+                    });
+                };
+                let &[q] = ctx.moduli() else {
+                    return Err(HeError::Malformed {
+                        what: "reply ciphertext",
+                        problem: format!(
+                            "{} primes; replies are switched down to one",
+                            ctx.moduli().len()
+                        ),
+                    });
+                };
+                let s = self
+                    .s_ntt
+                    .get(ct.level)
+                    .ok_or_else(|| lib_err("no secret key at this level"))?;
+                // phase = b + a·s, on coefficients
+                let mut phase =
+                    Poly::try_convert_from(a.clone(), ctx, false, Representation::PowerBasis)
+                        .map_err(lib_err)?;
+                phase.change_representation(Representation::Ntt);
+                phase *= s.as_ref();
+                phase.change_representation(Representation::PowerBasis);
+                Ok(phase
+                    .coefficients()
+                    .row(0)
+                    .iter()
+                    .zip(b.row(0))
+                    .take(count)
+                    .map(|(&as_, &b)| decode_phase((as_ + b) % q, q, bits))
+                    .collect())
             })
             .collect()
     }
@@ -123,23 +193,20 @@ impl ClientKey {
     }
 }
 
-/// Reads a reply ciphertext (sent in coefficient representation) into the
-/// NTT representation `fhe` computes with.
-pub(crate) fn decode_reply(
-    par: &std::sync::Arc<fhe::bfv::BfvParameters>,
-    bytes: &[u8],
-) -> Result<Ciphertext, HeError> {
-    let mut ct = decode_guarded("reply ciphertext", || Ciphertext::from_bytes(bytes, par))?;
-    if ct.len() != 2 {
-        return Err(HeError::Malformed {
-            what: "reply ciphertext",
-            problem: format!("{} components, expected 2", ct.len()),
-        });
-    }
-    for p in ct.iter_mut() {
-        if *p.representation() != fhe_math::rq::Representation::Ntt {
-            p.change_representation(fhe_math::rq::Representation::Ntt);
-        }
-    }
-    Ok(ct)
+/// `s` in NTT form at the context of every level.
+fn secret_ntt(params: &HeParams, sk: &SecretKey) -> Vec<Zeroizing<Poly>> {
+    let par = params.bfv();
+    let coeffs = Zeroizing::new(fhe::proto::bfv::SecretKey::from(sk).coeffs);
+    (0..=par.max_level())
+        .map(|level| {
+            let ctx = par
+                .context_at_level(level)
+                .expect("every level up to max_level has a context");
+            let mut s =
+                Poly::try_convert_from(coeffs.as_slice(), ctx, false, Representation::PowerBasis)
+                    .expect("a secret key of the parameters' degree converts");
+            s.change_representation(Representation::Ntt);
+            Zeroizing::new(s)
+        })
+        .collect()
 }

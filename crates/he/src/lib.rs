@@ -17,7 +17,7 @@
 //! output (one inference's), and every one is masked by `s`. Nothing here
 //! knows the layer's form: the server applies its weights through
 //! [`LinearForm`] to the ciphertexts' residues, split into limbs small enough
-//! that the ring kernels' wrapping `u64` arithmetic is exact, so every form
+//! that the ring kernels' integer `f64` arithmetic is exact, so every form
 //! the ring kernels run (matrix products on either side, convolutions of any
 //! rank, stride, dilation, padding and group count, transposed convolutions)
 //! is supported without a special case. Traffic is dense in both directions;
@@ -30,10 +30,12 @@
 #![deny(missing_docs)]
 
 mod client;
+mod encoding;
 mod params;
 mod server;
 #[cfg(test)]
 mod tests;
+mod wire;
 
 pub use client::ClientKey;
 pub use params::{

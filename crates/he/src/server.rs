@@ -20,13 +20,15 @@ use fhe::bfv::{Ciphertext, PublicKey};
 use fhe_math::rq::traits::TryConvertFrom;
 use fhe_math::rq::{Poly, Representation};
 use fhe_math::zq::Modulus;
-use fhe_traits::{DeserializeParametrized, Serialize};
+use fhe_traits::DeserializeParametrized;
 use ndarray::Array2;
 use prost::Message;
 use rand_chacha09::ChaCha20Rng;
 use rand_chacha09::rand_core::{RngCore, SeedableRng};
 use rayon::prelude::*;
 
+use crate::encoding::ScaledEncoder;
+use crate::wire;
 use crate::{FloodPlan, HeError, HeParams, decode_guarded, lib_err};
 
 /// A layer's weights as the server applies them: `y = W·x` over the integers
@@ -239,27 +241,33 @@ pub(crate) fn evaluate_with(
     }
     let plan = params.flood_plan(form.fan_in())?;
     let par = params.bfv();
-    // Decoded one by one, each serialised form dropped as soon as it is read.
-    let inputs: Vec<Ciphertext> = ciphertexts
+    let ctx = par.context_at_level(0).map_err(lib_err)?.clone();
+    // Decoded one by one, each serialised form dropped as soon as it is read:
+    // `[b, a]`, b's coefficients as sent, a expanded from its seed (NTT).
+    let inputs: Vec<[Array2<u64>; 2]> = ciphertexts
         .into_par_iter()
         .map(|bytes| {
-            let ct = decode_guarded("mask ciphertext", || Ciphertext::from_bytes(&bytes, par))?;
-            let level = par.level_of_context(ct[0].ctx()).ok();
-            if ct.len() != 2 || level != Some(0) {
+            let ct = wire::decode_ciphertext("mask ciphertext", &bytes, par)?;
+            let (Some(seed), 1, 0) = (ct.seed, ct.polys.len(), ct.level) else {
                 return Err(HeError::Malformed {
                     what: "mask ciphertext",
                     problem: format!(
-                        "{} components at level {level:?}, expected 2 at level 0",
-                        ct.len()
+                        "{} polynomials{} at level {}, expected one and a seed at level 0",
+                        ct.polys.len(),
+                        if ct.seed.is_some() { " and a seed" } else { "" },
+                        ct.level
                     ),
                 });
-            }
-            Ok(ct)
+            };
+            let a = Poly::random_from_seed(&ctx, Representation::Ntt, seed);
+            let [b] = <[Array2<u64>; 1]>::try_from(ct.polys)
+                .map_err(|_| lib_err("one polynomial was checked"))?;
+            Ok([b, a.coefficients().to_owned()])
         })
         .collect::<Result<_, _>>()?;
     let limb_bits = limb_bits(form.max_abs_row_sum())?;
     let moduli = par.moduli().to_vec();
-    let ctx = par.context_at_level(0).map_err(lib_err)?.clone();
+    let encoder = ScaledEncoder::new(&ctx, n, params.ring_bits())?;
     let t_mask = (1u64 << params.ring_bits()) - 1;
 
     let per_output = 2 * moduli.len() * n * 8;
@@ -274,17 +282,18 @@ pub(crate) fn evaluate_with(
         let finished: Vec<(Vec<u8>, Vec<u64>)> = (0..outputs.len())
             .into_par_iter()
             .map_init(ChaCha20Rng::from_os_rng, |rng, k| {
-                let gather = |comp: usize| {
+                let gather = |comp: usize, repr: Representation| {
                     let mut a = Array2::<u64>::zeros((moduli.len(), n));
                     for l in 0..moduli.len() {
                         a.row_mut(l).assign(&rows[comp * moduli.len() + l].row(k));
                     }
-                    Poly::try_convert_from(a, &ctx, false, Representation::Ntt).map_err(lib_err)
+                    Poly::try_convert_from(a, &ctx, false, repr).map_err(lib_err)
                 };
-                let c0 = gather(0)?;
-                let c1 = gather(1)?;
+                // the representations of the inputs: b as sent, a from its seed
+                let c0 = gather(0, Representation::PowerBasis)?;
+                let c1 = gather(1, Representation::Ntt)?;
                 let s: Vec<u64> = (0..n).map(|_| rng.next_u64() & t_mask).collect();
-                let ct = finish(key, c0, c1, &s, &plan, privacy, shrink, rng)?;
+                let ct = finish(key, &encoder, c0, c1, &s, &plan, privacy, shrink, rng)?;
                 Ok((ct, s))
             })
             .collect::<Result<_, HeError>>()?;
@@ -354,7 +363,7 @@ fn products(
     form: &dyn LinearForm,
     group: Range<usize>,
     outputs: &[usize],
-    inputs: &[Ciphertext],
+    inputs: &[[Array2<u64>; 2]],
     moduli: &[u64],
     n: usize,
     limb_bits: u32,
@@ -376,7 +385,7 @@ fn products(
                 .collect();
             let pow_shoup: Vec<u64> = pow.iter().map(|&p| m.shoup(p)).collect();
             let mut out = Array2::<u64>::zeros((outputs.len(), n));
-            let residues: Vec<_> = inputs.iter().map(|ct| ct[comp].coefficients()).collect();
+            let residues: Vec<_> = inputs.iter().map(|ct| ct[comp].view()).collect();
             let mut x = vec![0f64; SLOT_CHUNK * limbs * in_len];
             for i0 in (0..n).step_by(SLOT_CHUNK) {
                 let width = SLOT_CHUNK.min(n - i0);
@@ -425,10 +434,12 @@ fn products(
 }
 
 /// Subtracts `s`, re-randomises, floods and (if `shrink`) drops to the last
-/// prime; returns the serialised reply (coefficient representation).
+/// prime; returns the serialised reply. `c0` comes in coefficient form, `c1`
+/// in NTT form (as the inputs were); the reply travels as coefficients.
 #[allow(clippy::too_many_arguments)]
 fn finish(
     key: &ServerKey,
+    encoder: &ScaledEncoder,
     mut c0: Poly,
     mut c1: Poly,
     s: &[u64],
@@ -452,6 +463,7 @@ fn finish(
             Poly::small(&ctx, Representation::Ntt, crate::ERROR_VARIANCE, rng).map_err(lib_err)?;
         let mut r0 = u.clone();
         r0 *= &key.p0;
+        r0.change_representation(Representation::PowerBasis);
         let mut r1 = u;
         r1 *= &key.p1;
         c0 += &r0;
@@ -459,9 +471,8 @@ fn finish(
     }
     // The rest is done on coefficients (flooding and dropping primes need
     // them, and the reply travels that way).
-    c0.change_representation(Representation::PowerBasis);
     c1.change_representation(Representation::PowerBasis);
-    c0 += &encode_scaled(&ctx, &neg_s, key.params.ring_bits())?;
+    c0 += &encoder.encode(&neg_s)?;
     if privacy == Privacy::Full {
         let e1 = Poly::small(&ctx, Representation::PowerBasis, crate::ERROR_VARIANCE, rng)
             .map_err(lib_err)?;
@@ -479,12 +490,15 @@ fn finish(
             level += 1;
         }
     }
-    Ok(fhe::proto::bfv::Ciphertext {
-        c: vec![c0.to_bytes(), c1.to_bytes()],
-        seed: vec![],
-        level: level as u32,
-    }
-    .encode_to_vec())
+    let moduli = c0.ctx().moduli();
+    Ok(wire::encode_ciphertext(
+        vec![
+            wire::encode_poly(c0.coefficients(), moduli),
+            wire::encode_poly(c1.coefficients(), moduli),
+        ],
+        None,
+        level,
+    ))
 }
 
 /// Adds to every coefficient of `p` (power basis, full level) an independent
@@ -519,33 +533,6 @@ fn add_flood(p: &mut Poly, plan: &FloodPlan, rng: &mut ChaCha20Rng) -> Result<()
     }
     *p = Poly::try_convert_from(a, &ctx, false, Representation::PowerBasis).map_err(lib_err)?;
     Ok(())
-}
-
-/// `floor(q·m / t)` for plaintext coefficients `m` (the encoding `fhe` uses
-/// for a plaintext), in power basis at `ctx`'s level, computed as
-/// `[m·(q mod t)]_t · (−t)^{-1} mod q_l` per prime.
-fn encode_scaled(
-    ctx: &std::sync::Arc<fhe_math::rq::Context>,
-    m: &[u64],
-    ring_bits: u32,
-) -> Result<Poly, HeError> {
-    let t_mask = (1u64 << ring_bits) - 1;
-    let moduli = ctx.moduli();
-    let q_mod_t = moduli.iter().fold(1u64, |acc, &q| acc.wrapping_mul(q)) & t_mask;
-    let mut a = Array2::<u64>::zeros((moduli.len(), m.len()));
-    for (l, &q) in moduli.iter().enumerate() {
-        let md = Modulus::new(q).map_err(lib_err)?;
-        let neg_t = md.neg(md.reduce(t_mask + 1));
-        let inv = md
-            .inv(neg_t)
-            .ok_or_else(|| HeError::Params("t not invertible".into()))?;
-        let inv_shoup = md.shoup(inv);
-        for (i, &v) in m.iter().enumerate() {
-            let r = v.wrapping_mul(q_mod_t) & t_mask;
-            a[[l, i]] = md.mul_shoup(md.reduce(r), inv, inv_shoup);
-        }
-    }
-    Poly::try_convert_from(a, ctx, false, Representation::PowerBasis).map_err(lib_err)
 }
 
 fn add_mod(a: u64, b: u64, q: u64) -> u64 {

@@ -159,6 +159,85 @@ fn decryption_is_exactly_w_r_minus_s() {
     }
 }
 
+#[test]
+fn own_encryption_and_decryption_agree_with_fhe() {
+    use fhe::bfv::{Encoding, Plaintext};
+    use fhe_traits::{FheDecoder, FheDecrypter, FheEncoder, FheEncrypter, Serialize};
+    let p = HeParams::for_ring(37).unwrap();
+    let client = ClientKey::generate(&p);
+    let par = p.bfv();
+    let mask = (1u64 << 37) - 1;
+    let mut g = rng();
+    let msgs: Vec<Vec<u64>> = (0..p.degree())
+        .map(|_| vec![g.random::<u64>() & mask, 0, mask])
+        .collect();
+    let views: Vec<&[u64]> = msgs.iter().map(|m| &m[..]).collect();
+
+    // Ours encrypts, fhe decrypts; the fresh noise is what fhe's own has.
+    let ours = client.encrypt(&views, 3).unwrap();
+    let theirs_pt = Plaintext::try_encode(&[5u64; 8][..], Encoding::poly(), par).unwrap();
+    let mut srng = rand_chacha09::ChaCha20Rng::seed_from_u64(3);
+    let theirs = client.secret().try_encrypt(&theirs_pt, &mut srng).unwrap();
+    #[allow(unsafe_code)]
+    // SAFETY: measure_noise is variable-time; fine in a test.
+    let their_noise = unsafe { client.secret().measure_noise(&theirs).unwrap() };
+    for (j, bytes) in ours.iter().enumerate() {
+        // seeded like fhe's (a full second component would double it)
+        assert!(
+            bytes.len() <= theirs.to_bytes().len(),
+            "{} bytes",
+            bytes.len()
+        );
+        // fhe reads b as coefficients (as tagged) and a in NTT form; its
+        // decryption wants both in NTT form
+        let mut ct = Ciphertext::from_bytes(bytes, par).unwrap();
+        for p in ct.iter_mut() {
+            if *p.representation() != fhe_math::rq::Representation::Ntt {
+                p.change_representation(fhe_math::rq::Representation::Ntt);
+            }
+        }
+        let pt = client.secret().try_decrypt(&ct).unwrap();
+        let v = Vec::<u64>::try_decode(&pt, Encoding::poly()).unwrap();
+        let want: Vec<u64> = msgs.iter().map(|m| m[j]).collect();
+        assert_eq!(v, want, "ciphertext {j}");
+        #[allow(unsafe_code)]
+        // SAFETY: as above.
+        let noise = unsafe { client.secret().measure_noise(&ct).unwrap() };
+        assert!(
+            noise <= their_noise + 1,
+            "noise 2^{noise} vs fhe's 2^{their_noise}"
+        );
+    }
+
+    // fhe encrypts, switched to one prime as replies are; ours decrypts.
+    let values: Vec<u64> = (0..p.degree() as u64)
+        .map(|i| (i * 0x9E37_79B9) & mask)
+        .collect();
+    let pt = Plaintext::try_encode(&values[..], Encoding::poly(), par).unwrap();
+    let mut ct: Ciphertext = client.secret().try_encrypt(&pt, &mut srng).unwrap();
+    // fhe would still send the (stale) seed of a switched second component,
+    // so replies are written from the components themselves.
+    let unseeded = |ct: &Ciphertext| {
+        let polys = ct
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                c.change_representation(fhe_math::rq::Representation::PowerBasis);
+                crate::wire::encode_poly(c.coefficients(), c.ctx().moduli())
+            })
+            .collect();
+        let level = par.level_of_context(ct[0].ctx()).unwrap();
+        crate::wire::encode_ciphertext(polys, None, level)
+    };
+    let full = unseeded(&ct);
+    ct.switch_to_level(par.max_level()).unwrap();
+    let got = client.decrypt(&[unseeded(&ct)], p.degree(), 1).unwrap();
+    assert_eq!(got[0], values);
+    // A reply still at three primes is named, not misread.
+    let e = client.decrypt(&[full], 1, 1).unwrap_err();
+    assert!(e.to_string().contains("3 primes"), "{e}");
+}
+
 /// Solves `A·w = y (mod p)` for square `A` by Gaussian elimination.
 fn solve_mod(mut a: Vec<Vec<u64>>, mut y: Vec<u64>, p: u64) -> Option<Vec<u64>> {
     let m = Modulus::new(p).unwrap();
@@ -194,7 +273,7 @@ fn recover_row(p: &HeParams, inputs: &[Vec<u8>], reply: &[u8]) -> Option<Vec<i64
         .iter()
         .map(|b| Ciphertext::from_bytes(b, par).unwrap())
         .collect();
-    let r = crate::client::decode_reply(par, reply).unwrap();
+    let r = decode_reply(par, reply).unwrap();
     let q = par.moduli()[0];
     let n = inputs.len();
     let rows: Vec<Vec<u64>> = (0..n)
@@ -278,7 +357,7 @@ fn flooded_noise_is_as_wide_as_planned() {
             evaluate_with(&server, &d, cts.clone(), 1, Privacy::Full, false, emit)
         })
         .unwrap();
-        let ct = crate::client::decode_reply(p.bfv(), &reply.ciphertexts[0]).unwrap();
+        let ct = decode_reply(p.bfv(), &reply.ciphertexts[0]).unwrap();
         // SAFETY: measure_noise is variable-time; fine in a test.
         #[allow(unsafe_code)]
         let bits = unsafe { client.secret().measure_noise(&ct).unwrap() };
@@ -314,4 +393,25 @@ fn malformed_inputs_are_errors() {
     ));
     assert!(client.encrypt(&[&[1, 2]], 3).is_err());
     assert!(client.decrypt(&[vec![1, 2, 3]], 1, 1).is_err());
+}
+
+/// Reads a reply ciphertext (sent in coefficient representation) into the
+/// NTT representation `fhe` computes with (tests decrypt it with `fhe`).
+pub(crate) fn decode_reply(
+    par: &std::sync::Arc<fhe::bfv::BfvParameters>,
+    bytes: &[u8],
+) -> Result<Ciphertext, HeError> {
+    let mut ct = crate::decode_guarded("reply ciphertext", || Ciphertext::from_bytes(bytes, par))?;
+    if ct.len() != 2 {
+        return Err(HeError::Malformed {
+            what: "reply ciphertext",
+            problem: format!("{} components, expected 2", ct.len()),
+        });
+    }
+    for p in ct.iter_mut() {
+        if *p.representation() != fhe_math::rq::Representation::Ntt {
+            p.change_representation(fhe_math::rq::Representation::Ntt);
+        }
+    }
+    Ok(ct)
 }
