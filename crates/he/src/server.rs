@@ -151,8 +151,8 @@ pub struct Reply {
 /// per output) held at once; bigger layers are done a few blocks at a time.
 /// Each group of blocks redoes the input transposes and, for convolutions,
 /// the im2col copies, so a larger budget is faster: 2 GiB holds 27 of the
-/// CNN's 64 conv-2 channels, and that layer's products take 54 s per batch
-/// (1 GiB held 13: 67 s).
+/// CNN's 64 conv-2 channels (1 GiB held 13); with the tiled transpose below
+/// that layer's products went from 67 s to 54 s per batch.
 const OUTPUT_MEMORY_BUDGET: usize = 2 << 30;
 /// Input ciphertexts per tile of the residue transpose.
 const TRANSPOSE_TILE: usize = 32;
