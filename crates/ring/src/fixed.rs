@@ -32,12 +32,16 @@ fn check_frac(frac_bits: u32) -> Result<f64, RingError> {
 
 /// `round(x * scale)` as a ring element, if finite and `|.| < 2^(bits-1)`.
 #[inline]
-fn encode_one(ring: Ring, x: f64, scale: f64) -> Result<u64, Fail> {
+/// `2^(bits-1)`: encodings must stay below it in magnitude.
+fn half_range(ring: Ring) -> f64 {
+    2f64.powi(ring.bits() as i32 - 1)
+}
+
+fn encode_one(ring: Ring, x: f64, scale: f64, half: f64) -> Result<u64, Fail> {
     if !x.is_finite() {
         return Err(Fail::NotFinite);
     }
     let q = (x * scale).round();
-    let half = 2f64.powi(ring.bits() as i32 - 1);
     // Also rejects x * scale == +-inf.
     if q.abs() < half {
         Ok(ring.from_signed(q as i64))
@@ -68,7 +72,7 @@ fn encode_error(ring: Ring, x: f32, frac_bits: u32, fail: Fail, at: TensorIndex)
 /// symmetric), or when `frac_bits` exceeds [`MAX_FRAC_BITS`].
 pub fn encode(ring: Ring, x: f32, frac_bits: u32) -> Result<u64, RingError> {
     let scale = check_frac(frac_bits)?;
-    encode_one(ring, x as f64, scale)
+    encode_one(ring, x as f64, scale, half_range(ring))
         .map_err(|fail| encode_error(ring, x, frac_bits, fail, TensorIndex(None)))
 }
 
@@ -80,8 +84,9 @@ pub fn encode_tensor(
     frac_bits: u32,
 ) -> Result<RingTensor, RingError> {
     let scale = check_frac(frac_bits)?;
+    let half = half_range(ring);
     let mut bad = false;
-    let out = x.mapv(|v| match encode_one(ring, v as f64, scale) {
+    let out = x.mapv(|v| match encode_one(ring, v as f64, scale, half) {
         Ok(u) => u,
         Err(_) => {
             bad = true;
@@ -92,7 +97,7 @@ pub fn encode_tensor(
         return Ok(out);
     }
     for (idx, &v) in x.indexed_iter() {
-        if let Err(fail) = encode_one(ring, v as f64, scale) {
+        if let Err(fail) = encode_one(ring, v as f64, scale, half) {
             let at = TensorIndex(Some(idx.slice().to_vec()));
             return Err(encode_error(ring, v, frac_bits, fail, at));
         }

@@ -287,10 +287,11 @@ impl<C: Channel> SessionBackend<C> {
 impl<C: Channel> SecureLinearBackend for SessionBackend<C> {
     fn secure_linear(&self, spec: &LayerSpec, x: ArrayViewD<f32>) -> anyhow::Result<ArrayD<f32>> {
         let ring = spec.ring()?;
-        if let Some((ix, v)) = x
-            .indexed_iter()
-            .find(|(_, v)| !v.is_finite() || v.abs() > spec.input_bound)
-        {
+        // A plain scan; the multi-index is worked out only for the message.
+        let bad = x
+            .iter()
+            .position(|v| !v.is_finite() || v.abs() > spec.input_bound);
+        if let Some((ix, v)) = bad.and_then(|i| x.indexed_iter().nth(i)) {
             bail!(
                 "SecureLinear op {} ('{}'): input value {v} at {:?} is {}; the model was converted for |x| <= {} (convert again with a larger --input-bound)",
                 spec.op_id,

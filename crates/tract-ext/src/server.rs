@@ -71,7 +71,7 @@ impl ServerSecureLinear {
     }
 
     /// `W·x + b mod 2^k` for a batch.
-    pub fn apply(&self, x: &RingTensor) -> TractResult<RingTensor> {
+    pub fn apply(&self, x: tract_ndarray::ArrayViewD<u64>) -> TractResult<RingTensor> {
         let spec = &self.spec;
         spec.samples_in_input(x.shape())
             .map_err(|e| format_err!(e))?;
@@ -115,10 +115,16 @@ impl ServerSecureLinear {
         let axis = spec.kind.bias_axis();
         let axis = if axis < 0 { rank + axis } else { axis } as usize;
         let ring = self.ring;
-        for (i, mut lane) in y.axis_iter_mut(tract_ndarray::Axis(axis)).enumerate() {
-            let b = self.bias[i];
-            lane.mapv_inplace(|v| ring.reduce(v.wrapping_add(b)));
-        }
+        // the bias along `axis`, broadcast over the rest (one contiguous pass)
+        let mut bias_shape = vec![1; y.ndim()];
+        bias_shape[axis] = self.bias.len();
+        let bias = tract_ndarray::ArrayView::from_shape(bias_shape, &self.bias[..])?;
+        let bias = bias.broadcast(y.raw_dim()).ok_or_else(|| {
+            format_err!("bias of {} does not fit {:?}", self.bias.len(), y.shape())
+        })?;
+        tract_ndarray::Zip::from(&mut y)
+            .and(&bias)
+            .for_each(|v, &b| *v = ring.reduce(v.wrapping_add(b)));
         Ok(y)
     }
 }
@@ -145,8 +151,7 @@ impl EvalOp for ServerSecureLinear {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let x = args_1!(inputs);
-        let x = x.to_plain_array_view::<u64>()?.to_owned();
-        let y = self.apply(&x)?;
+        let y = self.apply(x.to_plain_array_view::<u64>()?)?;
         Ok(tvec!(y.into_tensor().into_tvalue()))
     }
 }
