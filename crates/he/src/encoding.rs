@@ -66,10 +66,11 @@ impl ScaledEncoder {
             )));
         }
         let mut a = Array2::<u64>::zeros((self.primes.len(), n));
-        for (l, (md, inv, inv_shoup)) in self.primes.iter().enumerate() {
-            for (i, &v) in m.iter().enumerate() {
+        for (mut row, (md, inv, inv_shoup)) in a.rows_mut().into_iter().zip(&self.primes) {
+            for (out, &v) in row.iter_mut().zip(m) {
+                // below t, hence below every prime (checked in params.rs)
                 let r = v.wrapping_mul(self.q_mod_t) & t_mask;
-                a[[l, i]] = md.mul_shoup(md.reduce(r), *inv, *inv_shoup);
+                *out = md.mul_shoup(r, *inv, *inv_shoup);
             }
         }
         Poly::try_convert_from(a, &self.ctx, false, Representation::PowerBasis).map_err(lib_err)

@@ -101,8 +101,10 @@ pub(crate) fn encode_poly(residues: ArrayView2<u64>, moduli: &[u64]) -> Vec<u8> 
     let total: usize = moduli.iter().map(|&q| bits_of(q) * n / 8).sum();
     let mut coefficients = Vec::with_capacity(total + 8);
     for (row, &q) in residues.rows().into_iter().zip(moduli) {
-        let row = row.to_vec();
-        pack_into(&mut coefficients, &row, bits_of(q));
+        match row.as_slice() {
+            Some(r) => pack_into(&mut coefficients, r, bits_of(q)),
+            None => pack_into(&mut coefficients, &row.to_vec(), bits_of(q)),
+        }
     }
     Rq {
         representation: TAG_POWER_BASIS,
