@@ -459,7 +459,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!(
                 "secinfer demo: the bundled MNIST CNN on the first {limit} MNIST test images.\n\
                  A server on 127.0.0.1 (QUIC, TLS 1.3, pinned certificate, API token) and a client run in\n\
-                 one process. The offline phase (lattice HE, about 5 minutes per batch of up to 8192 images\n\
+                 one process. The offline phase (lattice HE, about 3 minutes per batch of up to 8192 images\n\
                  on 2 cores) comes first, then the online predictions.\n"
             );
             let cfg = BenchConfig {

@@ -151,7 +151,11 @@ impl ClientKey {
                 let (None, [b, a]) = (ct.seed, &ct.polys[..]) else {
                     return Err(HeError::Malformed {
                         what: "reply ciphertext",
-                        problem: format!("{} polynomials, expected 2", ct.polys.len()),
+                        problem: format!(
+                            "{} polynomials{}, expected 2 and no seed",
+                            ct.polys.len(),
+                            if ct.seed.is_some() { " and a seed" } else { "" }
+                        ),
                     });
                 };
                 let &[q] = ctx.moduli() else {
