@@ -345,13 +345,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if sweep.contains(&0) {
                 anyhow::bail!("--sweep-batch: batch sizes start at 1");
             }
-            if let Some(b) = offline_batch {
-                if !(1..=secinfer_tract_ext::MAX_BATCH).contains(&b) {
-                    anyhow::bail!(
-                        "--offline-batch {b}: an offline batch holds 1..={} inferences",
-                        secinfer_tract_ext::MAX_BATCH
-                    );
-                }
+            if let Some(b) = offline_batch
+                && !(1..=secinfer_tract_ext::MAX_BATCH).contains(&b)
+            {
+                anyhow::bail!(
+                    "--offline-batch {b}: an offline batch holds 1..={} inferences",
+                    secinfer_tract_ext::MAX_BATCH
+                );
             }
             if let (Some(d), None, false) = (&dataset, &args.calibrate, no_calibrate) {
                 println!(

@@ -190,7 +190,7 @@ fn split_rows(t: &TValue, n: usize) -> anyhow::Result<Vec<Vec<f32>>> {
         .to_plain_array_view::<f32>()
         .map_err(|e| anyhow::anyhow!("model output: {e:#}"))?;
     let flat: Vec<f32> = v.iter().copied().collect();
-    if n == 0 || flat.len() % n != 0 {
+    if n == 0 || !flat.len().is_multiple_of(n) {
         bail!(
             "model output of {} values does not split into {n} samples",
             flat.len()

@@ -239,6 +239,7 @@ fn own_encryption_and_decryption_agree_with_fhe() {
 }
 
 /// Solves `A·w = y (mod p)` for square `A` by Gaussian elimination.
+#[allow(clippy::needless_range_loop)] // row operations read clearest indexed
 fn solve_mod(mut a: Vec<Vec<u64>>, mut y: Vec<u64>, p: u64) -> Option<Vec<u64>> {
     let m = Modulus::new(p).unwrap();
     let n = y.len();

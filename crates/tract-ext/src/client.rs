@@ -219,10 +219,10 @@ impl<C: Channel> SessionBackend<C> {
                 .map_err(|_| anyhow!("client session poisoned by an earlier panic"))?;
         }
         st.demand = 0;
-        if st.session.ready() < n {
-            if let Some(e) = &st.pool_error {
-                bail!("the preprocessing pool stopped: {e}");
-            }
+        if st.session.ready() < n
+            && let Some(e) = &st.pool_error
+        {
+            bail!("the preprocessing pool stopped: {e}");
         }
         st.current = st.session.reserve(n)?;
         self.changed.notify_all();
@@ -248,7 +248,7 @@ impl<C: Channel> SessionBackend<C> {
         let per_row = 10 * spec.input_len().max(spec.output_len()) + 16;
         let fit = (self.channel.max_message_bytes().saturating_sub(4096) / per_row).max(1);
         let splittable = request.masked.shape.first() == Some(&(rows as u64))
-            && request.masked.data.len() % rows.max(1) == 0;
+            && request.masked.data.len().is_multiple_of(rows.max(1));
         if rows <= fit || !splittable {
             return self.channel.round_trip(request);
         }
