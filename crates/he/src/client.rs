@@ -14,6 +14,7 @@ use fhe::bfv::{PublicKey, SecretKey};
 use fhe_math::rq::traits::TryConvertFrom;
 use fhe_math::rq::{Poly, Representation};
 use fhe_traits::Serialize;
+use ndarray::Array2;
 use rand_chacha09::ChaCha20Rng;
 use rand_chacha09::rand_core::{RngCore, SeedableRng};
 use rayon::prelude::*;
@@ -148,13 +149,14 @@ impl ClientKey {
             .map(|bytes| {
                 let ct = wire::decode_ciphertext("reply ciphertext", bytes, par)?;
                 let ctx = par.context_at_level(ct.level).map_err(lib_err)?;
-                let (None, [b, a]) = (ct.seed, &ct.polys[..]) else {
+                let (polys, seeded) = (ct.polys.len(), ct.seed.is_some());
+                // moved out, not copied: both polynomials are used once
+                let (None, Ok([b, a])) = (ct.seed, <[Array2<u64>; 2]>::try_from(ct.polys)) else {
                     return Err(HeError::Malformed {
                         what: "reply ciphertext",
                         problem: format!(
-                            "{} polynomials{}, expected 2 and no seed",
-                            ct.polys.len(),
-                            if ct.seed.is_some() { " and a seed" } else { "" }
+                            "{polys} polynomials{}, expected 2 and no seed",
+                            if seeded { " and a seed" } else { "" }
                         ),
                     });
                 };
@@ -172,9 +174,8 @@ impl ClientKey {
                     .get(ct.level)
                     .ok_or_else(|| lib_err("no secret key at this level"))?;
                 // phase = b + a·s, on coefficients
-                let mut phase =
-                    Poly::try_convert_from(a.clone(), ctx, false, Representation::PowerBasis)
-                        .map_err(lib_err)?;
+                let mut phase = Poly::try_convert_from(a, ctx, false, Representation::PowerBasis)
+                    .map_err(lib_err)?;
                 phase.change_representation(Representation::Ntt);
                 phase *= s.as_ref();
                 phase.change_representation(Representation::PowerBasis);

@@ -394,6 +394,9 @@ fn malformed_inputs_are_errors() {
     ));
     assert!(client.encrypt(&[&[1, 2]], 3).is_err());
     assert!(client.decrypt(&[vec![1, 2, 3]], 1, 1).is_err());
+    // a mask ciphertext (one polynomial and a seed) is not a reply
+    let e = client.decrypt(&[cts[0].clone()], 1, 1).unwrap_err();
+    assert!(e.to_string().contains("1 polynomials and a seed"), "{e}");
 }
 
 /// Reads a reply ciphertext (sent in coefficient representation) into the
