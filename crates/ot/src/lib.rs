@@ -1,0 +1,98 @@
+//! Oblivious transfer for secinfer, sans IO.
+//!
+//! The joint nonlinear layers (`secinfer-mpc`) consume random correlations:
+//! bit triples, one-bit random OTs and 64-bit random OTs, in both
+//! directions ([`correlation`]). This crate makes them without a trusted
+//! party and hands each out once:
+//!
+//! - base OTs: Chou–Orlandi on ristretto255, once per session;
+//! - extension: IKNP (semi-honest) into 128-bit correlated OTs, behind the
+//!   [`CorrelationSource`] trait so that a faster backend (silent OT) can
+//!   replace it;
+//! - refinement: a tweakable correlation-robust hash (fixed-key AES) turns
+//!   correlated OTs into the random OTs and triples of [`correlation`];
+//! - the [`CorrelationStore`]: a queue per kind whose position only moves
+//!   forward, so a correlation is never used twice.
+//!
+//! Position in the data flow: ot < mpc < protocol. Like `secinfer-protocol`,
+//! nothing here owns a socket, a thread or a clock: the parties' engines
+//! consume and produce messages, and the transport moves them.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+pub mod bits;
+pub mod correlation;
+
+pub use bits::Bits;
+#[cfg(any(test, feature = "insecure-test-dealer"))]
+pub use correlation::insecure_test_dealer;
+pub use correlation::{
+    BitOtReceiver, BitOtSender, BitTriples, CorrelationBatch, CorrelationStore, Demand, Position,
+    WordOtReceiver, WordOtSender,
+};
+
+/// Which party: the client leads the offline phase, the server follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Role {
+    /// the party with the input
+    Client,
+    /// the party with the model
+    Server,
+}
+
+impl Role {
+    /// The other party.
+    pub fn peer(self) -> Role {
+        match self {
+            Role::Client => Role::Server,
+            Role::Server => Role::Client,
+        }
+    }
+}
+
+/// Everything that can go wrong with OT material or OT messages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum OtError {
+    /// Fewer correlations of a kind are left than a step needs.
+    #[error("{wanted} {kind}s needed, {available} left; make more in the offline phase")]
+    Exhausted {
+        /// which kind
+        kind: &'static str,
+        /// how many were asked for
+        wanted: u64,
+        /// how many are left
+        available: u64,
+    },
+    /// A run's material is not all there.
+    #[error("correlations needed {wanted:?}, available {available:?}")]
+    Short {
+        /// what was asked for
+        wanted: Demand,
+        /// what is left
+        available: Demand,
+    },
+    /// The peer names correlations this store has handed out already.
+    #[error(
+        "the peer would reuse correlations: it is at {claimed:?}, this store is at {store:?}; each OT and triple is single-use"
+    )]
+    Reused {
+        /// the position the peer reported (in this party's view)
+        claimed: Position,
+        /// this store's position
+        store: Position,
+    },
+    /// The peer names a position ahead of this store.
+    #[error("the peer skipped correlations: it is at {claimed:?}, this store is at {store:?}")]
+    Skipped {
+        /// the position the peer reported (in this party's view)
+        claimed: Position,
+        /// this store's position
+        store: Position,
+    },
+    /// A message of the OT protocols is malformed or out of order.
+    #[error("OT message: {0}")]
+    Message(String),
+    /// The operating system's randomness failed.
+    #[error("OS randomness unavailable: {0}")]
+    Randomness(String),
+}
