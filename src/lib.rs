@@ -19,3 +19,4 @@ pub mod inputs;
 pub mod net;
 pub mod plot;
 pub mod progress;
+pub mod report;

@@ -35,6 +35,11 @@ struct ConvertArgs {
     /// smallest power of two >= 2x the largest value seen, capped by --input-bound.
     #[arg(long, value_name = "DATASET")]
     calibrate: Option<String>,
+    /// What the client may learn: logits (the model's outputs; the default),
+    /// argmax (only the class index) or activations (the fast mode, in which
+    /// the client sees every linear layer's output and can reconstruct the weights).
+    #[arg(long, default_value = "logits", value_parser = ["logits", "argmax", "activations"])]
+    reveal: String,
 }
 
 impl ConvertArgs {
@@ -47,6 +52,7 @@ impl ConvertArgs {
             ring_bits: self.ring_bits,
             input_bound: self.input_bound,
             calibration,
+            reveal: self.reveal.parse()?,
         })
     }
 }
@@ -212,39 +218,7 @@ fn convert(model: &Path, output: &Path, options: &Options) -> anyhow::Result<()>
     spinner.finish();
     let converted = converted?;
     let (server, client) = converted.write(output)?;
-    println!(
-        "{} SecureLinear ops in Z_2^{}:",
-        converted.layers.len(),
-        options.ring_bits
-    );
-    println!(
-        "  {:>3}  {:<34} {:<15} {:>8} {:>5} {:>5}  {:>9}  folded",
-        "op", "source", "kind", "|x| <=", "f_in", "f_w", "headroom"
-    );
-    for l in &converted.layers {
-        let s = &l.spec;
-        println!(
-            "  {:>3}  {:<34} {:<15} {:>8} {:>5} {:>5}  {:>6.1} b  {}",
-            s.op_id,
-            format!("{} '{}'", s.source_op, s.source_node),
-            s.kind.tag(),
-            s.input_bound,
-            s.input_frac_bits,
-            s.weight_frac_bits,
-            l.headroom_bits,
-            l.folded.join(", ")
-        );
-    }
-    if !converted.folded_constants.is_empty() {
-        println!(
-            "constant subgraphs evaluated: {}",
-            converted.folded_constants.join(", ")
-        );
-    }
-    for c in &converted.client_constants {
-        println!("note: constant {c} stays in the client graph (not a linear layer's weight)");
-    }
-    println!("model digest {}", converted.digest);
+    println!("{}", secinfer::report::conversion(&converted, options.ring_bits));
     println!("wrote {} and {}", server.display(), client.display());
     Ok(())
 }

@@ -13,7 +13,10 @@ use tract_onnx::pb;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::tensor_shape_proto::dimension::Value as DimValue;
 
-use secinfer_model::{DIGEST_KEY, DOMAIN, DOMAIN_VERSION, LayerSpec, OP_TYPE, ROLE_KEY, Role};
+use secinfer_model::{
+    DIGEST_KEY, DOMAIN, DOMAIN_VERSION, LayerSpec, OP_TYPE, Program, REVEAL_KEY, ROLE_KEY, Reveal,
+    Role, StepOp,
+};
 
 use crate::ConvertError;
 use crate::graph::Graph;
@@ -48,7 +51,7 @@ fn secure_node(spec: &LayerSpec, inputs: Vec<String>, output: String) -> pb::Nod
     }
 }
 
-fn header(graph: &Graph, role: Role, digest: &str) -> pb::ModelProto {
+fn header(graph: &Graph, role: Role, reveal: Reveal, digest: &str) -> pb::ModelProto {
     let mut m = graph.header.clone();
     m.ir_version = m.ir_version.max(7);
     m.producer_name = "secinfer".into();
@@ -59,7 +62,11 @@ fn header(graph: &Graph, role: Role, digest: &str) -> pb::ModelProto {
         version: DOMAIN_VERSION,
     });
     m.metadata_props
-        .retain(|p| p.key != ROLE_KEY && p.key != DIGEST_KEY);
+        .retain(|p| p.key != ROLE_KEY && p.key != DIGEST_KEY && p.key != REVEAL_KEY);
+    m.metadata_props.push(pb::StringStringEntryProto {
+        key: REVEAL_KEY.into(),
+        value: reveal.as_str().into(),
+    });
     m.metadata_props.push(pb::StringStringEntryProto {
         key: ROLE_KEY.into(),
         value: role.as_str().into(),
@@ -113,7 +120,7 @@ pub fn client_model(
         .filter(|v| produced.contains(&v.name))
         .cloned()
         .collect();
-    let mut model = header(graph, Role::Client, digest);
+    let mut model = header(graph, Role::Client, Reveal::Activations, digest);
     model.graph = Some(pb::GraphProto {
         name: format!("{}-client", graph.name),
         node: nodes,
@@ -212,7 +219,135 @@ pub fn server_model(graph: &Graph, layers: &[EmittedLayer], digest: &str) -> pb:
             .push(i64_tensor(b.clone(), &[l.bias.len()], l.bias));
         g.node.push(secure_node(s, vec![x, w, b], y));
     }
-    let mut model = header(graph, Role::Server, digest);
+    let mut model = header(graph, Role::Server, Reveal::Activations, digest);
     model.graph = Some(g);
     model
+}
+
+/// Private modes: the server file holds the program, its SecureLinear nodes
+/// with their weights. It reads nothing; its outputs are the revealed
+/// slots (the server's shares of them).
+pub fn server_private(
+    graph: &Graph,
+    program: &Program,
+    layers: &[EmittedLayer],
+    digest: &str,
+) -> pb::ModelProto {
+    let mut g = pb::GraphProto {
+        name: format!("{}-server", graph.name),
+        doc_string: format!(
+            "secinfer server, --reveal {}: the secure program, run jointly with the client on secret shares",
+            program.reveal
+        ),
+        ..Default::default()
+    };
+    for (i, step) in program.steps.iter().enumerate() {
+        match &step.op {
+            StepOp::Linear { op } => {
+                let Some(l) = layers.get(*op as usize) else {
+                    continue;
+                };
+                let (w, b) = (format!("weight_{op}"), format!("bias_{op}"));
+                g.initializer
+                    .push(i64_tensor(w.clone(), &l.spec.weight_shape, l.weight));
+                g.initializer
+                    .push(i64_tensor(b.clone(), &[l.bias.len()], l.bias));
+                let x = step.inputs.first().cloned().unwrap_or_default();
+                g.node
+                    .push(secure_node(&l.spec, vec![x, w, b], step.output.clone()));
+            }
+            _ => {
+                if let Some(n) = program.node(i, Role::Server) {
+                    g.node.push(n);
+                }
+                if step.op == StepOp::Reveal {
+                    g.output.push(value_info(
+                        step.output.clone(),
+                        DataType::Uint64,
+                        &step.shape,
+                        program.batched,
+                    ));
+                }
+            }
+        }
+    }
+    let mut model = header(graph, Role::Server, program.reveal, digest);
+    model.graph = Some(g);
+    model
+}
+
+/// Private modes: the client file is the prefix (f32 ops on the client's own
+/// input), the program without weights, and the suffix (a final
+/// Softmax/LogSoftmax on the revealed logits).
+pub fn client_private(
+    graph: &Graph,
+    prefix: &[usize],
+    suffix: &[pb::NodeProto],
+    index_output: Option<&str>,
+    program: &Program,
+    specs: &[LayerSpec],
+    digest: &str,
+) -> Result<pb::ModelProto, ConvertError> {
+    let mut nodes: Vec<pb::NodeProto> = prefix.iter().map(|&i| graph.nodes[i].clone()).collect();
+    for (i, step) in program.steps.iter().enumerate() {
+        match &step.op {
+            StepOp::Linear { op } => {
+                if let Some(spec) = specs.get(*op as usize) {
+                    let x = step.inputs.first().cloned().unwrap_or_default();
+                    nodes.push(secure_node(spec, vec![x], step.output.clone()));
+                }
+            }
+            _ => nodes.extend(program.node(i, Role::Client)),
+        }
+    }
+    nodes.extend(suffix.iter().cloned());
+    let plain: Vec<&pb::NodeProto> = prefix
+        .iter()
+        .map(|&i| &graph.nodes[i])
+        .chain(suffix.iter())
+        .collect();
+    let read: HashSet<&String> = plain.iter().flat_map(|n| n.input.iter()).collect();
+    let produced: HashSet<&String> = plain.iter().flat_map(|n| n.output.iter()).collect();
+    let mut consts: Vec<&String> = graph.consts.keys().filter(|k| read.contains(k)).collect();
+    consts.sort();
+    let initializer = consts
+        .into_iter()
+        .map(|n| to_proto(n, &graph.consts[n]))
+        .collect::<Result<Vec<_>, _>>()?;
+    let infos: Vec<pb::ValueInfoProto> = graph
+        .value_info
+        .iter()
+        .filter(|v| produced.contains(&v.name))
+        .cloned()
+        .collect();
+    let output = graph
+        .outputs
+        .iter()
+        .map(|o| match index_output {
+            Some(name) if name == o.name => {
+                let shape = program
+                    .reveals()
+                    .find(|s| s.output == name)
+                    .map(|s| s.shape.clone())
+                    .unwrap_or_else(|| vec![1, 1]);
+                value_info(o.name.clone(), DataType::Int64, &shape, program.batched)
+            }
+            _ => o.clone(),
+        })
+        .collect();
+    let mut model = header(graph, Role::Client, program.reveal, digest);
+    model.graph = Some(pb::GraphProto {
+        name: format!("{}-client", graph.name),
+        node: nodes,
+        initializer,
+        input: graph.inputs.clone(),
+        output,
+        value_info: infos,
+        doc_string: format!(
+            "secinfer client graph, --reveal {}: the client's f32 prefix, the secure program (run jointly with the server on secret shares) and the client's suffix",
+            program.reveal
+        ),
+        ..Default::default()
+    });
+    Ok(model)
 }

@@ -16,13 +16,22 @@
 //! 6. [`emit`]: write `server.onnx` (SecureLinear ops with weights) and
 //!    `client.onnx` (the rest of the graph, no weights).
 //!
+//! In the private modes (`--reveal logits`, the default, and `argmax`)
+//! passes 4–6 differ: [`program`] splits the graph into the client's f32
+//! prefix, a secure program run jointly on shares, and a final softmax;
+//! [`bounds`] proves every value's range from the input bound and chooses
+//! scales, truncations and comparison widths from it; [`emit`] writes the
+//! program into both files (see docs/private-mode.md).
+//!
 //! Anything it cannot convert is an error naming the node and op; output files
 //! are written to temporary names and renamed only when both are complete.
 #![forbid(unsafe_code)]
 
+pub mod bounds;
 pub mod emit;
 pub mod extract;
 pub mod graph;
+pub mod program;
 pub mod resolve;
 pub mod scale;
 pub mod tensor;
@@ -32,7 +41,9 @@ use std::path::{Path, PathBuf};
 use prost::Message;
 use tract_onnx::pb;
 
-use secinfer_model::{DEFAULT_RING_BITS, LayerSpec, model_digest, weights_digest};
+use std::collections::HashMap;
+
+use secinfer_model::{DEFAULT_RING_BITS, LayerSpec, Program, Reveal, model_digest, weights_digest};
 
 /// Everything that stops a conversion.
 #[derive(Debug, thiserror::Error)]
@@ -132,6 +143,8 @@ pub struct Options {
     /// precision for layers whose inputs are small. The bound is still
     /// enforced: a client input beyond it is refused, never wrapped.
     pub calibration: Option<tract_onnx::prelude::Tensor>,
+    /// What the client may learn (default: the logits).
+    pub reveal: Reveal,
 }
 
 impl Default for Options {
@@ -140,6 +153,7 @@ impl Default for Options {
             ring_bits: DEFAULT_RING_BITS,
             input_bound: 64.0,
             calibration: None,
+            reveal: Reveal::Logits,
         }
     }
 }
@@ -149,6 +163,18 @@ fn calibrated_bound(observed: f64, cap: f32) -> f32 {
     let target = (2.0 * observed).max(2f64.powi(-8));
     let bound = 2f64.powi(target.log2().ceil() as i32) as f32;
     bound.min(cap)
+}
+
+/// A private-mode input range from what calibration saw: the observed range
+/// widened by a quarter of its span (at least 2^-8) on each side, within
+/// `±cap`. The client refuses values outside it.
+fn calibrated_range(o: &resolve::Observed, cap: f32) -> (f32, f32) {
+    let margin = ((o.hi - o.lo) / 4.0).max(2f64.powi(-8));
+    let cap = f64::from(cap);
+    (
+        (o.lo - margin).clamp(-cap, cap) as f32,
+        (o.hi + margin).clamp(-cap, cap) as f32,
+    )
 }
 
 /// What the converter did to one layer.
@@ -198,6 +224,10 @@ pub struct Converted {
     pub client_constants: Vec<String>,
     /// the model digest both files carry
     pub digest: String,
+    /// what the client may learn
+    pub reveal: Reveal,
+    /// the secure program (private modes)
+    pub program: Option<Program>,
 }
 
 /// Converts a model given as ONNX bytes.
@@ -224,6 +254,9 @@ pub fn convert(bytes: &[u8], options: &Options) -> Result<Converted, ConvertErro
     let mut layers = extract::extract(&graph)?;
     if layers.is_empty() {
         return Err(ConvertError::Invalid("the model has no weighted linear node (Gemm, MatMul with a constant, Conv, ConvTranspose, BatchNormalization)".into()));
+    }
+    if options.reveal.is_private() {
+        return convert_private(graph, layers, folded_constants, options);
     }
     let names: Vec<&str> = layers.iter().map(|l| l.input.as_str()).collect();
     let (shapes, batch) = resolve::infer_shapes(&graph, &names)?;
@@ -274,7 +307,7 @@ pub fn convert(bytes: &[u8], options: &Options) -> Result<Converted, ConvertErro
             .iter()
             .map(|q| (q.weight.as_slice(), q.bias.as_slice())),
     );
-    let digest = model_digest(&specs, &wd);
+    let digest = model_digest(&specs, Reveal::Activations, None, &wd);
     let emitted: Vec<emit::EmittedLayer> = layers
         .iter()
         .zip(&specs)
@@ -289,7 +322,29 @@ pub fn convert(bytes: &[u8], options: &Options) -> Result<Converted, ConvertErro
         .collect();
     let client = emit::client_model(&graph, &emitted, &digest)?;
     let server = emit::server_model(&graph, &emitted, &digest);
-    let client_constants = client
+    let client_constants = client_constants(&client);
+    let reports = layers
+        .iter()
+        .zip(specs)
+        .zip(&quantised)
+        .map(|((l, spec), q)| report(&graph, l, spec, q))
+        .collect();
+    Ok(Converted {
+        server,
+        client,
+        layers: reports,
+        folded_constants,
+        client_constants,
+        digest,
+        reveal: Reveal::Activations,
+        program: None,
+    })
+}
+
+/// Float tensors of more than one element in the client file (not weights
+/// of linear layers, but visible to the client), with the node reading them.
+fn client_constants(client: &pb::ModelProto) -> Vec<String> {
+    client
         .graph
         .iter()
         .flat_map(|g| {
@@ -309,23 +364,133 @@ pub fn convert(bytes: &[u8], options: &Options) -> Result<Converted, ConvertErro
                     format!("{} {:?} read by '{}'", t.name, t.dims, reader)
                 })
         })
+        .collect()
+}
+
+fn report(
+    graph: &graph::Graph,
+    l: &extract::LinearLayer,
+    spec: LayerSpec,
+    q: &scale::Quantised,
+) -> LayerReport {
+    LayerReport {
+        folded: l
+            .folded
+            .iter()
+            .map(|&i| secinfer_model::node_name(&graph.nodes[i]))
+            .collect(),
+        spec,
+        bound_bits: q.bound_bits,
+        headroom_bits: q.headroom_bits,
+        weight_l1_max: q.weight_l1_max,
+        fan_in: q.fan_in,
+    }
+}
+
+/// Passes 4–6 of the private modes (see the crate docs).
+fn convert_private(
+    graph: graph::Graph,
+    mut layers: Vec<extract::LinearLayer>,
+    folded_constants: Vec<String>,
+    options: &Options,
+) -> Result<Converted, ConvertError> {
+    let draft = program::draft(&graph, &layers, options.reveal)?;
+    let input_names: Vec<String> = layers.iter().map(|l| l.input.clone()).collect();
+    let names: Vec<&str> = input_names.iter().map(String::as_str).collect();
+    let (shapes, batch) = resolve::infer_shapes(&graph, &names)?;
+    let resolved = layers
+        .iter_mut()
+        .zip(&shapes)
+        .map(|(l, shape)| resolve::resolve(l, shape, batch.as_ref()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(l) = resolved.iter().find(|r| r.batched != draft.batched) {
+        return Err(ConvertError::Shapes {
+            problem: format!(
+                "a linear layer with input {:?} does not share the model's batch axis",
+                l.input_shape
+            ),
+        });
+    }
+    let input_tensors: Vec<String> = draft
+        .steps
+        .iter()
+        .filter_map(|s| match &s.op {
+            program::DraftOp::Input { tensor } => Some(tensor.clone()),
+            _ => None,
+        })
         .collect();
+    // Calibration sets the client's input bound (which the client checks)
+    // and the split of fractional bits, never a bound the protocol relies on.
+    let (typicals, input_bounds): (Vec<Option<f64>>, HashMap<String, (f32, f32)>) =
+        match &options.calibration {
+            Some(samples) => {
+                let mut all: Vec<&str> = names.clone();
+                all.extend(input_tensors.iter().map(String::as_str));
+                let seen = resolve::observe(&graph, &all, samples)?;
+                let typical = seen[..names.len()].iter().map(|o| Some(o.rms)).collect();
+                let bounds = input_tensors
+                    .iter()
+                    .zip(&seen[names.len()..])
+                    .map(|(t, o)| (t.clone(), calibrated_range(o, options.input_bound)))
+                    .collect();
+                (typical, bounds)
+            }
+            None => (
+                vec![None; layers.len()],
+                input_tensors
+                    .iter()
+                    .map(|t| (t.clone(), (-options.input_bound, options.input_bound)))
+                    .collect(),
+            ),
+        };
+    let inputs: Vec<bounds::LayerInput> = resolved
+        .iter()
+        .zip(&typicals)
+        .map(|(shapes, &typical)| bounds::LayerInput { shapes, typical })
+        .collect();
+    let fin = bounds::finalise(
+        &draft,
+        &layers,
+        &inputs,
+        &input_bounds,
+        options.ring_bits,
+        options.reveal,
+    )?;
+    let wd = weights_digest(
+        fin.quantised
+            .iter()
+            .map(|q| (q.weight.as_slice(), q.bias.as_slice())),
+    );
+    let digest = model_digest(&fin.specs, options.reveal, Some(&fin.program), &wd);
+    let emitted: Vec<emit::EmittedLayer> = layers
+        .iter()
+        .zip(&fin.specs)
+        .zip(&fin.quantised)
+        .map(|((l, s), q)| emit::EmittedLayer {
+            spec: s.clone(),
+            nodes: (l.node, &l.folded),
+            io: (&l.input, &l.output),
+            weight: &q.weight,
+            bias: &q.bias,
+        })
+        .collect();
+    let suffix: Vec<pb::NodeProto> = draft.suffix.iter().map(|s| s.node.clone()).collect();
+    let client = emit::client_private(
+        &graph,
+        &draft.prefix,
+        &suffix,
+        draft.index_output.as_deref(),
+        &fin.program,
+        &fin.specs,
+        &digest,
+    )?;
+    let server = emit::server_private(&graph, &fin.program, &emitted, &digest);
+    let client_constants = client_constants(&client);
     let reports = layers
         .iter()
-        .zip(specs)
-        .zip(&quantised)
-        .map(|((l, spec), q)| LayerReport {
-            folded: l
-                .folded
-                .iter()
-                .map(|&i| secinfer_model::node_name(&graph.nodes[i]))
-                .collect(),
-            spec,
-            bound_bits: q.bound_bits,
-            headroom_bits: q.headroom_bits,
-            weight_l1_max: q.weight_l1_max,
-            fan_in: q.fan_in,
-        })
+        .zip(fin.specs)
+        .zip(&fin.quantised)
+        .map(|((l, spec), q)| report(&graph, l, spec, q))
         .collect();
     Ok(Converted {
         server,
@@ -334,6 +499,8 @@ pub fn convert(bytes: &[u8], options: &Options) -> Result<Converted, ConvertErro
         folded_constants,
         client_constants,
         digest,
+        reveal: options.reveal,
+        program: Some(fin.program),
     })
 }
 

@@ -36,21 +36,17 @@ pub struct Quantised {
     pub weight_l1_max: f64,
     /// max number of weights feeding one output feature
     pub fan_in: usize,
+    /// the input bound the scales were chosen for
+    pub input_bound: f64,
 }
 
 fn quantise(v: f64, frac: u32) -> Result<i64, String> {
     secinfer_ring::quantize(v, frac).map_err(|e| e.to_string())
 }
 
-/// Worst-case |output| in ring units for given scales, or None if the
-/// quantised values themselves do not fit i64.
-fn worst_case(
-    layer: &LinearLayer,
-    features: &[usize],
-    fa: u32,
-    fw: u32,
-    bound: f64,
-) -> Option<(f64, Vec<i64>, Vec<i64>)> {
+/// Quantised weights and bias at `fw` and `fa + fw` fractional bits, or
+/// None if they do not fit i64.
+fn quantise_layer(layer: &LinearLayer, fa: u32, fw: u32) -> Option<(Vec<i64>, Vec<i64>)> {
     let wq: Vec<i64> = layer
         .weight
         .iter()
@@ -63,17 +59,21 @@ fn worst_case(
         .map(|&b| quantise(b, fa + fw))
         .collect::<Result<_, _>>()
         .ok()?;
+    Some((wq, bq))
+}
+
+/// Worst-case |output| in ring units of quantised weights for any input
+/// with |x| <= `bound`: max over outputs of sum |Wq|·(ceil(A·2^fa) + 1) + |bq|.
+fn l1_worst_case(layer: &LinearLayer, features: &[usize], wq: &[i64], bq: &[i64], fa: u32, bound: f64) -> f64 {
     let mut l1 = vec![0f64; layer.features()];
     for (w, &m) in wq.iter().zip(features) {
         l1[m] += (*w as f64).abs();
     }
     let xmax = (bound * 2f64.powi(fa as i32)).ceil() + 1.0;
-    let worst = l1
-        .iter()
-        .zip(&bq)
+    l1.iter()
+        .zip(bq)
         .map(|(l, b)| l * xmax + (*b as f64).abs())
-        .fold(0.0, f64::max);
-    Some((worst, wq, bq))
+        .fold(0.0, f64::max)
 }
 
 /// Chooses scales for a layer in Z_2^`ring_bits` with inputs bounded by `input_bound`.
@@ -83,8 +83,44 @@ pub fn choose(
     input_bound: f64,
     typical_input: f64,
 ) -> Result<Quantised, ConvertError> {
+    choose_below(
+        layer,
+        ring_bits,
+        2f64.powi(ring_bits as i32 - 1),
+        input_bound,
+        typical_input,
+    )
+}
+
+/// As [`choose`], with the worst case kept below `limit` ring units instead
+/// of the half range (the private modes keep a bit free for truncation).
+pub fn choose_below(
+    layer: &LinearLayer,
+    ring_bits: u32,
+    limit: f64,
+    input_bound: f64,
+    typical_input: f64,
+) -> Result<Quantised, ConvertError> {
     let features = layer.feature_of_weights();
-    let limit = 2f64.powi(ring_bits as i32 - 1);
+    let worst = |wq: &[i64], bq: &[i64], fa: u32| {
+        l1_worst_case(layer, &features, wq, bq, fa, input_bound)
+    };
+    choose_with(layer, ring_bits, limit, input_bound, typical_input, &worst)
+}
+
+/// The scale search: the largest `fa + fw` whose worst case (in ring units,
+/// as `worst(quantised weights, quantised bias, fa)` computes it) stays
+/// strictly below `limit`, split between `fa` and `fw` to minimise the
+/// typical rounding error. `input_bound` is the largest |input|.
+pub fn choose_with(
+    layer: &LinearLayer,
+    ring_bits: u32,
+    limit: f64,
+    input_bound: f64,
+    typical_input: f64,
+    worst: &dyn Fn(&[i64], &[i64], u32) -> f64,
+) -> Result<Quantised, ConvertError> {
+    let features = layer.feature_of_weights();
     let mut l1 = vec![0f64; layer.features()];
     let mut l2 = vec![0f64; layer.features()];
     let mut count = vec![0usize; layer.features()];
@@ -108,9 +144,10 @@ pub fn choose(
             .div_euclid(2)
             .clamp(1, total as i64 - 1) as u32;
         let fa = total - fw;
-        let Some((worst, weight, bias)) = worst_case(layer, &features, fa, fw, input_bound) else {
+        let Some((weight, bias)) = quantise_layer(layer, fa, fw) else {
             continue;
         };
+        let worst = worst(&weight, &bias, fa);
         // Strictly below the half range, with one spare unit for the encoder's rounding.
         if worst + 1.0 < limit {
             let bound_bits = worst.max(1.0).log2();
@@ -120,17 +157,18 @@ pub fn choose(
                 weight,
                 bias,
                 bound_bits,
-                headroom_bits: (ring_bits - 1) as f64 - bound_bits,
+                headroom_bits: limit.log2() - bound_bits,
                 weight_l1_max: l1.iter().copied().fold(0.0, f64::max),
                 fan_in,
+                input_bound,
             });
         }
     }
     Err(ConvertError::Scale {
         node: layer.source_node.clone(),
         problem: format!(
-            "no fixed-point scale keeps |W·x + b| below 2^{} for |x| <= {input_bound}: weights or bias too large for the ring",
-            ring_bits - 1
+            "no fixed-point scale keeps |W·x + b| below 2^{:.1} for |x| <= {input_bound}: weights or bias too large for the ring",
+            limit.log2()
         ),
     })
 }

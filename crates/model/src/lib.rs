@@ -14,6 +14,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod program;
+
+pub use program::{PoolGeometry, Program, Reveal, Sign, Step, StepOp};
+
 use secinfer_ring::{ConvGeometry, Ring};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -22,14 +26,17 @@ use tract_onnx::pb::attribute_proto::AttributeType;
 
 /// ONNX domain of the SecureLinear op.
 pub const DOMAIN: &str = "ai.secinfer";
-/// Version of [`DOMAIN`] this build reads and writes.
-pub const DOMAIN_VERSION: i64 = 1;
+/// Version of [`DOMAIN`] this build reads and writes (2: the reveal mode and
+/// the secure program's nodes).
+pub const DOMAIN_VERSION: i64 = 2;
 /// ONNX op_type of a secure linear node.
 pub const OP_TYPE: &str = "SecureLinear";
 /// `metadata_props` key holding the hex model digest in both files.
 pub const DIGEST_KEY: &str = "secinfer.model_digest";
 /// `metadata_props` key saying which side a file is for ("server" or "client").
 pub const ROLE_KEY: &str = "secinfer.role";
+/// `metadata_props` key holding the reveal mode ("logits", "argmax" or "activations").
+pub const REVEAL_KEY: &str = "secinfer.reveal";
 /// Ring size used by default: t = 2^37 is a plaintext modulus the BFV
 /// parameters of the offline phase support with room for noise flooding.
 pub const DEFAULT_RING_BITS: u32 = 37;
@@ -382,16 +389,26 @@ impl LayerSpec {
     }
 }
 
-/// SHA-256 over the format version and the ordered layer specs: equal digests
-/// mean client and server files came from the same conversion of the same model.
-/// The server's weights are hashed in too (as `weights_digest`, see the
+/// SHA-256 over the format version, the reveal mode, the ordered layer specs
+/// and the secure program: equal digests mean client and server files came
+/// from the same conversion of the same model in the same mode. The
+/// server's weights are hashed in too (as `weights_digest`, see the
 /// converter), so two conversions of differently trained models differ.
-pub fn model_digest(layers: &[LayerSpec], weights_digest: &[u8; 32]) -> String {
+pub fn model_digest(
+    layers: &[LayerSpec],
+    reveal: Reveal,
+    program: Option<&Program>,
+    weights_digest: &[u8; 32],
+) -> String {
     let mut h = Sha256::new();
-    h.update(format!("{DOMAIN}/{DOMAIN_VERSION}\n").as_bytes());
+    h.update(format!("{DOMAIN}/{DOMAIN_VERSION}\nreveal {reveal}\n").as_bytes());
     for l in layers {
         // serde_json of plain data is deterministic: fields in declaration order.
         h.update(serde_json::to_vec(l).unwrap_or_default());
+        h.update(b"\n");
+    }
+    if let Some(p) = program {
+        h.update(serde_json::to_vec(p).unwrap_or_default());
         h.update(b"\n");
     }
     h.update(weights_digest);
@@ -444,6 +461,10 @@ pub struct Contract {
     pub layers: Vec<LayerSpec>,
     /// The digest recorded by the converter.
     pub digest: String,
+    /// What the client may learn.
+    pub reveal: Reveal,
+    /// The secure program (`logits` and `argmax` modes only).
+    pub program: Option<Program>,
 }
 
 /// Reads and checks the contract of a converted model: role, domain import,
@@ -472,6 +493,13 @@ pub fn read_contract(model: &pb::ModelProto) -> Result<Contract, ModelError> {
     };
     let digest =
         meta(DIGEST_KEY).ok_or_else(|| ModelError::Model(format!("no {DIGEST_KEY} metadata")))?;
+    let reveal: Reveal = meta(REVEAL_KEY)
+        .ok_or_else(|| {
+            ModelError::Model(format!(
+                "no {REVEAL_KEY} metadata: convert the model again with this version of secinfer"
+            ))
+        })?
+        .parse()?;
     let imported = model
         .opset_import
         .iter()
@@ -510,10 +538,36 @@ pub fn read_contract(model: &pb::ModelProto) -> Result<Contract, ModelError> {
             )));
         }
     }
+    let program = if reveal.is_private() {
+        let ring_bits = layers.first().map_or(DEFAULT_RING_BITS, |l| l.ring_bits);
+        let batched = layers.iter().all(|l| l.batched);
+        Some(Program::from_nodes(
+            &graph.node,
+            &layers,
+            reveal,
+            batched,
+            ring_bits,
+        )?)
+    } else {
+        if let Some(n) = graph
+            .node
+            .iter()
+            .find(|n| n.domain == DOMAIN && n.op_type != OP_TYPE)
+        {
+            return Err(ModelError::Model(format!(
+                "node '{}' ({}) is part of a secure program, but the file is in activations mode",
+                node_name(n),
+                n.op_type
+            )));
+        }
+        None
+    };
     Ok(Contract {
         role,
         layers,
         digest,
+        reveal,
+        program,
     })
 }
 
@@ -733,10 +787,14 @@ mod tests {
         let mut b = a.clone();
         b.input_frac_bits += 1;
         let w = [0u8; 32];
-        let d = model_digest(std::slice::from_ref(&a), &w);
-        assert_eq!(d, model_digest(std::slice::from_ref(&a), &w));
-        assert_ne!(d, model_digest(&[b], &w));
-        assert_ne!(d, model_digest(&[a], &[1u8; 32]));
+        let digest = |l: &LayerSpec, reveal, w: &[u8; 32]| {
+            model_digest(std::slice::from_ref(l), reveal, None, w)
+        };
+        let d = digest(&a, Reveal::Activations, &w);
+        assert_eq!(d, digest(&a, Reveal::Activations, &w));
+        assert_ne!(d, digest(&b, Reveal::Activations, &w));
+        assert_ne!(d, digest(&a, Reveal::Activations, &[1u8; 32]));
+        assert_ne!(d, digest(&a, Reveal::Logits, &w));
     }
 
     #[test]

@@ -249,7 +249,12 @@ impl ServerModel {
         let wd = secinfer_model::weights_digest(
             weights.iter().map(|(w, b)| (w.as_slice(), b.as_slice())),
         );
-        let digest = secinfer_model::model_digest(&contract.layers, &wd);
+        let digest = secinfer_model::model_digest(
+            &contract.layers,
+            contract.reveal,
+            contract.program.as_ref(),
+            &wd,
+        );
         if digest != contract.digest {
             anyhow::bail!(
                 "model digest mismatch: the file records {}, its contents hash to {digest}; the file is damaged or edited",
@@ -285,23 +290,40 @@ impl ServerModel {
             .find(|n| LayerSpec::from_node(n).is_ok_and(|s| s.op_id == spec.op_id))
             .ok_or_else(|| anyhow::anyhow!("op {} has no node", spec.op_id))?;
         let pick = |name: &String| graph.initializer.iter().find(|t| &t.name == name).cloned();
+        // The op's input and output, typed here: in a private-mode file they
+        // are slots of the program, not graph inputs and outputs.
+        let io = |name: Option<&String>, shape: &[usize]| {
+            let dim = shape
+                .iter()
+                .enumerate()
+                .map(|(i, &d)| pb::tensor_shape_proto::Dimension {
+                    value: Some(if i == 0 && spec.batched {
+                        pb::tensor_shape_proto::dimension::Value::DimParam("N".into())
+                    } else {
+                        pb::tensor_shape_proto::dimension::Value::DimValue(d as i64)
+                    }),
+                    ..Default::default()
+                })
+                .collect();
+            pb::ValueInfoProto {
+                name: name.cloned().unwrap_or_default(),
+                r#type: Some(pb::TypeProto {
+                    value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                        elem_type: pb::tensor_proto::DataType::Uint64 as i32,
+                        shape: Some(pb::TensorShapeProto { dim }),
+                    })),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }
+        };
         let sub = pb::ModelProto {
             graph: Some(pb::GraphProto {
                 name: format!("op{}", spec.op_id),
                 node: vec![node.clone()],
                 initializer: node.input.iter().skip(1).filter_map(pick).collect(),
-                input: graph
-                    .input
-                    .iter()
-                    .filter(|i| node.input.first() == Some(&i.name))
-                    .cloned()
-                    .collect(),
-                output: graph
-                    .output
-                    .iter()
-                    .filter(|o| node.output.first() == Some(&o.name))
-                    .cloned()
-                    .collect(),
+                input: vec![io(node.input.first(), &spec.input_shape)],
+                output: vec![io(node.output.first(), &spec.output_shape)],
                 ..Default::default()
             }),
             ..proto.clone()
