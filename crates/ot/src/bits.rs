@@ -63,7 +63,7 @@ impl Bits {
         if bytes.len() != len.div_ceil(8) {
             return None;
         }
-        if len % 8 != 0 && bytes.last().is_some_and(|&b| b >> (len % 8) != 0) {
+        if !len.is_multiple_of(8) && bytes.last().is_some_and(|&b| b >> (len % 8) != 0) {
             return None;
         }
         let words = bytes
@@ -127,7 +127,7 @@ impl Bits {
 
     /// Appends one bit.
     pub fn push(&mut self, v: bool) {
-        if self.len % 64 == 0 {
+        if self.len.is_multiple_of(64) {
             self.words.push(0);
         }
         self.len += 1;
@@ -145,7 +145,7 @@ impl Bits {
     }
 
     fn clear_tail(&mut self) {
-        if self.len % 64 != 0
+        if !self.len.is_multiple_of(64)
             && let Some(last) = self.words.last_mut()
         {
             *last &= (1u64 << (self.len % 64)) - 1;
@@ -172,7 +172,7 @@ impl Bits {
                 src.words.get(w0 + j + 1).map_or(0, |w| w << (64 - s))
             };
             let mut chunk = lo | hi;
-            if j == chunks - 1 && n % 64 != 0 {
+            if j == chunks - 1 && !n.is_multiple_of(64) {
                 chunk &= (1u64 << (n % 64)) - 1;
             }
             if shift == 0 {

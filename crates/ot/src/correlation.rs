@@ -126,14 +126,26 @@ impl Demand {
     }
 
     /// Bytes one party stores for this much material (either role; the
-    /// larger of the two).
+    /// larger of the two). Saturates at `u64::MAX` for absurd counts (a
+    /// peer's demand must not wrap around a budget check).
     pub fn stored_bytes(&self) -> u64 {
         // bits: 3 per triple, 2 per bit OT; words: 16 bytes per sent word
         // OT, 8 + 1/8 per received one.
-        let bits = 3 * self.triples + 2 * (self.bit_ots_client_sends + self.bit_ots_server_sends);
-        let words = 16 * self.word_ots_client_sends.max(self.word_ots_server_sends)
-            + 9 * self.word_ots_client_sends.min(self.word_ots_server_sends);
-        bits.div_ceil(8) + words
+        let bits = self.triples.saturating_mul(3).saturating_add(
+            self.bit_ots_client_sends
+                .saturating_add(self.bit_ots_server_sends)
+                .saturating_mul(2),
+        );
+        let words = self
+            .word_ots_client_sends
+            .max(self.word_ots_server_sends)
+            .saturating_mul(16)
+            .saturating_add(
+                self.word_ots_client_sends
+                    .min(self.word_ots_server_sends)
+                    .saturating_mul(9),
+            );
+        bits.div_ceil(8).saturating_add(words)
     }
 }
 

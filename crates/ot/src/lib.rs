@@ -5,14 +5,18 @@
 //! directions ([`correlation`]). This crate makes them without a trusted
 //! party and hands each out once:
 //!
-//! - base OTs: Chou–Orlandi on ristretto255, once per session;
-//! - extension: IKNP (semi-honest) into 128-bit correlated OTs, behind the
-//!   [`CorrelationSource`] trait so that a faster backend (silent OT) can
-//!   replace it;
-//! - refinement: a tweakable correlation-robust hash (fixed-key AES) turns
-//!   correlated OTs into the random OTs and triples of [`correlation`];
+//! - base OTs ([`base`]): Chou–Orlandi on ristretto255, once per session;
+//! - extension ([`iknp`]): IKNP (semi-honest) into 128-bit correlated OTs,
+//!   behind the [`CorrelationSource`] trait ([`source`]) so that a faster
+//!   backend (silent OT) can replace it;
+//! - refinement ([`refine`]): a tweakable correlation-robust hash
+//!   (fixed-key AES) turns correlated OTs into the random OTs and triples
+//!   of [`correlation`];
 //! - the [`CorrelationStore`]: a queue per kind whose position only moves
-//!   forward, so a correlation is never used twice.
+//!   forward, so a correlation is never used twice;
+//! - the [`OtEngine`] ([`engine`]): one per party and session, it runs the
+//!   setup and the batches over [`OtMessage`]s (the client leads), checks
+//!   every message and the server's budget, and fills the party's store.
 //!
 //! Position in the data flow: ot < mpc < protocol. Like `secinfer-protocol`,
 //! nothing here owns a socket, a thread or a clock: the parties' engines
@@ -20,8 +24,13 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod base;
 pub mod bits;
 pub mod correlation;
+pub mod engine;
+pub mod iknp;
+pub mod refine;
+pub mod source;
 
 pub use bits::Bits;
 #[cfg(any(test, feature = "insecure-test-dealer"))]
@@ -30,6 +39,9 @@ pub use correlation::{
     BitOtReceiver, BitOtSender, BitTriples, CorrelationBatch, CorrelationStore, Demand, Position,
     WordOtReceiver, WordOtSender,
 };
+pub use engine::{MAX_BATCH_OTS, OtEngine, OtMessage};
+pub use iknp::IknpSource;
+pub use source::{CorrelationSource, CotBatch, CotCounts, CotReceiver, CotSender};
 
 /// Which party: the client leads the offline phase, the server follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -92,6 +104,21 @@ pub enum OtError {
     /// A message of the OT protocols is malformed or out of order.
     #[error("OT message: {0}")]
     Message(String),
+    /// A batch would take the store over the session's limit on stored
+    /// correlations; refused before any work.
+    #[error(
+        "batch {batch} refused: it would store {requested} bytes of correlations on top of {stored}, over the budget of {budget} bytes"
+    )]
+    OverBudget {
+        /// the batch's number
+        batch: u64,
+        /// bytes the batch would add ([`Demand::stored_bytes`])
+        requested: u64,
+        /// bytes the store holds now
+        stored: u64,
+        /// the limit
+        budget: u64,
+    },
     /// The operating system's randomness failed.
     #[error("OS randomness unavailable: {0}")]
     Randomness(String),

@@ -1,0 +1,1010 @@
+//! The per-session OT engine: one [`OtEngine`] per party runs the offline
+//! phase for correlations, sans IO. The client leads and the server
+//! follows; the message flow is
+//!
+//! ```text
+//! client                                         server
+//! start_setup()  ── Setup { flight: 0 } ──────▶  handle()
+//! handle()       ◀── Setup { flight: 1 } ──────
+//!                ── Setup { flight: 2 } ──────▶  handle() → None
+//! request(d)     ── Extend { batch: 0, d } ───▶  handle(): checks d against
+//!                                                the budget, then works;
+//!                                                its store grows
+//! handle()       ◀── ExtendRound { 0, round 1 }
+//! (its store grows)
+//! request(d')    ── Extend { batch: 1, d' } ──▶  …
+//! ```
+//!
+//! The setup flights carry the [`CorrelationSource`]'s base OTs (both
+//! directions; with IKNP the client is set up once it has flight 1, so
+//! flight 2 needs no answer and the first `Extend` follows it at once).
+//! Batches are numbered from 0 and run one at a time; a multi-round source
+//! continues a batch with further `ExtendRound`s (rounds alternate, the
+//! client's even, the server's odd). When the source finishes a batch, the
+//! engine refines its COTs ([`crate::refine`]) and appends the
+//! [`CorrelationBatch`](crate::CorrelationBatch) to its
+//! [`CorrelationStore`]; both stores receive the same batches in the same
+//! order, and runs take from them with [`OtEngine::take_at`], which refuses
+//! a reused or skipped position. Every message is checked: its phase, its
+//! batch and round numbers, its demand (at most [`MAX_BATCH_OTS`] random
+//! OTs per direction, and within the budget on stored bytes, checked
+//! before any work) and, in the source, its length and encoding. A
+//! refusal found in the message's header leaves the engine as it was; an
+//! error inside the source's payload ends the engine (the session is over).
+
+use serde::{Deserialize, Serialize};
+
+use crate::correlation::{CorrelationStore, Demand, Position};
+use crate::iknp::IknpSource;
+use crate::refine::{CotIndex, Tccr, cot_counts, refine};
+use crate::source::CorrelationSource;
+use crate::{OtError, Role};
+
+/// Most random OTs one batch makes per direction (2^22: a 64 MiB IKNP
+/// matrix each way). Larger demands are split into several batches.
+pub const MAX_BATCH_OTS: u64 = 1 << 22;
+
+/// A message of the offline phase for correlations.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtMessage {
+    /// A flight of the source's setup: even flights from the client, odd
+    /// ones from the server, from 0.
+    Setup {
+        /// number of the flight
+        flight: u32,
+        /// the source's bytes
+        payload: Vec<u8>,
+    },
+    /// The client asks for batch `batch` of `demand` (round 0).
+    Extend {
+        /// number of the batch, from 0, one more each time
+        batch: u64,
+        /// what the batch makes
+        demand: Demand,
+        /// the source's first bytes of the batch (IKNP: the client's matrix)
+        payload: Vec<u8>,
+    },
+    /// A later round of batch `batch`: odd rounds from the server, even
+    /// ones from the client.
+    ExtendRound {
+        /// number of the batch
+        batch: u64,
+        /// number of the round, from 1
+        round: u32,
+        /// the source's bytes (IKNP: the server's matrix in round 1)
+        payload: Vec<u8>,
+    },
+}
+
+impl std::fmt::Debug for OtMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OtMessage::Setup { flight, payload } => write!(
+                f,
+                "Setup {{ flight: {flight}, payload: {} bytes }}",
+                payload.len()
+            ),
+            OtMessage::Extend {
+                batch,
+                demand,
+                payload,
+            } => write!(
+                f,
+                "Extend {{ batch: {batch}, demand: {demand:?}, payload: {} bytes }}",
+                payload.len()
+            ),
+            OtMessage::ExtendRound {
+                batch,
+                round,
+                payload,
+            } => write!(
+                f,
+                "ExtendRound {{ batch: {batch}, round: {round}, payload: {} bytes }}",
+                payload.len()
+            ),
+        }
+    }
+}
+
+impl OtMessage {
+    /// Bytes of the source's payload (the bulk of the message on the wire).
+    pub fn payload_len(&self) -> usize {
+        match self {
+            OtMessage::Setup { payload, .. }
+            | OtMessage::Extend { payload, .. }
+            | OtMessage::ExtendRound { payload, .. } => payload.len(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Phase {
+    Fresh,
+    /// waiting for setup flight `next_flight` from the peer
+    SettingUp {
+        next_flight: u32,
+    },
+    Ready,
+    /// batch `batch` runs; waiting for round `next_round` from the peer
+    Extending {
+        batch: u64,
+        demand: Demand,
+        next_round: u32,
+    },
+    Failed(String),
+}
+
+/// One party's engine for the offline phase of a session. See the module
+/// docs for the message flow.
+pub struct OtEngine {
+    role: Role,
+    source: Box<dyn CorrelationSource>,
+    tccr: Tccr,
+    store: CorrelationStore,
+    budget: u64,
+    phase: Phase,
+    next_batch: u64,
+    next_cot: CotIndex,
+}
+
+impl std::fmt::Debug for OtEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OtEngine")
+            .field("role", &self.role)
+            .field("phase", &self.phase)
+            .field("next_batch", &self.next_batch)
+            .field("budget", &self.budget)
+            // the store's contents are secret: only how much it holds
+            .field("available", &self.store.available())
+            .finish_non_exhaustive()
+    }
+}
+
+fn refuse(what: String) -> OtError {
+    OtError::Message(what)
+}
+
+impl OtEngine {
+    /// An engine for `role` with IKNP seeded from the operating system; its
+    /// store may hold at most `budget` bytes (as [`Demand::stored_bytes`]
+    /// counts them).
+    pub fn new(role: Role, budget: u64) -> Result<OtEngine, OtError> {
+        Ok(OtEngine::with_source(
+            Box::new(IknpSource::new(role)?),
+            budget,
+        ))
+    }
+
+    /// An engine over any correlation source (its role is the engine's).
+    pub fn with_source(source: Box<dyn CorrelationSource>, budget: u64) -> OtEngine {
+        let role = source.role();
+        OtEngine {
+            role,
+            source,
+            tccr: Tccr::new(),
+            store: CorrelationStore::new(role),
+            budget,
+            phase: Phase::Fresh,
+            next_batch: 0,
+            next_cot: CotIndex::default(),
+        }
+    }
+
+    /// Whose engine this is.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// Whether the setup is done on this side and no batch is running.
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Ready
+    }
+
+    /// Batches appended to the store so far.
+    pub fn batches(&self) -> u64 {
+        self.next_batch
+    }
+
+    /// The most bytes of material the store may hold.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Changes the budget (for batches requested or handled from now on).
+    pub fn set_budget(&mut self, bytes: u64) {
+        self.budget = bytes;
+    }
+
+    /// The correlations made so far and not yet taken.
+    pub fn store(&self) -> &CorrelationStore {
+        &self.store
+    }
+
+    /// The store, to take correlations from.
+    pub fn store_mut(&mut self) -> &mut CorrelationStore {
+        &mut self.store
+    }
+
+    /// Correlations taken so far, in this party's view.
+    pub fn position(&self) -> Position {
+        self.store.position()
+    }
+
+    /// A run's material: exactly `demand`, taken only if the peer reports
+    /// the same position as this store (`peer_position` in the peer's own
+    /// view). A position behind this store's would reuse correlations
+    /// ([`OtError::Reused`]), one ahead skips some ([`OtError::Skipped`]);
+    /// nothing is taken then.
+    pub fn take_at(
+        &mut self,
+        peer_position: Position,
+        demand: &Demand,
+    ) -> Result<CorrelationStore, OtError> {
+        self.store.take_at(peer_position.as_seen_by_peer(), demand)
+    }
+
+    /// Starts the setup (client only): the first message.
+    pub fn start_setup(&mut self) -> Result<OtMessage, OtError> {
+        self.check_alive()?;
+        if self.role != Role::Client {
+            return Err(refuse(
+                "the server does not start the setup; the client does".into(),
+            ));
+        }
+        if self.phase != Phase::Fresh {
+            return Err(refuse("setup started twice".into()));
+        }
+        let payload = self.guard(|e| e.source.start_setup())?;
+        let Some(payload) = payload else {
+            return Err(self.fail("the correlation source has no first setup message".into()));
+        };
+        self.phase = Phase::SettingUp { next_flight: 1 };
+        Ok(OtMessage::Setup { flight: 0, payload })
+    }
+
+    /// Asks for one batch of `demand` (client only): the message to send.
+    /// The client's own store must stay within its budget too.
+    pub fn request(&mut self, demand: Demand) -> Result<OtMessage, OtError> {
+        self.check_alive()?;
+        if self.role != Role::Client {
+            return Err(refuse(
+                "the server does not request batches; the client does".into(),
+            ));
+        }
+        let batch = self.next_batch;
+        match self.phase {
+            Phase::Ready => {}
+            Phase::Extending { batch: running, .. } => {
+                return Err(refuse(format!(
+                    "a new batch requested while batch {running} is unfinished"
+                )));
+            }
+            _ => {
+                return Err(refuse(format!(
+                    "batch {batch} requested before the setup is complete"
+                )));
+            }
+        }
+        self.check_demand(batch, &demand)?;
+        let counts = cot_counts(self.role, &demand)?;
+        let payload = self.guard(|e| e.source.start_batch(counts))?;
+        let Some(payload) = payload else {
+            return Err(self.fail("the correlation source has no first batch message".into()));
+        };
+        self.phase = Phase::Extending {
+            batch,
+            demand,
+            next_round: 1,
+        };
+        Ok(OtMessage::Extend {
+            batch,
+            demand,
+            payload,
+        })
+    }
+
+    /// Handles a message from the peer; returns the answer to send, if any.
+    pub fn handle(&mut self, message: OtMessage) -> Result<Option<OtMessage>, OtError> {
+        self.check_alive()?;
+        match message {
+            OtMessage::Setup { flight, payload } => self.handle_setup(flight, &payload),
+            OtMessage::Extend {
+                batch,
+                demand,
+                payload,
+            } => self.handle_extend(batch, demand, &payload),
+            OtMessage::ExtendRound {
+                batch,
+                round,
+                payload,
+            } => self.handle_round(batch, round, &payload),
+        }
+    }
+
+    fn handle_setup(&mut self, flight: u32, payload: &[u8]) -> Result<Option<OtMessage>, OtError> {
+        let expected = match self.phase {
+            Phase::Fresh if self.role == Role::Server => 0,
+            Phase::Fresh => {
+                return Err(refuse(format!(
+                    "setup flight {flight} before the client started the setup"
+                )));
+            }
+            Phase::SettingUp { next_flight } => next_flight,
+            _ => {
+                return Err(refuse(format!(
+                    "setup flight {flight} after the setup is complete (setup twice)"
+                )));
+            }
+        };
+        if flight != expected {
+            return Err(refuse(format!(
+                "setup flight {flight} out of order: expected flight {expected}"
+            )));
+        }
+        if flight == 0 {
+            self.guard(|e| e.source.start_setup())?;
+        }
+        let reply = self.guard(|e| e.source.handle(payload))?;
+        self.phase = if self.source.is_ready() {
+            Phase::Ready
+        } else if reply.is_some() {
+            Phase::SettingUp {
+                next_flight: flight + 2,
+            }
+        } else {
+            return Err(self.fail(format!(
+                "the correlation source neither answered setup flight {flight} nor finished"
+            )));
+        };
+        Ok(reply.map(|payload| OtMessage::Setup {
+            flight: flight + 1,
+            payload,
+        }))
+    }
+
+    fn handle_extend(
+        &mut self,
+        batch: u64,
+        demand: Demand,
+        payload: &[u8],
+    ) -> Result<Option<OtMessage>, OtError> {
+        if self.role != Role::Server {
+            return Err(refuse(format!(
+                "the client received an Extend request (batch {batch}); only the server answers them"
+            )));
+        }
+        match self.phase {
+            Phase::Ready => {}
+            Phase::Extending { batch: running, .. } => {
+                return Err(refuse(format!(
+                    "Extend batch {batch} while batch {running} is unfinished"
+                )));
+            }
+            _ => {
+                return Err(refuse(format!(
+                    "Extend batch {batch} before the setup is complete"
+                )));
+            }
+        }
+        let next = self.next_batch;
+        if batch < next {
+            return Err(refuse(format!(
+                "Extend batch {batch} repeated: batches 0..{next} are done"
+            )));
+        }
+        if batch > next {
+            return Err(refuse(format!(
+                "Extend batch {batch} out of order: expected batch {next}"
+            )));
+        }
+        self.check_demand(batch, &demand)?;
+        let counts = cot_counts(self.role, &demand)?;
+        if let Some(unexpected) = self.guard(|e| e.source.start_batch(counts))? {
+            return Err(self.fail(format!(
+                "the correlation source wants to send {} bytes before the client's first",
+                unexpected.len()
+            )));
+        }
+        self.phase = Phase::Extending {
+            batch,
+            demand,
+            next_round: 2,
+        };
+        let reply = self.guard(|e| e.source.handle(payload))?;
+        self.finish_batch()?;
+        Ok(reply.map(|payload| OtMessage::ExtendRound {
+            batch,
+            round: 1,
+            payload,
+        }))
+    }
+
+    fn handle_round(
+        &mut self,
+        batch: u64,
+        round: u32,
+        payload: &[u8],
+    ) -> Result<Option<OtMessage>, OtError> {
+        let Phase::Extending {
+            batch: running,
+            demand,
+            next_round,
+        } = self.phase
+        else {
+            return Err(refuse(format!(
+                "ExtendRound {round} of batch {batch}, but no batch is running"
+            )));
+        };
+        if batch != running || round != next_round {
+            return Err(refuse(format!(
+                "ExtendRound {round} of batch {batch} out of order: expected round {next_round} of batch {running}"
+            )));
+        }
+        self.phase = Phase::Extending {
+            batch,
+            demand,
+            next_round: round + 2,
+        };
+        let reply = self.guard(|e| e.source.handle(payload))?;
+        self.finish_batch()?;
+        Ok(reply.map(|payload| OtMessage::ExtendRound {
+            batch,
+            round: round + 1,
+            payload,
+        }))
+    }
+
+    /// Refuses a demand that is too large for one batch or that would take
+    /// the store over its budget; changes nothing.
+    fn check_demand(&self, batch: u64, demand: &Demand) -> Result<(), OtError> {
+        let sum = |a: u64, b: u64, c: u64| a.checked_add(b).and_then(|s| s.checked_add(c));
+        let per_direction = [
+            sum(
+                demand.triples,
+                demand.bit_ots_client_sends,
+                demand.word_ots_client_sends,
+            ),
+            sum(
+                demand.triples,
+                demand.bit_ots_server_sends,
+                demand.word_ots_server_sends,
+            ),
+        ];
+        if per_direction
+            .iter()
+            .any(|n| n.is_none_or(|n| n > MAX_BATCH_OTS))
+        {
+            return Err(refuse(format!(
+                "batch {batch} demands {demand:?}: more than {MAX_BATCH_OTS} random OTs in one direction; split it into several batches"
+            )));
+        }
+        let stored = self.store.available().stored_bytes();
+        let requested = demand.stored_bytes();
+        if stored.saturating_add(requested) > self.budget {
+            return Err(OtError::OverBudget {
+                batch,
+                requested,
+                stored,
+                budget: self.budget,
+            });
+        }
+        Ok(())
+    }
+
+    /// If the source has finished the running batch: refine, append, and
+    /// get ready for the next.
+    fn finish_batch(&mut self) -> Result<(), OtError> {
+        let Phase::Extending { demand, .. } = self.phase else {
+            return Ok(());
+        };
+        let Some(cots) = self.source.poll_batch() else {
+            return Ok(());
+        };
+        let first = self.next_cot;
+        let batch = self.guard(|e| refine(&e.tccr, e.role, &demand, &cots, first))?;
+        self.source.recycle(cots);
+        let counts = cot_counts(self.role, &demand)?;
+        self.next_cot = CotIndex {
+            sent: first.sent.saturating_add(counts.sent as u64),
+            received: first.received.saturating_add(counts.received as u64),
+        };
+        self.store.append(batch);
+        self.next_batch += 1;
+        self.phase = Phase::Ready;
+        Ok(())
+    }
+
+    fn check_alive(&self) -> Result<(), OtError> {
+        match &self.phase {
+            Phase::Failed(why) => Err(refuse(format!(
+                "the OT engine failed earlier ({why}); start a new session"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Marks the engine failed and returns the error.
+    fn fail(&mut self, why: String) -> OtError {
+        self.phase = Phase::Failed(why.clone());
+        OtError::Message(why)
+    }
+
+    /// Runs a step of the source; an error ends the engine.
+    fn guard<T>(
+        &mut self,
+        step: impl FnOnce(&mut Self) -> Result<T, OtError>,
+    ) -> Result<T, OtError> {
+        step(self).inspect_err(|e| self.phase = Phase::Failed(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+    use rand::rngs::ChaCha20Rng;
+
+    use super::*;
+    use crate::correlation::{BitOtReceiver, BitOtSender, WordOtReceiver, WordOtSender};
+
+    const BUDGET: u64 = 1 << 30;
+
+    fn engines(seed: u64, budget: u64) -> (OtEngine, OtEngine) {
+        let source = |role, seed| {
+            Box::new(IknpSource::with_rng(role, ChaCha20Rng::seed_from_u64(seed)))
+                as Box<dyn CorrelationSource>
+        };
+        (
+            OtEngine::with_source(source(Role::Client, seed), BUDGET),
+            OtEngine::with_source(source(Role::Server, seed + 1), budget),
+        )
+    }
+
+    fn set_up(client: &mut OtEngine, server: &mut OtEngine) {
+        let f0 = client.start_setup().unwrap();
+        let f1 = server.handle(f0).unwrap().unwrap();
+        let f2 = client.handle(f1).unwrap().unwrap();
+        assert!(client.is_ready());
+        assert_eq!(server.handle(f2).unwrap(), None);
+        assert!(server.is_ready());
+    }
+
+    fn run_batch(client: &mut OtEngine, server: &mut OtEngine, demand: Demand) {
+        let request = client.request(demand).unwrap();
+        let answer = server.handle(request).unwrap().unwrap();
+        assert_eq!(client.handle(answer).unwrap(), None);
+        assert!(client.is_ready() && server.is_ready());
+    }
+
+    fn set_up_pair(seed: u64, budget: u64) -> (OtEngine, OtEngine) {
+        let (mut c, mut s) = engines(seed, budget);
+        set_up(&mut c, &mut s);
+        (c, s)
+    }
+
+    fn demand(k: u64) -> Demand {
+        Demand {
+            triples: 100 * k + 3,
+            bit_ots_client_sends: 70 * k,
+            bit_ots_server_sends: 65 + k,
+            word_ots_client_sends: 9 * k,
+            word_ots_server_sends: 11 + 40 * k,
+        }
+    }
+
+    fn check_bit_ots(snd: &BitOtSender, rcv: &BitOtReceiver) {
+        assert_eq!(snd.m0.len(), rcv.choice.len());
+        for j in 0..snd.m0.len() {
+            let m = if rcv.choice.get(j) {
+                snd.m1.get(j)
+            } else {
+                snd.m0.get(j)
+            };
+            assert_eq!(rcv.m.get(j), m, "bit OT {j}");
+        }
+    }
+
+    fn check_word_ots(snd: &WordOtSender, rcv: &WordOtReceiver) {
+        assert_eq!(snd.m0.len(), rcv.choice.len());
+        for j in 0..snd.m0.len() {
+            let m = if rcv.choice.get(j) {
+                snd.m1[j]
+            } else {
+                snd.m0[j]
+            };
+            assert_eq!(rcv.m[j], m, "word OT {j}");
+        }
+    }
+
+    /// Takes `d` from both stores, in two unequal pieces per kind (so that
+    /// pieces straddle batches), and checks every relation.
+    fn take_and_check(c: &mut CorrelationStore, s: &mut CorrelationStore, d: &Demand) {
+        let pieces = |n: u64| [(n / 3) as usize, (n - n / 3) as usize];
+        for n in pieces(d.triples) {
+            let (tc, ts) = (c.triples(n).unwrap(), s.triples(n).unwrap());
+            assert_eq!(tc.c.xor(&ts.c), tc.a.xor(&ts.a).and(&tc.b.xor(&ts.b)));
+        }
+        for n in pieces(d.bit_ots_client_sends) {
+            check_bit_ots(&c.bit_ots_sent(n).unwrap(), &s.bit_ots_received(n).unwrap());
+        }
+        for n in pieces(d.bit_ots_server_sends) {
+            check_bit_ots(&s.bit_ots_sent(n).unwrap(), &c.bit_ots_received(n).unwrap());
+        }
+        for n in pieces(d.word_ots_client_sends) {
+            check_word_ots(
+                &c.word_ots_sent(n).unwrap(),
+                &s.word_ots_received(n).unwrap(),
+            );
+        }
+        for n in pieces(d.word_ots_server_sends) {
+            check_word_ots(
+                &s.word_ots_sent(n).unwrap(),
+                &c.word_ots_received(n).unwrap(),
+            );
+        }
+    }
+
+    #[test]
+    fn setup_and_several_batches_give_matching_stores() {
+        let (mut client, mut server) = set_up_pair(1, BUDGET);
+        let mut total = Demand::default();
+        for k in 0..4 {
+            run_batch(&mut client, &mut server, demand(k));
+            total = total.plus(demand(k));
+        }
+        assert_eq!(client.batches(), 4);
+        assert_eq!(server.batches(), 4);
+        assert_eq!(client.store().available(), total);
+        assert_eq!(server.store().available(), total);
+        take_and_check(client.store_mut(), server.store_mut(), &total);
+        assert_eq!(client.position().as_seen_by_peer(), server.position());
+        assert!(client.store().available().is_zero());
+        // more batches after the stores ran dry continue the same streams
+        run_batch(&mut client, &mut server, demand(2));
+        take_and_check(client.store_mut(), server.store_mut(), &demand(2));
+    }
+
+    #[test]
+    fn an_empty_demand_is_a_batch_like_any_other() {
+        let (mut client, mut server) = set_up_pair(2, BUDGET);
+        run_batch(&mut client, &mut server, Demand::default());
+        run_batch(&mut client, &mut server, demand(1));
+        assert_eq!(server.batches(), 2);
+        take_and_check(client.store_mut(), server.store_mut(), &demand(1));
+    }
+
+    #[test]
+    fn a_demand_over_budget_is_refused_before_any_work() {
+        let small = demand(1);
+        let budget = small.stored_bytes() * 2;
+        let (mut client, mut server) = set_up_pair(3, budget);
+        let request = client.request(small).unwrap();
+        let OtMessage::Extend { batch, payload, .. } = request.clone() else {
+            panic!("not an Extend: {request:?}");
+        };
+        let greedy = OtMessage::Extend {
+            batch,
+            demand: demand(3),
+            payload: payload.clone(),
+        };
+        let err = server.handle(greedy).unwrap_err();
+        assert!(
+            matches!(err, OtError::OverBudget { batch: 0, budget: b, .. } if b == budget),
+            "{err}"
+        );
+        assert!(format!("{err}").contains("over the budget"), "{err}");
+        // a demand whose byte count would overflow is over any budget
+        let absurd = Demand {
+            triples: u64::MAX / 2,
+            ..Demand::default()
+        };
+        let err = server
+            .handle(OtMessage::Extend {
+                batch,
+                demand: absurd,
+                payload: payload.clone(),
+            })
+            .unwrap_err();
+        assert!(
+            format!("{err}").contains("more than 4194304 random OTs"),
+            "{err}"
+        );
+        // the server did nothing: the honest request still matches the client
+        let answer = server.handle(request).unwrap().unwrap();
+        client.handle(answer).unwrap();
+        take_and_check(client.store_mut(), server.store_mut(), &small);
+        // the budget counts what is stored and not yet taken: two more fit
+        // (the first was taken), a third does not
+        run_batch(&mut client, &mut server, small);
+        run_batch(&mut client, &mut server, small);
+        let err = server.handle(client.request(small).unwrap()).unwrap_err();
+        assert!(matches!(err, OtError::OverBudget { batch: 3, .. }), "{err}");
+        // and the client refuses to exceed its own budget
+        let mut fresh = set_up_pair(4, BUDGET).0;
+        fresh.set_budget(1);
+        let err = fresh.request(small).unwrap_err();
+        assert!(matches!(err, OtError::OverBudget { .. }), "{err}");
+    }
+
+    fn message_of(e: OtError) -> String {
+        match e {
+            OtError::Message(m) => m,
+            other => panic!("not a message error: {other}"),
+        }
+    }
+
+    #[test]
+    fn messages_in_the_wrong_phase_are_refused_by_name() {
+        let (mut client, mut server) = engines(5, BUDGET);
+        let extend = OtMessage::Extend {
+            batch: 0,
+            demand: demand(0),
+            payload: vec![],
+        };
+        let e = message_of(server.handle(extend.clone()).unwrap_err());
+        assert!(
+            e.contains("Extend batch 0 before the setup is complete"),
+            "{e}"
+        );
+        let e = message_of(client.request(demand(0)).unwrap_err());
+        assert!(e.contains("before the setup is complete"), "{e}");
+        let e = message_of(server.start_setup().unwrap_err());
+        assert!(e.contains("the client does"), "{e}");
+        let e = message_of(
+            client
+                .handle(OtMessage::Setup {
+                    flight: 1,
+                    payload: vec![],
+                })
+                .unwrap_err(),
+        );
+        assert!(e.contains("before the client started the setup"), "{e}");
+        let e = message_of(
+            server
+                .handle(OtMessage::Setup {
+                    flight: 1,
+                    payload: vec![],
+                })
+                .unwrap_err(),
+        );
+        assert!(
+            e.contains("setup flight 1 out of order: expected flight 0"),
+            "{e}"
+        );
+
+        let f0 = client.start_setup().unwrap();
+        let e = message_of(client.start_setup().unwrap_err());
+        assert!(e.contains("setup started twice"), "{e}");
+        let f1 = server.handle(f0.clone()).unwrap().unwrap();
+        let e = message_of(server.handle(f0.clone()).unwrap_err());
+        assert!(
+            e.contains("setup flight 0 out of order: expected flight 2"),
+            "{e}"
+        );
+        let f2 = client.handle(f1.clone()).unwrap().unwrap();
+        let e = message_of(client.handle(f1).unwrap_err());
+        assert!(e.contains("after the setup is complete"), "{e}");
+        server.handle(f2.clone()).unwrap();
+        let e = message_of(server.handle(f0).unwrap_err());
+        assert!(
+            e.contains("setup flight 0 after the setup is complete (setup twice)"),
+            "{e}"
+        );
+        let e = message_of(server.handle(f2).unwrap_err());
+        assert!(e.contains("setup twice"), "{e}");
+
+        let e = message_of(client.handle(extend).unwrap_err());
+        assert!(e.contains("only the server answers them"), "{e}");
+        let round = |batch, round| OtMessage::ExtendRound {
+            batch,
+            round,
+            payload: vec![],
+        };
+        let e = message_of(client.handle(round(0, 1)).unwrap_err());
+        assert!(
+            e.contains("ExtendRound 1 of batch 0, but no batch is running"),
+            "{e}"
+        );
+        let e = message_of(server.request(demand(0)).unwrap_err());
+        assert!(e.contains("the client does"), "{e}");
+
+        // batch numbers: in order, never repeated, one at a time
+        let request = client.request(demand(1)).unwrap();
+        let e = message_of(client.request(demand(1)).unwrap_err());
+        assert!(
+            e.contains("a new batch requested while batch 0 is unfinished"),
+            "{e}"
+        );
+        let OtMessage::Extend {
+            demand: d, payload, ..
+        } = request.clone()
+        else {
+            panic!("{request:?}");
+        };
+        let numbered = |batch| OtMessage::Extend {
+            batch,
+            demand: d,
+            payload: payload.clone(),
+        };
+        let e = message_of(server.handle(numbered(1)).unwrap_err());
+        assert!(
+            e.contains("Extend batch 1 out of order: expected batch 0"),
+            "{e}"
+        );
+        let answer = server.handle(request).unwrap().unwrap();
+        let e = message_of(server.handle(numbered(0)).unwrap_err());
+        assert!(e.contains("Extend batch 0 repeated"), "{e}");
+        let e = message_of(server.handle(round(0, 2)).unwrap_err());
+        assert!(e.contains("no batch is running"), "{e}");
+        let e = message_of(client.handle(round(1, 1)).unwrap_err());
+        assert!(
+            e.contains("ExtendRound 1 of batch 1 out of order: expected round 1 of batch 0"),
+            "{e}"
+        );
+        let e = message_of(client.handle(round(0, 3)).unwrap_err());
+        assert!(e.contains("expected round 1 of batch 0"), "{e}");
+        // none of the refusals above changed anything
+        client.handle(answer).unwrap();
+        take_and_check(client.store_mut(), server.store_mut(), &demand(1));
+    }
+
+    /// Expects `f` to fail with a message containing `needle`, and the
+    /// engine to be over afterwards.
+    fn refused_and_over(engine: &mut OtEngine, message: OtMessage, needle: &str) {
+        let e = message_of(engine.handle(message.clone()).unwrap_err());
+        assert!(e.contains(needle), "{needle:?} not in {e:?}");
+        let e = message_of(engine.handle(message).unwrap_err());
+        assert!(e.contains("failed earlier"), "{e}");
+    }
+
+    #[test]
+    fn malformed_payloads_are_refused_by_name() {
+        use curve25519_dalek::ristretto::RistrettoPoint;
+        use curve25519_dalek::traits::Identity;
+        let identity = RistrettoPoint::identity().compress().to_bytes();
+        let setup = |flight, payload| OtMessage::Setup { flight, payload };
+
+        // flight 0: length, encoding, identity
+        let mut server = engines(6, BUDGET).1;
+        refused_and_over(
+            &mut server,
+            setup(0, vec![1; 31]),
+            "flight 0 (the client's A) must have 32 bytes, got 31",
+        );
+        let mut server = engines(6, BUDGET).1;
+        refused_and_over(
+            &mut server,
+            setup(0, vec![0xff; 32]),
+            "sender's point A is not a ristretto255 point",
+        );
+        let mut server = engines(6, BUDGET).1;
+        refused_and_over(
+            &mut server,
+            setup(0, identity.to_vec()),
+            "point A is the identity",
+        );
+
+        // flight 1: a bad B point names its base OT
+        let (mut client, mut server) = engines(7, BUDGET);
+        let f1 = server
+            .handle(client.start_setup().unwrap())
+            .unwrap()
+            .unwrap();
+        let OtMessage::Setup { payload, .. } = f1 else {
+            panic!()
+        };
+        let mut bad = payload.clone();
+        bad[32 + 7 * 32..32 + 8 * 32].copy_from_slice(&identity);
+        refused_and_over(
+            &mut client,
+            setup(1, bad),
+            "base OT 7: the receiver's point B is the identity",
+        );
+        let (mut client, mut server) = engines(7, BUDGET);
+        server.handle(client.start_setup().unwrap()).unwrap();
+        refused_and_over(&mut client, setup(1, payload[..100].to_vec()), "flight 1");
+
+        // flight 2
+        let (mut client, mut server) = engines(8, BUDGET);
+        let f1 = server
+            .handle(client.start_setup().unwrap())
+            .unwrap()
+            .unwrap();
+        let OtMessage::Setup { mut payload, .. } = client.handle(f1).unwrap().unwrap() else {
+            panic!()
+        };
+        payload[3 * 32..4 * 32].copy_from_slice(&[0xee; 32]);
+        refused_and_over(
+            &mut server,
+            setup(2, payload),
+            "base OT 3: the receiver's point B is not a ristretto255 point",
+        );
+
+        // batch matrices of the wrong length, both ways
+        let (mut client, mut server) = set_up_pair(9, BUDGET);
+        let OtMessage::Extend {
+            batch,
+            demand: d,
+            mut payload,
+        } = client.request(demand(1)).unwrap()
+        else {
+            panic!()
+        };
+        payload.pop();
+        refused_and_over(
+            &mut server,
+            OtMessage::Extend {
+                batch,
+                demand: d,
+                payload,
+            },
+            "IKNP matrix for 220 COTs must have 4096 bytes, got 4095",
+        );
+        let (mut client, mut server) = set_up_pair(10, BUDGET);
+        let answer = server
+            .handle(client.request(demand(1)).unwrap())
+            .unwrap()
+            .unwrap();
+        let OtMessage::ExtendRound {
+            batch,
+            round,
+            mut payload,
+        } = answer
+        else {
+            panic!()
+        };
+        payload.push(0);
+        refused_and_over(
+            &mut client,
+            OtMessage::ExtendRound {
+                batch,
+                round,
+                payload,
+            },
+            "must have 4096 bytes, got 4097",
+        );
+    }
+
+    #[test]
+    fn reusing_or_skipping_correlations_is_refused_on_both_sides() {
+        let (mut client, mut server) = set_up_pair(11, BUDGET);
+        run_batch(&mut client, &mut server, demand(2));
+        let run = Demand {
+            triples: 50,
+            bit_ots_client_sends: 10,
+            bit_ots_server_sends: 20,
+            word_ots_client_sends: 5,
+            word_ots_server_sends: 6,
+        };
+        // The client leads: it takes at the server's (initial) position and
+        // reports its own; the server takes at that.
+        let (c0, s0) = (client.position(), server.position());
+        let mut run_c = client.take_at(s0, &run).unwrap();
+        let mut run_s = server.take_at(c0, &run).unwrap();
+        take_and_check(&mut run_c, &mut run_s, &run);
+        // replaying the old positions: reuse, refused on either side
+        assert!(matches!(
+            server.take_at(c0, &run),
+            Err(OtError::Reused { .. })
+        ));
+        assert!(matches!(
+            client.take_at(s0, &run),
+            Err(OtError::Reused { .. })
+        ));
+        // a position ahead: skipped
+        let c1 = client.position();
+        let mut ahead = c1;
+        ahead.triples += 1;
+        assert!(matches!(
+            server.take_at(ahead, &run),
+            Err(OtError::Skipped { .. })
+        ));
+        // nothing was taken by the refusals; the next run lines up again
+        let s1 = server.position();
+        let mut run_s = server.take_at(c1, &run).unwrap();
+        // a client naming the server's position after that run would skip it
+        let ahead = client.take_at(server.position(), &run);
+        assert!(matches!(ahead, Err(OtError::Skipped { .. })), "{ahead:?}");
+        let mut run_c = client.take_at(s1, &run).unwrap();
+        take_and_check(&mut run_c, &mut run_s, &run);
+    }
+}
