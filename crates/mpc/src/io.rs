@@ -65,6 +65,23 @@ impl Io {
     }
 }
 
+/// Direct access to the mailbox, for the test driver that runs two
+/// protocol futures borrowing from the test's stack.
+#[cfg(test)]
+impl Io {
+    pub(crate) fn take_outgoing(&self) -> Option<Message> {
+        self.lock().outbox.pop_front()
+    }
+
+    pub(crate) fn deliver(&self, m: Message) {
+        self.lock().inbox.push_back(m);
+    }
+
+    pub(crate) fn incoming(&self) -> usize {
+        self.lock().inbox.len()
+    }
+}
+
 /// Future of [`Party::recv`]: ready once a message is in the inbox.
 struct NextMessage<'a>(&'a Io);
 
@@ -312,10 +329,7 @@ impl<T> Machine<T> {
 /// Drives two machines against each other until both end; returns their
 /// results. Errors if both wait for a message neither will send (a
 /// protocol bug, or a peer that stopped early).
-pub fn run_pair<A, B>(
-    mut client: Machine<A>,
-    mut server: Machine<B>,
-) -> Result<(A, B), MpcError> {
+pub fn run_pair<A, B>(mut client: Machine<A>, mut server: Machine<B>) -> Result<(A, B), MpcError> {
     let (mut a, mut b) = (None, None);
     loop {
         let mut moved = false;
@@ -395,7 +409,10 @@ mod tests {
         });
         let (a, _) = run_pair(c, s).unwrap();
         let e = a.unwrap_err().to_string();
-        assert!(e.contains("step 7") && e.contains("expected 3 bytes, got 4"), "{e}");
+        assert!(
+            e.contains("step 7") && e.contains("expected 3 bytes, got 4"),
+            "{e}"
+        );
 
         // the peer is at another step
         let (ic, is) = (Io::default(), Io::default());

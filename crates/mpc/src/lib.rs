@@ -11,14 +11,50 @@
 //! Position in the data flow: ring, ot < **mpc** < protocol (which runs the
 //! converted model's program step by step, these protocols for its
 //! nonlinear steps and HE material for its linear ones).
+//!
+//! The protocols (both parties call the same function with their own
+//! shares; a flight is one message each way at the same time, or one way
+//! where noted; `ℓ` is a comparison width, `g` a group size):
+//!
+//! | protocol | output | flights |
+//! |---|---|---|
+//! | [`and`], [`cross_and`] | XOR shares | 1 |
+//! | [`carry`] on `n` bits | XOR shares of `[α + β ≥ 2^n]` | `1 + ⌈log2 n⌉` |
+//! | [`drelu`] on `ℓ` bits | XOR shares of `[v ≥ 0]` | `1 + ⌈log2(ℓ − 1)⌉` |
+//! | [`mul_bit`] | shares of `b·y` | 2 |
+//! | [`b2a`], [`truncate`] | shares of `b`, of `v/2^s` | 2 (one way each) |
+//! | [`relu`] | shares of `max(v, 0)` | DReLU + 2 |
+//! | [`max_groups`], [`argmax_groups`] | shares per group | `⌈log2 g⌉ ·` (DReLU on `ℓ + 1` + 2) |
+//! | [`reveal_to_client`] | the values, to the client | 1 (server to client) |
+//!
+//! [`cost`] gives each protocol's exact correlations and traffic; each
+//! protocol checks the store against it before its first message. A
+//! protocol on zero elements sends nothing and takes nothing. Malformed
+//! messages (wrong length, unreduced ring elements, set padding bits) are
+//! errors naming the step and protocol.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+mod boolean;
+mod compare;
+pub mod cost;
 pub mod io;
+mod nonlinear;
+mod planes;
+mod select;
+#[cfg(test)]
+mod testing;
+mod truncate;
 pub mod wire;
 
+pub use boolean::{and, cross_and};
+pub use compare::{carry, drelu};
+pub use cost::Cost;
 pub use io::{Io, Machine, Message, Party, PartyStats, run_pair};
+pub use nonlinear::{argmax_groups, max_groups, relu};
 pub use secinfer_ot::{Bits, Demand, Role};
+pub use select::{b2a, mul_bit};
+pub use truncate::{Sign, reveal_to_client, truncate};
 
 /// Everything that can go wrong in a joint protocol.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,4 +82,276 @@ pub enum MpcError {
     /// A party could not be set up or driven.
     #[error("{0}")]
     Setup(String),
+}
+
+#[cfg(test)]
+mod tests {
+    //! Properties every protocol shares: exact cost, single use of
+    //! correlations, and errors (never panics) on malformed messages.
+    use super::*;
+    use crate::testing::*;
+    use secinfer_ring::Ring;
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Protocol {
+        And,
+        CrossAnd,
+        Carry,
+        Drelu,
+        MulBit,
+        B2a,
+        Relu,
+        Max,
+        Argmax,
+        TruncateNonNegative,
+        TruncateSigned,
+        Reveal,
+    }
+
+    const ALL: [Protocol; 12] = [
+        Protocol::And,
+        Protocol::CrossAnd,
+        Protocol::Carry,
+        Protocol::Drelu,
+        Protocol::MulBit,
+        Protocol::B2a,
+        Protocol::Relu,
+        Protocol::Max,
+        Protocol::Argmax,
+        Protocol::TruncateNonNegative,
+        Protocol::TruncateSigned,
+        Protocol::Reveal,
+    ];
+
+    /// A change to a message in transit.
+    type Mutation = dyn Fn(&mut Vec<u8>);
+
+    const BITS: u32 = 20;
+    const GROUP: usize = 3;
+    const SHIFT: u32 = 12;
+
+    fn cost_of(protocol: Protocol, ring: Ring, n: usize) -> Cost {
+        match protocol {
+            Protocol::And => cost::and(n),
+            Protocol::CrossAnd => cost::cross_and(n),
+            Protocol::Carry => cost::carry(n, BITS),
+            Protocol::Drelu => cost::drelu(n, BITS),
+            Protocol::MulBit => cost::mul_bit(ring, n),
+            Protocol::B2a => cost::b2a(ring, n),
+            Protocol::Relu => cost::relu(ring, n, BITS),
+            Protocol::Max => cost::max_groups(ring, n, GROUP, BITS),
+            Protocol::Argmax => cost::argmax_groups(ring, n, GROUP, BITS),
+            Protocol::TruncateNonNegative | Protocol::TruncateSigned => {
+                cost::truncate(ring, n, SHIFT)
+            }
+            Protocol::Reveal => cost::reveal_to_client(ring, n),
+        }
+    }
+
+    /// Runs `protocol` on `n` small values (both parties alike); the
+    /// output as ring elements or bits, for comparing runs.
+    async fn run(p: &mut Party, protocol: Protocol, n: usize) -> Result<Vec<u64>, MpcError> {
+        let x: Vec<u64> = (0..n as u64).map(|i| (i * 7919) % 1000).collect();
+        let b = Bits::from_bools((0..n).map(|i| i.is_multiple_of(3)));
+        let bits = |b: Bits| b.words().to_vec();
+        Ok(match protocol {
+            Protocol::And => bits(and(p, &b, &b).await?),
+            Protocol::CrossAnd => bits(cross_and(p, &b).await?),
+            Protocol::Carry => bits(carry(p, &x, BITS).await?),
+            Protocol::Drelu => bits(drelu(p, &x, BITS).await?),
+            Protocol::MulBit => mul_bit(p, &b, &x).await?,
+            Protocol::B2a => b2a(p, &b).await?,
+            Protocol::Relu => relu(p, &x, BITS).await?,
+            Protocol::Max => max_groups(p, &x, GROUP, BITS).await?,
+            Protocol::Argmax => argmax_groups(p, &x, GROUP, BITS).await?,
+            Protocol::TruncateNonNegative => truncate(p, &x, SHIFT, Sign::NonNegative).await?,
+            Protocol::TruncateSigned => truncate(p, &x, SHIFT, Sign::Signed).await?,
+            Protocol::Reveal => reveal_to_client(p, &x).await?.unwrap_or_default(),
+        })
+    }
+
+    #[test]
+    fn every_protocol_sends_and_consumes_exactly_its_cost() {
+        for k in [8, 37, 62] {
+            let r = ring(k);
+            for protocol in ALL {
+                // comparisons and truncations on BITS + 1 bits need a wider ring
+                let narrow = !matches!(
+                    protocol,
+                    Protocol::And
+                        | Protocol::CrossAnd
+                        | Protocol::MulBit
+                        | Protocol::B2a
+                        | Protocol::Reveal
+                );
+                if narrow && BITS + 1 > k {
+                    continue;
+                }
+                for n in [0, 3, 63, 66, 960] {
+                    let c = cost_of(protocol, r, n);
+                    let out = duo!(r, c.demand, |p| run(p, protocol, n).await, |p| run(
+                        p, protocol, n
+                    )
+                    .await);
+                    assert!(
+                        out.client.is_ok() && out.server.is_ok(),
+                        "{protocol:?}, n = {n}"
+                    );
+                    out.check_cost(&c);
+                }
+            }
+        }
+    }
+
+    /// `demand` with one fewer of its `i`-th kind, if it has any.
+    fn one_short(demand: Demand, i: usize) -> Option<Demand> {
+        let mut d = demand;
+        let field = match i {
+            0 => &mut d.triples,
+            1 => &mut d.bit_ots_client_sends,
+            2 => &mut d.bit_ots_server_sends,
+            3 => &mut d.word_ots_client_sends,
+            _ => &mut d.word_ots_server_sends,
+        };
+        *field = field.checked_sub(1)?;
+        Some(d)
+    }
+
+    #[test]
+    fn a_short_store_fails_before_the_first_message_naming_the_kind() {
+        let r = ring(37);
+        // (client's view, server's view) of each kind
+        let kinds = [
+            ("bit triple", "bit triple"),
+            ("bit OT (sent)", "bit OT (received)"),
+            ("bit OT (received)", "bit OT (sent)"),
+            ("word OT (sent)", "word OT (received)"),
+            ("word OT (received)", "word OT (sent)"),
+        ];
+        for protocol in ALL {
+            let n = 66;
+            let demand = cost_of(protocol, r, n).demand;
+            for (i, (client_kind, server_kind)) in kinds.iter().enumerate() {
+                let Some(short) = one_short(demand, i) else {
+                    continue;
+                };
+                let mut sent = [0u64; 2];
+                let (a, b) = duo_tampered!(
+                    r,
+                    short,
+                    &mut |to_server: bool, _, _: &mut Vec<u8>| sent[to_server as usize] += 1,
+                    |p| run(p, protocol, n).await,
+                    |p| run(p, protocol, n).await
+                );
+                for (result, kind) in [(a, client_kind), (b, server_kind)] {
+                    let e = result.expect("a short store ends the run").unwrap_err();
+                    assert!(
+                        matches!(e, MpcError::Correlation(_)) && e.to_string().contains(kind),
+                        "{protocol:?}: {e}"
+                    );
+                }
+                assert_eq!(sent, [0, 0], "{protocol:?}: nothing is sent");
+            }
+        }
+    }
+
+    #[test]
+    fn a_store_hands_each_correlation_out_once() {
+        let r = ring(37);
+        let n = 66;
+        for protocol in ALL {
+            let c = cost_of(protocol, r, n);
+            // enough for one run: a second run on the same store fails
+            let out = duo!(
+                r,
+                c.demand,
+                |p| {
+                    let first = run(p, protocol, n).await;
+                    (first, run(p, protocol, n).await)
+                },
+                |p| {
+                    let first = run(p, protocol, n).await;
+                    (first, run(p, protocol, n).await)
+                }
+            );
+            for (first, second) in [out.client, out.server] {
+                assert!(first.is_ok(), "{protocol:?}");
+                if protocol != Protocol::Reveal {
+                    assert!(
+                        matches!(second, Err(MpcError::Correlation(_))),
+                        "{protocol:?}: {second:?}"
+                    );
+                }
+            }
+            // enough for two: the second run takes the next correlations
+            let twice = c.demand.times(2).expect("small");
+            let out = duo!(
+                r,
+                twice,
+                |p| {
+                    let first = run(p, protocol, n).await;
+                    let position = p.correlations().position();
+                    (first, position, run(p, protocol, n).await)
+                },
+                |p| {
+                    let first = run(p, protocol, n).await;
+                    (first, run(p, protocol, n).await)
+                }
+            );
+            out.check_cost(&c.plus(c));
+            let (first, position, second) = out.client;
+            assert_eq!(position.as_seen_by_peer().triples, c.demand.triples);
+            assert!(first.is_ok() && second.is_ok(), "{protocol:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_messages_are_errors_not_panics() {
+        let r = ring(37);
+        let n = 66;
+        for protocol in ALL {
+            let c = cost_of(protocol, r, n);
+            for (to_server, count) in [(true, c.client_messages), (false, c.server_messages)] {
+                for target in 0..count as usize {
+                    let mutations: [&Mutation; 4] = [
+                        &|m| {
+                            m.pop();
+                        },
+                        &|m| m.push(0),
+                        &|m| m.clear(),
+                        &|m| m.fill(0xFF),
+                    ];
+                    for (which, mutate) in mutations.iter().enumerate() {
+                        let mut tamper = |dir: bool, i: usize, m: &mut Vec<u8>| {
+                            if dir == to_server && i == target {
+                                mutate(m);
+                            }
+                        };
+                        let (a, b) = duo_tampered!(
+                            r,
+                            c.demand,
+                            &mut tamper,
+                            |p| run(p, protocol, n).await,
+                            |p| run(p, protocol, n).await
+                        );
+                        let receiver = if to_server { b } else { a };
+                        let what = format!(
+                            "{protocol:?}, message {target} to server: {to_server}, mutation {which}"
+                        );
+                        match (which, receiver) {
+                            // a wrong length is always refused by name
+                            (0..=2, Some(Err(MpcError::Message { problem, .. }))) => {
+                                assert!(problem.contains("expected"), "{what}: {problem}");
+                            }
+                            (0..=2, other) => panic!("{what}: {other:?}"),
+                            // right length, wrong content: an error, or a
+                            // wrong answer where every pattern is valid
+                            (_, Some(Err(MpcError::Payload(_)))) | (_, Some(Ok(_))) => {}
+                            (_, other) => panic!("{what}: {other:?}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -23,13 +23,46 @@ pub fn put_bits(out: &mut Vec<u8>, bits: &Bits) {
     out.extend(bits.to_bytes());
 }
 
-/// Appends ring elements (each must be reduced).
+/// Appends ring elements (each reduced first).
 pub fn put_ring(out: &mut Vec<u8>, ring: Ring, values: &[u64]) {
-    let width = (ring.bits() as usize).div_ceil(8);
-    out.reserve(values.len() * width);
-    for &v in values {
-        out.extend_from_slice(&ring.reduce(v).to_le_bytes()[..width]);
+    let mask = ring.mask();
+    match (ring.bits() as usize).div_ceil(8) {
+        1 => put_fixed::<1>(out, mask, values),
+        2 => put_fixed::<2>(out, mask, values),
+        3 => put_fixed::<3>(out, mask, values),
+        4 => put_fixed::<4>(out, mask, values),
+        5 => put_fixed::<5>(out, mask, values),
+        6 => put_fixed::<6>(out, mask, values),
+        7 => put_fixed::<7>(out, mask, values),
+        _ => put_fixed::<8>(out, mask, values),
     }
+}
+
+/// [`put_ring`] for a width known at compile time, so that each element is
+/// one fixed-size copy.
+fn put_fixed<const W: usize>(out: &mut Vec<u8>, mask: u64, values: &[u64]) {
+    let start = out.len();
+    out.resize(start + values.len() * W, 0);
+    for (chunk, &v) in out[start..].chunks_exact_mut(W).zip(values) {
+        chunk.copy_from_slice(&(v & mask).to_le_bytes()[..W]);
+    }
+}
+
+/// Ring elements of `W` bytes each; also the OR of their bits above the
+/// mask (zero iff all are reduced).
+fn read_fixed<const W: usize>(bytes: &[u8], mask: u64) -> (Vec<u64>, u64) {
+    let mut excess = 0;
+    let values = bytes
+        .chunks_exact(W)
+        .map(|chunk| {
+            let mut b = [0u8; 8];
+            b[..W].copy_from_slice(chunk);
+            let v = u64::from_le_bytes(b);
+            excess |= v & !mask;
+            v
+        })
+        .collect();
+    (values, excess)
 }
 
 /// Reads a payload front to back.
@@ -61,30 +94,56 @@ impl<'a> Reader<'a> {
     /// The next `n` packed bits.
     pub fn bits(&mut self, n: usize) -> Result<Bits, MpcError> {
         let what = self.what;
-        Bits::from_bytes(self.take(bits_len(n))?, n).ok_or_else(|| {
-            MpcError::Payload(format!("{what}: padding bits of a bit vector are not zero"))
-        })
+        let words = self.bit_words(n)?;
+        Bits::from_words(words, n)
+            .ok_or_else(|| MpcError::Payload(format!("{what}: bit vector too short")))
+    }
+
+    /// The next `n` packed bits as words (bit `i` is bit `i % 64` of word
+    /// `i / 64`), without building a [`Bits`].
+    pub fn bit_words(&mut self, n: usize) -> Result<Vec<u64>, MpcError> {
+        let what = self.what;
+        let bytes = self.take(bits_len(n))?;
+        if !n.is_multiple_of(8) && bytes.last().is_some_and(|&b| b >> (n % 8) != 0) {
+            return Err(MpcError::Payload(format!(
+                "{what}: padding bits of a bit vector are not zero"
+            )));
+        }
+        Ok(bytes
+            .chunks(8)
+            .map(|c| {
+                let mut w = [0u8; 8];
+                w[..c.len()].copy_from_slice(c);
+                u64::from_le_bytes(w)
+            })
+            .collect())
     }
 
     /// The next `n` ring elements.
     pub fn ring(&mut self, ring: Ring, n: usize) -> Result<Vec<u64>, MpcError> {
         let width = (ring.bits() as usize).div_ceil(8);
         let bytes = self.take(n * width)?;
-        let mut out = Vec::with_capacity(n);
-        for (i, chunk) in bytes.chunks(width).enumerate() {
-            let mut b = [0u8; 8];
-            b[..width].copy_from_slice(chunk);
-            let v = u64::from_le_bytes(b);
-            if v != ring.reduce(v) {
-                return Err(MpcError::Payload(format!(
-                    "{}: element {i} = {v} is not in Z_2^{}",
-                    self.what,
-                    ring.bits()
-                )));
-            }
-            out.push(v);
+        let mask = ring.mask();
+        let (values, excess) = match width {
+            1 => read_fixed::<1>(bytes, mask),
+            2 => read_fixed::<2>(bytes, mask),
+            3 => read_fixed::<3>(bytes, mask),
+            4 => read_fixed::<4>(bytes, mask),
+            5 => read_fixed::<5>(bytes, mask),
+            6 => read_fixed::<6>(bytes, mask),
+            7 => read_fixed::<7>(bytes, mask),
+            _ => read_fixed::<8>(bytes, mask),
+        };
+        if excess != 0
+            && let Some((i, v)) = values.iter().enumerate().find(|(_, v)| **v & !mask != 0)
+        {
+            return Err(MpcError::Payload(format!(
+                "{}: element {i} = {v} is not in Z_2^{}",
+                self.what,
+                ring.bits()
+            )));
         }
-        Ok(out)
+        Ok(values)
     }
 
     /// Checks that nothing is left.
