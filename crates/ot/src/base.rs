@@ -246,10 +246,29 @@ mod tests {
         (chi2, ones as f64 / (n * 8.0))
     }
 
+    /// The receiver's key is exactly the sender's key for its choice, never
+    /// the other, and the sender's two keys differ, for every OT.
+    fn assert_keys_match_the_choices(choices: &Bits, keys: &[[u128; 2]], chosen: &[u128]) {
+        assert_eq!((keys.len(), chosen.len()), (choices.len(), choices.len()));
+        for i in 0..choices.len() {
+            let b = usize::from(choices.get(i));
+            assert_ne!(
+                keys[i][0], keys[i][1],
+                "OT {i}: the sender's keys are equal"
+            );
+            assert_eq!(chosen[i], keys[i][b], "OT {i}: not the chosen key");
+            assert_ne!(chosen[i], keys[i][1 - b], "OT {i}: the other key");
+        }
+    }
+
     #[test]
     fn keys_of_both_parties_look_uniform() {
         let n = 2048;
-        let (_, keys, chosen) = run(3, n);
+        let (choices, keys, chosen) = run(3, n);
+        // uniform-looking keys are worthless unless they are the right ones:
+        // a KDF that ignored the shared point, or keys drawn at random,
+        // would pass the statistics below but not this
+        assert_keys_match_the_choices(&choices, &keys, &chosen);
         let k0: Vec<u128> = keys.iter().map(|k| k[0]).collect();
         let k1: Vec<u128> = keys.iter().map(|k| k[1]).collect();
         for (name, ks) in [("k0", &k0), ("k1", &k1), ("chosen", &chosen)] {
@@ -264,6 +283,52 @@ mod tests {
         let p = RistrettoPoint::mul_base(&Scalar::from(7u64));
         let a = [1u8; 32];
         assert_ne!(kdf(0, &a, &[2; 32], &p), kdf(1, &a, &[2; 32], &p));
+    }
+
+    #[test]
+    fn the_kdf_is_its_definition_and_binds_every_input() {
+        // SHA-256 of the tag, the index (8 bytes little-endian), A, B and
+        // the shared point, truncated to 16 bytes little-endian
+        let p = RistrettoPoint::mul_base(&Scalar::from(7u64));
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let mut h = Sha256::new();
+        h.update(b"secinfer-ot/chou-orlandi/ristretto255/kdf/v1");
+        h.update(5u64.to_le_bytes());
+        h.update(a);
+        h.update(b);
+        h.update(p.compress().as_bytes());
+        let digest = h.finalize();
+        let want = u128::from_le_bytes(digest[..16].try_into().unwrap());
+        let key = kdf(5, &a, &b, &p);
+        assert_eq!(key, want);
+        // each input changes the key
+        let q = RistrettoPoint::mul_base(&Scalar::from(8u64));
+        assert_ne!(kdf(6, &a, &b, &p), key);
+        assert_ne!(kdf(5, &[3; 32], &b, &p), key);
+        assert_ne!(kdf(5, &a, &[3; 32], &p), key);
+        assert_ne!(kdf(5, &a, &b, &q), key);
+        // and both parties' keys follow from it as the module docs say
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let choices = random_choices(&mut rng, 64);
+        let sender = BaseOtSender::new(&mut rng);
+        let received = receive(&mut rng, &sender.message(), &choices).unwrap();
+        let keys = sender.keys(&received.message, 64).unwrap();
+        assert_keys_match_the_choices(&choices, &keys, &received.keys);
+        for (i, b_bytes) in received.message.chunks_exact(32).enumerate() {
+            let b = CompressedRistretto::from_slice(b_bytes)
+                .unwrap()
+                .decompress()
+                .unwrap();
+            let a_a = sender.a * sender.a_point;
+            assert_eq!(
+                keys[i][0],
+                kdf(i, &sender.a_bytes, b_bytes, &(sender.a * b))
+            );
+            assert_eq!(
+                keys[i][1],
+                kdf(i, &sender.a_bytes, b_bytes, &(sender.a * b - a_a))
+            );
+        }
     }
 
     #[test]

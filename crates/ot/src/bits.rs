@@ -1,15 +1,63 @@
 //! Packed bit vectors: 64 bits to a `u64` word, bit `i` is bit `i % 64` of
 //! word `i / 64`. Bits at positions `len..` of the last word are always
 //! zero, so equality, XOR and counting work on whole words.
+//!
+//! Bit vectors hold secrets (shares, OT messages, choice bits), so `Debug`
+//! shows only the length, and a deserialised vector is checked against the
+//! invariant like any other input from outside.
 
 use serde::{Deserialize, Serialize};
 
 /// A packed bit vector. Invariant: `words.len() == len.div_ceil(64)` and the
-/// unused high bits of the last word are zero.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// unused high bits of the last word are zero. Deserialisation refuses any
+/// other encoding.
+#[derive(Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "BitsRepr")]
 pub struct Bits {
     words: Vec<u64>,
     len: usize,
+}
+
+/// Secrets stay out of logs: the length only.
+impl std::fmt::Debug for Bits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Bits(len {})", self.len)
+    }
+}
+
+/// The serialised form of [`Bits`], checked before it becomes one.
+#[derive(Deserialize)]
+struct BitsRepr {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl TryFrom<BitsRepr> for Bits {
+    type Error = String;
+
+    /// Exactly `len.div_ceil(64)` words with zero padding bits, so that a
+    /// vector has one encoding and `get`, `xor` and friends never index
+    /// past the words.
+    fn try_from(r: BitsRepr) -> Result<Bits, String> {
+        let want = words_for(r.len);
+        if r.words.len() != want {
+            return Err(format!(
+                "a bit vector of {} bits needs {want} words, got {}",
+                r.len,
+                r.words.len()
+            ));
+        }
+        if !r.len.is_multiple_of(64) && r.words.last().is_some_and(|w| w >> (r.len % 64) != 0) {
+            return Err(format!(
+                "a bit vector of {} bits has padding bits set in its last word",
+                r.len
+            ));
+        }
+        Ok(Bits {
+            words: r.words,
+            len: r.len,
+        })
+    }
 }
 
 fn words_for(len: usize) -> usize {
@@ -303,5 +351,79 @@ mod tests {
         assert_eq!(Bits::from_bytes(&[1, 0], 8), None);
         assert_eq!(Bits::from_words(vec![u64::MAX], 3), Some(Bits::ones(3)));
         assert_eq!(Bits::from_words(vec![], 3), None);
+    }
+
+    /// A serialised `Bits` (a map of `words` and `len`) as serde's
+    /// in-memory deserialisers present it, so that the test needs no format
+    /// crate.
+    enum Field {
+        Words(Vec<u64>),
+        Len(u64),
+    }
+
+    impl<'de> serde::de::IntoDeserializer<'de, serde::de::value::Error> for Field {
+        type Deserializer = Field;
+        fn into_deserializer(self) -> Field {
+            self
+        }
+    }
+
+    impl<'de> serde::Deserializer<'de> for Field {
+        type Error = serde::de::value::Error;
+        fn deserialize_any<V: serde::de::Visitor<'de>>(
+            self,
+            visitor: V,
+        ) -> Result<V::Value, Self::Error> {
+            match self {
+                Field::Words(w) => {
+                    visitor.visit_seq(serde::de::value::SeqDeserializer::new(w.into_iter()))
+                }
+                Field::Len(n) => visitor.visit_u64(n),
+            }
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map struct enum identifier ignored_any
+        }
+    }
+
+    fn deserialize(words: Vec<u64>, len: u64) -> Result<Bits, String> {
+        let fields = [("words", Field::Words(words)), ("len", Field::Len(len))];
+        Bits::deserialize(serde::de::value::MapDeserializer::<
+            _,
+            serde::de::value::Error,
+        >::new(fields.into_iter()))
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn deserialisation_keeps_the_invariant() {
+        let b = Bits::from_bools((0..130).map(|i| i % 3 == 0));
+        assert_eq!(deserialize(b.words().to_vec(), 130), Ok(b.clone()));
+        assert_eq!(deserialize(vec![], 0), Ok(Bits::default()));
+        assert_eq!(deserialize(vec![u64::MAX], 64), Ok(Bits::ones(64)));
+        // too few words: `get` and `xor` would index past them
+        let e = deserialize(b.words()[..2].to_vec(), 130).unwrap_err();
+        assert!(e.contains("130 bits needs 3 words, got 2"), "{e}");
+        let e = deserialize(vec![], 1).unwrap_err();
+        assert!(e.contains("needs 1 words, got 0"), "{e}");
+        // too many words: not the one encoding
+        let e = deserialize(vec![0, 0], 64).unwrap_err();
+        assert!(e.contains("needs 1 words, got 2"), "{e}");
+        // a padding bit set: equality and counting would see it
+        let mut words = b.words().to_vec();
+        words[2] |= 1 << 2;
+        let e = deserialize(words, 130).unwrap_err();
+        assert!(e.contains("padding bits set"), "{e}");
+        let e = deserialize(vec![1 << 63], 63).unwrap_err();
+        assert!(e.contains("padding bits set"), "{e}");
+    }
+
+    #[test]
+    fn debug_shows_the_length_only() {
+        let b = Bits::from_words(vec![0xdead_beef_0123_4567, 0x7], 67).unwrap();
+        assert_eq!(format!("{b:?}"), "Bits(len 67)");
+        assert_eq!(format!("{:?}", Bits::default()), "Bits(len 0)");
     }
 }

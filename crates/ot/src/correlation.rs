@@ -17,7 +17,7 @@ use crate::{Bits, OtError, Role};
 
 /// This party's XOR shares of random bit triples: with the peer's shares,
 /// `c = a ∧ b` bitwise.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct BitTriples {
     /// shares of `a`
     pub a: Bits,
@@ -28,7 +28,7 @@ pub struct BitTriples {
 }
 
 /// Random one-bit OTs this party sent: both messages.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct BitOtSender {
     /// message 0
     pub m0: Bits,
@@ -37,7 +37,7 @@ pub struct BitOtSender {
 }
 
 /// Random one-bit OTs this party received: its random choice and the chosen message.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct BitOtReceiver {
     /// choice bits `ρ`
     pub choice: Bits,
@@ -46,7 +46,7 @@ pub struct BitOtReceiver {
 }
 
 /// Random 64-bit OTs this party sent.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct WordOtSender {
     /// message 0
     pub m0: Vec<u64>,
@@ -55,7 +55,7 @@ pub struct WordOtSender {
 }
 
 /// Random 64-bit OTs this party received.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct WordOtReceiver {
     /// choice bits `ρ`
     pub choice: Bits,
@@ -125,27 +125,47 @@ impl Demand {
         )
     }
 
-    /// Bytes one party stores for this much material (either role; the
-    /// larger of the two). Saturates at `u64::MAX` for absurd counts (a
-    /// peer's demand must not wrap around a budget check).
+    /// Bytes `role` stores for this much material, as
+    /// [`CorrelationStore::bytes`] counts a batch of it: 3 bits per triple,
+    /// 2 bits per bit OT either way, 16 bytes per word OT `role` sends and
+    /// 8 bytes and a choice bit per word OT it receives (each column
+    /// rounded up to whole bytes). Saturates at `u64::MAX` for absurd
+    /// counts, so a peer's demand cannot wrap around a budget check.
+    pub fn stored_bytes_for(&self, role: Role) -> u64 {
+        let (bits_sent, bits_received, words_sent, words_received) = match role {
+            Role::Client => (
+                self.bit_ots_client_sends,
+                self.bit_ots_server_sends,
+                self.word_ots_client_sends,
+                self.word_ots_server_sends,
+            ),
+            Role::Server => (
+                self.bit_ots_server_sends,
+                self.bit_ots_client_sends,
+                self.word_ots_server_sends,
+                self.word_ots_client_sends,
+            ),
+        };
+        let packed = |n: u64, columns: u64| n.div_ceil(8).saturating_mul(columns);
+        [
+            packed(self.triples, 3),
+            packed(bits_sent, 2),
+            packed(bits_received, 2),
+            words_sent.saturating_mul(16),
+            words_received.saturating_mul(8),
+            packed(words_received, 1),
+        ]
+        .into_iter()
+        .fold(0u64, u64::saturating_add)
+    }
+
+    /// Bytes either party stores for this much material: the larger of
+    /// [`stored_bytes_for`](Self::stored_bytes_for) the two roles (for
+    /// callers that size runs without asking which side they are on).
+    /// Saturates like it.
     pub fn stored_bytes(&self) -> u64 {
-        // bits: 3 per triple, 2 per bit OT; words: 16 bytes per sent word
-        // OT, 8 + 1/8 per received one.
-        let bits = self.triples.saturating_mul(3).saturating_add(
-            self.bit_ots_client_sends
-                .saturating_add(self.bit_ots_server_sends)
-                .saturating_mul(2),
-        );
-        let words = self
-            .word_ots_client_sends
-            .max(self.word_ots_server_sends)
-            .saturating_mul(16)
-            .saturating_add(
-                self.word_ots_client_sends
-                    .min(self.word_ots_server_sends)
-                    .saturating_mul(9),
-            );
-        bits.div_ceil(8).saturating_add(words)
+        self.stored_bytes_for(Role::Client)
+            .max(self.stored_bytes_for(Role::Server))
     }
 }
 
@@ -180,7 +200,7 @@ impl Position {
 
 /// One batch of material for one party: what an offline extension (or the
 /// test dealer) produces, appended to a store as a whole.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct CorrelationBatch {
     /// bit triples
     pub triples: BitTriples,
@@ -268,9 +288,76 @@ impl Columns for WordOtReceiver {
     }
 }
 
+// Correlations are secrets: `Debug` shows how many, never their bits or
+// words (the derived one would print every OT message into a log).
+impl std::fmt::Debug for BitTriples {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BitTriples({} triples)", self.count())
+    }
+}
+
+impl std::fmt::Debug for BitOtSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BitOtSender({} OTs)", self.count())
+    }
+}
+
+impl std::fmt::Debug for BitOtReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "BitOtReceiver({} OTs)", self.count())
+    }
+}
+
+impl std::fmt::Debug for WordOtSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WordOtSender({} OTs)", self.count())
+    }
+}
+
+impl std::fmt::Debug for WordOtReceiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WordOtReceiver({} OTs)", self.count())
+    }
+}
+
+impl std::fmt::Debug for CorrelationBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CorrelationBatch")
+            .field("triples", &self.triples.count())
+            .field("bit_sent", &self.bit_sent.count())
+            .field("bit_received", &self.bit_received.count())
+            .field("word_sent", &self.word_sent.count())
+            .field("word_received", &self.word_received.count())
+            .finish()
+    }
+}
+
+impl<T> std::fmt::Debug for Queue<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Queue")
+            .field("chunks", &self.chunks.len())
+            .field("offset", &self.offset)
+            .field("taken", &self.taken)
+            .field("available", &self.available)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for CorrelationStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "CorrelationStore({:?}, available {:?}, position {:?})",
+            self.role,
+            self.available(),
+            self.position()
+        )
+    }
+}
+
 /// A queue of one kind: chunks, an offset into the first, and how many
 /// items were taken in all.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Queue<T> {
     chunks: VecDeque<T>,
     offset: usize,
@@ -286,6 +373,11 @@ impl<T: Columns> Queue<T> {
         }
     }
 
+    /// The next `n` items, copied out of the chunks. A chunk is dropped
+    /// (its memory freed) as soon as its last item is taken; a chunk that is
+    /// only partly used stays allocated whole until the rest of it is taken,
+    /// so a queue holds up to one batch of already-used material (counted
+    /// by [`bytes`](Self::bytes), and so by the engine's budget).
     fn take(&mut self, n: usize, kind: &'static str) -> Result<T, OtError> {
         if n as u64 > self.available {
             return Err(OtError::Exhausted {
@@ -314,13 +406,13 @@ impl<T: Columns> Queue<T> {
         Ok(out)
     }
 
+    /// Bytes of the chunks held, used parts of the first one included.
     fn bytes(&self) -> usize {
         self.chunks.iter().map(Columns::bytes).sum()
     }
 }
 
 /// One party's correlations, each usable once. See the module docs.
-#[derive(Debug)]
 pub struct CorrelationStore {
     role: Role,
     triples: Queue<BitTriples>,
@@ -412,7 +504,9 @@ impl CorrelationStore {
         }
     }
 
-    /// Bytes of material held.
+    /// Bytes of material held: every chunk still in a queue, including the
+    /// used part of a partly used one (see [`Demand::stored_bytes_for`]
+    /// for the count per batch).
     pub fn bytes(&self) -> usize {
         self.triples.bytes()
             + self.bit_sent.bytes()
@@ -664,6 +758,125 @@ mod tests {
             c.take_at(Position::default(), &part),
             Err(OtError::Reused { .. })
         ));
+    }
+
+    #[test]
+    fn debug_shows_counts_never_secrets() {
+        let mut rng = ChaCha20Rng::seed_from_u64(4);
+        let (client, server) = insecure_test_dealer::deal(&mut rng, &demand());
+        assert_eq!(
+            format!("{client:?}"),
+            "CorrelationBatch { triples: 130, bit_sent: 70, bit_received: 65, word_sent: 9, word_received: 11 }"
+        );
+        assert_eq!(format!("{:?}", server.triples), "BitTriples(130 triples)");
+        assert_eq!(format!("{:?}", server.bit_sent), "BitOtSender(65 OTs)");
+        assert_eq!(
+            format!("{:?}", server.bit_received),
+            "BitOtReceiver(70 OTs)"
+        );
+        assert_eq!(format!("{:?}", server.word_sent), "WordOtSender(11 OTs)");
+        assert_eq!(
+            format!("{:?}", server.word_received),
+            "WordOtReceiver(9 OTs)"
+        );
+        let words: Vec<u64> = server.word_sent.m0.clone();
+        let mut store = CorrelationStore::from_batch(Role::Server, server);
+        store.triples(60).unwrap();
+        let shown = format!("{store:?}");
+        assert!(
+            shown.starts_with("CorrelationStore(Server, available Demand { triples: 70,"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("position Position { triples: 60,"),
+            "{shown}"
+        );
+        for w in words {
+            assert!(!shown.contains(&w.to_string()), "{shown}");
+        }
+        let queue = format!("{:?}", store.triples);
+        assert_eq!(
+            queue,
+            "Queue { chunks: 1, offset: 60, taken: 60, available: 70 }"
+        );
+    }
+
+    #[test]
+    fn stored_bytes_count_what_each_side_stores() {
+        let mut rng = ChaCha20Rng::seed_from_u64(5);
+        let d = Demand {
+            word_ots_client_sends: 1000,
+            word_ots_server_sends: 3,
+            ..demand()
+        };
+        let (c, s) = insecure_test_dealer::deal(&mut rng, &d);
+        let c = CorrelationStore::from_batch(Role::Client, c);
+        let s = CorrelationStore::from_batch(Role::Server, s);
+        // the client sends 1000 word OTs (16 bytes each) and receives 3,
+        // the server the other way round (8 bytes and a choice bit each)
+        assert_eq!(c.bytes() as u64, d.stored_bytes_for(Role::Client));
+        assert_eq!(s.bytes() as u64, d.stored_bytes_for(Role::Server));
+        assert!(d.stored_bytes_for(Role::Client) > d.stored_bytes_for(Role::Server) + 7000);
+        assert_eq!(d.stored_bytes(), d.stored_bytes_for(Role::Client));
+        let mirrored = Demand {
+            word_ots_client_sends: 3,
+            word_ots_server_sends: 1000,
+            ..d
+        };
+        assert_eq!(
+            mirrored.stored_bytes_for(Role::Server),
+            d.stored_bytes_for(Role::Client)
+        );
+        assert_eq!(mirrored.stored_bytes(), d.stored_bytes());
+        // absurd counts saturate instead of wrapping below a budget
+        for absurd in [
+            // no single term overflows, their sum does
+            Demand {
+                triples: u64::MAX,
+                bit_ots_client_sends: u64::MAX,
+                bit_ots_server_sends: u64::MAX,
+                word_ots_client_sends: 0,
+                word_ots_server_sends: 1 << 60,
+            },
+            Demand {
+                word_ots_client_sends: u64::MAX / 8,
+                ..Demand::default()
+            },
+            Demand {
+                word_ots_server_sends: u64::MAX / 9,
+                bit_ots_client_sends: u64::MAX,
+                ..Demand::default()
+            },
+        ] {
+            assert_eq!(
+                absurd.stored_bytes_for(Role::Client),
+                u64::MAX,
+                "{absurd:?}"
+            );
+            assert_eq!(
+                absurd.stored_bytes_for(Role::Server),
+                u64::MAX,
+                "{absurd:?}"
+            );
+            assert_eq!(absurd.stored_bytes(), u64::MAX, "{absurd:?}");
+        }
+    }
+
+    #[test]
+    fn a_chunk_is_freed_once_used_up_and_not_before() {
+        let mut rng = ChaCha20Rng::seed_from_u64(6);
+        let (mut c, _) = stores(&mut rng, &demand());
+        let (more, _) = insecure_test_dealer::deal(&mut rng, &demand());
+        c.append(more);
+        let one = demand().stored_bytes_for(Role::Client) as usize;
+        assert_eq!(c.bytes(), 2 * one);
+        // a partly used chunk stays allocated whole
+        c.triples(129).unwrap();
+        assert_eq!(c.bytes(), 2 * one);
+        // its last triple frees the first batch's triples (3 · 17 bytes)
+        c.triples(2).unwrap();
+        assert_eq!(c.bytes(), 2 * one - 3 * 130usize.div_ceil(8));
+        assert_eq!(c.triples.chunks.len(), 1);
     }
 
     #[test]

@@ -27,8 +27,15 @@
 //! order, and runs take from them with [`OtEngine::take_at`], which refuses
 //! a reused or skipped position. Every message is checked: its phase, its
 //! batch and round numbers, its demand (at most [`MAX_BATCH_OTS`] random
-//! OTs per direction, and within the budget on stored bytes, checked
-//! before any work) and, in the source, its length and encoding. A
+//! OTs per direction, and within the budget, checked before any work) and,
+//! in the source, its length and encoding. The budget bounds this party's
+//! memory for correlations: what its store holds (as
+//! [`CorrelationStore::bytes`] counts it), what the batch adds as this
+//! party stores it ([`Demand::stored_bytes_for`]; the two parties store
+//! different amounts when word OTs are lopsided) and the batch's buffers
+//! while it runs ([`CorrelationSource::batch_buffer_bytes`]). The COT
+//! numbering that tweaks the hash only moves forward and is refused, never
+//! wrapped, at its limit ([`OtError::CounterOverflow`]). A
 //! refusal found in the message's header leaves the engine as it was; an
 //! error inside the source's payload ends the engine (the session is over).
 
@@ -36,13 +43,17 @@ use serde::{Deserialize, Serialize};
 
 use crate::correlation::{CorrelationStore, Demand, Position};
 use crate::iknp::IknpSource;
-use crate::refine::{CotIndex, Tccr, cot_counts, refine};
-use crate::source::CorrelationSource;
+use crate::refine::{CotIndex, Tccr, advance_index, cot_counts, refine};
+use crate::source::{CorrelationSource, CotCounts};
 use crate::{OtError, Role};
 
-/// Most random OTs one batch makes per direction (2^22: a 64 MiB IKNP
-/// matrix each way). Larger demands are split into several batches.
-pub const MAX_BATCH_OTS: u64 = 1 << 22;
+/// Most random OTs one batch makes per direction (2^21: a 32 MiB IKNP
+/// matrix each way, as the client's requests are cut). Larger demands are
+/// split into several batches. The server's work and reply for a batch
+/// grow with the OTs the client asks it to *receive*, whatever the
+/// client's own message, so this cap and the budget (which counts the
+/// batch's buffers too) are what bound them.
+pub const MAX_BATCH_OTS: u64 = 1 << 21;
 
 /// A message of the offline phase for correlations.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,8 +177,8 @@ fn refuse(what: String) -> OtError {
 
 impl OtEngine {
     /// An engine for `role` with IKNP seeded from the operating system; its
-    /// store may hold at most `budget` bytes (as [`Demand::stored_bytes`]
-    /// counts them).
+    /// store and a running batch's buffers may take at most `budget` bytes
+    /// (see the module docs).
     pub fn new(role: Role, budget: u64) -> Result<OtEngine, OtError> {
         Ok(OtEngine::with_source(
             Box::new(IknpSource::new(role)?),
@@ -205,7 +216,8 @@ impl OtEngine {
         self.next_batch
     }
 
-    /// The most bytes of material the store may hold.
+    /// The most bytes the store and a running batch may take (see the
+    /// module docs).
     pub fn budget(&self) -> u64 {
         self.budget
     }
@@ -454,8 +466,9 @@ impl OtEngine {
         }))
     }
 
-    /// Refuses a demand that is too large for one batch or that would take
-    /// the store over its budget; changes nothing.
+    /// Refuses a demand that is too large for one batch, that would take
+    /// this party over its budget or the COT numbering past its limit;
+    /// changes nothing.
     fn check_demand(&self, batch: u64, demand: &Demand) -> Result<(), OtError> {
         let sum = |a: u64, b: u64, c: u64| a.checked_add(b).and_then(|s| s.checked_add(c));
         let per_direction = [
@@ -478,17 +491,51 @@ impl OtEngine {
                 "batch {batch} demands {demand:?}: more than {MAX_BATCH_OTS} random OTs in one direction; split it into several batches"
             )));
         }
-        let stored = self.store.available().stored_bytes();
-        let requested = demand.stored_bytes();
-        if stored.saturating_add(requested) > self.budget {
+        self.check_budget(batch, demand)?;
+        self.next_index(&cot_counts(self.role, demand)?)?;
+        Ok(())
+    }
+
+    /// Refuses a batch that would take this party's memory for correlations
+    /// over the budget: its store as it is, plus the batch as this party
+    /// stores it, plus the batch's buffers while it runs. Checked
+    /// arithmetic: a sum past `u64::MAX` is over any budget.
+    fn check_budget(&self, batch: u64, demand: &Demand) -> Result<(), OtError> {
+        let stored = u64::try_from(self.store.bytes()).unwrap_or(u64::MAX);
+        let requested = demand.stored_bytes_for(self.role);
+        let transient = match cot_counts(self.role, demand) {
+            Ok(counts) => self.source.batch_buffer_bytes(counts),
+            Err(_) => u64::MAX,
+        };
+        let total = stored
+            .checked_add(requested)
+            .and_then(|t| t.checked_add(transient));
+        if total.is_none_or(|t| t > self.budget) {
             return Err(OtError::OverBudget {
                 batch,
                 requested,
                 stored,
+                transient,
                 budget: self.budget,
             });
         }
         Ok(())
+    }
+
+    /// Where the COT numbering continues after a batch of `counts`.
+    fn next_index(&self, counts: &CotCounts) -> Result<CotIndex, OtError> {
+        Ok(CotIndex {
+            sent: advance_index(
+                self.next_cot.sent,
+                counts.sent,
+                "the index of COTs this party sends",
+            )?,
+            received: advance_index(
+                self.next_cot.received,
+                counts.received,
+                "the index of COTs this party receives",
+            )?,
+        })
     }
 
     /// If the source has finished the running batch: refine, append, and
@@ -504,14 +551,19 @@ impl OtEngine {
         let batch = self.guard(|e| refine(&e.tccr, e.role, &demand, &cots, first))?;
         self.source.recycle(cots);
         let counts = cot_counts(self.role, &demand)?;
-        self.next_cot = CotIndex {
-            sent: first.sent.saturating_add(counts.sent as u64),
-            received: first.received.saturating_add(counts.received as u64),
-        };
+        let next = self.guard(|e| e.next_index(&counts))?;
+        self.next_cot = next;
         self.store.append(batch);
         self.next_batch += 1;
         self.phase = Phase::Ready;
         Ok(())
+    }
+
+    /// Moves the COT numbering (tests of its limit; both parties must
+    /// agree on it).
+    #[cfg(test)]
+    fn set_next_cot(&mut self, next: CotIndex) {
+        self.next_cot = next;
     }
 
     fn check_alive(&self) -> Result<(), OtError> {
@@ -672,27 +724,51 @@ mod tests {
         take_and_check(client.store_mut(), server.store_mut(), &demand(1));
     }
 
+    /// What a batch of `d` takes on `engine`'s side: (stored, buffers).
+    fn batch_bytes(engine: &OtEngine, d: &Demand) -> (u64, u64) {
+        let counts = cot_counts(engine.role(), d).unwrap();
+        (
+            d.stored_bytes_for(engine.role()),
+            engine.source.batch_buffer_bytes(counts),
+        )
+    }
+
     #[test]
     fn a_demand_over_budget_is_refused_before_any_work() {
         let small = demand(1);
-        let budget = small.stored_bytes() * 2;
+        let probe = set_up_pair(3, BUDGET).1;
+        let (stored, buffers) = batch_bytes(&probe, &small);
+        assert!(buffers >= 2 * 4096, "both IKNP matrices: {buffers}");
+        // room for two batches of `small` at rest and one running
+        let budget = 2 * stored + buffers;
         let (mut client, mut server) = set_up_pair(3, budget);
         let request = client.request(small).unwrap();
         let OtMessage::Extend { batch, payload, .. } = request.clone() else {
             panic!("not an Extend: {request:?}");
         };
-        let greedy = OtMessage::Extend {
-            batch,
-            demand: demand(3),
-            payload: payload.clone(),
-        };
-        let err = server.handle(greedy).unwrap_err();
-        assert!(
-            matches!(err, OtError::OverBudget { batch: 0, budget: b, .. } if b == budget),
-            "{err}"
+        // a demand far under the per-batch cap, over this small budget
+        let greedy = demand(3);
+        let err = server
+            .handle(OtMessage::Extend {
+                batch,
+                demand: greedy,
+                payload: payload.clone(),
+            })
+            .unwrap_err();
+        let (want_stored, want_buffers) = batch_bytes(&server, &greedy);
+        assert_eq!(
+            err,
+            OtError::OverBudget {
+                batch: 0,
+                requested: want_stored,
+                stored: 0,
+                transient: want_buffers,
+                budget,
+            }
         );
         assert!(format!("{err}").contains("over the budget"), "{err}");
-        // a demand whose byte count would overflow is over any budget
+        // a demand over the per-batch cap is refused as such, before the
+        // budget is looked at
         let absurd = Demand {
             triples: u64::MAX / 2,
             ..Demand::default()
@@ -705,9 +781,35 @@ mod tests {
             })
             .unwrap_err();
         assert!(
-            format!("{err}").contains("more than 4194304 random OTs"),
+            format!("{err}").contains("more than 2097152 random OTs"),
             "{err}"
         );
+        // the budget's own arithmetic does not wrap or saturate into a
+        // pass: a sum past u64::MAX is over even the largest budget
+        server.set_budget(u64::MAX);
+        let err = server.check_budget(0, &absurd).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                OtError::OverBudget {
+                    transient: u64::MAX,
+                    budget: u64::MAX,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let huge_but_countable = Demand {
+            word_ots_server_sends: u64::MAX / 17,
+            ..Demand::default()
+        };
+        let (s, t) = batch_bytes(&server, &huge_but_countable);
+        assert!(s < u64::MAX && s.checked_add(t).is_none(), "{s} + {t}");
+        assert!(matches!(
+            server.check_budget(0, &huge_but_countable),
+            Err(OtError::OverBudget { .. })
+        ));
+        server.set_budget(budget);
         // the server did nothing: the honest request still matches the client
         let answer = server.handle(request).unwrap().unwrap();
         client.handle(answer).unwrap();
@@ -716,13 +818,118 @@ mod tests {
         // (the first was taken), a third does not
         run_batch(&mut client, &mut server, small);
         run_batch(&mut client, &mut server, small);
+        assert_eq!(server.store().bytes() as u64, 2 * stored);
         let err = server.handle(client.request(small).unwrap()).unwrap_err();
-        assert!(matches!(err, OtError::OverBudget { batch: 3, .. }), "{err}");
+        assert!(
+            matches!(err, OtError::OverBudget { batch: 3, stored: s, .. } if s == 2 * stored),
+            "{err}"
+        );
         // and the client refuses to exceed its own budget
         let mut fresh = set_up_pair(4, BUDGET).0;
         fresh.set_budget(1);
         let err = fresh.request(small).unwrap_err();
         assert!(matches!(err, OtError::OverBudget { .. }), "{err}");
+    }
+
+    #[test]
+    fn the_budget_counts_what_this_side_stores() {
+        // word OTs the client sends: 16 bytes each for the client, 8 and a
+        // bit for the server
+        let lopsided = Demand {
+            word_ots_client_sends: 10_000,
+            ..Demand::default()
+        };
+        let probe = set_up_pair(12, BUDGET).1;
+        let (server_stored, buffers) = batch_bytes(&probe, &lopsided);
+        assert_eq!(server_stored, 10_000 * 8 + 10_000 / 8);
+        assert_eq!(lopsided.stored_bytes(), 10_000 * 16);
+        // exactly enough for the server's view: accepted
+        let (mut client, mut server) = set_up_pair(12, server_stored + buffers);
+        run_batch(&mut client, &mut server, lopsided);
+        assert_eq!(server.store().bytes() as u64, server_stored);
+        assert_eq!(
+            client.store().bytes() as u64,
+            lopsided.stored_bytes_for(Role::Client)
+        );
+        // one byte less: refused, naming the server's numbers
+        let (mut client, mut server) = set_up_pair(12, server_stored + buffers - 1);
+        let err = server
+            .handle(client.request(lopsided).unwrap())
+            .unwrap_err();
+        assert!(
+            matches!(err, OtError::OverBudget { requested, transient, .. }
+                if requested == server_stored && transient == buffers),
+            "{err}"
+        );
+        // the largest batch the client asks for fits the server's default
+        // budget (512 MiB) with the client's default store (256 MiB) held
+        let largest = Demand {
+            word_ots_client_sends: MAX_BATCH_OTS,
+            word_ots_server_sends: MAX_BATCH_OTS,
+            ..Demand::default()
+        };
+        let (s, t) = batch_bytes(&probe, &largest);
+        assert!(s + t + (256 << 20) <= 512 << 20, "{s} + {t}");
+    }
+
+    #[test]
+    fn the_cot_numbering_fails_at_its_limit_instead_of_wrapping() {
+        let d = demand(1);
+        let counts = cot_counts(Role::Client, &d).unwrap();
+        let (mut client, mut server) = set_up_pair(13, BUDGET);
+        // exactly room for one batch in the client's sending direction
+        // (the server's receiving one)
+        let room = CotIndex {
+            sent: u64::MAX - counts.sent as u64,
+            received: 7,
+        };
+        client.set_next_cot(room);
+        server.set_next_cot(CotIndex {
+            sent: room.received,
+            received: room.sent,
+        });
+        run_batch(&mut client, &mut server, d);
+        assert_eq!(client.next_cot.sent, u64::MAX);
+        assert_eq!(server.next_cot.received, u64::MAX);
+        take_and_check(client.store_mut(), server.store_mut(), &d);
+        // one more COT that way would pass 2^64 − 1: refused before any
+        // work on both sides, naming the counter
+        let one = Demand {
+            bit_ots_client_sends: 1,
+            ..Demand::default()
+        };
+        let err = client.request(one).unwrap_err();
+        assert_eq!(
+            err,
+            OtError::CounterOverflow {
+                counter: "the index of COTs this party sends",
+                at: u128::from(u64::MAX),
+                more: 1,
+            }
+        );
+        assert!(format!("{err}").contains("would overflow"), "{err}");
+        assert!(client.is_ready(), "a refused request changes nothing");
+        let err = server
+            .handle(OtMessage::Extend {
+                batch: 1,
+                demand: one,
+                payload: vec![],
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, OtError::CounterOverflow { counter, .. }
+                if counter == "the index of COTs this party receives"),
+            "{err}"
+        );
+        // the other direction still has room
+        run_batch(
+            &mut client,
+            &mut server,
+            Demand {
+                bit_ots_server_sends: 5,
+                ..Demand::default()
+            },
+        );
     }
 
     fn message_of(e: OtError) -> String {

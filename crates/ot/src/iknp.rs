@@ -342,7 +342,8 @@ enum State {
     ClientBatch(Box<Extension>, CotCounts, CotReceiver),
     /// server: knows the counts, waits for the client's matrix
     ServerBatch(Box<Extension>, CotCounts),
-    Failed,
+    /// a step failed: the first error, repeated by every later call
+    Failed(OtError),
 }
 
 /// Both directions once set up: this party sends in one, receives in the
@@ -472,9 +473,34 @@ impl IknpSource {
             State::Ready(_) => Err(OtError::Message(
                 "IKNP: a message while no setup step or batch is running".into(),
             )),
-            State::Failed => Err(OtError::Message("IKNP: the source failed earlier".into())),
+            State::Failed(first) => Err(failed_earlier(&first)),
         }
     }
+
+    /// Takes the state out for a step that consumes it; a failed source
+    /// stays failed with its first error.
+    fn take_state(&mut self) -> Result<State, OtError> {
+        if let State::Failed(first) = &self.state {
+            return Err(failed_earlier(first));
+        }
+        let placeholder = OtError::Message("IKNP: a step was interrupted".into());
+        Ok(std::mem::replace(
+            &mut self.state,
+            State::Failed(placeholder),
+        ))
+    }
+
+    /// Records the first error of the session and returns it.
+    fn fail(&mut self, e: OtError) -> OtError {
+        self.state = State::Failed(e.clone());
+        e
+    }
+}
+
+/// The error every call repeats after the source failed: the first one's
+/// text, so that a log of the later call still names the cause.
+fn failed_earlier(first: &OtError) -> OtError {
+    OtError::Message(format!("IKNP: the source failed earlier: {first}"))
 }
 
 impl CorrelationSource for IknpSource {
@@ -483,6 +509,9 @@ impl CorrelationSource for IknpSource {
     }
 
     fn start_setup(&mut self) -> Result<Option<Vec<u8>>, OtError> {
+        if let State::Failed(first) = &self.state {
+            return Err(failed_earlier(first));
+        }
         if !matches!(self.state, State::Fresh) {
             return Err(OtError::Message("IKNP: setup started twice".into()));
         }
@@ -505,17 +534,18 @@ impl CorrelationSource for IknpSource {
     }
 
     fn start_batch(&mut self, counts: CotCounts) -> Result<Option<Vec<u8>>, OtError> {
-        let State::Ready(mut ext) = std::mem::replace(&mut self.state, State::Failed) else {
-            return Err(OtError::Message(
+        let State::Ready(mut ext) = self.take_state()? else {
+            return Err(self.fail(OtError::Message(
                 "IKNP: a batch started before the setup finished or during another batch".into(),
-            ));
+            )));
         };
         match self.role {
             Role::Client => {
                 let spare = std::mem::take(&mut self.spare.received.t);
-                let (matrix, received) =
-                    ext.receiver
-                        .extend_into(&mut self.rng, counts.received, spare)?;
+                let (matrix, received) = ext
+                    .receiver
+                    .extend_into(&mut self.rng, counts.received, spare)
+                    .map_err(|e| self.fail(e))?;
                 self.state = State::ClientBatch(ext, counts, received);
                 Ok(Some(matrix))
             }
@@ -527,14 +557,36 @@ impl CorrelationSource for IknpSource {
     }
 
     fn handle(&mut self, message: &[u8]) -> Result<Option<Vec<u8>>, OtError> {
-        let state = std::mem::replace(&mut self.state, State::Failed);
-        let (next, reply) = self.step(state, message)?;
+        let state = self.take_state()?;
+        let (next, reply) = self.step(state, message).map_err(|e| self.fail(e))?;
         self.state = next;
         Ok(reply)
     }
 
     fn poll_batch(&mut self) -> Option<CotBatch> {
         self.output.take()
+    }
+
+    /// Both matrices of the batch (the peer's, read while it is held, and
+    /// this side's), the COT columns `q` and `t` (or the recycled buffers
+    /// they reuse, if larger), the receiver's choices twice (its random
+    /// `r` and the packed choice bits) and the tiles.
+    fn batch_buffer_bytes(&self, counts: CotCounts) -> u64 {
+        let matrix = |m: usize| matrix_bytes(m).map_or(u64::MAX, |b| b as u64);
+        let kept = |len: usize| (len as u64).saturating_mul(16);
+        let columns = |m: usize, spare: usize| matrix(m).max(kept(spare));
+        let choices = (counts.received as u64).div_ceil(128).saturating_mul(32);
+        let tiles = (2 * KAPPA * TILE * 16) as u64;
+        [
+            matrix(counts.sent),
+            matrix(counts.received),
+            columns(counts.sent, self.spare.sent.q.capacity()),
+            columns(counts.received, self.spare.received.t.capacity()),
+            choices,
+            tiles,
+        ]
+        .into_iter()
+        .fold(0u64, u64::saturating_add)
     }
 
     fn recycle(&mut self, batch: CotBatch) {
@@ -598,8 +650,10 @@ mod tests {
     #[test]
     fn correlated_ots_satisfy_t_equals_q_xor_choice_delta_in_every_batch() {
         let (mut sender, mut receiver, mut r) = pair(2);
-        let mut previous = Vec::new();
-        for m in [1000, 0, 1, 128, 129, 64 * 5 + 3] {
+        // Δ is not all zeros or ones
+        assert!(sender.delta().count_ones() > 32 && sender.delta().count_ones() < 96);
+        let mut seen = std::collections::HashSet::new();
+        for m in [1000, 0, 1, 128, 129, 64 * 5 + 3, 1000] {
             let (matrix, cots_r) = receiver.extend(&mut r, m).unwrap();
             assert_eq!(matrix.len(), matrix_bytes(m).unwrap());
             let cots_s = sender.extend(m, &matrix).unwrap();
@@ -614,21 +668,23 @@ mod tests {
                     cots_s.q[j] ^ (rho * sender.delta()),
                     "batch of {m}, COT {j}"
                 );
+                // the receiver's t is q exactly where it chose 0: with Δ ≠ 0
+                // a choice of 1 never leaves t = q
+                assert_eq!(cots_r.t[j] == cots_s.q[j], rho == 0, "COT {j}");
             }
-            // fresh PRG output in every batch
-            if !previous.is_empty() && m > 0 {
-                assert_ne!(cots_s.q[0], previous[0]);
-            }
-            if m > 0 {
-                previous = cots_s.q;
+            // fresh PRG output in every batch: no q (nor t) of any batch
+            // repeats one of this or an earlier batch (a PRG restarted
+            // at block 0 would repeat the first batch's whole columns)
+            for (j, &q) in cots_s.q.iter().enumerate() {
+                assert!(seen.insert(q), "batch of {m}: q of COT {j} repeats");
             }
             if m >= 1000 {
                 let ones = cots_r.choice.count_ones();
                 assert!((400..600).contains(&ones), "choices look random: {ones}");
+                let same = (0..m).filter(|&j| cots_r.t[j] == cots_s.q[j]).count();
+                assert_eq!(same, m - ones, "t = q for the zero choices only");
             }
         }
-        // Δ is not all zeros or ones, and the receiver's t is not q
-        assert!(sender.delta().count_ones() > 32 && sender.delta().count_ones() < 96);
     }
 
     #[test]
@@ -741,6 +797,60 @@ mod tests {
             }
             assert_ne!(c.sent.delta, s.sent.delta);
         }
+    }
+
+    #[test]
+    fn a_failed_source_repeats_its_first_error() {
+        let mut server = IknpSource::with_rng(Role::Server, rng(11));
+        server.start_setup().unwrap();
+        let first = server.handle(&[0xff; 32]).unwrap_err().to_string();
+        assert!(first.contains("not a ristretto255 point"), "{first}");
+        for later in [
+            server.handle(&[0; 32]).unwrap_err(),
+            server
+                .start_batch(CotCounts {
+                    sent: 1,
+                    received: 1,
+                })
+                .unwrap_err(),
+            server.start_setup().unwrap_err(),
+        ] {
+            let later = later.to_string();
+            assert!(later.contains("failed earlier"), "{later}");
+            assert!(later.contains(&first), "{later} does not repeat {first}");
+        }
+        // an error inside a batch is kept the same way
+        let (mut client, mut server) = sources(12);
+        let counts = CotCounts {
+            sent: 10,
+            received: 20,
+        };
+        let matrix = client.start_batch(counts).unwrap().unwrap();
+        server.start_batch(counts.as_seen_by_peer()).unwrap();
+        let first = server.handle(&matrix[1..]).unwrap_err().to_string();
+        assert!(first.contains("got 2047"), "{first}");
+        let later = server.handle(&matrix).unwrap_err().to_string();
+        assert!(later.contains(&first), "{later}");
+    }
+
+    #[test]
+    fn the_source_reports_its_batch_buffers() {
+        let (client, _) = sources(13);
+        let counts = CotCounts {
+            sent: 1000,
+            received: 129,
+        };
+        // both matrices, both column buffers (a multiple of 128 COTs each),
+        // the receiver's choices twice and the tiles
+        let want = 2 * (8 * 2048 + 2 * 2048) + 2 * 16 * 2 + 2 * 128 * 32 * 16;
+        assert_eq!(client.batch_buffer_bytes(counts), want);
+        assert_eq!(
+            client.batch_buffer_bytes(CotCounts {
+                sent: usize::MAX,
+                received: 0
+            }),
+            u64::MAX
+        );
     }
 
     #[test]

@@ -104,20 +104,37 @@ pub enum OtError {
     /// A message of the OT protocols is malformed or out of order.
     #[error("OT message: {0}")]
     Message(String),
-    /// A batch would take the store over the session's limit on stored
-    /// correlations; refused before any work.
+    /// A batch would take this party over the session's limit on memory for
+    /// correlations (what its store holds plus what the batch adds and
+    /// needs while it runs); refused before any work.
     #[error(
-        "batch {batch} refused: it would store {requested} bytes of correlations on top of {stored}, over the budget of {budget} bytes"
+        "batch {batch} refused: it would store {requested} bytes of correlations on top of {stored} and need {transient} more while it runs, over the budget of {budget} bytes"
     )]
     OverBudget {
         /// the batch's number
         batch: u64,
-        /// bytes the batch would add ([`Demand::stored_bytes`])
+        /// bytes the batch would add to this party's store
+        /// ([`Demand::stored_bytes_for`] this party)
         requested: u64,
-        /// bytes the store holds now
+        /// bytes this party's store holds now
         stored: u64,
+        /// bytes of the batch's buffers while it runs (messages both ways
+        /// and correlated OTs before refinement)
+        transient: u64,
         /// the limit
         budget: u64,
+    },
+    /// A counter that numbers OTs over the session would pass its limit;
+    /// refused rather than wrapped or saturated, since a repeated number
+    /// would reuse a hash tweak (or PRG output) and break the OTs' secrecy.
+    #[error("{counter} would overflow: {more} more after {at}; start a new session")]
+    CounterOverflow {
+        /// which counter
+        counter: &'static str,
+        /// its value
+        at: u128,
+        /// how far it was asked to advance
+        more: u128,
     },
     /// The operating system's randomness failed.
     #[error("OS randomness unavailable: {0}")]

@@ -80,27 +80,51 @@ impl Tccr {
     }
 
     /// `H(first_tweak + k, inputs[k] ⊕ mask)` for every `k`, appended to
-    /// `out`.
-    pub fn hash_many(&self, first_tweak: u128, inputs: &[u128], mask: u128, out: &mut Vec<u128>) {
+    /// `out`. Fails if the index in the tweak's low 64 bits would pass
+    /// `2^64 − 1` (see [`hash_chunks`](Self::hash_chunks)).
+    pub fn hash_many(
+        &self,
+        first_tweak: u128,
+        inputs: &[u128],
+        mask: u128,
+        out: &mut Vec<u128>,
+    ) -> Result<(), OtError> {
         out.reserve(inputs.len());
-        self.hash_chunks(first_tweak, inputs, mask, |h| out.extend_from_slice(h));
+        self.hash_chunks(first_tweak, inputs, mask, |h| out.extend_from_slice(h))
     }
 
     /// As [`hash_many`](Self::hash_many), handing the hashes to `each` in
     /// order, in chunks of a multiple of 64 (the last may be shorter), so
-    /// that callers keep only the bits they need.
+    /// that callers keep only the bits they need. The tweak's low 64 bits
+    /// (the COT's index, [`tweak`]) count up; if they would pass
+    /// `2^64 − 1` nothing is hashed and the call fails, since carrying into
+    /// the high half (the direction) or wrapping would repeat a tweak.
     pub fn hash_chunks(
         &self,
         first_tweak: u128,
         inputs: &[u128],
         mask: u128,
         mut each: impl FnMut(&[u128]),
-    ) {
+    ) -> Result<(), OtError> {
+        let (high, first) = (first_tweak >> 64 << 64, first_tweak as u64);
+        let mut indices = match inputs.len().checked_sub(1) {
+            None => return Ok(()),
+            Some(more) => {
+                let last = u64::try_from(more)
+                    .ok()
+                    .and_then(|m| first.checked_add(m))
+                    .ok_or(OtError::CounterOverflow {
+                        counter: "the hash tweak's COT index",
+                        at: u128::from(first),
+                        more: more as u128,
+                    })?;
+                first..=last
+            }
+        };
         let size = CHUNK.min(inputs.len());
         let mut pi_x = vec![aes::Block::default(); size];
         let mut second = vec![aes::Block::default(); size];
         let mut hashes = vec![0u128; size];
-        let mut tweak = first_tweak;
         for chunk in inputs.chunks(CHUNK) {
             let n = chunk.len();
             let (pi_x, second) = (&mut pi_x[..n], &mut second[..n]);
@@ -108,9 +132,9 @@ impl Tccr {
                 *b = block(x ^ mask);
             }
             self.pi.encrypt_blocks(pi_x);
-            for (s, p) in second.iter_mut().zip(pi_x.iter()) {
-                *s = block(word(p) ^ tweak);
-                tweak = tweak.wrapping_add(1);
+            // the range holds exactly one index per input
+            for ((s, p), j) in second.iter_mut().zip(pi_x.iter()).zip(&mut indices) {
+                *s = block(word(p) ^ high ^ u128::from(j));
             }
             self.pi.encrypt_blocks(second);
             for ((h, s), p) in hashes.iter_mut().zip(second.iter()).zip(pi_x.iter()) {
@@ -118,6 +142,7 @@ impl Tccr {
             }
             each(&hashes[..n]);
         }
+        Ok(())
     }
 }
 
@@ -195,7 +220,12 @@ pub fn cot_counts(role: Role, demand: &Demand) -> Result<CotCounts, OtError> {
 }
 
 /// Bit 0 of `H(first_tweak + k, inputs[k] ⊕ mask)`, packed.
-fn hashed_bits(tccr: &Tccr, first_tweak: u128, inputs: &[u128], mask: u128) -> Bits {
+fn hashed_bits(
+    tccr: &Tccr,
+    first_tweak: u128,
+    inputs: &[u128],
+    mask: u128,
+) -> Result<Bits, OtError> {
     let mut words = Vec::with_capacity(inputs.len().div_ceil(64));
     tccr.hash_chunks(first_tweak, inputs, mask, |h| {
         words.extend(h.chunks(64).map(|c| {
@@ -203,17 +233,35 @@ fn hashed_bits(tccr: &Tccr, first_tweak: u128, inputs: &[u128], mask: u128) -> B
                 .enumerate()
                 .fold(0u64, |w, (k, &x)| w | (((x as u64) & 1) << k))
         }));
-    });
-    Bits::from_words(words, inputs.len()).unwrap_or_default()
+    })?;
+    Ok(Bits::from_words(words, inputs.len()).unwrap_or_default())
 }
 
 /// The low 64 bits of `H(first_tweak + k, inputs[k] ⊕ mask)`.
-fn hashed_words(tccr: &Tccr, first_tweak: u128, inputs: &[u128], mask: u128) -> Vec<u64> {
+fn hashed_words(
+    tccr: &Tccr,
+    first_tweak: u128,
+    inputs: &[u128],
+    mask: u128,
+) -> Result<Vec<u64>, OtError> {
     let mut words = Vec::with_capacity(inputs.len());
     tccr.hash_chunks(first_tweak, inputs, mask, |h| {
         words.extend(h.iter().map(|&x| x as u64));
-    });
-    words
+    })?;
+    Ok(words)
+}
+
+/// `first + count`: where the numbering continues after `count` COTs from
+/// `first`; fails instead of wrapping.
+pub fn advance_index(first: u64, count: usize, direction: &'static str) -> Result<u64, OtError> {
+    u64::try_from(count)
+        .ok()
+        .and_then(|c| first.checked_add(c))
+        .ok_or(OtError::CounterOverflow {
+            counter: direction,
+            at: u128::from(first),
+            more: count as u128,
+        })
 }
 
 /// This party's share of `demand` from its COTs of one batch, which must
@@ -237,39 +285,47 @@ pub fn refine(
             rl.total()
         )));
     }
+    // every index of the batch must fit below 2^64 in its direction
+    advance_index(first.sent, sl.total(), "the index of COTs this party sends")?;
+    advance_index(
+        first.received,
+        rl.total(),
+        "the index of COTs this party receives",
+    )?;
     let delta = cots.sent.delta;
     let (nt, sb, rb) = (sl.triples, sl.triples + sl.bits, rl.triples + rl.bits);
-    // tweaks of COT k of the batch in each direction
-    let sent_tweak = |k: usize| tweak(role, first.sent.wrapping_add(k as u64));
-    let received_tweak = |k: usize| tweak(role.peer(), first.received.wrapping_add(k as u64));
-    let sent_bits = |from: usize, to: usize| {
-        (
-            hashed_bits(tccr, sent_tweak(from), &q[from..to], 0),
-            hashed_bits(tccr, sent_tweak(from), &q[from..to], delta),
-        )
+    // tweaks of COT k of the batch in each direction (k ≤ the batch's
+    // size, so no sum below overflows after the checks above)
+    let sent_tweak = |k: usize| tweak(role, first.sent + k as u64);
+    let received_tweak = |k: usize| tweak(role.peer(), first.received + k as u64);
+    let sent_bits = |from: usize, to: usize| -> Result<(Bits, Bits), OtError> {
+        Ok((
+            hashed_bits(tccr, sent_tweak(from), &q[from..to], 0)?,
+            hashed_bits(tccr, sent_tweak(from), &q[from..to], delta)?,
+        ))
     };
     let received_bits =
         |from: usize, to: usize| hashed_bits(tccr, received_tweak(from), &t[from..to], 0);
 
-    let (s0, s1) = sent_bits(0, nt);
+    let (s0, s1) = sent_bits(0, nt)?;
     let a = s0.xor(&s1);
     let b = choice.slice(0, nt);
-    let c = a.and(&b).xor(&received_bits(0, nt)).xor(&s0);
-    let (m0, m1) = sent_bits(nt, sb);
+    let c = a.and(&b).xor(&received_bits(0, nt)?).xor(&s0);
+    let (m0, m1) = sent_bits(nt, sb)?;
     Ok(CorrelationBatch {
         triples: BitTriples { a, b, c },
         bit_sent: BitOtSender { m0, m1 },
         bit_received: BitOtReceiver {
             choice: choice.slice(nt, rl.bits),
-            m: received_bits(nt, rb),
+            m: received_bits(nt, rb)?,
         },
         word_sent: WordOtSender {
-            m0: hashed_words(tccr, sent_tweak(sb), &q[sb..], 0),
-            m1: hashed_words(tccr, sent_tweak(sb), &q[sb..], delta),
+            m0: hashed_words(tccr, sent_tweak(sb), &q[sb..], 0)?,
+            m1: hashed_words(tccr, sent_tweak(sb), &q[sb..], delta)?,
         },
         word_received: WordOtReceiver {
             choice: choice.slice(rb, rl.words),
-            m: hashed_words(tccr, received_tweak(rb), &t[rb..], 0),
+            m: hashed_words(tccr, received_tweak(rb), &t[rb..], 0)?,
         },
     })
 }
@@ -316,7 +372,7 @@ mod tests {
         );
         let inputs: Vec<u128> = (0..200u128).map(|k| k * 0x9e37_79b9_7f4a_7c15).collect();
         let mut out = Vec::new();
-        h.hash_many(1000, &inputs, 77, &mut out);
+        h.hash_many(1000, &inputs, 77, &mut out).unwrap();
         for (k, &x) in inputs.iter().enumerate() {
             assert_eq!(out[k], h.hash(1000 + k as u128, x ^ 77), "{k}");
         }
@@ -435,6 +491,66 @@ mod tests {
         let wrong = refine(&h, Role::Server, &demand, &sc, shifted).unwrap();
         assert_ne!(wrong.word_sent, s.word_sent);
         assert_eq!(wrong.word_received, s.word_received);
+    }
+
+    #[test]
+    fn the_tweak_index_fails_at_its_limit_instead_of_spilling_into_the_direction() {
+        let h = Tccr::new();
+        let inputs = [11u128, 22, 33];
+        let near = tweak(Role::Client, u64::MAX - 1);
+        // the last two indices of the direction are usable, and hash as
+        // the client's direction (no carry into the high half)
+        let mut out = Vec::new();
+        h.hash_many(near, &inputs[..2], 0, &mut out).unwrap();
+        assert_eq!(out[1], h.hash(tweak(Role::Client, u64::MAX), 22));
+        assert_ne!(out[1], h.hash(tweak(Role::Server, 0), 22));
+        // a third would need index 2^64: refused, nothing hashed
+        let mut out = Vec::new();
+        let err = h.hash_many(near, &inputs, 0, &mut out).unwrap_err();
+        assert!(
+            matches!(err, OtError::CounterOverflow { at, more: 2, .. } if at == u128::from(u64::MAX - 1)),
+            "{err}"
+        );
+        assert!(out.is_empty());
+        // the server's direction is refused the same way, not wrapped
+        let err = h
+            .hash_many(tweak(Role::Server, u64::MAX), &inputs[..2], 0, &mut out)
+            .unwrap_err();
+        assert!(format!("{err}").contains("would overflow"), "{err}");
+        h.hash_many(tweak(Role::Server, u64::MAX), &[], 0, &mut out)
+            .unwrap();
+
+        // refine: a batch that would number a COT at 2^64 or beyond
+        let demand = Demand {
+            triples: 3,
+            word_ots_client_sends: 7,
+            ..Demand::default()
+        };
+        let counts = cot_counts(Role::Client, &demand).unwrap();
+        assert_eq!(counts.sent, 10);
+        let mut rng = ChaCha20Rng::seed_from_u64(3);
+        let (cc, _) = ideal_cots(&mut rng, counts);
+        let fits = CotIndex {
+            sent: u64::MAX - 10,
+            received: 0,
+        };
+        refine(&h, Role::Client, &demand, &cc, fits).unwrap();
+        for first in [
+            CotIndex {
+                sent: u64::MAX - 9,
+                received: 0,
+            },
+            CotIndex {
+                sent: 0,
+                received: u64::MAX - 2,
+            },
+        ] {
+            let err = refine(&h, Role::Client, &demand, &cc, first).unwrap_err();
+            assert!(
+                matches!(err, OtError::CounterOverflow { .. }),
+                "{first:?}: {err}"
+            );
+        }
     }
 
     #[test]

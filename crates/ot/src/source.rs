@@ -119,6 +119,18 @@ pub trait CorrelationSource: Send {
     /// ready again).
     fn poll_batch(&mut self) -> Option<CotBatch>;
 
+    /// Bytes this party holds while it runs a batch of `counts`, beyond the
+    /// refined correlations its store will keep: both parties' messages,
+    /// its COTs before refinement and any buffers kept for the next batch.
+    /// The engine adds this to its budget check before the batch starts.
+    /// The default assumes IKNP-like costs: 16 bytes per COT for the COTs
+    /// themselves and 16 for a message, each way.
+    fn batch_buffer_bytes(&self, counts: CotCounts) -> u64 {
+        (counts.sent as u64)
+            .saturating_add(counts.received as u64)
+            .saturating_mul(32)
+    }
+
     /// Hands a batch back once it has been used up, so that the next batch
     /// can reuse its memory instead of faulting in fresh pages (megabytes
     /// per batch). Optional: the default drops it.
