@@ -202,4 +202,43 @@ mod tests {
         assert_uniform_bits(out.server.as_ref().unwrap(), "cross-AND server share");
         out.assert_uniform_messages("cross-AND");
     }
+
+    #[test]
+    fn no_mask_serves_twice_in_an_and_view() {
+        // Each party's view: the peer's masked bits (for AND, d and e
+        // apart) and its own output share; every two of them XOR to
+        // uniform bits, so no triple or OT bit masks two of them. The
+        // input is fixed and the same in both operands, so a = b would
+        // cancel in d ⊕ e.
+        let n = 1 << 14;
+        let (ones, zeros) = (Bits::ones(n), Bits::zeros(n));
+        let c = cost::and(n);
+        let out = duo!(ring(37), c.demand, |p| and(p, &ones, &ones).await, |p| and(
+            p, &zeros, &zeros
+        )
+        .await);
+        for (who, received, share) in [
+            ("client", &out.to_client, out.client.as_ref().unwrap()),
+            ("server", &out.to_server, out.server.as_ref().unwrap()),
+        ] {
+            let mut view = cut(received, bits_len(n), who);
+            assert_eq!(view.len(), 2, "d and e");
+            view.push((format!("{who}'s share"), share.to_bytes()));
+            assert_pairwise_xor_uniform(&view, &format!("AND, {who}"));
+        }
+
+        let c = cost::cross_and(n);
+        let out = duo!(ring(37), c.demand, |p| cross_and(p, &ones).await, |p| {
+            cross_and(p, &ones).await
+        });
+        for (who, received, share) in [
+            ("client", &out.to_client, out.client.as_ref().unwrap()),
+            ("server", &out.to_server, out.server.as_ref().unwrap()),
+        ] {
+            let mut view = cut(received, bits_len(n), who);
+            assert_eq!(view.len(), 1);
+            view.push((format!("{who}'s share"), share.to_bytes()));
+            assert_pairwise_xor_uniform(&view, &format!("cross-AND, {who}"));
+        }
+    }
 }

@@ -155,6 +155,7 @@ pub async fn drelu(p: &mut Party, x: &[u64], bits: u32) -> Result<Bits, MpcError
 mod tests {
     use super::*;
     use crate::testing::*;
+    use crate::wire::bits_len;
     use rand::RngExt;
 
     fn check_carry(alpha: &[u64], beta: &[u64], n: u32) {
@@ -284,6 +285,36 @@ mod tests {
             assert_uniform_bits(out.client.as_ref().unwrap(), "DReLU client share");
             assert_uniform_bits(out.server.as_ref().unwrap(), "DReLU server share");
             out.assert_uniform_messages("DReLU");
+        }
+    }
+
+    #[test]
+    fn no_mask_serves_twice_in_a_drelu_view() {
+        // Every message is bit planes of n bits, each masked on its own
+        // (the leaves' cross-AND, then d and e of every AND of every
+        // level): every two planes a party receives, and each plane with
+        // its output share, XOR to uniform bits.
+        let r = ring(40);
+        let n = 1 << 13;
+        for v in [-1i64, (1 << 39) - 1] {
+            let xc = vec![r.from_signed(v); n];
+            let xs = vec![0u64; n];
+            let c = cost::drelu(n, 40);
+            let out = duo!(r, c.demand, |p| drelu(p, &xc, 40).await, |p| drelu(
+                p, &xs, 40
+            )
+            .await);
+            for (who, received, share) in [
+                ("client", &out.to_client, out.client.as_ref().unwrap()),
+                ("server", &out.to_server, out.server.as_ref().unwrap()),
+            ] {
+                let mut view = cut(received, bits_len(n), who);
+                // 39 leaf planes and two per AND (d and e)
+                let ands: usize = cost::carry_levels(39).iter().sum();
+                assert_eq!(view.len(), 39 + 2 * ands);
+                view.push((format!("{who}'s share"), share.to_bytes()));
+                assert_pairwise_xor_uniform(&view, &format!("DReLU of {v}, {who}"));
+            }
         }
     }
 }

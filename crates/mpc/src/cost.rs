@@ -10,13 +10,15 @@
 //! DReLU on `ℓ` bits is carry on `ℓ − 1`; `b·y` takes one word OT each way;
 //! B2A and truncation one word OT the client sends; max and argmax play
 //! `g − 1` matches per group of `g`, each a DReLU on `ℓ + 1` bits and one or
-//! two selections.
+//! two selections; a piecewise-linear function with `m'` breakpoints inside
+//! the input range takes `m'` DReLUs on `ℓ + 1` bits, `m'` products `b·y`
+//! and one truncation.
 
 use secinfer_ot::{CorrelationStore, Demand, OtError, Role};
 use secinfer_ring::Ring;
 
-use crate::MpcError;
 use crate::wire::{bits_len, ring_len};
+use crate::{MpcError, Spline};
 
 /// A protocol's cost: correlations and traffic.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -273,6 +275,18 @@ pub fn truncate(ring: Ring, n: usize, shift: u32) -> Cost {
     select(ring, n, 0, true)
 }
 
+/// A public piecewise-linear function ([`Spline`]) of `n` values with
+/// `|v| < 2^(bits−1)`: one DReLU over the `n·m'` differences to the `m'`
+/// breakpoints inside that range (on [`Spline::comparison_bits`] bits), one
+/// `b·y` over the same pairs, and a truncation by the slopes' fractional
+/// bits. The flights do not depend on `m'`.
+pub fn piecewise(ring: Ring, n: usize, spline: &Spline, bits: u32) -> Cost {
+    let pairs = n * spline.comparisons(bits);
+    drelu(pairs, spline.comparison_bits(bits))
+        .plus(mul_bit(ring, pairs))
+        .plus(truncate(ring, n, spline.slope_frac_bits()))
+}
+
 /// The server's shares of `n` values to the client: one message.
 pub fn reveal_to_client(ring: Ring, n: usize) -> Cost {
     if n == 0 {
@@ -303,6 +317,45 @@ mod tests {
         let c = drelu(1, 37);
         assert_eq!((c.demand.bit_ots_server_sends, c.demand.triples), (36, 64));
         assert_eq!(c.client_messages, 7);
+    }
+
+    #[test]
+    fn a_piecewise_function_is_its_comparisons_products_and_truncation() {
+        let r = Ring::new(37).expect("ring");
+        let sigmoid = Spline::sigmoid(12, 1e-3).expect("sigmoid").spline;
+        let m = sigmoid.breaks().len();
+        // every breakpoint lies within ±8, inside the 20-bit range
+        assert_eq!(sigmoid.comparisons(20), m);
+        let c = piecewise(r, 100, &sigmoid, 20);
+        let per = |c: Cost| {
+            (
+                c.demand.bit_ots_server_sends,
+                c.demand.triples,
+                c.demand.word_ots_client_sends,
+                c.demand.word_ots_server_sends,
+            )
+        };
+        let want = drelu(100 * m, 21).plus(mul_bit(r, 100 * m)).plus(truncate(
+            r,
+            100,
+            sigmoid.slope_frac_bits(),
+        ));
+        assert_eq!(c, want);
+        // DReLU on 21 bits: 20 bit OTs per comparison; one word OT each way
+        // per comparison, one more the client sends per element
+        let a = carry_levels(20).iter().sum::<usize>() as u64;
+        let m = m as u64;
+        assert_eq!(per(c), (2000 * m, 100 * a * m, 100 * m + 100, 100 * m));
+        // 6 + 2 + 2 flights, one message each way in each but the
+        // truncation's (one way each)
+        assert_eq!((c.client_messages, c.server_messages), (9, 9));
+        assert_eq!(piecewise(r, 0, &sigmoid, 20), Cost::default());
+        // without fractional slope bits nothing is truncated
+        let clip = Spline::clip(0, 6 << 12).expect("clip");
+        assert_eq!(
+            piecewise(r, 100, &clip, 20),
+            drelu(200, 21).plus(mul_bit(r, 200))
+        );
     }
 
     #[test]

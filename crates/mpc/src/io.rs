@@ -35,8 +35,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::MpcError;
 
-/// One message of a joint protocol.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// One message of a joint protocol. `Debug` shows the payload's size, not
+/// its bytes (masked shares: nothing for a log).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Message {
     /// the program step it belongs to
     pub step: u32,
@@ -44,6 +45,18 @@ pub struct Message {
     pub seq: u32,
     /// the protocol's bytes (see [`crate::wire`])
     pub payload: Vec<u8>,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Message {{ step: {}, seq: {}, payload: {} bytes }}",
+            self.step,
+            self.seq,
+            self.payload.len()
+        )
+    }
 }
 
 #[derive(Debug, Default)]
@@ -385,6 +398,26 @@ mod tests {
             seen.extend(got);
         }
         Ok(seen)
+    }
+
+    #[test]
+    fn debug_shows_the_payload_size_only() {
+        let m = Message {
+            step: 3,
+            seq: 1,
+            payload: vec![0xab; 40],
+        };
+        assert_eq!(
+            format!("{m:?}"),
+            "Message { step: 3, seq: 1, payload: 40 bytes }"
+        );
+        let io = Io::default();
+        io.deliver(m);
+        let shown = format!("{io:?}");
+        assert!(
+            shown.contains("payload: 40 bytes") && !shown.contains("171"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@
 //! | [`b2a`], [`truncate`] | shares of `b`, of `v/2^s` | 2 (one way each) |
 //! | [`relu`] | shares of `max(v, 0)` | DReLU + 2 |
 //! | [`max_groups`], [`argmax_groups`] | shares per group | `⌈log2 g⌉ ·` (DReLU on `ℓ + 1` + 2) |
+//! | [`piecewise`] ([`Spline`]: Sigmoid, Tanh, LeakyRelu, Clip) | shares of `f(v)` | DReLU on `ℓ + 1` + 2 + 2, for any number of breakpoints |
 //! | [`reveal_to_client`] | the values, to the client | 1 (server to client) |
 //!
 //! [`cost`] gives each protocol's exact correlations and traffic; each
@@ -40,6 +41,7 @@ mod compare;
 pub mod cost;
 pub mod io;
 mod nonlinear;
+mod piecewise;
 mod planes;
 mod select;
 #[cfg(test)]
@@ -52,6 +54,7 @@ pub use compare::{carry, drelu};
 pub use cost::Cost;
 pub use io::{Io, Machine, Message, Party, PartyStats, run_pair};
 pub use nonlinear::{argmax_groups, max_groups, relu};
+pub use piecewise::{Approximation, Spline, piecewise};
 pub use secinfer_ot::{Bits, Demand, Role};
 pub use select::{b2a, mul_bit};
 pub use truncate::{Sign, reveal_to_client, truncate};
@@ -82,6 +85,10 @@ pub enum MpcError {
     /// A party could not be set up or driven.
     #[error("{0}")]
     Setup(String),
+    /// A function cannot be approximated as asked (a target error the
+    /// fixed-point scale cannot meet, or parameters out of range).
+    #[error("{0}")]
+    Approximation(String),
 }
 
 #[cfg(test)]
@@ -106,9 +113,10 @@ mod tests {
         TruncateNonNegative,
         TruncateSigned,
         Reveal,
+        Piecewise,
     }
 
-    const ALL: [Protocol; 12] = [
+    const ALL: [Protocol; 13] = [
         Protocol::And,
         Protocol::CrossAnd,
         Protocol::Carry,
@@ -121,6 +129,7 @@ mod tests {
         Protocol::TruncateNonNegative,
         Protocol::TruncateSigned,
         Protocol::Reveal,
+        Protocol::Piecewise,
     ];
 
     /// A change to a message in transit.
@@ -145,7 +154,20 @@ mod tests {
                 cost::truncate(ring, n, SHIFT)
             }
             Protocol::Reveal => cost::reveal_to_client(ring, n),
+            Protocol::Piecewise => cost::piecewise(ring, n, &spline(), BITS),
         }
+    }
+
+    /// A spline with breakpoints among the test inputs, a truncation, and
+    /// one breakpoint outside the `BITS` range.
+    fn spline() -> Spline {
+        Spline::new(
+            vec![-5, 100, 600, 1 << BITS],
+            vec![3, -1, 0, 2, 5],
+            vec![7, 0, -9, 4, 1],
+            SHIFT,
+        )
+        .expect("a valid spline")
     }
 
     /// Runs `protocol` on `n` small values (both parties alike); the
@@ -167,6 +189,7 @@ mod tests {
             Protocol::TruncateNonNegative => truncate(p, &x, SHIFT, Sign::NonNegative).await?,
             Protocol::TruncateSigned => truncate(p, &x, SHIFT, Sign::Signed).await?,
             Protocol::Reveal => reveal_to_client(p, &x).await?.unwrap_or_default(),
+            Protocol::Piecewise => piecewise(p, &x, &spline(), BITS).await?,
         })
     }
 
@@ -302,6 +325,80 @@ mod tests {
             let (first, position, second) = out.client;
             assert_eq!(position.as_seen_by_peer().triples, c.demand.triples);
             assert!(first.is_ok() && second.is_ok(), "{protocol:?}");
+        }
+    }
+
+    #[test]
+    fn protocols_compute_their_functions_on_correlations_from_real_ot_engines() {
+        // One run on material from two OtEngines (base OTs, IKNP, the
+        // hash), not the dealer: ReLU, a truncation of its output (as after
+        // a linear layer), a signed truncation, an AND and an argmax, each
+        // checked against its ideal function.
+        let r = ring(37);
+        let mut rng = rng(71);
+        let (n, bits, shift, group) = (999usize, BITS, SHIFT, GROUP);
+        let mut v = signed_edges(bits);
+        v.extend(random_signed(&mut rng, bits, n - v.len()));
+        let (xc, xs) = split_signed(&mut rng, r, &v);
+        let (x, y) = (random_bits(&mut rng, n), random_bits(&mut rng, n));
+        let (x_c, x_s) = split_bits(&mut rng, &x);
+        let (y_c, y_s) = split_bits(&mut rng, &y);
+        let cost = cost::relu(r, n, bits)
+            .plus(cost::truncate(r, n, shift))
+            .plus(cost::truncate(r, n, shift))
+            .plus(cost::and(n))
+            .plus(cost::argmax_groups(r, n, group, bits));
+        async fn run(
+            p: &mut Party,
+            x: &[u64],
+            a: &Bits,
+            b: &Bits,
+        ) -> Result<[Vec<u64>; 5], MpcError> {
+            let relu_out = relu(p, x, BITS).await?;
+            let scaled = truncate(p, &relu_out, SHIFT, Sign::NonNegative).await?;
+            let signed = truncate(p, x, SHIFT, Sign::Signed).await?;
+            let anded = and(p, a, b).await?.words().to_vec();
+            let index = argmax_groups(p, x, GROUP, BITS).await?;
+            Ok([relu_out, scaled, signed, anded, index])
+        }
+        let out = duo_on!(
+            Duo::from_engines(r, &cost.demand),
+            |p| run(p, &xc, &x_c, &y_c).await,
+            |p| run(p, &xs, &x_s, &y_s).await
+        );
+        out.check_cost(&cost);
+        let [relu_c, scaled_c, signed_c, and_c, index_c] = out.client.unwrap();
+        let [relu_s, scaled_s, signed_s, and_s, index_s] = out.server.unwrap();
+        let relu_out = open_signed(r, &relu_c, &relu_s);
+        assert_eq!(relu_out, v.iter().map(|&v| v.max(0)).collect::<Vec<_>>());
+        // within one unit: ⌈v/2^s⌉ − 1 ≤ r ≤ ⌈v/2^s⌉
+        let within = |got: &[i64], of: &[i64], what: &str| {
+            for (&g, &v) in got.iter().zip(of) {
+                let ceil = v.div_euclid(1 << shift) + i64::from(v.rem_euclid(1 << shift) != 0);
+                assert!(
+                    g == ceil || g == ceil - 1,
+                    "{what}: {v} / 2^{shift} gave {g}"
+                );
+            }
+        };
+        within(
+            &open_signed(r, &scaled_c, &scaled_s),
+            &relu_out,
+            "ReLU, truncated",
+        );
+        within(
+            &open_signed(r, &signed_c, &signed_s),
+            &v,
+            "signed truncation",
+        );
+        let and_c = Bits::from_words(and_c, n).expect("n bits");
+        let and_s = Bits::from_words(and_s, n).expect("n bits");
+        assert_eq!(open_bits(&and_c, &and_s), x.and(&y));
+        let index = open_signed(r, &index_c, &index_s);
+        for (g, chunk) in index.iter().zip(v.chunks(group)) {
+            let max = chunk.iter().max().copied().unwrap_or(0);
+            let first = chunk.iter().position(|&x| x == max).unwrap_or(0);
+            assert_eq!(*g, first as i64, "argmax of {chunk:?}");
         }
     }
 

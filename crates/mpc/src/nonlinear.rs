@@ -53,6 +53,21 @@ fn check_groups(
     Ok(len / group)
 }
 
+/// Checks that every index of a group of `group` (at most `group − 1`) is
+/// non-negative in the signed ring, `group ≤ 2^(k−1)`: the revealed index
+/// is read as a signed value, and a larger one would come out negative.
+fn check_index_width(p: &Party, group: usize) -> Result<(), MpcError> {
+    let k = p.ring().bits();
+    let limit = 1u128 << (k - 1);
+    if group as u128 > limit {
+        return Err(MpcError::Shape(format!(
+            "argmax over groups of {group} in Z_2^{k}: the index needs groups of at most 2^{} = {limit}",
+            k - 1
+        )));
+    }
+    Ok(())
+}
+
 /// One level's pairs: for every group of `g` entrants in `values`, entrant
 /// `2j` (lo) and `2j + 1` (hi) for `j < g/2`, group after group.
 fn pairs(values: &[u64], groups: usize, g: usize) -> (Vec<u64>, Vec<u64>) {
@@ -124,7 +139,8 @@ pub async fn max_groups(
 
 /// Shares of the index of the first maximum of each group of `group`
 /// consecutive values (ONNX ArgMax with `select_last_index = 0`); `x` as
-/// for [`max_groups`].
+/// for [`max_groups`], and `group ≤ 2^(k−1)` so that every index is a
+/// non-negative signed ring element.
 pub async fn argmax_groups(
     p: &mut Party,
     x: &[u64],
@@ -132,6 +148,7 @@ pub async fn argmax_groups(
     bits: u32,
 ) -> Result<Vec<u64>, MpcError> {
     let groups = check_groups(p, "argmax", x.len(), group, bits)?;
+    check_index_width(p, group)?;
     let ring = p.ring();
     cost::ensure(
         p.correlations(),
@@ -329,6 +346,52 @@ mod tests {
         // many groups, not a multiple of 64 comparisons per level
         let v = group_values(&mut rng, 1000, 9, 20);
         check_max_and_argmax(37, 20, 1000, 9, &v, &mut rng);
+    }
+
+    #[test]
+    fn argmax_indices_must_fit_the_signed_ring() {
+        let mut rng = rng(43);
+        // k = 8: groups of up to 2^7 = 128, the last index 127 the largest
+        // non-negative signed value; the maximum at index 127
+        let mut v = group_values(&mut rng, 3, 128, 7);
+        for x in &mut v[..127] {
+            *x = (*x).min(62);
+        }
+        v[127] = 63;
+        check_max_and_argmax(8, 7, 3, 128, &v, &mut rng);
+        // groups of 129 would reveal index 128 as −128: refused by both
+        // parties before anything is taken or sent, however many
+        // correlations there are
+        let x = vec![0u64; 2 * 129];
+        let c = cost::argmax_groups(ring(8), x.len(), 129, 7);
+        let out = duo!(
+            ring(8),
+            c.demand,
+            |p| argmax_groups(p, &x, 129, 7).await,
+            |p| argmax_groups(p, &x, 129, 7).await
+        );
+        for result in [&out.client, &out.server] {
+            let e = result.as_ref().unwrap_err();
+            assert!(
+                matches!(e, MpcError::Shape(m) if m.contains("groups of at most 2^7 = 128")),
+                "{e}"
+            );
+        }
+        assert_eq!(
+            (
+                out.client_stats.messages_sent,
+                out.server_stats.messages_sent
+            ),
+            (0, 0)
+        );
+        assert_eq!(out.client_left, c.demand);
+        // the limit is the ring's: at k = 9 the same groups are fine
+        let mut v = group_values(&mut rng, 2, 129, 7);
+        for x in &mut v[..128] {
+            *x = (*x).min(62);
+        }
+        v[128] = 63;
+        check_max_and_argmax(9, 7, 2, 129, &v, &mut rng);
     }
 
     #[test]

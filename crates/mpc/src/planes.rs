@@ -20,11 +20,18 @@ pub(crate) fn words_per_plane(n: usize) -> usize {
 
 /// `m` padded bit planes of `n` elements each. Invariant:
 /// `words.len() == m · words_per_plane(n)` and padding bits are zero.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub(crate) struct Planes {
     words: Vec<u64>,
     m: usize,
     n: usize,
+}
+
+/// Planes hold shares and masked bits: `Debug` shows the shape only.
+impl std::fmt::Debug for Planes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Planes({} × {})", self.m, self.n)
+    }
 }
 
 /// Transposes a 64×64 bit matrix in place: afterwards bit `j` of `a[i]` is
@@ -231,6 +238,12 @@ impl Planes {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn debug_shows_the_shape_only() {
+        let p = Planes::from_words(vec![0xdead_beef; 6], 3, 100);
+        assert_eq!(format!("{p:?}"), "Planes(3 × 100)");
+    }
 
     #[test]
     fn transpose64_swaps_rows_and_columns() {

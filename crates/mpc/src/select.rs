@@ -244,4 +244,62 @@ mod tests {
         assert_uniform_ring(r, out.server.as_ref().unwrap(), "B2A server share");
         out.assert_uniform_messages("B2A");
     }
+
+    #[test]
+    fn no_mask_serves_twice_in_a_product_view() {
+        // Each party receives δ (bits) and w (ring elements) for the OTs it
+        // sends and keeps an output share: δ and every bit plane of w and
+        // of the share XOR pairwise to uniform bits, and w and the share
+        // differ and add to uniform ring elements, so no OT message masks
+        // two of them.
+        let r = ring(40);
+        let n = 1 << 13;
+        let (bc, bs) = (Bits::ones(n), Bits::zeros(n));
+        let (yc, ys) = (vec![r.mask(); n], vec![0u64; n]);
+        let c = cost::mul_bit(r, n);
+        let out = duo!(r, c.demand, |p| mul_bit(p, &bc, &yc).await, |p| mul_bit(
+            p, &bs, &ys
+        )
+        .await);
+        for (who, received, share) in [
+            ("client", &out.to_client, out.client.as_ref().unwrap()),
+            ("server", &out.to_server, out.server.as_ref().unwrap()),
+        ] {
+            let [delta, w] = &received[..] else {
+                panic!("{who} received {} messages", received.len());
+            };
+            let mut view = vec![(format!("{who}'s δ"), delta.clone())];
+            view.extend(bit_planes(r, &ring_values(r, w, n), &format!("{who}'s w")));
+            view.extend(bit_planes(r, share, &format!("{who}'s share")));
+            assert_pairwise_xor_uniform(&view, &format!("b·y, {who}"));
+            let view = [
+                (format!("{who}'s w"), ring_values(r, w, n)),
+                (format!("{who}'s share"), share.clone()),
+            ];
+            assert_pairwise_ring_uniform(r, &view, &format!("b·y, {who}"));
+        }
+
+        // B2A: the server receives w, the client δ
+        let c = cost::b2a(r, n);
+        let out = duo!(r, c.demand, |p| b2a(p, &bc).await, |p| b2a(p, &bs).await);
+        let (client, server) = (out.client.as_ref().unwrap(), out.server.as_ref().unwrap());
+        let [delta] = &out.to_client[..] else {
+            panic!("the client receives δ only");
+        };
+        let [w] = &out.to_server[..] else {
+            panic!("the server receives w only");
+        };
+        let mut view = vec![("client's δ".to_string(), delta.clone())];
+        view.extend(bit_planes(r, client, "client's share"));
+        assert_pairwise_xor_uniform(&view, "B2A, client");
+        let w = ring_values(r, w, n);
+        let mut view = bit_planes(r, &w, "server's w");
+        view.extend(bit_planes(r, server, "server's share"));
+        assert_pairwise_xor_uniform(&view, "B2A, server");
+        let view = [
+            ("server's w".to_string(), w),
+            ("server's share".to_string(), server.clone()),
+        ];
+        assert_pairwise_ring_uniform(r, &view, "B2A, server");
+    }
 }

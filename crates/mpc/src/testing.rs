@@ -13,10 +13,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 
 use rand::{RngExt, SeedableRng};
-use secinfer_ot::{Bits, Demand, Role, insecure_test_dealer};
+use secinfer_ot::{Bits, CorrelationStore, Demand, OtEngine, Role, insecure_test_dealer};
 use secinfer_ring::Ring;
 
 use crate::cost::Cost;
+use crate::wire::Reader;
 use crate::{Io, Party, PartyStats};
 
 pub(crate) type Rng = rand::rngs::ChaCha20Rng;
@@ -97,6 +98,53 @@ impl Duo {
     pub(crate) fn new(ring: Ring, demand: &Demand) -> Duo {
         let mut rng = rng(SEED.fetch_add(1, Ordering::Relaxed));
         let (c, s) = insecure_test_dealer::stores(&mut rng, demand);
+        Duo::with_stores(ring, c, s)
+    }
+
+    /// A client and a server holding `demand` made by two real OT engines
+    /// (base OTs, then IKNP extension and refinement in two batches, so
+    /// that runs straddle a batch boundary), as a session makes them.
+    pub(crate) fn from_engines(ring: Ring, demand: &Demand) -> Duo {
+        let mut client = OtEngine::new(Role::Client, u64::MAX).expect("client engine");
+        let mut server = OtEngine::new(Role::Server, u64::MAX).expect("server engine");
+        let mut next = Some(client.start_setup().expect("setup flight 0"));
+        let mut to_server = true;
+        while let Some(m) = next.take() {
+            next = if to_server {
+                server.handle(m).expect("server setup")
+            } else {
+                client.handle(m).expect("client setup")
+            };
+            to_server = !to_server;
+        }
+        assert!(client.is_ready() && server.is_ready());
+        let half = Demand {
+            triples: demand.triples / 2,
+            bit_ots_client_sends: demand.bit_ots_client_sends / 2,
+            bit_ots_server_sends: demand.bit_ots_server_sends / 2,
+            word_ots_client_sends: demand.word_ots_client_sends / 2,
+            word_ots_server_sends: demand.word_ots_server_sends / 2,
+        };
+        let rest = Demand {
+            triples: demand.triples - half.triples,
+            bit_ots_client_sends: demand.bit_ots_client_sends - half.bit_ots_client_sends,
+            bit_ots_server_sends: demand.bit_ots_server_sends - half.bit_ots_server_sends,
+            word_ots_client_sends: demand.word_ots_client_sends - half.word_ots_client_sends,
+            word_ots_server_sends: demand.word_ots_server_sends - half.word_ots_server_sends,
+        };
+        for batch in [half, rest] {
+            let request = client.request(batch).expect("request");
+            let answer = server.handle(request).expect("server batch");
+            let answer = answer.expect("the server answers a batch");
+            assert_eq!(client.handle(answer).expect("client batch"), None);
+        }
+        let (at_c, at_s) = (client.position(), server.position());
+        let c = client.take_at(at_s, demand).expect("client's run");
+        let s = server.take_at(at_c, demand).expect("server's run");
+        Duo::with_stores(ring, c, s)
+    }
+
+    fn with_stores(ring: Ring, c: CorrelationStore, s: CorrelationStore) -> Duo {
         let (client_io, server_io) = (Io::default(), Io::default());
         Duo {
             client: Party::new(Role::Client, ring, c, client_io.clone()).expect("client"),
@@ -203,8 +251,20 @@ impl Duo {
 /// Runs `$client` with `&mut Party` bound to `$pc` against `$server`, on
 /// correlations dealt for `$demand`; gives an [`Outcome`].
 macro_rules! duo {
-    ($ring:expr, $demand:expr, |$pc:ident| $client:expr, |$ps:ident| $server:expr) => {{
-        let mut duo = $crate::testing::Duo::new($ring, &$demand);
+    ($ring:expr, $demand:expr, |$pc:ident| $client:expr, |$ps:ident| $server:expr) => {
+        $crate::testing::duo_on!(
+            $crate::testing::Duo::new($ring, &$demand),
+            |$pc| $client,
+            |$ps| $server
+        )
+    };
+}
+pub(crate) use duo;
+
+/// As [`duo`], on the parties of a given [`Duo`].
+macro_rules! duo_on {
+    ($duo:expr, |$pc:ident| $client:expr, |$ps:ident| $server:expr) => {{
+        let mut duo: $crate::testing::Duo = $duo;
         let driven = {
             let $crate::testing::Duo {
                 client,
@@ -231,7 +291,7 @@ macro_rules! duo {
         duo.outcome(driven)
     }};
 }
-pub(crate) use duo;
+pub(crate) use duo_on;
 
 /// As [`duo`], with messages tampered with in transit; gives what each
 /// party returned (`None`: stuck).
@@ -392,6 +452,85 @@ pub(crate) fn assert_uniform_ring(ring: Ring, v: &[u64], what: &str) {
     }
 }
 
+/// Part of what a party sees: a received message (or one part of one that
+/// has masks of its own, such as one bit plane) or its output share, as
+/// bytes.
+pub(crate) type Piece = (String, Vec<u8>);
+
+/// Each payload cut into pieces of `size` bytes (the last may be shorter),
+/// named by `who`, message and piece.
+pub(crate) fn cut(payloads: &[Vec<u8>], size: usize, who: &str) -> Vec<Piece> {
+    payloads
+        .iter()
+        .enumerate()
+        .flat_map(|(i, m)| {
+            m.chunks(size)
+                .enumerate()
+                .map(move |(j, c)| (format!("{who}'s message {i} piece {j}"), c.to_vec()))
+        })
+        .collect()
+}
+
+/// The `k` bit planes of ring elements, as pieces of `v.len()` bits each
+/// (plane `t`: bit `t` of every element), so that bits of ring elements
+/// line up element by element with bit messages and with each other.
+pub(crate) fn bit_planes(ring: Ring, v: &[u64], name: &str) -> Vec<Piece> {
+    (0..ring.bits())
+        .map(|t| {
+            let plane = Bits::from_bools(v.iter().map(|&x| (x >> t) & 1 == 1));
+            (format!("{name} bit {t}"), plane.to_bytes())
+        })
+        .collect()
+}
+
+/// A payload of `n` ring elements, decoded.
+pub(crate) fn ring_values(ring: Ring, payload: &[u8], n: usize) -> Vec<u64> {
+    let mut r = Reader::new(payload, "test");
+    let v = r.ring(ring, n).expect("ring elements");
+    r.finish().expect("exactly n elements");
+    v
+}
+
+/// No XOR mask serves twice in one party's view: the XOR of every two
+/// pieces (over the shorter one's length) looks uniform. A mask used for
+/// two messages, or for a message and the output share, cancels in their
+/// XOR even when each looks uniform alone. Pieces should be bit vectors of
+/// one bit per element (messages cut into planes, ring values through
+/// [`bit_planes`]), so that a relation between the same element's bits
+/// shows.
+pub(crate) fn assert_pairwise_xor_uniform(view: &[Piece], what: &str) {
+    assert!(view.len() >= 2, "{what}: nothing to pair");
+    for (i, (name_a, a)) in view.iter().enumerate() {
+        for (name_b, b) in &view[i + 1..] {
+            let xor: Vec<u8> = a.iter().zip(b).map(|(a, b)| a ^ b).collect();
+            assert_uniform_bytes(&xor, &format!("{what}: {name_a} ⊕ {name_b}"));
+        }
+    }
+}
+
+/// The same for additive masks: the difference and the sum of every two
+/// vectors of ring elements (over the shorter one's length) look uniform.
+pub(crate) fn assert_pairwise_ring_uniform(ring: Ring, view: &[(String, Vec<u64>)], what: &str) {
+    assert!(view.len() >= 2, "{what}: nothing to pair");
+    let mask = ring.mask();
+    for (i, (name_a, a)) in view.iter().enumerate() {
+        for (name_b, b) in &view[i + 1..] {
+            let diff: Vec<u64> = a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| a.wrapping_sub(*b) & mask)
+                .collect();
+            assert_uniform_ring(ring, &diff, &format!("{what}: {name_a} − {name_b}"));
+            let sum: Vec<u64> = a
+                .iter()
+                .zip(b)
+                .map(|(a, b)| a.wrapping_add(*b) & mask)
+                .collect();
+            assert_uniform_ring(ring, &sum, &format!("{what}: {name_a} + {name_b}"));
+        }
+    }
+}
+
 #[test]
 fn the_statistical_checks_reject_constant_and_biased_data() {
     let r = ring(40);
@@ -415,4 +554,38 @@ fn the_statistical_checks_reject_constant_and_biased_data() {
     let bits = random_bits(&mut rng, 8192);
     assert!(!caught(&|| assert_uniform_bits(&bits, "uniform")));
     assert!(caught(&|| assert_uniform_bits(&Bits::ones(8192), "ones")));
+
+    // one mask on two messages: each uniform, their XOR or difference not
+    let mask: Vec<u8> = (0..4096).map(|_| rng.random()).collect();
+    let other: Vec<u8> = (0..4096).map(|_| rng.random()).collect();
+    let piece = |name: &str, m: &[u8], x: u8| (name.to_string(), m.iter().map(|b| b ^ x).collect());
+    let fresh = [piece("a", &mask, 0), piece("b", &other, 0)];
+    assert!(!caught(&|| assert_pairwise_xor_uniform(&fresh, "fresh")));
+    let reused = [
+        piece("a", &mask, 0x5a),
+        piece("b", &other, 0),
+        piece("c", &mask, 0),
+    ];
+    assert!(caught(&|| assert_pairwise_xor_uniform(&reused, "reused")));
+    let m: Vec<u64> = (0..8192).map(|_| r.reduce(rng.random())).collect();
+    let y = 12345u64;
+    let masked = |sign: bool| -> Vec<u64> {
+        m.iter()
+            .map(|&m| if sign { y.wrapping_add(m) } else { y.wrapping_sub(m) } & r.mask())
+            .collect()
+    };
+    let fresh = [
+        ("u".to_string(), masked(true)),
+        ("v".to_string(), uniform.clone()),
+    ];
+    assert!(!caught(&|| assert_pairwise_ring_uniform(
+        r, &fresh, "fresh"
+    )));
+    // y + m and y + m differ by 0; y + m and y − m sum to 2y
+    for twice in [masked(true), masked(false)] {
+        let reused = [("u".to_string(), masked(true)), ("v".to_string(), twice)];
+        assert!(caught(&|| assert_pairwise_ring_uniform(
+            r, &reused, "reused"
+        )));
+    }
 }

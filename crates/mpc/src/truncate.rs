@@ -268,6 +268,44 @@ mod tests {
     }
 
     #[test]
+    fn no_mask_serves_twice_in_a_truncation_view() {
+        // The client receives δ, the server w; with a uniform input split
+        // (as the linear layers deliver it) each party's message and output
+        // share, bit plane by bit plane, XOR to uniform bits (and w and
+        // the share differ and add to uniform ring elements).
+        let r = ring(40);
+        let n = 1 << 13;
+        let mut rng = rng(55);
+        for (v, sign) in [(0i64, Sign::NonNegative), (-(1 << 37), Sign::Signed)] {
+            let (xc, xs) = split_signed(&mut rng, r, &vec![v; n]);
+            let c = cost::truncate(r, n, 13);
+            let out = duo!(r, c.demand, |p| truncate(p, &xc, 13, sign).await, |p| {
+                truncate(p, &xs, 13, sign).await
+            });
+            let (client, server) = (out.client.as_ref().unwrap(), out.server.as_ref().unwrap());
+            let [delta] = &out.to_client[..] else {
+                panic!("the client receives δ only");
+            };
+            let [w] = &out.to_server[..] else {
+                panic!("the server receives w only");
+            };
+            let what = format!("truncation of {v}");
+            let mut view = vec![("client's δ".to_string(), delta.clone())];
+            view.extend(bit_planes(r, client, "client's share"));
+            assert_pairwise_xor_uniform(&view, &format!("{what}, client"));
+            let w = ring_values(r, w, n);
+            let mut view = bit_planes(r, &w, "server's w");
+            view.extend(bit_planes(r, server, "server's share"));
+            assert_pairwise_xor_uniform(&view, &format!("{what}, server"));
+            let view = [
+                ("server's w".to_string(), w),
+                ("server's share".to_string(), server.clone()),
+            ];
+            assert_pairwise_ring_uniform(r, &view, &format!("{what}, server"));
+        }
+    }
+
+    #[test]
     fn reveal_gives_the_client_the_values_and_the_server_nothing() {
         let mut rng = rng(53);
         for k in [8u32, 37, 62] {
