@@ -17,6 +17,8 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 
+use secinfer_ot::OtMessage;
+use secinfer_protocol::private::PrivateMessage;
 use secinfer_protocol::{
     Channel, MaskRequest, MaskedInput, MaskedOutput, OfflineHello, ProductReply, Traffic,
 };
@@ -50,6 +52,8 @@ pub struct ClientConfig {
     pub token: String,
     /// digest of the client model (`ClientModel::digest`)
     pub model_digest: String,
+    /// what the client model reveals (checked against the server's)
+    pub reveal: String,
     /// largest frame in either direction (the server's limit should match)
     pub max_frame_bytes: usize,
     /// how long to wait for the connection and handshake
@@ -58,13 +62,20 @@ pub struct ClientConfig {
 
 impl ClientConfig {
     /// A configuration with default limits.
-    pub fn new(server: &str, trust: Trust, token: &str, model_digest: &str) -> ClientConfig {
+    pub fn new(
+        server: &str,
+        trust: Trust,
+        token: &str,
+        model_digest: &str,
+        reveal: &str,
+    ) -> ClientConfig {
         ClientConfig {
             server: server.to_string(),
             server_name: None,
             trust,
             token: token.to_string(),
             model_digest: model_digest.to_string(),
+            reveal: reveal.to_string(),
             max_frame_bytes: crate::DEFAULT_MAX_FRAME_BYTES,
             connect_timeout: Duration::from_secs(20),
         }
@@ -85,8 +96,8 @@ pub struct QuicChannel {
     online: Mutex<Option<Stream>>,
     offline: Mutex<Option<Stream>>,
     max_frame: usize,
-    /// online up, online down, offline up, offline down
-    bytes: [AtomicU64; 4],
+    /// online up, online down, offline up, offline down, OT up, OT down
+    bytes: [AtomicU64; 6],
     server_ops: u32,
 }
 
@@ -167,6 +178,7 @@ impl QuicChannel {
                     &ClientFrame::Hello {
                         version: PROTOCOL_VERSION,
                         model_digest: config.model_digest.clone(),
+                        reveal: config.reveal.clone(),
                         token: config.token.clone(),
                     },
                     MAX_HELLO_BYTES,
@@ -175,10 +187,16 @@ impl QuicChannel {
                 .map_err(|e| frame_err(&conn, e))?;
                 let _ = send.finish();
                 match read_frame::<_, ServerFrame>(&mut recv, MAX_HELLO_BYTES).await {
-                    Ok(Some((ServerFrame::Welcome { version, ops }, _))) => {
+                    Ok(Some((ServerFrame::Welcome { version, ops, reveal }, _))) => {
                         if version != PROTOCOL_VERSION {
                             bail!(
                                 "protocol version mismatch: server speaks {version}, client {PROTOCOL_VERSION}"
+                            );
+                        }
+                        if reveal != config.reveal {
+                            bail!(
+                                "reveal mode mismatch: the server serves a '{reveal}' model, the client's model is '{}'",
+                                config.reveal
                             );
                         }
                         Ok((conn, ops))
@@ -352,6 +370,8 @@ fn unexpected(what: &str, got: &ServerFrame) -> anyhow::Error {
         ServerFrame::OfflineReady => "OfflineReady",
         ServerFrame::OfflineReply(_) => "OfflineReply",
         ServerFrame::OfflineDone => "OfflineDone",
+        ServerFrame::Ot(_) => "Ot",
+        ServerFrame::Private(_) => "Private",
     };
     anyhow!("protocol error: expected {what}, the server sent {name}")
 }
@@ -403,6 +423,72 @@ impl Channel for QuicChannel {
         )
     }
 
+    fn ot(&self, message: OtMessage) -> anyhow::Result<Option<OtMessage>> {
+        let mut out = None;
+        self.exchange(
+            &self.offline,
+            ClientFrame::Ot(message),
+            (4, 5),
+            &mut |frame| match frame {
+                ServerFrame::Ot(reply) => {
+                    out = Some(reply);
+                    Ok(true)
+                }
+                other => Err(unexpected("a correlations answer", &other)),
+            },
+        )?;
+        out.ok_or_else(|| anyhow!("no correlations answer"))
+    }
+
+    fn send_private(&self, message: PrivateMessage) -> anyhow::Result<()> {
+        let mut guard = self
+            .online
+            .lock()
+            .map_err(|_| anyhow!("stream poisoned by an earlier panic"))?;
+        let (max, conn) = (self.max_frame, &self.conn);
+        let result = self.runtime.block_on(async {
+            if guard.is_none() {
+                *guard = Some(conn.open_bi().await.map_err(explain)?);
+            }
+            let (send, _) = guard.as_mut().ok_or_else(|| anyhow!("no stream"))?;
+            let n = write_frame(send, &ClientFrame::Private(message), max)
+                .await
+                .map_err(|e| frame_err(conn, e))?;
+            self.bytes[0].fetch_add(n as u64, Ordering::Relaxed);
+            Ok(())
+        });
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+
+    fn recv_private(&self) -> anyhow::Result<PrivateMessage> {
+        let mut guard = self
+            .online
+            .lock()
+            .map_err(|_| anyhow!("stream poisoned by an earlier panic"))?;
+        let (max, conn) = (self.max_frame, &self.conn);
+        let result = self.runtime.block_on(async {
+            let (_, recv) = guard
+                .as_mut()
+                .ok_or_else(|| anyhow!("no private batch is in progress"))?;
+            match read_frame::<_, ServerFrame>(recv, max).await {
+                Ok(Some((ServerFrame::Private(m), n))) => {
+                    self.bytes[1].fetch_add(n as u64, Ordering::Relaxed);
+                    Ok(m)
+                }
+                Ok(Some((other, _))) => Err(unexpected("a private-batch message", &other)),
+                Ok(None) => Err(closed_reason(conn).await),
+                Err(e) => Err(frame_err_wait(conn, e).await),
+            }
+        });
+        if result.is_err() {
+            *guard = None;
+        }
+        result
+    }
+
     fn max_message_bytes(&self) -> usize {
         self.max_frame
     }
@@ -414,6 +500,8 @@ impl Channel for QuicChannel {
             online_down: b(1),
             offline_up: b(2),
             offline_down: b(3),
+            ot_up: b(4),
+            ot_down: b(5),
         }
     }
 }

@@ -6,10 +6,13 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use secinfer_ot::OtMessage;
+use secinfer_protocol::private::PrivateMessage;
 use secinfer_protocol::{MaskRequest, MaskedInput, MaskedOutput, OfflineHello, ProductReply};
 
-/// Version of the wire protocol; both sides must agree exactly.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version of the wire protocol; both sides must agree exactly (2: the
+/// reveal mode in the handshake, correlations and private batches).
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Largest frame accepted by default: 64 MiB (an offline chunk is ~12 MiB; an
 /// online batch of 100 CNN images ~0.6 MiB).
@@ -27,6 +30,8 @@ pub enum ClientFrame {
         version: u32,
         /// digest of the client's `client.onnx` (it must match the server's model)
         model_digest: String,
+        /// what the client's model reveals (`logits`, `argmax`, `activations`)
+        reveal: String,
         /// API token
         token: String,
     },
@@ -36,6 +41,10 @@ pub enum ClientFrame {
     OfflineHello(OfflineHello),
     /// Offline: a chunk of encrypted masks.
     Offline(MaskRequest),
+    /// Offline, private modes: a message of the correlations' engine.
+    Ot(OtMessage),
+    /// Online, private modes: a message of a private batch.
+    Private(PrivateMessage),
 }
 
 /// Server to client.
@@ -47,9 +56,15 @@ pub enum ServerFrame {
         version: u32,
         /// SecureLinear ops in the served model
         ops: u32,
+        /// what the served model reveals
+        reveal: String,
     },
     /// Online: `W·(x − r) + b + s`.
     Online(MaskedOutput),
+    /// Offline, private modes: the engine's answer, if any.
+    Ot(Option<OtMessage>),
+    /// Online, private modes: a message of the server's run of a batch.
+    Private(PrivateMessage),
     /// Offline: the public key is accepted.
     OfflineReady,
     /// Offline: part of an op's `Enc(W·r − s)`.
@@ -176,6 +191,7 @@ mod tests {
         ClientFrame::Hello {
             version: PROTOCOL_VERSION,
             model_digest: "ab".repeat(32),
+            reveal: "logits".into(),
             token: "t".into(),
         }
     }

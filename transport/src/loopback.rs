@@ -22,6 +22,7 @@ pub struct Loopback {
     addr: std::net::SocketAddr,
     fingerprint: Fingerprint,
     token: String,
+    reveal: String,
 }
 
 impl Loopback {
@@ -37,6 +38,7 @@ impl Loopback {
             .enable_all()
             .build()
             .context("starting the server's network runtime")?;
+        let reveal = crate::server::reveal_of(&*linear);
         let identity = Identity::self_signed(&["localhost", "127.0.0.1"])?;
         let fingerprint = identity.fingerprint();
         let token = generate_token()?;
@@ -57,6 +59,7 @@ impl Loopback {
             addr,
             fingerprint,
             token,
+            reveal,
         })
     }
 
@@ -87,6 +90,7 @@ impl Loopback {
             Trust::Fingerprint(self.fingerprint),
             &self.token,
             model_digest,
+            &self.reveal,
         )
     }
 

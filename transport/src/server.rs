@@ -20,6 +20,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
+use secinfer_protocol::private::{PrivateMessage, PrivateRun};
 use secinfer_protocol::{MaskedLinear, ProtocolError, ServerSession};
 
 use crate::TokenSet;
@@ -97,9 +98,18 @@ struct Stats {
     connections: AtomicUsize,
 }
 
+/// What a served model reveals, as the handshake names it.
+pub(crate) fn reveal_of<L: MaskedLinear + ?Sized>(linear: &L) -> String {
+    linear
+        .program()
+        .map_or("activations", |p| p.reveal.as_str())
+        .to_string()
+}
+
 struct Shared<L: ?Sized> {
     linear: Arc<L>,
     digest: String,
+    reveal: String,
     tokens: TokenSet,
     limits: Limits,
     sessions: Arc<Semaphore>,
@@ -156,6 +166,7 @@ impl Server {
         let (tx, rx) = watch::channel(false);
         let stats = Arc::new(Stats::default());
         let shared = Arc::new(Shared {
+            reveal: reveal_of(&*linear),
             linear,
             digest,
             tokens: config.tokens,
@@ -355,6 +366,7 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
         ClientFrame::Hello {
             version,
             model_digest,
+            reveal,
             token,
         },
         _,
@@ -376,6 +388,12 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
             "protocol version mismatch: client speaks {version}, server speaks {PROTOCOL_VERSION}"
         )));
     }
+    if reveal != shared.reveal {
+        return Err(End::Refused(format!(
+            "reveal mode mismatch: the client's model is '{reveal}', the server serves a '{}' model",
+            shared.reveal
+        )));
+    }
     if model_digest != shared.digest {
         return Err(End::Refused(format!(
             "model digest mismatch: the client's model is {model_digest}, the server serves {}; use the client.onnx made with this server.onnx",
@@ -393,6 +411,7 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
         &ServerFrame::Welcome {
             version: PROTOCOL_VERSION,
             ops: shared.linear.layers().len() as u32,
+            reveal: shared.reveal.clone(),
         },
         MAX_HELLO_BYTES,
     )
@@ -479,7 +498,97 @@ async fn stream<L: MaskedLinear + 'static + ?Sized>(
                 }
                 write_frame(&mut send, &ServerFrame::OfflineDone, max).await?;
             }
+            ClientFrame::Ot(msg) => {
+                let st = state.clone();
+                let reply = blocking(move || Ok(st.lock()?.handle_ot(msg)?)).await?;
+                write_frame(&mut send, &ServerFrame::Ot(reply), max).await?;
+            }
+            ClientFrame::Private(begin @ PrivateMessage::Begin { .. }) => {
+                let st = state.clone();
+                let run = blocking(move || Ok(st.lock()?.begin_private(begin)?)).await?;
+                drive_private(run, &mut send, &mut recv, &shared).await?;
+            }
+            ClientFrame::Private(PrivateMessage::Step(m)) => {
+                return Err(End::Protocol(format!(
+                    "a message of step {} arrived with no private batch in progress",
+                    m.step
+                )));
+            }
         }
+    }
+}
+
+/// Drives the server's run of a private batch on one stream: the run
+/// computes on a blocking thread until it waits for the client, its messages
+/// go out, the client's next message comes in. The server is an active
+/// party: it sends without being asked.
+async fn drive_private<L: MaskedLinear + 'static + ?Sized>(
+    mut run: PrivateRun,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    shared: &Arc<Shared<L>>,
+) -> Result<(), End> {
+    let max = shared.limits.max_frame_bytes;
+    let patience = shared.limits.frame_timeout;
+    loop {
+        let (back, out, done) = tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            while let Some(m) = run.poll_transmit() {
+                out.push(m);
+            }
+            let done = run.poll_output();
+            (run, out, done)
+        })
+        .await
+        .map_err(|e| End::Internal(format!("private batch worker failed: {e}")))?;
+        run = back;
+        for m in out {
+            let frame = ServerFrame::Private(PrivateMessage::Step(m));
+            tokio::time::timeout(patience, write_frame(send, &frame, max))
+                .await
+                .map_err(|_| {
+                    End::Protocol(format!(
+                        "the client did not take a private-batch message within {patience:?}"
+                    ))
+                })??;
+        }
+        if let Some(done) = done {
+            done?;
+            return Ok(());
+        }
+        let frame = tokio::time::timeout(
+            shared.limits.idle_timeout,
+            read_frame_within::<_, ClientFrame>(recv, max, Some(patience)),
+        )
+        .await
+        .map_err(|_| {
+            End::Protocol(format!(
+                "the client sent nothing for {:?} inside a private batch",
+                shared.limits.idle_timeout
+            ))
+        })??;
+        match frame {
+            Some((ClientFrame::Private(PrivateMessage::Step(m)), _)) => run.handle(m),
+            Some((other, _)) => {
+                return Err(End::Protocol(format!(
+                    "a private batch is in progress; the client sent {}",
+                    frame_name(&other)
+                )));
+            }
+            None => return Err(End::Lost),
+        }
+    }
+}
+
+fn frame_name(f: &ClientFrame) -> &'static str {
+    match f {
+        ClientFrame::Hello { .. } => "Hello",
+        ClientFrame::Online(_) => "an online request",
+        ClientFrame::OfflineHello(_) => "an HE key",
+        ClientFrame::Offline(_) => "an HE request",
+        ClientFrame::Ot(_) => "a correlations message",
+        ClientFrame::Private(PrivateMessage::Begin { .. }) => "a second Begin",
+        ClientFrame::Private(PrivateMessage::Step(_)) => "a step",
     }
 }
 

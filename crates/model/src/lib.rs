@@ -671,6 +671,10 @@ impl AttrReader<'_> {
             .map_err(|_| self.bad(attr, "is not UTF-8"))
     }
 
+    fn i64s(&self, attr: &str) -> Result<Vec<i64>, ModelError> {
+        Ok(self.get(attr, AttributeType::Ints)?.ints.clone())
+    }
+
     fn usizes(&self, attr: &str) -> Result<Vec<usize>, ModelError> {
         self.get(attr, AttributeType::Ints)?
             .ints

@@ -102,7 +102,9 @@ impl PoolGeometry {
         .iter()
         .any(|&l| l != r)
         {
-            return Err(format!("pool geometry {self:?} does not have {r} spatial axes"));
+            return Err(format!(
+                "pool geometry {self:?} does not have {r} spatial axes"
+            ));
         }
         (0..r)
             .map(|i| {
@@ -110,13 +112,15 @@ impl PoolGeometry {
                 if k == 0 || s == 0 || d == 0 {
                     return Err("kernel, strides and dilations must be positive".to_string());
                 }
-                if self.pads_begin[i] >= d * (k - 1) + 1 || self.pads_end[i] >= d * (k - 1) + 1 {
+                if self.pads_begin[i] > d * (k - 1) || self.pads_end[i] > d * (k - 1) {
                     return Err("padding as large as the window leaves windows with no cell".into());
                 }
                 let padded = input[i] + self.pads_begin[i] + self.pads_end[i];
                 let span = d * (k - 1) + 1;
                 if padded < span {
-                    return Err(format!("window {span} is larger than the padded axis {padded}"));
+                    return Err(format!(
+                        "window {span} is larger than the padded axis {padded}"
+                    ));
                 }
                 Ok((padded - span) / s + 1)
             })
@@ -278,6 +282,25 @@ pub enum StepOp {
         /// after, per axis
         end: Vec<usize>,
     },
+    /// A public piecewise-linear function (Sigmoid, Tanh, LeakyRelu, Clip),
+    /// elementwise: on `x` with `t_j <= x < t_(j+1)` the value
+    /// `(slopes[j]·x + intercepts[j]) / 2^slope_frac_bits`, in the input's
+    /// scale (breaks in input units, intercepts with `slope_frac_bits` more
+    /// fractional bits).
+    Piecewise {
+        /// the ONNX activation it implements, for messages
+        function: String,
+        /// breakpoints, ascending
+        breaks: Vec<i64>,
+        /// one slope per segment (`breaks.len() + 1`)
+        slopes: Vec<i64>,
+        /// one intercept per segment
+        intercepts: Vec<i64>,
+        /// fractional bits of the slopes
+        slope_frac_bits: u32,
+        /// every input value fits `bits` signed bits
+        bits: u32,
+    },
     /// Index of the first maximum along the last axis (shares of an integer).
     ArgMax {
         /// every input value fits `bits` signed bits
@@ -330,6 +353,7 @@ impl StepOp {
             StepOp::Concat { .. } => "SecureConcat",
             StepOp::Slice { .. } => "SecureSlice",
             StepOp::Pad { .. } => "SecurePad",
+            StepOp::Piecewise { .. } => "SecurePiecewise",
             StepOp::ArgMax { .. } => "SecureArgMax",
             StepOp::Reveal => "SecureReveal",
         }
@@ -341,6 +365,7 @@ impl StepOp {
             StepOp::Relu { bits }
             | StepOp::MaxPool { bits, .. }
             | StepOp::GlobalMaxPool { bits }
+            | StepOp::Piecewise { bits, .. }
             | StepOp::ArgMax { bits } => Some(*bits),
             _ => None,
         }
@@ -440,16 +465,16 @@ impl Program {
             }
             let ins: Vec<(&[usize], u32)> = match s.op {
                 StepOp::Input { .. } => Vec::new(),
-                _ => s
-                    .inputs
-                    .iter()
-                    .map(|n| {
-                        slots
-                            .get(n.as_str())
-                            .copied()
-                            .ok_or_else(|| bad(format!("reads slot '{n}' before it is written")))
-                    })
-                    .collect::<Result<_, _>>()?,
+                _ => {
+                    s.inputs
+                        .iter()
+                        .map(|n| {
+                            slots.get(n.as_str()).copied().ok_or_else(|| {
+                                bad(format!("reads slot '{n}' before it is written"))
+                            })
+                        })
+                        .collect::<Result<_, _>>()?
+                }
             };
             let arity = match &s.op {
                 StepOp::Input { .. } => None,
@@ -505,16 +530,21 @@ impl Program {
             match &s.op {
                 StepOp::Input { lo, hi, .. } => {
                     if !(lo.0.is_finite() && hi.0.is_finite() && lo.0 < hi.0) {
-                        return Err(bad(format!("input range [{}, {}] is empty or not finite", lo.0, hi.0)));
+                        return Err(bad(format!(
+                            "input range [{}, {}] is empty or not finite",
+                            lo.0, hi.0
+                        )));
                     }
                     if s.frac_bits + 2 > k {
                         return Err(bad("no integer bits left".into()));
                     }
                 }
                 StepOp::Linear { op } => {
-                    let spec = layers
-                        .get(*op as usize)
-                        .ok_or_else(|| bad(format!("names SecureLinear op {op}, which is not in the model")))?;
+                    let spec = layers.get(*op as usize).ok_or_else(|| {
+                        bad(format!(
+                            "names SecureLinear op {op}, which is not in the model"
+                        ))
+                    })?;
                     if std::mem::replace(&mut linear_seen[*op as usize], true) {
                         return Err(bad(format!("op {op} appears twice")));
                     }
@@ -533,7 +563,9 @@ impl Program {
                         )));
                     }
                     if spec.ring_bits != k || spec.batched != self.batched {
-                        return Err(bad("op disagrees with the program's ring or batching".into()));
+                        return Err(bad(
+                            "op disagrees with the program's ring or batching".into()
+                        ));
                     }
                 }
                 StepOp::Truncate { shift, sign } => {
@@ -558,6 +590,25 @@ impl Program {
                     same_shape()?;
                     same_scale(s.frac_bits)?;
                     compare(*bits, 0)?;
+                }
+                StepOp::Piecewise {
+                    breaks,
+                    slopes,
+                    intercepts,
+                    slope_frac_bits,
+                    bits,
+                    ..
+                } => {
+                    same_shape()?;
+                    same_scale(s.frac_bits)?;
+                    compare(*bits, 1)?;
+                    if slopes.len() != breaks.len() + 1
+                        || intercepts.len() != slopes.len()
+                        || breaks.windows(2).any(|w| w[0] >= w[1])
+                        || *slope_frac_bits + 2 > k
+                    {
+                        return Err(bad("the piecewise-linear function is malformed".into()));
+                    }
                 }
                 StepOp::MaxPool { geometry, .. } | StepOp::SumPool { geometry } => {
                     scale_rule(&s.op)?;
@@ -587,7 +638,10 @@ impl Program {
                     let spatial = 2.min(out.len());
                     out[spatial..].iter_mut().for_each(|d| *d = 1);
                     if sh.len() < 3 || out != s.shape {
-                        return Err(bad(format!("global pooling of {sh:?} cannot give {:?}", s.shape)));
+                        return Err(bad(format!(
+                            "global pooling of {sh:?} cannot give {:?}",
+                            s.shape
+                        )));
                     }
                 }
                 StepOp::MulConst { factor } => {
@@ -601,7 +655,9 @@ impl Program {
                     same_shape()?;
                     same_scale(s.frac_bits)?;
                     if ins[1] != (s.shape.as_slice(), s.frac_bits) {
-                        return Err(bad("both inputs must have the output's shape and scale".into()));
+                        return Err(bad(
+                            "both inputs must have the output's shape and scale".into()
+                        ));
                     }
                 }
                 StepOp::Reshape => {
@@ -620,7 +676,10 @@ impl Program {
                         || (self.batched && perm[0] != 0)
                         || perm.iter().map(|&p| sh[p]).collect::<Vec<_>>() != s.shape
                     {
-                        return Err(bad(format!("{perm:?} is not a permutation of {sh:?} to {:?} that keeps the batch axis", s.shape)));
+                        return Err(bad(format!(
+                            "{perm:?} is not a permutation of {sh:?} to {:?} that keeps the batch axis",
+                            s.shape
+                        )));
                     }
                 }
                 StepOp::Concat { axis } => {
@@ -631,9 +690,16 @@ impl Program {
                     for (sh, f) in &ins {
                         if *f != s.frac_bits
                             || sh.len() != s.shape.len()
-                            || sh.iter().zip(&s.shape).enumerate().any(|(a, (x, y))| a != *axis && x != y)
+                            || sh
+                                .iter()
+                                .zip(&s.shape)
+                                .enumerate()
+                                .any(|(a, (x, y))| a != *axis && x != y)
                         {
-                            return Err(bad(format!("input {sh:?} does not join into {:?}", s.shape)));
+                            return Err(bad(format!(
+                                "input {sh:?} does not join into {:?}",
+                                s.shape
+                            )));
                         }
                         total += sh[*axis];
                     }
@@ -653,7 +719,10 @@ impl Program {
                         })
                         && (!self.batched || (starts[0] == 0 && steps[0] == 1 && sh[0] == 1));
                     if !ok || s.shape.len() != sh.len() {
-                        return Err(bad(format!("slice {starts:?} step {steps:?} of {sh:?} cannot give {:?}", s.shape)));
+                        return Err(bad(format!(
+                            "slice {starts:?} step {steps:?} of {sh:?} cannot give {:?}",
+                            s.shape
+                        )));
                     }
                 }
                 StepOp::Pad { begin, end } => {
@@ -667,7 +736,10 @@ impl Program {
                         || out != s.shape
                         || (self.batched && (begin[0] != 0 || end[0] != 0))
                     {
-                        return Err(bad(format!("padding {begin:?}/{end:?} of {sh:?} cannot give {:?}", s.shape)));
+                        return Err(bad(format!(
+                            "padding {begin:?}/{end:?} of {sh:?} cannot give {:?}",
+                            s.shape
+                        )));
                     }
                 }
                 StepOp::ArgMax { bits } => {
@@ -734,15 +806,34 @@ impl Program {
                 attribute.push(attr_int("signed", (*sign == Sign::Signed) as i64));
             }
             StepOp::ShiftLeft { shift } => attribute.push(attr_int("shift", *shift as i64)),
-            StepOp::Relu { bits }
-            | StepOp::GlobalMaxPool { bits }
-            | StepOp::ArgMax { bits } => attribute.push(attr_ints("bits", &[u(*bits)])),
+            StepOp::Relu { bits } | StepOp::GlobalMaxPool { bits } | StepOp::ArgMax { bits } => {
+                attribute.push(attr_ints("bits", &[u(*bits)]))
+            }
             StepOp::MaxPool { geometry, bits } => {
                 attribute.push(attr_ints("bits", &[u(*bits)]));
                 attribute.extend(pool_attributes(geometry));
             }
+            StepOp::Piecewise {
+                function,
+                breaks,
+                slopes,
+                intercepts,
+                slope_frac_bits,
+                bits,
+            } => {
+                attribute.push(attr_ints("bits", &[u(*bits)]));
+                attribute.push(attr_string("function", function));
+                attribute.push(attr_i64s("breaks", breaks));
+                attribute.push(attr_i64s("slopes", slopes));
+                attribute.push(attr_i64s("intercepts", intercepts));
+                attribute.push(attr_int("slope_frac_bits", *slope_frac_bits as i64));
+            }
             StepOp::SumPool { geometry } => attribute.extend(pool_attributes(geometry)),
-            StepOp::GlobalSumPool | StepOp::Add | StepOp::Sub | StepOp::Reshape | StepOp::Reveal => {}
+            StepOp::GlobalSumPool
+            | StepOp::Add
+            | StepOp::Sub
+            | StepOp::Reshape
+            | StepOp::Reveal => {}
             StepOp::MulConst { factor } => attribute.push(attr_int("factor", *factor)),
             StepOp::Transpose { perm } => attribute.push(attr_ints("perm", perm)),
             StepOp::Concat { axis } => attribute.push(attr_int("axis", *axis as i64)),
@@ -788,10 +879,14 @@ impl Program {
                 })?;
             if node.op_type == OP_TYPE {
                 let spec = LayerSpec::from_node(node)?;
-                let input = node.input.first().cloned().ok_or_else(|| ModelError::Node {
-                    node: name.clone(),
-                    problem: "has no input".into(),
-                })?;
+                let input = node
+                    .input
+                    .first()
+                    .cloned()
+                    .ok_or_else(|| ModelError::Node {
+                        node: name.clone(),
+                        problem: "has no input".into(),
+                    })?;
                 let source = spec.source_node.clone();
                 let op = spec.op_id;
                 let spec = layers.get(op as usize).ok_or_else(|| ModelError::Node {
@@ -869,6 +964,14 @@ impl Program {
                     begin: r.usizes("pads_begin")?,
                     end: r.usizes("pads_end")?,
                 },
+                "SecurePiecewise" => StepOp::Piecewise {
+                    function: r.string("function")?,
+                    breaks: r.i64s("breaks")?,
+                    slopes: r.i64s("slopes")?,
+                    intercepts: r.i64s("intercepts")?,
+                    slope_frac_bits: r.u32("slope_frac_bits")?,
+                    bits: bits()?,
+                },
                 "SecureArgMax" => StepOp::ArgMax { bits: bits()? },
                 "SecureReveal" => StepOp::Reveal,
                 other => {
@@ -901,6 +1004,14 @@ impl Program {
         };
         program.validate(layers)?;
         Ok(program)
+    }
+}
+
+/// An INTS attribute from signed values.
+fn attr_i64s(name: &str, v: &[i64]) -> pb::AttributeProto {
+    pb::AttributeProto {
+        ints: v.to_vec(),
+        ..attr_ints(name, &[])
     }
 }
 

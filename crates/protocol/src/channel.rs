@@ -4,6 +4,9 @@
 //! implement it; everything above (the client model, the preprocessing pool,
 //! the bench) is written against this trait only.
 
+use secinfer_ot::OtMessage;
+
+use crate::private::PrivateMessage;
 use crate::{MaskRequest, MaskedInput, MaskedOutput, OfflineHello, ProductReply};
 
 /// The client's link to the server, both phases. Offline and online calls
@@ -21,6 +24,13 @@ pub trait Channel: Send + Sync {
         request: MaskRequest,
         on_reply: &mut dyn FnMut(ProductReply) -> anyhow::Result<()>,
     ) -> anyhow::Result<()>;
+    /// Offline, correlations: sends a message of the OT engine and returns
+    /// the server's answer, if it has one.
+    fn ot(&self, message: OtMessage) -> anyhow::Result<Option<OtMessage>>;
+    /// Online, private mode: sends a message of the batch in progress.
+    fn send_private(&self, message: PrivateMessage) -> anyhow::Result<()>;
+    /// Online, private mode: waits for the server's next message.
+    fn recv_private(&self) -> anyhow::Result<PrivateMessage>;
     /// Bytes exchanged so far, per phase and direction.
     fn traffic(&self) -> Traffic;
     /// The largest message the channel carries; callers split online
@@ -41,4 +51,8 @@ pub struct Traffic {
     pub offline_up: u64,
     /// offline, server to client
     pub offline_down: u64,
+    /// correlations (OT) phase, client to server
+    pub ot_up: u64,
+    /// correlations (OT) phase, server to client
+    pub ot_down: u64,
 }

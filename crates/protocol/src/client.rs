@@ -7,10 +7,16 @@ use ndarray::{ArrayD, IxDyn};
 use secinfer_model::LayerSpec;
 use secinfer_ring::RingTensor;
 
+use std::sync::Arc;
+
+use secinfer_model::Program;
+use secinfer_ot::{CorrelationStore, Position};
+
 use crate::ProtocolError;
 use crate::messages::{
     ClientMaterial, MaskedInput, MaskedOutput, OpId, PreprocessingId, WireTensor,
 };
+use crate::private::{LinearSide, PrivateMessage, PrivateRun, program_cost};
 use crate::server::check_ring;
 use crate::store::SingleUseStore;
 
@@ -186,6 +192,67 @@ impl ClientSession {
             op,
             problem: e.to_string(),
         })
+    }
+}
+
+impl ClientSession {
+    /// Begins a private batch: takes every linear op's material for `ids`
+    /// (single use; nothing is taken unless all of it is there) and starts
+    /// the client's run of `program` on `inputs` (one encoded tensor per
+    /// input step, batch shape). `correlations` is the batch's share of the
+    /// client's store, taken at `position`. Returns the message that begins
+    /// the batch on the server, and the run to drive.
+    pub fn begin_private(
+        &mut self,
+        program: &Arc<Program>,
+        ids: &[PreprocessingId],
+        inputs: Vec<RingTensor>,
+        correlations: CorrelationStore,
+        position: Position,
+    ) -> Result<(PrivateMessage, PrivateRun), ProtocolError> {
+        if ids.is_empty() {
+            return Err(ProtocolError::Model(
+                "a private batch needs at least one inference".into(),
+            ));
+        }
+        let cost = program_cost(program, &self.layers, ids.len())?;
+        if correlations.available() != cost.demand {
+            return Err(ProtocolError::Model(format!(
+                "the batch needs correlations {:?}, was given {:?}",
+                cost.demand,
+                correlations.available()
+            )));
+        }
+        for spec in &self.layers {
+            self.store.check(ids, spec.op_id)?;
+        }
+        let mut material = Vec::with_capacity(self.layers.len());
+        for spec in &self.layers {
+            let per_id = self.store.take(ids, spec.op_id)?;
+            let mut r = Vec::with_capacity(ids.len() * spec.input_len());
+            let mut c = Vec::with_capacity(ids.len() * spec.output_len());
+            for (ri, ci) in per_id {
+                r.extend(ri);
+                c.extend(ci);
+            }
+            material.push((r, c));
+        }
+        let run = PrivateRun::start(
+            secinfer_mpc::Role::Client,
+            program.clone(),
+            Arc::new(self.layers.clone()),
+            ids.len(),
+            inputs,
+            LinearSide::Client(material),
+            correlations,
+        )?;
+        Ok((
+            PrivateMessage::Begin {
+                ids: ids.to_vec(),
+                position,
+            },
+            run,
+        ))
     }
 }
 

@@ -30,6 +30,7 @@ mod client;
 mod dealer;
 pub mod messages;
 pub mod offline;
+pub mod private;
 mod server;
 mod store;
 
@@ -42,8 +43,8 @@ pub use messages::{
 };
 pub use offline::{MaskRequest, OfflineHello, PoolPolicy, Preprocessor, ProductReply, params_for};
 pub use server::{
-    DEFAULT_MAX_PENDING, MAX_BATCHES_IN_FLIGHT, MaskedLinear, OfflineJob, OfflineProduct,
-    ServerSession,
+    DEFAULT_MAX_OT_BYTES, DEFAULT_MAX_PENDING, MAX_BATCHES_IN_FLIGHT, MaskedLinear, OfflineJob,
+    OfflineProduct, ServerSession,
 };
 
 /// Everything that can go wrong in a session; each variant names the op and id.
@@ -116,6 +117,27 @@ pub enum ProtocolError {
     /// The model description itself is unusable.
     #[error("model: {0}")]
     Model(String),
+    /// A step of a private batch failed.
+    #[error("step {step} ({what} from '{node}'): {problem}")]
+    Step {
+        /// the step's index in the program
+        step: u32,
+        /// its op type
+        what: String,
+        /// the original node(s)
+        node: String,
+        /// what went wrong
+        problem: String,
+    },
+    /// The offline phase for correlations (oblivious transfer) failed.
+    #[error("oblivious transfer: {0}")]
+    Ot(String),
+}
+
+impl From<secinfer_ot::OtError> for ProtocolError {
+    fn from(e: secinfer_ot::OtError) -> Self {
+        ProtocolError::Ot(e.to_string())
+    }
 }
 
 /// The spec of op `op` and its ring, or the error naming what is wrong.

@@ -4,7 +4,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use secinfer_he::{LinearForm, ServerKey};
-use secinfer_model::LayerSpec;
+use secinfer_model::{LayerSpec, Program};
+use secinfer_ot::{OtEngine, OtMessage, Role};
 use secinfer_ring::RingTensor;
 
 use crate::ProtocolError;
@@ -14,6 +15,7 @@ use crate::messages::{MaskedInput, MaskedOutput, OpId, PreprocessingId, WireTens
 use crate::offline::{
     CIPHERTEXTS_PER_MESSAGE, MaskRequest, OfflineHello, ProductReply, he_err, params_for,
 };
+use crate::private::{LinearEval, LinearSide, PrivateMessage, PrivateRun, program_cost};
 use crate::store::SingleUseStore;
 
 /// Batches a client may have in flight at once on the server (each holds one
@@ -30,6 +32,10 @@ pub trait MaskedLinear: Send + Sync {
     fn evaluate(&self, op: OpId, x: RingTensor) -> Result<RingTensor, String>;
     /// Op `op`'s weights as the HE offline phase applies them.
     fn he_form(&self, op: OpId) -> Result<&dyn LinearForm, String>;
+    /// The secure program, for a model converted in a private mode.
+    fn program(&self) -> Option<&Arc<Program>> {
+        None
+    }
 }
 
 /// A batch being preprocessed on the server.
@@ -51,7 +57,12 @@ pub struct ServerSession<L: MaskedLinear + ?Sized> {
     key: Option<ServerKey>,
     batches: HashMap<PreprocessingId, ServerBatch>,
     max_pending: usize,
+    ot: Option<OtEngine>,
+    max_ot_bytes: u64,
 }
+
+/// Bytes of stored correlations a session may hold by default (512 MiB).
+pub const DEFAULT_MAX_OT_BYTES: u64 = 512 << 20;
 
 /// Preprocessed inferences (ready plus in flight) a session may hold by
 /// default: two full batches.
@@ -137,7 +148,96 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             key: None,
             batches: HashMap::new(),
             max_pending: DEFAULT_MAX_PENDING,
+            ot: None,
+            max_ot_bytes: DEFAULT_MAX_OT_BYTES,
         }
+    }
+
+    /// Sets how many bytes of correlations this session may store; the
+    /// default is [`DEFAULT_MAX_OT_BYTES`].
+    pub fn set_max_ot_bytes(&mut self, bytes: u64) {
+        self.max_ot_bytes = bytes;
+        if let Some(e) = &mut self.ot {
+            e.set_budget(bytes);
+        }
+    }
+
+    /// Bytes of correlations stored.
+    pub fn ot_bytes(&self) -> usize {
+        self.ot.as_ref().map_or(0, |e| e.store().bytes())
+    }
+
+    /// Handles a message of the offline phase for correlations (the first
+    /// one sets the session's OT engine up); returns the answer, if any.
+    pub fn handle_ot(&mut self, message: OtMessage) -> Result<Option<OtMessage>, ProtocolError> {
+        if self.linear.program().is_none() {
+            return Err(ProtocolError::Ot(
+                "this model is served in activations mode, which uses no oblivious transfer".into(),
+            ));
+        }
+        let engine = match &mut self.ot {
+            Some(e) => e,
+            None => self
+                .ot
+                .insert(OtEngine::new(Role::Server, self.max_ot_bytes)?),
+        };
+        Ok(engine.handle(message)?)
+    }
+
+    /// Begins a private batch from the client's [`PrivateMessage::Begin`]:
+    /// checks the ids and the correlation position, takes the batch's
+    /// material (nothing unless all of it is there) and returns the
+    /// server's run to drive.
+    pub fn begin_private(&mut self, message: PrivateMessage) -> Result<PrivateRun, ProtocolError>
+    where
+        L: 'static,
+    {
+        let PrivateMessage::Begin { ids, position } = message else {
+            return Err(ProtocolError::Unexpected {
+                op: 0,
+                problem: "a private batch must begin with Begin".into(),
+            });
+        };
+        let program = self.linear.program().cloned().ok_or_else(|| {
+            ProtocolError::Model(
+                "this model is served in activations mode; it runs no program".into(),
+            )
+        })?;
+        if ids.is_empty() {
+            return Err(ProtocolError::Model(
+                "a private batch needs at least one inference".into(),
+            ));
+        }
+        let layers = self.linear.layers().to_vec();
+        let cost = program_cost(&program, &layers, ids.len())?;
+        for spec in &layers {
+            self.store.check(&ids, spec.op_id)?;
+        }
+        let correlations = match self.ot.as_mut() {
+            Some(engine) => engine.take_at(position, &cost.demand)?,
+            // a program without comparisons needs no OT at all
+            None if cost.demand.is_zero() => secinfer_ot::CorrelationStore::new(Role::Server),
+            None => {
+                return Err(ProtocolError::Ot(
+                    "a private batch before the correlations' setup".into(),
+                ));
+            }
+        };
+        let mut shares = Vec::with_capacity(layers.len());
+        for spec in &layers {
+            shares.push(self.store.take(&ids, spec.op_id)?.concat());
+        }
+        let linear = self.linear.clone();
+        let eval: LinearEval = Arc::new(move |op, x| linear.evaluate(op, x));
+        PrivateRun::start(
+            secinfer_mpc::Role::Server,
+            program,
+            Arc::new(layers),
+            ids.len(),
+            Vec::new(),
+            LinearSide::Server(eval, shares),
+            correlations,
+        )
     }
 
     /// Takes the client's public key (once per session), after checking that
@@ -471,6 +571,15 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
     /// (op, ids, shape, ring) before any material is consumed.
     pub fn handle(&mut self, req: MaskedInput) -> Result<MaskedOutput, ProtocolError> {
         let op = req.op;
+        // In a private mode the answer `W·(x − r) + b + s` would hand the
+        // client the linear op's exact output for an input of its choice,
+        // which is what the mode exists to prevent: only private batches run.
+        if let Some(program) = self.linear.program() {
+            return Err(ProtocolError::Model(format!(
+                "this model is served in --reveal {} mode: linear ops run only inside private batches, never answered one by one",
+                program.reveal
+            )));
+        }
         let (spec, ring) = crate::op_spec(self.linear.layers(), op)?;
         let x = req.masked.into_tensor(op)?;
         let n = spec

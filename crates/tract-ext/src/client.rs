@@ -15,13 +15,25 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
-use secinfer_model::{LayerSpec, Role, read_contract};
+use secinfer_model::{LayerSpec, Program, Reveal, Role, read_contract};
+use secinfer_ot::{Demand, OtEngine, OtMessage};
+use secinfer_protocol::private::{PrivateMessage, PrivateRun, Revealed, program_cost};
 pub use secinfer_protocol::{Channel, Traffic};
 use secinfer_protocol::{
     ClientMaterial, ClientSession, MaskRequest, MaskedInput, MaskedLinear, MaskedOutput,
     OfflineHello, PoolPolicy, PreprocessingId, Preprocessor, ProductReply, ProtocolError,
     ServerSession,
 };
+
+use crate::private::{PrivatePlan, split_demand};
+
+/// Most random OTs one correlation request makes per direction: an IKNP
+/// message of 16 bytes per OT stays at 32 MiB, half the default frame limit.
+pub const MAX_OTS_PER_REQUEST: u64 = 1 << 21;
+
+/// Bytes of correlations the client keeps ready at most by default (half
+/// the server's default limit per session).
+pub const DEFAULT_CORRELATION_BUDGET: u64 = 256 << 20;
 
 /// Evaluates one SecureLinear op for the client on real-valued inputs.
 pub trait SecureLinearBackend: Send + Sync + std::fmt::Debug {
@@ -90,6 +102,8 @@ struct ClientState {
     pool_error: Option<String>,
     /// Whether a background pool is running.
     pool_running: bool,
+    /// private batches run so far
+    runs: RunStats,
 }
 
 /// The client's backend: encodes, masks through the protocol session, calls
@@ -100,7 +114,18 @@ pub struct SessionBackend<C: Channel> {
     changed: Condvar,
     /// the offline engine (the client's HE key and batches in flight)
     offline: Mutex<Option<Preprocessor>>,
+    /// the correlations' engine and store (private modes)
+    ot: Mutex<Option<OtEngine>>,
     channel: C,
+}
+
+/// What one private batch cost, as the client saw it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunStats {
+    /// private batches run
+    pub batches: u64,
+    /// messages the client waited for (round trips), summed over batches
+    pub round_trips: u64,
 }
 
 impl<C: Channel> std::fmt::Debug for SessionBackend<C> {
@@ -119,11 +144,121 @@ impl<C: Channel> SessionBackend<C> {
                 demand: 0,
                 pool_error: None,
                 pool_running: false,
+                runs: RunStats::default(),
             }),
             changed: Condvar::new(),
             offline: Mutex::new(None),
+            ot: Mutex::new(None),
             channel,
         }
+    }
+
+    fn ot_engine(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Option<OtEngine>>> {
+        self.ot
+            .lock()
+            .map_err(|_| anyhow!("correlation engine poisoned by an earlier panic"))
+    }
+
+    /// Correlations ready (what is left in the client's store).
+    pub fn correlations_ready(&self) -> Demand {
+        self.ot_engine()
+            .ok()
+            .and_then(|g| g.as_ref().map(|e| e.store().available()))
+            .unwrap_or_default()
+    }
+
+    /// Makes `demand` more correlations with the server (the offline phase of
+    /// the private modes): base OTs once per session, then IKNP extension in
+    /// requests of at most [`MAX_OTS_PER_REQUEST`] OTs per direction.
+    pub fn make_correlations(&self, demand: Demand) -> anyhow::Result<()> {
+        let mut guard = self.ot_engine()?;
+        if guard.is_none() {
+            let mut engine = OtEngine::new(secinfer_ot::Role::Client, u64::MAX)?;
+            let mut next = Some(engine.start_setup()?);
+            while let Some(m) = next.take() {
+                if let Some(reply) = self
+                    .channel
+                    .ot(m)
+                    .context("setting up oblivious transfer with the server")?
+                {
+                    next = engine.handle(reply)?;
+                }
+            }
+            if !engine.is_ready() {
+                bail!("the server did not complete the oblivious-transfer setup");
+            }
+            *guard = Some(engine);
+        }
+        let engine = guard
+            .as_mut()
+            .ok_or_else(|| anyhow!("no correlation engine"))?;
+        for part in split_demand(demand, MAX_OTS_PER_REQUEST) {
+            let request = engine.request(part)?;
+            let reply = self
+                .channel
+                .ot(request)
+                .context("making correlations with the server")?
+                .ok_or_else(|| anyhow!("the server did not answer a correlation request"))?;
+            if let Some(m) = engine.handle(reply)? {
+                bail!(
+                    "the correlation engine wants to send {m:?} after a batch; the server's answer was incomplete"
+                );
+            }
+        }
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Runs `program` jointly on the current prediction's `n` inferences
+    /// (after [`begin`](Self::begin)): takes their HE material and exactly the
+    /// correlations the batch consumes (making more first if the store is
+    /// short), drives the client's run against the server and returns what
+    /// the program reveals.
+    pub fn run_private(
+        &self,
+        program: &Arc<Program>,
+        inputs: Vec<secinfer_ring::RingTensor>,
+    ) -> anyhow::Result<Vec<Revealed>> {
+        let (ids, layers) = {
+            let st = self.lock()?;
+            (st.current.clone(), st.session.layers().to_vec())
+        };
+        let demand = program_cost(program, &layers, ids.len())?.demand;
+        let short = {
+            let have = self.correlations_ready();
+            (!demand.fits_in(&have)).then(|| subtract(demand, have))
+        };
+        if let Some(missing) = short {
+            self.make_correlations(missing)?;
+        }
+        let (position, correlations) = {
+            let mut guard = self.ot_engine()?;
+            match guard.as_mut() {
+                Some(engine) => (engine.position(), engine.store_mut().split_off(&demand)?),
+                // a program without comparisons needs no OT at all
+                None if demand.is_zero() => (
+                    secinfer_ot::Position::default(),
+                    secinfer_ot::CorrelationStore::new(secinfer_ot::Role::Client),
+                ),
+                None => bail!("no correlation engine"),
+            }
+        };
+        let (begin, mut run) =
+            self.lock()?
+                .session
+                .begin_private(program, &ids, inputs, correlations, position)?;
+        self.channel.send_private(begin)?;
+        let report = drive(&mut run, &self.channel)?;
+        if let Ok(mut st) = self.lock() {
+            st.runs.batches += 1;
+            st.runs.round_trips += report.stats.messages_received;
+        }
+        Ok(report.revealed)
+    }
+
+    /// Private batches run so far, and their round trips.
+    pub fn run_stats(&self) -> RunStats {
+        self.lock().map(|s| s.runs).unwrap_or_default()
     }
 
     /// Runs one offline batch of `count` inferences (at most the HE ring
@@ -321,6 +456,46 @@ impl<C: Channel> SecureLinearBackend for SessionBackend<C> {
     }
 }
 
+/// What is in `want` and not in `have`, component-wise.
+fn subtract(want: Demand, have: Demand) -> Demand {
+    Demand {
+        triples: want.triples.saturating_sub(have.triples),
+        bit_ots_client_sends: want
+            .bit_ots_client_sends
+            .saturating_sub(have.bit_ots_client_sends),
+        bit_ots_server_sends: want
+            .bit_ots_server_sends
+            .saturating_sub(have.bit_ots_server_sends),
+        word_ots_client_sends: want
+            .word_ots_client_sends
+            .saturating_sub(have.word_ots_client_sends),
+        word_ots_server_sends: want
+            .word_ots_server_sends
+            .saturating_sub(have.word_ots_server_sends),
+    }
+}
+
+/// Drives the client's run over the channel until it ends.
+fn drive<C: Channel + ?Sized>(
+    run: &mut PrivateRun,
+    channel: &C,
+) -> anyhow::Result<secinfer_protocol::private::RunReport> {
+    loop {
+        while let Some(m) = run.poll_transmit() {
+            channel.send_private(PrivateMessage::Step(m))?;
+        }
+        if let Some(out) = run.poll_output() {
+            return Ok(out?);
+        }
+        match channel.recv_private()? {
+            PrivateMessage::Step(m) => run.handle(m),
+            PrivateMessage::Begin { .. } => {
+                bail!("the server sent a Begin message; only clients begin batches")
+            }
+        }
+    }
+}
+
 /// Inferences per offline batch at most (the HE ring degree).
 pub const MAX_BATCH: usize = 8192;
 
@@ -419,7 +594,12 @@ impl Drop for PreprocessingPool {
 /// the bytes that would travel are counted.
 pub struct InMemoryChannel<L: MaskedLinear + ?Sized> {
     server: Mutex<ServerSession<L>>,
-    bytes: [std::sync::atomic::AtomicU64; 4],
+    /// the server's run of the private batch in progress, and what it sent
+    private: Mutex<(
+        Option<PrivateRun>,
+        std::collections::VecDeque<PrivateMessage>,
+    )>,
+    bytes: [std::sync::atomic::AtomicU64; 6],
 }
 
 impl<L: MaskedLinear + ?Sized> InMemoryChannel<L> {
@@ -427,6 +607,7 @@ impl<L: MaskedLinear + ?Sized> InMemoryChannel<L> {
     pub fn new(linear: Arc<L>) -> Self {
         InMemoryChannel {
             server: Mutex::new(ServerSession::new(linear)),
+            private: Mutex::new((None, Default::default())),
             bytes: Default::default(),
         }
     }
@@ -442,7 +623,7 @@ impl<L: MaskedLinear + ?Sized> InMemoryChannel<L> {
     }
 }
 
-impl<L: MaskedLinear + ?Sized> Channel for InMemoryChannel<L> {
+impl<L: MaskedLinear + ?Sized + 'static> Channel for InMemoryChannel<L> {
     fn round_trip(&self, request: MaskedInput) -> anyhow::Result<MaskedOutput> {
         self.count(
             0,
@@ -494,6 +675,59 @@ impl<L: MaskedLinear + ?Sized> Channel for InMemoryChannel<L> {
         }
     }
 
+    fn ot(&self, message: OtMessage) -> anyhow::Result<Option<OtMessage>> {
+        self.count(4, message.payload_len() + 16);
+        let reply = self.server()?.handle_ot(message)?;
+        if let Some(r) = &reply {
+            self.count(5, r.payload_len() + 16);
+        }
+        Ok(reply)
+    }
+
+    fn send_private(&self, message: PrivateMessage) -> anyhow::Result<()> {
+        self.count(0, message.payload_bytes());
+        let mut guard = self
+            .private
+            .lock()
+            .map_err(|_| anyhow!("server run poisoned"))?;
+        let (run, outbox) = &mut *guard;
+        match message {
+            PrivateMessage::Begin { .. } => {
+                if run.is_some() {
+                    bail!("a private batch began while another runs");
+                }
+                *run = Some(self.server()?.begin_private(message)?);
+            }
+            PrivateMessage::Step(m) => run
+                .as_mut()
+                .ok_or_else(|| anyhow!("a private step with no batch in progress"))?
+                .handle(m),
+        }
+        if let Some(r) = run.as_mut() {
+            while let Some(m) = r.poll_transmit() {
+                let m = PrivateMessage::Step(m);
+                self.count(1, m.payload_bytes());
+                outbox.push_back(m);
+            }
+            if let Some(done) = r.poll_output() {
+                *run = None;
+                done?;
+            }
+        }
+        Ok(())
+    }
+
+    fn recv_private(&self) -> anyhow::Result<PrivateMessage> {
+        let mut guard = self
+            .private
+            .lock()
+            .map_err(|_| anyhow!("server run poisoned"))?;
+        guard
+            .1
+            .pop_front()
+            .ok_or_else(|| anyhow!("the server has nothing to send: both parties wait"))
+    }
+
     fn traffic(&self) -> Traffic {
         use std::sync::atomic::Ordering::Relaxed;
         let b = |i: usize| self.bytes[i].load(Relaxed);
@@ -502,52 +736,63 @@ impl<L: MaskedLinear + ?Sized> Channel for InMemoryChannel<L> {
             online_down: b(1),
             offline_up: b(2),
             offline_down: b(3),
+            ot_up: b(4),
+            ot_down: b(5),
         }
     }
 }
 
+/// How a client model computes: the whole graph in tract with bound
+/// SecureLinear ops (`activations`), or prefix, joint program and suffix
+/// (`logits`, `argmax`).
+enum Engine {
+    Activations(Arc<TypedRunnableModel>),
+    Private(PrivatePlan),
+}
+
 /// `client.onnx` loaded and bound to a backend, ready to predict.
 pub struct ClientModel<C: Channel + 'static> {
-    plan: Arc<TypedRunnableModel>,
+    engine: Engine,
     backend: Arc<SessionBackend<C>>,
     layers: Vec<LayerSpec>,
     digest: String,
+    reveal: Reveal,
     batched: bool,
 }
 
 impl<C: Channel + 'static> ClientModel<C> {
     /// Loads `client.onnx` and binds its SecureLinear ops to a new session over `channel`.
     pub fn load(path: &Path, channel: C) -> anyhow::Result<Self> {
-        Self::load_with(path, |_| Ok(channel))
+        Self::load_with(path, |_, _| Ok(channel))
     }
 
     /// Loads `client.onnx`, then opens the channel with `connect`, which is
-    /// given the model's digest (a network channel sends it in its
-    /// handshake so the server can refuse a mismatched model).
+    /// given the model's digest and reveal mode (a network channel sends both
+    /// in its handshake so the server can refuse a mismatched model).
     pub fn load_with(
         path: &Path,
-        connect: impl FnOnce(&str) -> anyhow::Result<C>,
+        connect: impl FnOnce(&str, Reveal) -> anyhow::Result<C>,
     ) -> anyhow::Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         let context = || format!("loading client model {}", path.display());
         let proto = pb::ModelProto::decode(&bytes[..])
             .map_err(|e| anyhow!("not an ONNX model: {e}"))
             .with_context(context)?;
-        let digest = read_contract(&proto).with_context(context)?.digest;
+        let contract = read_contract(&proto).with_context(context)?;
         // Connection errors are reported as they are, not as model errors.
-        let channel = connect(&digest)?;
+        let channel = connect(&contract.digest, contract.reveal)?;
         Self::from_bytes(&bytes, channel).with_context(context)
     }
 
     /// As [`load`](Self::load), from bytes.
     pub fn from_bytes(bytes: &[u8], channel: C) -> anyhow::Result<Self> {
-        Self::from_bytes_with(bytes, |_| Ok(channel))
+        Self::from_bytes_with(bytes, |_, _| Ok(channel))
     }
 
     /// As [`load_with`](Self::load_with), from bytes.
     pub fn from_bytes_with(
         bytes: &[u8],
-        connect: impl FnOnce(&str) -> anyhow::Result<C>,
+        connect: impl FnOnce(&str, Reveal) -> anyhow::Result<C>,
     ) -> anyhow::Result<Self> {
         let proto = pb::ModelProto::decode(bytes).map_err(|e| anyhow!("not an ONNX model: {e}"))?;
         let contract = read_contract(&proto)?;
@@ -557,32 +802,39 @@ impl<C: Channel + 'static> ClientModel<C> {
                 contract.role.as_str()
             );
         }
-        let channel = connect(&contract.digest)?;
+        let channel = connect(&contract.digest, contract.reveal)?;
         let backend = Arc::new(SessionBackend::new(
             ClientSession::new(contract.layers.clone()),
             channel,
         ));
-        let mut model = crate::onnx()
-            .model_for_proto_model(&proto)
-            .map_err(|e| anyhow!("{e:#}"))?;
-        let bound =
-            crate::bind_client_ops(&mut model, backend.clone()).map_err(|e| anyhow!("{e:#}"))?;
-        if bound != contract.layers.len() {
-            bail!(
-                "bound {bound} SecureLinear ops, the model declares {}",
-                contract.layers.len()
-            );
-        }
-        let plan = model
-            .into_optimized()
-            .and_then(|m| m.into_runnable())
-            .map_err(|e| anyhow!("preparing the client graph: {e:#}"))?;
+        let engine = match contract.program {
+            Some(program) => Engine::Private(PrivatePlan::new(&proto, program)?),
+            None => {
+                let mut model = crate::onnx()
+                    .model_for_proto_model(&proto)
+                    .map_err(|e| anyhow!("{e:#}"))?;
+                let bound = crate::bind_client_ops(&mut model, backend.clone())
+                    .map_err(|e| anyhow!("{e:#}"))?;
+                if bound != contract.layers.len() {
+                    bail!(
+                        "bound {bound} SecureLinear ops, the model declares {}",
+                        contract.layers.len()
+                    );
+                }
+                let plan = model
+                    .into_optimized()
+                    .and_then(|m| m.into_runnable())
+                    .map_err(|e| anyhow!("preparing the client graph: {e:#}"))?;
+                Engine::Activations(plan)
+            }
+        };
         let batched = contract.layers.iter().all(|l| l.batched);
         Ok(ClientModel {
-            plan,
+            engine,
             backend,
             layers: contract.layers,
             digest: contract.digest,
+            reveal: contract.reveal,
             batched,
         })
     }
@@ -602,11 +854,26 @@ impl<C: Channel + 'static> ClientModel<C> {
         &self.digest
     }
 
+    /// What this model reveals to the client.
+    pub fn reveal(&self) -> Reveal {
+        self.reveal
+    }
+
+    /// The secure program (private modes).
+    pub fn program(&self) -> Option<&Arc<Program>> {
+        match &self.engine {
+            Engine::Private(p) => Some(&p.program),
+            Engine::Activations(_) => None,
+        }
+    }
+
     /// The first input's shape as the model declares it (`None` for a
     /// symbolic dimension such as the batch).
     pub fn input_shape(&self) -> anyhow::Result<Vec<Option<usize>>> {
-        let fact = self
-            .plan
+        let Engine::Activations(plan) = &self.engine else {
+            return self.private_input_shape();
+        };
+        let fact = plan
             .model()
             .input_fact(0)
             .map_err(|e| anyhow!("the client model has no input: {e:#}"))?;
@@ -622,12 +889,87 @@ impl<C: Channel + 'static> ClientModel<C> {
         }
     }
 
-    /// Runs the client graph on `inputs`; every SecureLinear op makes one round trip.
+    /// One private run on `n` inferences.
+    fn predict_private(
+        &self,
+        plan: &PrivatePlan,
+        inputs: &TVec<TValue>,
+        n: usize,
+    ) -> anyhow::Result<TVec<TValue>> {
+        let encoded = plan.encode(inputs)?;
+        self.backend.begin(n)?;
+        let result = self.backend.run_private(&plan.program, encoded);
+        self.backend.end();
+        plan.finish(result?)
+    }
+
+    /// Inferences per private run at most: the run's correlations within
+    /// half the client's correlation budget, and its largest step's traffic
+    /// within 8 MiB and a quarter of the channel's message limit (so that
+    /// both parties' simultaneous messages fit the transport's windows).
+    fn private_run_size(&self) -> anyhow::Result<usize> {
+        let Engine::Private(plan) = &self.engine else {
+            bail!("not a private model");
+        };
+        let one = program_cost(&plan.program, &self.layers, 1)?;
+        let by_memory = DEFAULT_CORRELATION_BUDGET / 2 / one.demand.stored_bytes().max(1);
+        let limit = (self.backend.channel().max_message_bytes() / 4).min(8 << 20) as u64;
+        let step = secinfer_protocol::private::largest_step_bytes(&plan.program, &self.layers)?;
+        let by_messages = limit / step.max(1);
+        Ok(by_memory.min(by_messages).max(1) as usize)
+    }
+
+    fn private_input_shape(&self) -> anyhow::Result<Vec<Option<usize>>> {
+        let Engine::Private(p) = &self.engine else {
+            bail!("not a private model");
+        };
+        p.input_shape()
+    }
+
+    /// Runs the model on `inputs`. In `activations` mode every SecureLinear
+    /// op makes one round trip; in the private modes the prefix runs here,
+    /// the program jointly with the server, and the suffix here.
     pub fn predict(&self, inputs: TVec<TValue>) -> anyhow::Result<TVec<TValue>> {
         let n = inputs.first().map(|t| self.inferences_in(t)).unwrap_or(1);
-        self.backend.begin(n)?;
-        let result = self.plan.run(inputs).map_err(|e| anyhow!("{e:#}"));
-        self.backend.end();
-        result
+        match &self.engine {
+            Engine::Activations(plan) => {
+                self.backend.begin(n)?;
+                let result = plan.run(inputs).map_err(|e| anyhow!("{e:#}"));
+                self.backend.end();
+                result
+            }
+            Engine::Private(plan) => {
+                let run = self.private_run_size()?;
+                if !self.batched || n <= run {
+                    return self.predict_private(plan, &inputs, n);
+                }
+                // Several runs: each run's correlations stay within the
+                // budget and its messages well below the frame limit.
+                let mut parts: Vec<TVec<TValue>> = Vec::new();
+                let mut at = 0;
+                while at < n {
+                    let k = run.min(n - at);
+                    let slice = inputs
+                        .iter()
+                        .map(|t| {
+                            t.slice(0, at, at + k)
+                                .map(|t| t.into_tvalue())
+                                .map_err(|e| anyhow!("{e:#}"))
+                        })
+                        .collect::<anyhow::Result<TVec<TValue>>>()?;
+                    parts.push(self.predict_private(plan, &slice, k)?);
+                    at += k;
+                }
+                let outputs = parts.first().map_or(0, |p| p.len());
+                (0..outputs)
+                    .map(|o| {
+                        let pieces: Vec<&Tensor> = parts.iter().map(|p| &*p[o]).collect();
+                        Tensor::stack_tensors(0, &pieces)
+                            .map(|t| t.into_tvalue())
+                            .map_err(|e| anyhow!("joining outputs: {e:#}"))
+                    })
+                    .collect()
+            }
+        }
     }
 }

@@ -21,6 +21,7 @@
 
 pub mod client;
 pub mod he_form;
+pub mod private;
 pub mod server;
 
 use std::sync::Arc;
@@ -33,8 +34,8 @@ use tract_onnx::tract_hir::internal::*;
 use secinfer_model::{LayerSpec, OP_TYPE};
 
 pub use client::{
-    Channel, ClientModel, InMemoryChannel, MAX_BATCH, PreprocessingPool, SecureLinearBackend,
-    SessionBackend, Traffic,
+    Channel, ClientModel, InMemoryChannel, MAX_BATCH, PreprocessingPool, RunStats,
+    SecureLinearBackend, SessionBackend, Traffic,
 };
 pub use he_form::HeLayer;
 pub use server::{ServerModel, ServerSecureLinear};

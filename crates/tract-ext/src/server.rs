@@ -178,6 +178,7 @@ pub struct ServerModel {
     plans: Vec<Arc<TypedRunnableModel>>,
     he: Vec<HeLayer>,
     digest: String,
+    program: Option<Arc<secinfer_model::Program>>,
 }
 
 impl std::fmt::Debug for ServerModel {
@@ -272,6 +273,7 @@ impl ServerModel {
             plans,
             he,
             digest,
+            program: contract.program.map(Arc::new),
         })
     }
 
@@ -347,6 +349,10 @@ impl ServerModel {
 impl MaskedLinear for ServerModel {
     fn layers(&self) -> &[LayerSpec] {
         &self.layers
+    }
+
+    fn program(&self) -> Option<&Arc<secinfer_model::Program>> {
+        self.program.as_ref()
     }
 
     fn he_form(&self, op: OpId) -> Result<&dyn secinfer_he::LinearForm, String> {
