@@ -4,8 +4,13 @@
 //!
 //! Offline material is made by the two-party HE phase (`"preprocessing":
 //! "bfv"`), in batches of up to 8192 inferences (one per ciphertext
-//! coefficient), each made when the online loop runs out; offline and online
-//! time are measured apart and together.
+//! coefficient), each made when the online loop runs out; in the private
+//! modes (`--reveal logits`, `argmax`) the correlations for the joint
+//! nonlinear layers are made too (`"correlations": "iknp"`), in batches that
+//! fit [`secinfer_tract_ext::client::DEFAULT_CORRELATION_BUDGET`]. Offline
+//! (HE and OT apart) and online time are measured apart and together. With
+//! `compare`, the same model also runs in `activations` mode and its report
+//! rides along as `comparison`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +24,10 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::DimLike;
 
 use secinfer_converter::{Converted, Options, convert_file};
+use secinfer_model::Reveal;
+use secinfer_ot::Demand;
 use secinfer_protocol::{Channel, MaskedLinear};
+use secinfer_tract_ext::client::DEFAULT_CORRELATION_BUDGET;
 use secinfer_tract_ext::{ClientModel, InMemoryChannel, MAX_BATCH, ServerModel};
 use secinfer_transport::Loopback;
 
@@ -73,10 +81,12 @@ pub struct BenchConfig {
     pub latency_samples: usize,
     /// online batch sizes to sweep (empty: no sweep)
     pub sweep: Vec<usize>,
-    /// converter settings
+    /// converter settings (including the reveal mode)
     pub options: Options,
     /// where the converted files go
     pub work_dir: PathBuf,
+    /// in a private mode, also run the model in `activations` mode
+    pub compare: bool,
 }
 
 /// The bench's result; field names are a fixed interface (JSON keys).
@@ -94,10 +104,18 @@ pub struct BenchReport {
     pub accuracy_secure: Option<f64>,
     /// predictions whose argmax equals plaintext tract's
     pub agreement: usize,
-    /// max |secure output − plaintext output| over all outputs
-    pub max_abs_error: f64,
+    /// max |secure output − plaintext output| over all outputs (`None` in
+    /// argmax mode: the client learns no output values)
+    pub max_abs_error: Option<f64>,
+    /// what the client learns: logits, argmax or activations
+    #[serde(default = "activations")]
+    pub reveal: String,
     /// where offline material came from
     pub preprocessing: String,
+    /// where the correlations of the joint nonlinear layers came from
+    /// (private modes: "iknp")
+    #[serde(default)]
+    pub correlations: Option<String>,
     /// how client and server talk
     pub transport: String,
     /// inferences per round trip
@@ -108,14 +126,28 @@ pub struct BenchReport {
     pub predictions_per_s: f64,
     /// online phase only (client graph + masked evaluation), predictions per second
     pub online_predictions_per_s: f64,
-    /// offline phase only (client encryption and decryption, server HE), predictions per second
+    /// offline phase only (HE and correlations), predictions per second
     pub offline_predictions_per_s: f64,
+    /// the HE part of the offline phase alone, predictions per second
+    #[serde(default)]
+    pub offline_he_predictions_per_s: f64,
+    /// the correlations (OT) part of the offline phase alone, predictions per
+    /// second (private modes)
+    #[serde(default)]
+    pub offline_ot_predictions_per_s: Option<f64>,
     /// plaintext tract on the original model, same batches, predictions per second
     pub plain_predictions_per_s: f64,
     /// online bytes per prediction, both directions
     pub bytes_online_per_prediction: f64,
-    /// offline bytes per prediction, both directions (the public key included)
+    /// HE offline bytes per prediction, both directions (the public key included)
     pub bytes_offline_per_prediction: f64,
+    /// correlations (OT extension) bytes per prediction, both directions
+    #[serde(default)]
+    pub bytes_ot_per_prediction: f64,
+    /// messages the client waits for during one batch: the round trips every
+    /// prediction goes through, whatever the batch size
+    #[serde(default)]
+    pub round_trips_per_prediction: f64,
     /// latency of one prediction (batch 1, material ready: the online phase),
     /// milliseconds
     #[serde(default)]
@@ -125,6 +157,13 @@ pub struct BenchReport {
     pub sweep: Vec<SweepPoint>,
     /// per-layer scales and headroom chosen by the converter
     pub layers: Vec<LayerSummary>,
+    /// the same model in `activations` mode, same run (private modes, `compare`)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comparison: Option<Box<BenchReport>>,
+}
+
+fn activations() -> String {
+    "activations".into()
 }
 
 /// Percentiles of single-prediction latency, milliseconds.
@@ -286,6 +325,13 @@ pub enum Progress {
         /// inferences in the batch
         count: usize,
     },
+    /// correlations (OT) for this many inferences are being made
+    Correlations {
+        /// inferences
+        count: usize,
+    },
+    /// the same model in activations mode, for comparison, is starting
+    Comparison,
     /// `done` of `total` predictions are finished
     Predicted {
         /// finished
@@ -301,6 +347,7 @@ fn top_up<C: Channel + 'static>(
     client: &ClientModel<C>,
     n: usize,
     offline_batch: usize,
+    per: &Demand,
 ) -> anyhow::Result<()> {
     let ready = client.backend().ready();
     if ready < n {
@@ -308,11 +355,77 @@ fn top_up<C: Channel + 'static>(
             .backend()
             .preprocess((n - ready).max(offline_batch.min(MAX_BATCH)))?;
     }
+    ensure_correlations(client, n, per)?;
     Ok(())
 }
 
-/// Runs the bench.
-pub fn run(cfg: &BenchConfig, progress: impl FnMut(Progress)) -> anyhow::Result<BenchReport> {
+/// Makes correlations for at least `n` inferences if fewer are ready
+/// (private modes); returns whether it made any.
+fn ensure_correlations<C: Channel + 'static>(
+    client: &ClientModel<C>,
+    n: usize,
+    per: &Demand,
+) -> anyhow::Result<bool> {
+    if per.is_zero() {
+        return Ok(false);
+    }
+    let want = per
+        .times(n as u64)
+        .ok_or_else(|| anyhow::anyhow!("correlations for {n} inferences overflow"))?;
+    let ready = client.backend().correlations_ready();
+    if want.fits_in(&ready) {
+        return Ok(false);
+    }
+    client.backend().make_correlations(shortfall(want, ready))?;
+    Ok(true)
+}
+
+fn shortfall(want: Demand, have: Demand) -> Demand {
+    Demand {
+        triples: want.triples.saturating_sub(have.triples),
+        bit_ots_client_sends: want
+            .bit_ots_client_sends
+            .saturating_sub(have.bit_ots_client_sends),
+        bit_ots_server_sends: want
+            .bit_ots_server_sends
+            .saturating_sub(have.bit_ots_server_sends),
+        word_ots_client_sends: want
+            .word_ots_client_sends
+            .saturating_sub(have.word_ots_client_sends),
+        word_ots_server_sends: want
+            .word_ots_server_sends
+            .saturating_sub(have.word_ots_server_sends),
+    }
+}
+
+/// Inferences per correlation batch: as many as fit half the client's
+/// correlation budget, at least one.
+pub fn correlation_batch(per: &Demand) -> usize {
+    (DEFAULT_CORRELATION_BUDGET / per.stored_bytes().max(1)).clamp(1, 1 << 20) as usize
+}
+
+/// Runs the bench (and, with `compare` in a private mode, the same model in
+/// `activations` mode after it).
+pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(Progress)) -> anyhow::Result<BenchReport> {
+    let mut report = run_mode(cfg, &mut progress)?;
+    if cfg.compare && cfg.options.reveal.is_private() {
+        progress(Progress::Comparison);
+        let plain = BenchConfig {
+            options: Options {
+                reveal: Reveal::Activations,
+                ..cfg.options.clone()
+            },
+            sweep: vec![],
+            compare: false,
+            work_dir: cfg.work_dir.join("activations"),
+            ..cfg.clone()
+        };
+        report.comparison = Some(Box::new(run_mode(&plain, &mut progress)?));
+    }
+    Ok(report)
+}
+
+fn run_mode(cfg: &BenchConfig, progress: &mut dyn FnMut(Progress)) -> anyhow::Result<BenchReport> {
     let converted = convert_into(&cfg.model, &cfg.work_dir, &cfg.options)?;
     let server = Arc::new(ServerModel::load(&cfg.work_dir.join("server.onnx"))?);
     let client_path = cfg.work_dir.join("client.onnx");
@@ -324,7 +437,7 @@ pub fn run(cfg: &BenchConfig, progress: impl FnMut(Progress)) -> anyhow::Result<
         }
         Transport::Quic => {
             let lo = Loopback::start(server.clone(), server.digest(), Default::default())?;
-            let client = ClientModel::load_with(&client_path, |digest| lo.connect(digest))?;
+            let client = ClientModel::load_with(&client_path, |digest, _| lo.connect(digest))?;
             let report = run_on(cfg, &converted, &server, &client, progress);
             drop(client);
             report
@@ -337,7 +450,7 @@ fn run_on<C: Channel + 'static>(
     converted: &Converted,
     server: &ServerModel,
     client: &ClientModel<C>,
-    mut progress: impl FnMut(Progress),
+    progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<BenchReport> {
     if client.digest() != server.digest() {
         bail!("client and server files come from different conversions");
@@ -374,9 +487,17 @@ fn run_on<C: Channel + 'static>(
     // offline batches (a batch costs the same for any size), so offline time
     // covers it too: the offline rate is, if anything, understated.
     let extra = cfg.latency_samples + sweep_runs.iter().map(|&(_, m)| m).sum::<usize>();
+    // Correlations per inference (private modes; zero in activations mode).
+    let per = match client.program() {
+        Some(p) => secinfer_protocol::private::program_cost(p, client.layers(), 1)?.demand,
+        None => Demand::default(),
+    };
+    let ot_batch = correlation_batch(&per);
+    let mut offline_ot = Duration::ZERO;
 
     let (mut correct_plain, mut correct_secure, mut agreement) = (0, 0, 0);
     let mut max_abs_error = 0f64;
+    let index_output = client.reveal() == Reveal::Argmax;
     let (mut online, mut plain_time) = (Duration::ZERO, Duration::ZERO);
     let mut done = 0;
     while done < total {
@@ -402,6 +523,17 @@ fn run_on<C: Channel + 'static>(
             client.backend().preprocess(count)?;
             offline += t.elapsed();
         }
+        let want = ot_batch.min(total - done + extra).max(inferences);
+        if !per.is_zero()
+            && !per
+                .times(inferences as u64)
+                .is_some_and(|d| d.fits_in(&client.backend().correlations_ready()))
+        {
+            progress(Progress::Correlations { count: want });
+            let t = Instant::now();
+            ensure_correlations(client, want, &per)?;
+            offline_ot += t.elapsed();
+        }
         let t = Instant::now();
         let reference = plain
             .run(tvec!(input.clone().into_tvalue()))
@@ -414,6 +546,35 @@ fn run_on<C: Channel + 'static>(
         let r = reference[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        if index_output {
+            // argmax mode: the client holds one class index per sample
+            let idx = secure[0]
+                .cast_to::<i64>()
+                .map_err(|e| anyhow::anyhow!("{e:#}"))?
+                .into_owned();
+            let idx = idx
+                .to_plain_array_view::<i64>()
+                .map_err(|e| anyhow::anyhow!("{e:#}"))?
+                .iter()
+                .copied()
+                .collect::<Vec<_>>();
+            if idx.len() != n {
+                bail!("argmax mode returned {} indices for {n} samples", idx.len());
+            }
+            let per_sample = r.len() / n;
+            let r: Vec<f32> = r.iter().copied().collect();
+            for (i, &class) in idx.iter().enumerate() {
+                let ra = argmax(&r[i * per_sample..(i + 1) * per_sample]);
+                agreement += usize::from(ra as i64 == class);
+                if let Some(&label) = data.labels.get(done + i) {
+                    correct_plain += usize::from(ra == label);
+                    correct_secure += usize::from(class == label as i64);
+                }
+            }
+            done += n;
+            progress(Progress::Predicted { done, total });
+            continue;
+        }
         let s = secure[0]
             .to_plain_array_view::<f32>()
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
@@ -457,7 +618,7 @@ fn run_on<C: Channel + 'static>(
     };
     let mut times = Vec::with_capacity(cfg.latency_samples);
     for i in 0..cfg.latency_samples {
-        top_up(client, 1, offline_batch)?;
+        top_up(client, 1, offline_batch, &per)?;
         let input = sample(i);
         let t = Instant::now();
         client.predict(tvec!(input.into_tvalue()))?;
@@ -474,7 +635,7 @@ fn run_on<C: Channel + 'static>(
             let k = b.min(m - at);
             let idx: Vec<usize> = (at..at + k).map(|i| i % total).collect();
             let input = data.inputs.select(Axis(0), &idx).into_tensor();
-            top_up(client, k, offline_batch)?;
+            top_up(client, k, offline_batch, &per)?;
             let t = Instant::now();
             plain
                 .run(tvec!(input.clone().into_tvalue()))
@@ -494,6 +655,15 @@ fn run_on<C: Channel + 'static>(
     }
     let has_labels = !data.labels.is_empty();
     let acc = |c: usize| has_labels.then(|| c as f64 / total as f64);
+    let round_trips = match client.program() {
+        Some(_) => {
+            let s = client.backend().run_stats();
+            s.round_trips as f64 / s.batches.max(1) as f64
+        }
+        // one round trip per linear op and batch
+        None => client.layers().len() as f64,
+    };
+    let rate = |d: Duration| total as f64 / d.as_secs_f64().max(1e-9);
     Ok(BenchReport {
         model: cfg.model.display().to_string(),
         dataset: data.name,
@@ -501,19 +671,25 @@ fn run_on<C: Channel + 'static>(
         accuracy_plain: acc(correct_plain),
         accuracy_secure: acc(correct_secure),
         agreement,
-        max_abs_error,
+        max_abs_error: (!index_output).then_some(max_abs_error),
+        reveal: client.reveal().as_str().into(),
         preprocessing: "bfv".into(),
+        correlations: client.program().map(|_| "iknp".to_string()),
         transport: cfg.transport.name().into(),
         batch,
         offline_batch,
-        predictions_per_s: total as f64 / (online + offline).as_secs_f64().max(1e-9),
-        online_predictions_per_s: total as f64 / online.as_secs_f64().max(1e-9),
-        offline_predictions_per_s: total as f64 / offline.as_secs_f64().max(1e-9),
-        plain_predictions_per_s: total as f64 / plain_time.as_secs_f64().max(1e-9),
+        predictions_per_s: rate(online + offline + offline_ot),
+        online_predictions_per_s: rate(online),
+        offline_predictions_per_s: rate(offline + offline_ot),
+        offline_he_predictions_per_s: rate(offline),
+        offline_ot_predictions_per_s: client.program().map(|_| rate(offline_ot)),
+        plain_predictions_per_s: rate(plain_time),
         bytes_online_per_prediction: (traffic.online_up + traffic.online_down) as f64
             / total as f64,
         bytes_offline_per_prediction: (traffic.offline_up + traffic.offline_down) as f64
             / total as f64,
+        bytes_ot_per_prediction: (traffic.ot_up + traffic.ot_down) as f64 / total as f64,
+        round_trips_per_prediction: round_trips,
         latency_ms,
         sweep: points,
         layers: converted
@@ -526,6 +702,7 @@ fn run_on<C: Channel + 'static>(
                 headroom_bits: l.headroom_bits,
             })
             .collect(),
+        comparison: None,
     })
 }
 
@@ -536,18 +713,22 @@ impl BenchReport {
             v.map(|v| format!("{:.2} %", v * 100.0))
                 .unwrap_or_else(|| "n/a".into())
         };
-        format!(
+        let reveal: Reveal = self.reveal.parse().unwrap_or(Reveal::Activations);
+        let mut out = format!(
             "model            {}\n\
+             reveal           {} ({})\n\
              data             {} ({} predictions, batch {})\n\
              accuracy         plaintext {}   secure {}\n\
              argmax agreement {}/{}\n\
-             max |error|      {:.3e}\n\
-             throughput       {:.0} predictions/s end to end (offline {:.0}/s, online {:.0}/s)   plaintext tract {:.0}/s\n\
-             latency          p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms (one prediction, online, {} timed)\n\
-             bytes            {:.0} per prediction offline, {:.0} online\n\
-             preprocessing    {} (two-party, lattice HE; offline batches of up to {})\n\
+             max |error|      {}\n\
+             throughput       {:.1} predictions/s end to end (offline {:.1}/s: HE {:.1}/s{}; online {:.0}/s)   plaintext tract {:.0}/s\n\
+             latency          p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms (one prediction, online, {} timed), {:.0} round trips\n\
+             bytes            {:.0} per prediction: HE offline {:.0}, OT offline {:.0}, online {:.0}\n\
+             preprocessing    {} (two-party, lattice HE; offline batches of up to {}){}\n\
              transport        {}",
             self.model,
+            self.reveal,
+            crate::report::what_is_revealed(reveal),
             self.dataset,
             self.n,
             self.batch,
@@ -555,21 +736,56 @@ impl BenchReport {
             pct(self.accuracy_secure),
             self.agreement,
             self.n,
-            self.max_abs_error,
+            self.max_abs_error
+                .map_or("n/a (argmax mode reveals no values)".into(), |e| format!(
+                    "{e:.3e}"
+                )),
             self.predictions_per_s,
             self.offline_predictions_per_s,
+            self.offline_he_predictions_per_s,
+            self.offline_ot_predictions_per_s
+                .map_or(String::new(), |r| format!(", correlations {r:.1}/s")),
             self.online_predictions_per_s,
             self.plain_predictions_per_s,
             self.latency_ms.p50,
             self.latency_ms.p95,
             self.latency_ms.p99,
             self.latency_ms.samples,
+            self.round_trips_per_prediction,
+            self.bytes_offline_per_prediction
+                + self.bytes_ot_per_prediction
+                + self.bytes_online_per_prediction,
             self.bytes_offline_per_prediction,
+            self.bytes_ot_per_prediction,
             self.bytes_online_per_prediction,
             self.preprocessing,
             self.offline_batch,
+            self.correlations
+                .as_ref()
+                .map_or(String::new(), |c| format!(
+                    ", correlations by {c} OT extension"
+                )),
             self.transport
-        ) + &self
+        );
+        if reveal == Reveal::Activations {
+            out.push_str(&format!(
+                "\nWARNING          {}",
+                Reveal::ACTIVATIONS_WARNING
+            ));
+        }
+        if let Some(c) = &self.comparison {
+            out.push_str(&format!(
+                "\nactivations mode (same model, same run, for comparison; the client could reconstruct the weights):\n\
+                 \x20                agreement {}/{}, {:.1} predictions/s end to end (online {:.0}/s), {:.0} bytes per prediction, {:.0} round trips",
+                c.agreement,
+                c.n,
+                c.predictions_per_s,
+                c.online_predictions_per_s,
+                c.bytes_offline_per_prediction + c.bytes_online_per_prediction,
+                c.round_trips_per_prediction
+            ));
+        }
+        out + &self
             .sweep
             .iter()
             .map(|p| {

@@ -111,6 +111,10 @@ enum Command {
         /// this is given (then --input-bound applies to every layer).
         #[arg(long, conflicts_with = "calibrate")]
         no_calibrate: bool,
+        /// In logits or argmax mode, do not also run the model in activations
+        /// mode for comparison (that run makes its own HE offline batch).
+        #[arg(long)]
+        no_compare: bool,
         #[command(flatten)]
         args: ConvertArgs,
     },
@@ -194,10 +198,10 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// The bundled MNIST CNN on MNIST test images, securely (bench with defaults).
+    /// The bundled MNIST CNN on MNIST test images, --reveal logits, over loopback QUIC.
     Demo {
         /// The first N test images (up to 10000).
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, default_value_t = 100)]
         limit: usize,
     },
 }
@@ -218,7 +222,10 @@ fn convert(model: &Path, output: &Path, options: &Options) -> anyhow::Result<()>
     spinner.finish();
     let converted = converted?;
     let (server, client) = converted.write(output)?;
-    println!("{}", secinfer::report::conversion(&converted, options.ring_bits));
+    println!(
+        "{}",
+        secinfer::report::conversion(&converted, options.ring_bits)
+    );
     println!("wrote {} and {}", server.display(), client.display());
     Ok(())
 }
@@ -245,6 +252,34 @@ fn run_bench(cfg: BenchConfig, json: Option<&Path>, plot: Option<&Path>) -> anyh
             } else {
                 eprintln!("[{:>5.0} s] {msg}", started.elapsed().as_secs_f64());
             }
+        }
+        bench::Progress::Correlations { count } => {
+            let msg = format!(
+                "offline: oblivious-transfer correlations for {count} inferences (IKNP extension)"
+            );
+            if tty {
+                if let Some(b) = &bar {
+                    b.suspend(|| ());
+                }
+                if let Some(s) = spinner.take() {
+                    s.finish();
+                }
+                spinner = Some(secinfer::progress::Spinner::new(&msg));
+            } else {
+                eprintln!("[{:>5.0} s] {msg}", started.elapsed().as_secs_f64());
+            }
+        }
+        bench::Progress::Comparison => {
+            if let Some(s) = spinner.take() {
+                s.finish();
+            }
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            eprintln!(
+                "[{:>5.0} s] the same model in activations mode, for comparison",
+                started.elapsed().as_secs_f64()
+            );
         }
         bench::Progress::Predicted { done, total } => {
             if let Some(s) = spinner.take() {
@@ -309,6 +344,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             sweep_batch,
             latency_samples,
             no_calibrate,
+            no_compare,
             mut args,
         } => {
             let sweep = match sweep_batch {
@@ -354,6 +390,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 sweep,
                 options: args.options()?,
                 work_dir: work_dir.clone(),
+                compare: !no_compare,
             };
             let result = run_bench(cfg, json.as_deref(), plot.as_deref());
             let _ = std::fs::remove_dir_all(&work_dir);
@@ -431,10 +468,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let model = bundled("onnx-models/mnist_cnn.onnx");
             let work_dir = work_dir(&model);
             println!(
-                "secinfer demo: the bundled MNIST CNN on the first {limit} MNIST test images.\n\
-                 A server on 127.0.0.1 (QUIC, TLS 1.3, pinned certificate, API token) and a client run in\n\
-                 one process. The offline phase (lattice HE, about 3 minutes per batch of up to 8192 images\n\
-                 on 2 cores) comes first, then the online predictions.\n"
+                "secinfer demo: the bundled MNIST CNN on the first {limit} MNIST test images, --reveal logits:\n\
+                 the client learns the logits and nothing else; every activation stays secret-shared and the\n\
+                 ReLU and max-pooling layers are computed jointly with oblivious transfer.\n\
+                 A server on 127.0.0.1 (QUIC, TLS 1.3, pinned certificate, API token) and a client run in one\n\
+                 process. Offline first: lattice HE for the linear layers (about 3 minutes for a batch of any\n\
+                 size up to 8192 on 2 cores) and OT correlations for the comparisons (about 0.7 s per image),\n\
+                 then the online predictions. `bench --model onnx-models/mnist_cnn.onnx --dataset mnist` also\n\
+                 runs the model in activations mode for comparison.\n"
             );
             let cfg = BenchConfig {
                 model,
@@ -443,13 +484,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch: 100,
                 offline_batch: None,
                 transport: Transport::Quic,
-                latency_samples: 100,
+                latency_samples: 10,
                 sweep: vec![],
                 options: Options {
                     calibration: Some(secinfer::data::calibration_samples("mnist", 1000)?),
                     ..Options::default()
                 },
                 work_dir: work_dir.clone(),
+                compare: false,
             };
             let result = run_bench(cfg, None, None);
             let _ = std::fs::remove_dir_all(&work_dir);

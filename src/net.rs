@@ -71,6 +71,16 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             opts.model.display(),
             model.layers().len()
         );
+        let reveal = model
+            .program()
+            .map_or(secinfer_model::Reveal::Activations, |p| p.reveal);
+        println!(
+            "--reveal {reveal}: {}",
+            crate::report::what_is_revealed(reveal)
+        );
+        if !reveal.is_private() {
+            println!("WARNING: {}", secinfer_model::Reveal::ACTIVATIONS_WARNING);
+        }
         println!("listening on {addr} (QUIC, TLS 1.3)");
         if generated {
             println!(
@@ -117,8 +127,14 @@ pub struct PredictOptions {
 /// Predicts the class of every input sample.
 pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
     let progress = crate::progress::Spinner::new("connecting");
-    let client = ClientModel::load_with(&opts.model, |digest| {
-        let mut cfg = ClientConfig::new(&opts.server, opts.trust.clone(), &opts.token, digest);
+    let client = ClientModel::load_with(&opts.model, |digest, reveal| {
+        let mut cfg = ClientConfig::new(
+            &opts.server,
+            opts.trust.clone(),
+            &opts.token,
+            digest,
+            reveal.as_str(),
+        );
         cfg.server_name = opts.server_name.clone();
         QuicChannel::connect(&cfg)
     })?;
@@ -140,7 +156,12 @@ pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
         .backend()
         .preprocess_in_batches(inferences, MAX_BATCH)
         .context("offline phase")?;
-    progress.set("online phase".into());
+    progress.set(if client.program().is_some() {
+        "online phase (joint evaluation; correlations are made as they are needed)".into()
+    } else {
+        "online phase".into()
+    });
+    let index_only = client.reveal() == secinfer_model::Reveal::Argmax;
     let outputs: Vec<Vec<f32>> = if batched {
         // Runs of at most PREDICT_RUN samples keep every message well below
         // the frame limit, whatever the number of inputs.
@@ -170,9 +191,18 @@ pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
     // A closed pipe (`predict ... | head`) ends the output quietly.
     use std::io::Write;
     let mut out = std::io::stdout().lock();
+    if index_only && opts.scores {
+        eprintln!(
+            "note: --scores: this model was converted with --reveal argmax, so the server reveals only the class"
+        );
+    }
     for (name, scores) in samples.names.iter().zip(&outputs) {
-        let class = crate::bench::argmax(scores);
-        let line = if opts.scores {
+        let class = if index_only {
+            scores.first().map_or(0, |&c| c as usize)
+        } else {
+            crate::bench::argmax(scores)
+        };
+        let line = if opts.scores && !index_only {
             let s: Vec<String> = scores.iter().map(|v| format!("{v:.4}")).collect();
             writeln!(out, "{name}: class {class}  scores [{}]", s.join(", "))
         } else {
@@ -186,6 +216,10 @@ pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
 }
 
 fn split_rows(t: &TValue, n: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+    // argmax mode answers with INT64 class indices
+    let t = t
+        .cast_to::<f32>()
+        .map_err(|e| anyhow::anyhow!("model output: {e:#}"))?;
     let v = t
         .to_plain_array_view::<f32>()
         .map_err(|e| anyhow::anyhow!("model output: {e:#}"))?;

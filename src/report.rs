@@ -25,18 +25,20 @@ pub fn conversion(c: &Converted, ring_bits: u32) -> String {
     );
     let _ = writeln!(
         out,
-        "  {:>3}  {:<34} {:<15} {:>10} {:>5} {:>5}  {:>9}  folded",
-        "op", "source", "kind", "|x| <=", "f_in", "f_w", "headroom"
+        "  {:>3}  {:<34} {:<15} {:>10} {:>9} {:>5} {:>5}  {:>9}  folded",
+        "op", "source", "kind", "|x| <=", "seen", "f_in", "f_w", "headroom"
     );
     for l in &c.layers {
         let s = &l.spec;
+        let seen = l.observed_max.map_or("".into(), |m| format!("{m:.3}"));
         let _ = writeln!(
             out,
-            "  {:>3}  {:<34} {:<15} {:>10} {:>5} {:>5}  {:>6.1} b  {}",
+            "  {:>3}  {:<34} {:<15} {:>10} {:>9} {:>5} {:>5}  {:>6.1} b  {}",
             s.op_id,
             format!("{} '{}'", s.source_op, s.source_node),
             s.kind.tag(),
             format!("{:.4}", s.input_bound),
+            seen,
             s.input_frac_bits,
             s.weight_frac_bits,
             l.headroom_bits,

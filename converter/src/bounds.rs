@@ -27,7 +27,7 @@ use secinfer_model::{LayerSpec, LinearKind, Program, Reveal, Sign, Step, StepOp}
 
 use crate::ConvertError;
 use crate::extract::LinearLayer;
-use crate::program::{Draft, DraftOp, is_index};
+use crate::program::{Activation, Draft, DraftOp, is_index};
 use crate::resolve::LayerShapes;
 use crate::scale::{self, Quantised};
 
@@ -40,6 +40,49 @@ const MARGIN: f64 = 1.01;
 const SLACK_UNITS: f64 = 16.0;
 /// Extra fractional bits of a non-power-of-two constant factor (relative error 2^-16).
 const FACTOR_BITS: i32 = 16;
+/// Largest error of the Sigmoid approximation (piecewise linear, proven by
+/// `secinfer_mpc::Spline::sigmoid`), and of Tanh's.
+pub const SIGMOID_ERROR: f64 = 1e-3;
+/// See [`SIGMOID_ERROR`].
+pub const TANH_ERROR: f64 = 2e-3;
+/// Fractional bits Sigmoid and Tanh are evaluated with at least.
+const ACTIVATION_BITS: u32 = 12;
+/// Fractional bits of LeakyRelu's slope.
+const SLOPE_BITS: u32 = 16;
+
+/// The spline a step evaluates for `a` on inputs with `f` fractional bits,
+/// and its largest error.
+pub fn spline(a: Activation, f: u32) -> Result<(secinfer_mpc::Spline, f64), String> {
+    let e = |e: secinfer_mpc::MpcError| e.to_string();
+    match a {
+        Activation::Sigmoid => {
+            let s = secinfer_mpc::Spline::sigmoid(f, SIGMOID_ERROR).map_err(e)?;
+            Ok((s.spline, s.max_error))
+        }
+        Activation::Tanh => {
+            let s = secinfer_mpc::Spline::tanh(f, TANH_ERROR).map_err(e)?;
+            Ok((s.spline, s.max_error))
+        }
+        Activation::LeakyRelu(alpha) => Ok((
+            secinfer_mpc::Spline::leaky_relu(alpha, SLOPE_BITS).map_err(e)?,
+            // one unit of the truncation, and the slope's rounding over the range
+            2f64.powi(-(f as i32)),
+        )),
+        Activation::Clip(lo, hi) => {
+            let q = |v: f64, inf: i64| {
+                if v.is_finite() {
+                    (v * 2f64.powi(f as i32)).round() as i64
+                } else {
+                    inf
+                }
+            };
+            Ok((
+                secinfer_mpc::Spline::clip(q(lo, i64::MIN), q(hi, i64::MAX)).map_err(e)?,
+                0.0,
+            ))
+        }
+    }
+}
 
 /// Per-element real bounds of one sample of a slot.
 #[derive(Debug, Clone)]
@@ -56,7 +99,10 @@ impl Interval {
             .fold(0f64, |m, v| m.max(v.abs()))
     }
 
-    fn map(&self, f: impl Fn(&ArrayD<f64>) -> Result<ArrayD<f64>, String>) -> Result<Interval, String> {
+    fn map(
+        &self,
+        f: impl Fn(&ArrayD<f64>) -> Result<ArrayD<f64>, String>,
+    ) -> Result<Interval, String> {
         Ok(Interval {
             lo: f(&self.lo)?,
             hi: f(&self.hi)?,
@@ -65,7 +111,12 @@ impl Interval {
 }
 
 /// `W·x + b` in f64 on one sample, with the layer's resolved geometry.
-fn linear_f64(kind: &LinearKind, w: &ArrayD<f64>, bias: &[f64], x: &ArrayD<f64>) -> Result<ArrayD<f64>, String> {
+fn linear_f64(
+    kind: &LinearKind,
+    w: &ArrayD<f64>,
+    bias: &[f64],
+    x: &ArrayD<f64>,
+) -> Result<ArrayD<f64>, String> {
     let e = |e: secinfer_ring::RingError| e.to_string();
     let sh = |e: ndarray::ShapeError| e.to_string();
     let mut y = match kind {
@@ -73,7 +124,10 @@ fn linear_f64(kind: &LinearKind, w: &ArrayD<f64>, bias: &[f64], x: &ArrayD<f64>)
             let k = w.shape()[0];
             let rows = x.len() / k.max(1);
             let x2 = x.view().into_shape_with_order((rows, k)).map_err(sh)?;
-            let w2 = w.view().into_shape_with_order((k, w.shape()[1])).map_err(sh)?;
+            let w2 = w
+                .view()
+                .into_shape_with_order((k, w.shape()[1]))
+                .map_err(sh)?;
             let y = secinfer_ring::matmul(x2, w2).map_err(e)?;
             let mut shape = x.shape().to_vec();
             let last = shape.len() - 1;
@@ -84,11 +138,18 @@ fn linear_f64(kind: &LinearKind, w: &ArrayD<f64>, bias: &[f64], x: &ArrayD<f64>)
             let (m, k) = (w.shape()[0], w.shape()[1]);
             let cols = x.shape()[x.ndim() - 1];
             let batches = x.len() / (k * cols).max(1);
-            let x3 = x.view().into_shape_with_order((batches, k, cols)).map_err(sh)?;
+            let x3 = x
+                .view()
+                .into_shape_with_order((batches, k, cols))
+                .map_err(sh)?;
             let w2 = w.view().into_shape_with_order((m, k)).map_err(sh)?;
             let mut out = Vec::with_capacity(batches * m * cols);
             for b in 0..batches {
-                out.extend(secinfer_ring::matmul(w2.view(), x3.index_axis(Axis(0), b)).map_err(e)?.iter());
+                out.extend(
+                    secinfer_ring::matmul(w2.view(), x3.index_axis(Axis(0), b))
+                        .map_err(e)?
+                        .iter(),
+                );
             }
             let mut shape = x.shape().to_vec();
             let at = shape.len() - 2;
@@ -99,7 +160,8 @@ fn linear_f64(kind: &LinearKind, w: &ArrayD<f64>, bias: &[f64], x: &ArrayD<f64>)
         LinearKind::ConvTranspose {
             geometry,
             output_padding,
-        } => secinfer_ring::conv_transpose(x.view(), w.view(), geometry, output_padding).map_err(e)?,
+        } => secinfer_ring::conv_transpose(x.view(), w.view(), geometry, output_padding)
+            .map_err(e)?,
     };
     let rank = y.ndim() as isize;
     let axis = kind.bias_axis();
@@ -180,24 +242,36 @@ pub fn finalise(
                 // interval (widened by the margin), with the quantised
                 // weights and two units of error per input in the ring.
                 let bound = x.max_abs() * MARGIN + 2f64.powi(-12);
-                let typical = inputs[*layer].typical.unwrap_or(bound / 8.0).clamp(bound / 4096.0, bound);
+                let typical = inputs[*layer]
+                    .typical
+                    .unwrap_or(bound / 8.0)
+                    .clamp(bound / 4096.0, bound);
                 // one bit below the half range for the signed truncation, and
                 // room for the margin applied when the result is checked
                 let limit = 2f64.powi(k as i32 - 2) / (1.05 * MARGIN);
                 let rad_m = rad.mapv(|r| r * MARGIN + 2f64.powi(-12));
                 let worst = |wq: &[i64], bq: &[i64], fa: u32| -> f64 {
                     let scale = 2f64.powi(fa as i32);
-                    let w = ArrayD::from_shape_vec(l.weight.raw_dim(), wq.iter().map(|&v| v as f64).collect());
+                    let w = ArrayD::from_shape_vec(
+                        l.weight.raw_dim(),
+                        wq.iter().map(|&v| v as f64).collect(),
+                    );
                     let Ok(w) = w else { return f64::INFINITY };
                     let b: Vec<f64> = bq.iter().map(|&v| v as f64).collect();
                     let ym = linear_f64(&shapes.kind, &w, &b, &mid.mapv(|v| v * scale));
-                    let yr = linear_f64(&shapes.kind, &w.mapv(f64::abs), &[], &rad_m.mapv(|r| r * scale + 2.0));
+                    let yr = linear_f64(
+                        &shapes.kind,
+                        &w.mapv(f64::abs),
+                        &[],
+                        &rad_m.mapv(|r| r * scale + 2.0),
+                    );
                     match (ym, yr) {
-                        (Ok(ym), Ok(yr)) => ym
-                            .iter()
-                            .zip(yr.iter())
-                            .fold(0f64, |m, (a, r)| m.max(a.abs() + r))
-                            + 1.0,
+                        (Ok(ym), Ok(yr)) => {
+                            ym.iter()
+                                .zip(yr.iter())
+                                .fold(0f64, |m, (a, r)| m.max(a.abs() + r))
+                                + 1.0
+                        }
                         _ => f64::INFINITY,
                     }
                 };
@@ -222,7 +296,12 @@ pub fn finalise(
                     let flat: Vec<f64> = a.iter().copied().collect();
                     let v = cells
                         .chunks(w)
-                        .map(|c| c.iter().flatten().map(|&j| flat[j]).fold(f64::NEG_INFINITY, f64::max))
+                        .map(|c| {
+                            c.iter()
+                                .flatten()
+                                .map(|&j| flat[j])
+                                .fold(f64::NEG_INFINITY, f64::max)
+                        })
                         .collect();
                     ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| e.to_string())
                 };
@@ -237,22 +316,34 @@ pub fn finalise(
                         let w = g.window();
                         let pool = |a: &ArrayD<f64>| -> Result<ArrayD<f64>, String> {
                             let flat: Vec<f64> = a.iter().copied().collect();
-                            let v = cells.chunks(w).map(|c| c.iter().flatten().map(|&j| flat[j]).sum::<f64>() / d).collect();
+                            let v = cells
+                                .chunks(w)
+                                .map(|c| c.iter().flatten().map(|&j| flat[j]).sum::<f64>() / d)
+                                .collect();
                             ArrayD::from_shape_vec(IxDyn(&shape), v).map_err(|e| e.to_string())
                         };
                         x.map(pool).map_err(&bad)?
                     }
-                    None => global(x, &s.shape, |lane| lane.iter().sum::<f64>() / d).map_err(&bad)?,
+                    None => {
+                        global(x, &s.shape, |lane| lane.iter().sum::<f64>() / d).map_err(&bad)?
+                    }
                 }
             }
             DraftOp::GlobalMaxPool => {
                 let x = input(0)?;
-                global(x, &s.shape, |lane| lane.iter().copied().fold(f64::NEG_INFINITY, f64::max)).map_err(&bad)?
+                global(x, &s.shape, |lane| {
+                    lane.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+                })
+                .map_err(&bad)?
             }
             DraftOp::Scale(f) => {
                 let x = input(0)?;
                 let (a, b) = (x.lo.mapv(|v| v * f), x.hi.mapv(|v| v * f));
-                if *f >= 0.0 { Interval { lo: a, hi: b } } else { Interval { lo: b, hi: a } }
+                if *f >= 0.0 {
+                    Interval { lo: a, hi: b }
+                } else {
+                    Interval { lo: b, hi: a }
+                }
             }
             DraftOp::Add => {
                 let (x, y) = (input(0)?, input(1)?);
@@ -270,14 +361,21 @@ pub fn finalise(
             }
             DraftOp::Reshape => input(0)?
                 .map(|a| {
-                    ArrayD::from_shape_vec(sample.clone(), a.iter().copied().collect()).map_err(|e| e.to_string())
+                    ArrayD::from_shape_vec(sample.clone(), a.iter().copied().collect())
+                        .map_err(|e| e.to_string())
                 })
                 .map_err(&bad)?,
             DraftOp::Transpose(perm) => input(0)?
-                .map(|a| Ok(a.clone().permuted_axes(IxDyn(perm)).as_standard_layout().into_owned()))
+                .map(|a| {
+                    Ok(a.clone()
+                        .permuted_axes(IxDyn(perm))
+                        .as_standard_layout()
+                        .into_owned())
+                })
                 .map_err(&bad)?,
             DraftOp::Concat(axis) => {
-                let parts: Vec<&Interval> = (0..s.inputs.len()).map(input).collect::<Result<_, _>>()?;
+                let parts: Vec<&Interval> =
+                    (0..s.inputs.len()).map(input).collect::<Result<_, _>>()?;
                 let cat = |pick: fn(&Interval) -> &ArrayD<f64>| -> Result<ArrayD<f64>, String> {
                     let views: Vec<_> = parts.iter().map(|p| pick(p).view()).collect();
                     ndarray::concatenate(Axis(*axis), &views).map_err(|e| e.to_string())
@@ -292,7 +390,10 @@ pub fn finalise(
                     let mut v = a.view();
                     for (ax, (&st, &sp)) in starts.iter().zip(steps).enumerate() {
                         let end = st + s.shape[ax].saturating_sub(1) * sp + 1;
-                        v.slice_axis_inplace(Axis(ax), Slice::new(st as isize, Some(end as isize), sp as isize));
+                        v.slice_axis_inplace(
+                            Axis(ax),
+                            Slice::new(st as isize, Some(end as isize), sp as isize),
+                        );
                     }
                     Ok(v.to_owned())
                 })
@@ -308,6 +409,34 @@ pub fn finalise(
                     Ok(out)
                 })
                 .map_err(&bad)?,
+            DraftOp::Activation(a) => {
+                let x = input(0)?;
+                // the approximation's error widens the bounds a little
+                let slack = match a {
+                    Activation::Sigmoid => SIGMOID_ERROR,
+                    Activation::Tanh => TANH_ERROR,
+                    _ => 0.0,
+                };
+                let (lo, hi) = if a.monotone() {
+                    (
+                        x.lo.mapv(|v| a.eval(v) - slack),
+                        x.hi.mapv(|v| a.eval(v) + slack),
+                    )
+                } else {
+                    let mut lo = x.lo.clone();
+                    let mut hi = x.hi.clone();
+                    ndarray::Zip::from(&mut lo).and(&mut hi).for_each(|l, h| {
+                        let mut ends = vec![a.eval(*l), a.eval(*h)];
+                        if *l < 0.0 && *h > 0.0 {
+                            ends.push(a.eval(0.0));
+                        }
+                        *l = ends.iter().copied().fold(f64::INFINITY, f64::min) - slack;
+                        *h = ends.iter().copied().fold(f64::NEG_INFINITY, f64::max) + slack;
+                    });
+                    (lo, hi)
+                };
+                Interval { lo, hi }
+            }
             DraftOp::ArgMax => {
                 let m = input(0)?.lo.shape().last().copied().unwrap_or(1);
                 Interval {
@@ -318,7 +447,11 @@ pub fn finalise(
             DraftOp::Reveal { .. } => input(0)?.clone(),
         };
         if out.lo.shape() != s.shape.as_slice() {
-            return Err(bad(format!("bounds have shape {:?}, the step {:?}", out.lo.shape(), s.shape)));
+            return Err(bad(format!(
+                "bounds have shape {:?}, the step {:?}",
+                out.lo.shape(),
+                s.shape
+            )));
         }
         iv.insert(&s.output, out);
     }
@@ -326,14 +459,18 @@ pub fn finalise(
         .into_iter()
         .enumerate()
         .map(|(l, q)| {
-            q.ok_or_else(|| ConvertError::Invalid(format!("linear layer {l} is not reached by the program")))
+            q.ok_or_else(|| {
+                ConvertError::Invalid(format!("linear layer {l} is not reached by the program"))
+            })
         })
         .collect::<Result<_, _>>()?;
 
     // 2. Desired scales, backwards: what each slot's readers want.
     let extra = |op: &DraftOp| -> u32 {
         match op {
-            DraftOp::AvgPool { divisor, .. } if divisor.is_power_of_two() => divisor.trailing_zeros(),
+            DraftOp::AvgPool { divisor, .. } if divisor.is_power_of_two() => {
+                divisor.trailing_zeros()
+            }
             DraftOp::AvgPool { .. } => FACTOR_BITS as u32,
             DraftOp::Scale(f) => factor_bits(*f),
             _ => 0,
@@ -344,9 +481,17 @@ pub fn finalise(
         let want = match &s.op {
             DraftOp::Linear { layer } => Some(quantised[*layer].input_frac_bits),
             DraftOp::ArgMax | DraftOp::Reveal { .. } | DraftOp::Input { .. } => None,
-            DraftOp::AvgPool { .. } | DraftOp::Scale(_) => {
-                desired.get(s.output.as_str()).map(|d| d.saturating_sub(extra(&s.op)))
-            }
+            DraftOp::AvgPool { .. } | DraftOp::Scale(_) => desired
+                .get(s.output.as_str())
+                .map(|d| d.saturating_sub(extra(&s.op))),
+            // smooth activations need enough input resolution to approximate
+            DraftOp::Activation(Activation::Sigmoid | Activation::Tanh) => Some(
+                desired
+                    .get(s.output.as_str())
+                    .copied()
+                    .unwrap_or(ACTIVATION_BITS)
+                    .max(ACTIVATION_BITS),
+            ),
             _ => desired.get(s.output.as_str()).copied(),
         };
         if let Some(w) = want {
@@ -384,7 +529,13 @@ pub fn finalise(
                 let q = &quantised[*layer];
                 let x = fw.rescale(&s.inputs[0], q.input_frac_bits, &s.source)?;
                 let f = q.input_frac_bits + q.weight_frac_bits;
-                fw.push(s, StepOp::Linear { op: *layer as u32 }, vec![x], &s.output, f);
+                fw.push(
+                    s,
+                    StepOp::Linear { op: *layer as u32 },
+                    vec![x],
+                    &s.output,
+                    f,
+                );
                 (f, false)
             }
             DraftOp::Relu | DraftOp::MaxPool(_) | DraftOp::GlobalMaxPool | DraftOp::ArgMax => {
@@ -405,6 +556,30 @@ pub fn finalise(
                 };
                 fw.push(s, op, vec![x], &s.output, out_f);
                 (out_f, out_nonneg)
+            }
+            DraftOp::Activation(a) => {
+                let (x, f, _) = fw.read(&s.inputs[0]).map_err(&bad)?;
+                let bits = fw.compare_bits(&s.inputs[0], f);
+                let (spline, _) = spline(*a, f).map_err(&bad)?;
+                let (lo, hi) = spline.value_range(bits);
+                let limit = 1i128 << (k - 2);
+                if lo <= -limit || hi >= limit {
+                    return Err(bad(format!(
+                        "{} on {bits}-bit inputs reaches 2^{:.1} units before its truncation, beyond Z_2^{k}'s range",
+                        a.name(),
+                        (lo.unsigned_abs().max(hi.unsigned_abs()) as f64).log2()
+                    )));
+                }
+                let op = StepOp::Piecewise {
+                    function: a.name().to_string(),
+                    breaks: spline.breaks().to_vec(),
+                    slopes: spline.slopes().to_vec(),
+                    intercepts: spline.intercepts().to_vec(),
+                    slope_frac_bits: spline.slope_frac_bits(),
+                    bits,
+                };
+                fw.push(s, op, vec![x], &s.output, f);
+                (f, false)
             }
             DraftOp::AvgPool { geometry, divisor } => {
                 let (x, f, nonneg) = fw.read(&s.inputs[0]).map_err(&bad)?;
@@ -452,8 +627,7 @@ pub fn finalise(
                     .collect::<Result<Vec<_>, _>>()?;
                 // a truncated input may be one unit below zero
                 let all_nonneg = all_nonneg
-                    && s
-                        .inputs
+                    && s.inputs
                         .iter()
                         .all(|x| fw.cur.get(x.as_str()).is_some_and(|c| c.2));
                 let op = match &s.op {
@@ -486,7 +660,11 @@ pub fn finalise(
             }
             DraftOp::Reveal { .. } => {
                 let (x, f, _) = fw.read(&s.inputs[0]).map_err(&bad)?;
-                let f = if is_index(&draft.steps, &s.inputs[0]) { 0 } else { f };
+                let f = if is_index(&draft.steps, &s.inputs[0]) {
+                    0
+                } else {
+                    f
+                };
                 fw.push(s, StepOp::Reveal, vec![x], &s.output, f);
                 continue;
             }
@@ -579,9 +757,9 @@ impl Forward<'_> {
 
     /// Worst |value| of draft slot `x` in ring units at `f` fractional bits.
     fn units(&self, x: &str, f: u32) -> f64 {
-        self.iv
-            .get(x)
-            .map_or(f64::INFINITY, |iv| iv.max_abs() * MARGIN * 2f64.powi(f as i32) + SLACK_UNITS)
+        self.iv.get(x).map_or(f64::INFINITY, |iv| {
+            iv.max_abs() * MARGIN * 2f64.powi(f as i32) + SLACK_UNITS
+        })
     }
 
     /// Signed bits a comparison on slot `x` needs.
@@ -589,7 +767,14 @@ impl Forward<'_> {
         (self.units(x, f).log2().floor() as u32 + 2).max(2)
     }
 
-    fn push(&mut self, s: &crate::program::DraftStep, op: StepOp, inputs: Vec<String>, output: &str, frac_bits: u32) {
+    fn push(
+        &mut self,
+        s: &crate::program::DraftStep,
+        op: StepOp,
+        inputs: Vec<String>,
+        output: &str,
+        frac_bits: u32,
+    ) {
         self.steps.push(Step {
             op,
             inputs,
@@ -610,14 +795,22 @@ impl Forward<'_> {
         if have == f {
             return Ok(slot);
         }
-        let shape = self.iv.get(x).map(|iv| iv.lo.shape().to_vec()).unwrap_or_default();
+        let shape = self
+            .iv
+            .get(x)
+            .map(|iv| iv.lo.shape().to_vec())
+            .unwrap_or_default();
         let op = if have > f {
             let shift = have - f;
-            let sign = if nonneg { Sign::NonNegative } else { Sign::Signed };
+            let sign = if nonneg {
+                Sign::NonNegative
+            } else {
+                Sign::Signed
+            };
             let m = self.units(x, have);
             let limit = match sign {
                 Sign::Signed => 2f64.powi(k as i32 - 2),
-                Sign::NonNegative => 2f64.powi(k as i32 - 1) - 2f64.powi(shift as i32 - 1),
+                Sign::NonNegative => 2f64.powi(k as i32 - 1) - 2f64.powi(shift as i32),
             };
             if m >= limit {
                 return Err(ConvertError::Scale {
@@ -668,7 +861,11 @@ fn factor_bits(c: f64) -> u32 {
 }
 
 /// Reduces each `[.., C, spatial...]` channel's spatial lanes to one value.
-fn global(x: &Interval, out_shape: &[usize], f: impl Fn(&[f64]) -> f64) -> Result<Interval, String> {
+fn global(
+    x: &Interval,
+    out_shape: &[usize],
+    f: impl Fn(&[f64]) -> f64,
+) -> Result<Interval, String> {
     let shape = x.lo.shape();
     let lane: usize = shape[2.min(shape.len())..].iter().product();
     let reduce = |a: &ArrayD<f64>| -> Result<ArrayD<f64>, String> {

@@ -192,6 +192,8 @@ pub struct LayerReport {
     pub weight_l1_max: f64,
     /// max number of weights feeding one output feature
     pub fan_in: usize,
+    /// largest |input| calibration saw (private modes with calibration)
+    pub observed_max: Option<f64>,
 }
 
 impl LayerReport {
@@ -384,6 +386,7 @@ fn report(
         headroom_bits: q.headroom_bits,
         weight_l1_max: q.weight_l1_max,
         fan_in: q.fan_in,
+        observed_max: None,
     }
 }
 
@@ -421,28 +424,31 @@ fn convert_private(
         .collect();
     // Calibration sets the client's input bound (which the client checks)
     // and the split of fractional bits, never a bound the protocol relies on.
-    let (typicals, input_bounds): (Vec<Option<f64>>, HashMap<String, (f32, f32)>) =
-        match &options.calibration {
-            Some(samples) => {
-                let mut all: Vec<&str> = names.clone();
-                all.extend(input_tensors.iter().map(String::as_str));
-                let seen = resolve::observe(&graph, &all, samples)?;
-                let typical = seen[..names.len()].iter().map(|o| Some(o.rms)).collect();
-                let bounds = input_tensors
-                    .iter()
-                    .zip(&seen[names.len()..])
-                    .map(|(t, o)| (t.clone(), calibrated_range(o, options.input_bound)))
-                    .collect();
-                (typical, bounds)
-            }
-            None => (
-                vec![None; layers.len()],
-                input_tensors
-                    .iter()
-                    .map(|t| (t.clone(), (-options.input_bound, options.input_bound)))
-                    .collect(),
-            ),
-        };
+    let mut observed_max = vec![None; layers.len()];
+    // per layer: typical |input|; per program input: the range the client checks
+    type Calibrated = (Vec<Option<f64>>, HashMap<String, (f32, f32)>);
+    let (typicals, input_bounds): Calibrated = match &options.calibration {
+        Some(samples) => {
+            let mut all: Vec<&str> = names.clone();
+            all.extend(input_tensors.iter().map(String::as_str));
+            let seen = resolve::observe(&graph, &all, samples)?;
+            observed_max = seen[..names.len()].iter().map(|o| Some(o.max)).collect();
+            let typical = seen[..names.len()].iter().map(|o| Some(o.rms)).collect();
+            let bounds = input_tensors
+                .iter()
+                .zip(&seen[names.len()..])
+                .map(|(t, o)| (t.clone(), calibrated_range(o, options.input_bound)))
+                .collect();
+            (typical, bounds)
+        }
+        None => (
+            vec![None; layers.len()],
+            input_tensors
+                .iter()
+                .map(|t| (t.clone(), (-options.input_bound, options.input_bound)))
+                .collect(),
+        ),
+    };
     let inputs: Vec<bounds::LayerInput> = resolved
         .iter()
         .zip(&typicals)
@@ -485,12 +491,26 @@ fn convert_private(
         &digest,
     )?;
     let server = emit::server_private(&graph, &fin.program, &emitted, &digest);
+    // Both files must read back as exactly this program, or the parties'
+    // digests (and runs) would disagree.
+    for (role, file) in [("client", &client), ("server", &server)] {
+        let back = secinfer_model::read_contract(file)?;
+        if back.program.as_ref() != Some(&fin.program) || back.layers != fin.specs {
+            return Err(ConvertError::Invalid(format!(
+                "internal: the {role} file does not read back as the program that was written"
+            )));
+        }
+    }
     let client_constants = client_constants(&client);
     let reports = layers
         .iter()
         .zip(fin.specs)
         .zip(&fin.quantised)
-        .map(|((l, spec), q)| report(&graph, l, spec, q))
+        .zip(observed_max)
+        .map(|(((l, spec), q), seen)| LayerReport {
+            observed_max: seen,
+            ..report(&graph, l, spec, q)
+        })
         .collect();
     Ok(Converted {
         server,

@@ -69,6 +69,8 @@ pub enum DraftOp {
     Slice(Vec<usize>, Vec<usize>),
     /// zero padding (begin, end) per axis
     Pad(Vec<usize>, Vec<usize>),
+    /// an elementwise activation evaluated as a public piecewise-linear function
+    Activation(Activation),
     /// index of the first maximum along the last axis
     ArgMax,
     /// give the value to the client as tensor `tensor`
@@ -76,6 +78,52 @@ pub enum DraftOp {
         /// the client's tensor name
         tensor: String,
     },
+}
+
+/// An activation the program evaluates as a piecewise-linear function.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Activation {
+    /// 1 / (1 + e^-x), approximated
+    Sigmoid,
+    /// tanh x, approximated
+    Tanh,
+    /// x for x >= 0, alpha·x below
+    LeakyRelu(f64),
+    /// min(max(x, lo), hi)
+    Clip(f64, f64),
+}
+
+impl Activation {
+    /// The real function.
+    pub fn eval(self, x: f64) -> f64 {
+        match self {
+            Activation::Sigmoid => 1.0 / (1.0 + (-x).exp()),
+            Activation::Tanh => x.tanh(),
+            Activation::LeakyRelu(a) => {
+                if x >= 0.0 {
+                    x
+                } else {
+                    a * x
+                }
+            }
+            Activation::Clip(lo, hi) => x.clamp(lo, hi),
+        }
+    }
+
+    /// Whether it never decreases (then an interval maps to the interval of its ends).
+    pub fn monotone(self) -> bool {
+        !matches!(self, Activation::LeakyRelu(a) if a < 0.0)
+    }
+
+    /// The ONNX op it implements.
+    pub fn name(self) -> &'static str {
+        match self {
+            Activation::Sigmoid => "Sigmoid",
+            Activation::Tanh => "Tanh",
+            Activation::LeakyRelu(_) => "LeakyRelu",
+            Activation::Clip(..) => "Clip",
+        }
+    }
 }
 
 /// One draft step.
@@ -187,20 +235,32 @@ fn infer(
     Ok((out, batch.is_some()))
 }
 
-fn const_ints(graph: &Graph, node: &pb::NodeProto, ix: usize) -> Result<Option<Vec<i64>>, ConvertError> {
+fn const_ints(
+    graph: &Graph,
+    node: &pb::NodeProto,
+    ix: usize,
+) -> Result<Option<Vec<i64>>, ConvertError> {
     let Some(name) = node.input.get(ix).filter(|s| !s.is_empty()) else {
         return Ok(None);
     };
-    let t = graph.consts.get(name).ok_or_else(|| ConvertError::DynamicWeights {
-        node: node_name(node),
-        op: node.op_type.clone(),
-        input: name.clone(),
-    })?;
-    let v = catch_tract(|| Ok(t.cast_to::<i64>()?.to_plain_array_view::<i64>()?.iter().copied().collect())).map_err(|problem| {
-        ConvertError::Tensor {
-            name: name.clone(),
-            problem,
-        }
+    let t = graph
+        .consts
+        .get(name)
+        .ok_or_else(|| ConvertError::DynamicWeights {
+            node: node_name(node),
+            op: node.op_type.clone(),
+            input: name.clone(),
+        })?;
+    let v = catch_tract(|| {
+        Ok(t.cast_to::<i64>()?
+            .to_plain_array_view::<i64>()?
+            .iter()
+            .copied()
+            .collect())
+    })
+    .map_err(|problem| ConvertError::Tensor {
+        name: name.clone(),
+        problem,
     })?;
     Ok(Some(v))
 }
@@ -210,8 +270,17 @@ fn const_scalar(graph: &Graph, name: &str) -> Option<f64> {
     if t.len() != 1 {
         return None;
     }
-    catch_tract(|| Ok(f64::from(t.cast_to::<f32>()?.to_plain_array_view::<f32>()?.iter().next().copied().unwrap_or(0.0))))
-        .ok()
+    catch_tract(|| {
+        Ok(f64::from(
+            t.cast_to::<f32>()?
+                .to_plain_array_view::<f32>()?
+                .iter()
+                .next()
+                .copied()
+                .unwrap_or(0.0),
+        ))
+    })
+    .ok()
 }
 
 fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
@@ -220,22 +289,41 @@ fn norm_axis(axis: i64, rank: usize) -> Option<usize> {
 }
 
 /// Window geometry of a pooling node for a per-sample input shape.
-fn pool_geometry(node: &pb::NodeProto, input: &[usize], reveal: Reveal) -> Result<PoolGeometry, ConvertError> {
+fn pool_geometry(
+    node: &pb::NodeProto,
+    input: &[usize],
+    reveal: Reveal,
+) -> Result<PoolGeometry, ConvertError> {
     let r = input.len().saturating_sub(2);
-    let kernel: Vec<usize> = attr_is(node, "kernel_shape").iter().map(|&v| v.max(0) as usize).collect();
+    let kernel: Vec<usize> = attr_is(node, "kernel_shape")
+        .iter()
+        .map(|&v| v.max(0) as usize)
+        .collect();
     if kernel.len() != r || r == 0 {
-        return Err(unsupported(node, reveal, "its kernel_shape does not match the input's spatial axes"));
+        return Err(unsupported(
+            node,
+            reveal,
+            "its kernel_shape does not match the input's spatial axes",
+        ));
     }
     if attr_i(node, "ceil_mode", 0) != 0 {
         return Err(unsupported(node, reveal, "ceil_mode = 1 is not supported"));
     }
     if node.output.iter().skip(1).any(|o| !o.is_empty()) {
-        return Err(unsupported(node, reveal, "the indices output of MaxPool is not supported"));
+        return Err(unsupported(
+            node,
+            reveal,
+            "the indices output of MaxPool is not supported",
+        ));
     }
     let ones = vec![1usize; r];
     let pick = |name: &str| -> Vec<usize> {
         let v = attr_is(node, name);
-        if v.is_empty() { ones.clone() } else { v.iter().map(|&x| x.max(0) as usize).collect() }
+        if v.is_empty() {
+            ones.clone()
+        } else {
+            v.iter().map(|&x| x.max(0) as usize).collect()
+        }
     };
     let strides = pick("strides");
     let dilations = pick("dilations");
@@ -266,7 +354,13 @@ fn pool_geometry(node: &pb::NodeProto, input: &[usize], reveal: Reveal) -> Resul
             }
             (b, e)
         }
-        other => return Err(unsupported(node, reveal, &format!("auto_pad '{other}' with pads {pads:?}"))),
+        other => {
+            return Err(unsupported(
+                node,
+                reveal,
+                &format!("auto_pad '{other}' with pads {pads:?}"),
+            ));
+        }
     };
     Ok(PoolGeometry {
         kernel,
@@ -288,8 +382,15 @@ pub fn is_index(steps: &[DraftStep], slot: &str) -> bool {
 
 /// Splits and translates. `layers` are the extracted linear layers.
 pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Draft, ConvertError> {
-    let folded: HashSet<usize> = layers.iter().flat_map(|l| l.folded.iter().copied()).collect();
-    let layer_at: HashMap<usize, usize> = layers.iter().enumerate().map(|(i, l)| (l.node, i)).collect();
+    let folded: HashSet<usize> = layers
+        .iter()
+        .flat_map(|l| l.folded.iter().copied())
+        .collect();
+    let layer_at: HashMap<usize, usize> = layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.node, i))
+        .collect();
     let outputs: HashSet<&str> = graph.outputs.iter().map(|o| o.name.as_str()).collect();
 
     // Which tensors carry secure values (downstream of a linear layer).
@@ -302,7 +403,12 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
         if downstream {
             let outs: Vec<String> = match layer_at.get(&i) {
                 Some(&l) => vec![layers[l].output.clone()],
-                None => node.output.iter().filter(|o| !o.is_empty()).cloned().collect(),
+                None => node
+                    .output
+                    .iter()
+                    .filter(|o| !o.is_empty())
+                    .cloned()
+                    .collect(),
             };
             secure.extend(outs);
         }
@@ -315,7 +421,11 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
         }
         let touches = layer_at.contains_key(&i) || node.input.iter().any(|x| secure.contains(x));
         if touches {
-            for t in node.input.iter().filter(|t| !t.is_empty() && !graph.consts.contains_key(*t)) {
+            for t in node
+                .input
+                .iter()
+                .filter(|t| !t.is_empty() && !graph.consts.contains_key(*t))
+            {
                 names.push(t.clone());
             }
             match layer_at.get(&i) {
@@ -337,7 +447,10 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
     let is_suffix = |node: &pb::NodeProto| {
         matches!(node.op_type.as_str(), "Softmax" | "LogSoftmax")
             && node.input.first().is_some_and(|x| secure.contains(x))
-            && node.output.first().is_some_and(|o| outputs.contains(o.as_str()))
+            && node
+                .output
+                .first()
+                .is_some_and(|o| outputs.contains(o.as_str()))
     };
     // ReLUs whose only reader is a max pool: evaluated after the pool.
     let mut deferred_relu: HashMap<String, (String, String)> = HashMap::new();
@@ -353,7 +466,8 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
     let mut encoded: HashSet<String> = HashSet::new();
     // tensors that are aliases of a slot (Identity, Dropout)
     let mut alias: HashMap<String, String> = HashMap::new();
-    let slot_of = |alias: &HashMap<String, String>, t: &str| alias.get(t).cloned().unwrap_or_else(|| slot(t));
+    let slot_of =
+        |alias: &HashMap<String, String>, t: &str| alias.get(t).cloned().unwrap_or_else(|| slot(t));
 
     for (i, node) in graph.nodes.iter().enumerate() {
         if folded.contains(&i) {
@@ -392,16 +506,14 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
         }
         if let Some(&l) = layer_at.get(&i) {
             let layer = &layers[l];
-            let mut source = layer.source_node.clone();
-            if !layer.folded.is_empty() {
-                source.push_str(" (+ folded)");
-            }
+            // The step's source is the spec's node name: the files carry
+            // it once, in the SecureLinear node.
             d.steps.push(DraftStep {
                 op: DraftOp::Linear { layer: l },
                 inputs: vec![slot_of(&alias, &layer.input)],
                 output: slot(&layer.output),
                 shape: shape(&layer.output)?,
-                source,
+                source: layer.source_node.clone(),
             });
             continue;
         }
@@ -425,18 +537,28 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
                 }
                 alias.insert(out.clone(), slot_of(&alias, in0));
                 if outputs.contains(out.as_str()) {
-                    return Err(bad("a model output that only renames a secure value; remove the Identity"));
+                    return Err(bad(
+                        "a model output that only renames a secure value; remove the Identity",
+                    ));
                 }
             }
             "Relu" => {
                 let readers = graph.consumers(&out);
                 let pool_next = readers.len() == 1
-                    && matches!(graph.nodes[readers[0]].op_type.as_str(), "MaxPool" | "GlobalMaxPool")
+                    && matches!(
+                        graph.nodes[readers[0]].op_type.as_str(),
+                        "MaxPool" | "GlobalMaxPool"
+                    )
                     && !outputs.contains(out.as_str());
                 if pool_next {
                     deferred_relu.insert(out.clone(), (slot_of(&alias, in0), name.clone()));
                 } else {
-                    push(DraftOp::Relu, vec![slot_of(&alias, in0)], slot(&out), shape(&out)?);
+                    push(
+                        DraftOp::Relu,
+                        vec![slot_of(&alias, in0)],
+                        slot(&out),
+                        shape(&out)?,
+                    );
                 }
             }
             "MaxPool" | "GlobalMaxPool" => {
@@ -465,7 +587,9 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
                     let g = pool_geometry(node, &shape(in0)?, reveal)?;
                     let padded = g.pads_begin.iter().chain(&g.pads_end).any(|&p| p > 0);
                     if padded && attr_i(node, "count_include_pad", 0) == 0 {
-                        return Err(bad("padding with count_include_pad = 0 divides border windows by different counts"));
+                        return Err(bad(
+                            "padding with count_include_pad = 0 divides border windows by different counts",
+                        ));
                     }
                     let k = g.window();
                     (Some(g), k)
@@ -473,23 +597,44 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
                     let s = shape(in0)?;
                     (None, s[2.min(s.len())..].iter().product())
                 };
-                push(DraftOp::AvgPool { geometry, divisor }, vec![slot_of(&alias, in0)], slot(&out), shape(&out)?);
+                push(
+                    DraftOp::AvgPool { geometry, divisor },
+                    vec![slot_of(&alias, in0)],
+                    slot(&out),
+                    shape(&out)?,
+                );
             }
             "Add" | "Sub" => {
-                let both_secure = ins.len() == 2 && ins.iter().all(|t| !graph.consts.contains_key(*t));
+                let both_secure =
+                    ins.len() == 2 && ins.iter().all(|t| !graph.consts.contains_key(*t));
                 if !both_secure {
-                    return Err(bad("adding or subtracting a constant here is not supported (a constant right after a linear layer is folded into its bias)"));
+                    return Err(bad(
+                        "adding or subtracting a constant here is not supported (a constant right after a linear layer is folded into its bias)",
+                    ));
                 }
                 if shape(ins[0])? != shape(ins[1])? {
                     return Err(bad("broadcasting between secure tensors is not supported"));
                 }
-                let op = if node.op_type == "Add" { DraftOp::Add } else { DraftOp::Sub };
-                push(op, vec![slot_of(&alias, ins[0]), slot_of(&alias, ins[1])], slot(&out), shape(&out)?);
+                let op = if node.op_type == "Add" {
+                    DraftOp::Add
+                } else {
+                    DraftOp::Sub
+                };
+                push(
+                    op,
+                    vec![slot_of(&alias, ins[0]), slot_of(&alias, ins[1])],
+                    slot(&out),
+                    shape(&out)?,
+                );
             }
             "Mul" | "Div" => {
                 let (x, c) = match (ins.first(), ins.get(1)) {
                     (Some(a), Some(b)) if graph.consts.contains_key(*b) => (a, b),
-                    (Some(a), Some(b)) if node.op_type == "Mul" && graph.consts.contains_key(*a) => (b, a),
+                    (Some(a), Some(b))
+                        if node.op_type == "Mul" && graph.consts.contains_key(*a) =>
+                    {
+                        (b, a)
+                    }
                     _ => return Err(bad("multiplying two secure tensors is not supported")),
                 };
                 let v = const_scalar(graph, c)
@@ -498,39 +643,66 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
                 if !f.is_finite() || f == 0.0 {
                     return Err(bad("the constant factor is zero or not finite"));
                 }
-                push(DraftOp::Scale(f), vec![slot_of(&alias, x)], slot(&out), shape(&out)?);
+                push(
+                    DraftOp::Scale(f),
+                    vec![slot_of(&alias, x)],
+                    slot(&out),
+                    shape(&out)?,
+                );
             }
             "Flatten" | "Reshape" | "Squeeze" | "Unsqueeze" => {
-                push(DraftOp::Reshape, vec![slot_of(&alias, in0)], slot(&out), shape(&out)?);
+                push(
+                    DraftOp::Reshape,
+                    vec![slot_of(&alias, in0)],
+                    slot(&out),
+                    shape(&out)?,
+                );
             }
             "Transpose" => {
                 let rank = shape(in0)?.len();
-                let mut perm: Vec<usize> = attr_is(node, "perm").iter().map(|&p| p.max(0) as usize).collect();
+                let mut perm: Vec<usize> = attr_is(node, "perm")
+                    .iter()
+                    .map(|&p| p.max(0) as usize)
+                    .collect();
                 if perm.is_empty() {
                     perm = (0..rank).rev().collect();
                 }
                 if batched && perm.first() != Some(&0) {
                     return Err(bad("a transpose that moves the batch axis"));
                 }
-                push(DraftOp::Transpose(perm), vec![slot_of(&alias, in0)], slot(&out), shape(&out)?);
+                push(
+                    DraftOp::Transpose(perm),
+                    vec![slot_of(&alias, in0)],
+                    slot(&out),
+                    shape(&out)?,
+                );
             }
             "Concat" => {
                 let rank = shape(&out)?.len();
-                let axis = norm_axis(attr_i(node, "axis", 0), rank).ok_or_else(|| bad("axis out of range"))?;
+                let axis = norm_axis(attr_i(node, "axis", 0), rank)
+                    .ok_or_else(|| bad("axis out of range"))?;
                 if batched && axis == 0 {
                     return Err(bad("concatenation along the batch axis"));
                 }
                 if ins.iter().any(|t| graph.consts.contains_key(*t)) {
-                    return Err(bad("concatenating a constant with secure values is not supported"));
+                    return Err(bad(
+                        "concatenating a constant with secure values is not supported",
+                    ));
                 }
-                push(DraftOp::Concat(axis), ins.iter().map(|t| slot_of(&alias, t)).collect(), slot(&out), shape(&out)?);
+                push(
+                    DraftOp::Concat(axis),
+                    ins.iter().map(|t| slot_of(&alias, t)).collect(),
+                    slot(&out),
+                    shape(&out)?,
+                );
             }
             "Slice" => {
                 let input = shape(in0)?;
                 let output = shape(&out)?;
                 let rank = input.len();
                 let starts = const_ints(graph, node, 1)?.ok_or_else(|| bad("starts missing"))?;
-                let axes = const_ints(graph, node, 3)?.unwrap_or_else(|| (0..starts.len() as i64).collect());
+                let axes = const_ints(graph, node, 3)?
+                    .unwrap_or_else(|| (0..starts.len() as i64).collect());
                 let steps_in = const_ints(graph, node, 4)?.unwrap_or_else(|| vec![1; starts.len()]);
                 let mut st = vec![0usize; rank];
                 let mut sp = vec![1usize; rank];
@@ -547,21 +719,28 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
                     st[a] = s as usize;
                     sp[a] = p as usize;
                 }
-                push(DraftOp::Slice(st, sp), vec![slot_of(&alias, in0)], slot(&out), output);
+                push(
+                    DraftOp::Slice(st, sp),
+                    vec![slot_of(&alias, in0)],
+                    slot(&out),
+                    output,
+                );
             }
             "Pad" => {
                 if attr_s(node, "mode", "constant") != "constant" {
                     return Err(bad("only constant (zero) padding is supported"));
                 }
-                if let Some(v) = node.input.get(2).filter(|s| !s.is_empty()) {
-                    if const_scalar(graph, v) != Some(0.0) {
-                        return Err(bad("only zero padding is supported"));
-                    }
+                if let Some(v) = node.input.get(2).filter(|s| !s.is_empty())
+                    && const_scalar(graph, v) != Some(0.0)
+                {
+                    return Err(bad("only zero padding is supported"));
                 }
                 let rank = shape(in0)?.len();
-                let pads = const_ints(graph, node, 1)?
-                    .unwrap_or_else(|| attr_is(node, "pads"));
-                if pads.len() != 2 * rank || pads.iter().any(|&p| p < 0) || node.input.get(3).is_some_and(|s| !s.is_empty()) {
+                let pads = const_ints(graph, node, 1)?.unwrap_or_else(|| attr_is(node, "pads"));
+                if pads.len() != 2 * rank
+                    || pads.iter().any(|&p| p < 0)
+                    || node.input.get(3).is_some_and(|s| !s.is_empty())
+                {
                     return Err(bad("pads must be non-negative, one pair per axis"));
                 }
                 let begin: Vec<usize> = pads[..rank].iter().map(|&p| p as usize).collect();
@@ -569,13 +748,21 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
                 if batched && (begin[0] != 0 || end[0] != 0) {
                     return Err(bad("padding the batch axis"));
                 }
-                push(DraftOp::Pad(begin, end), vec![slot_of(&alias, in0)], slot(&out), shape(&out)?);
+                push(
+                    DraftOp::Pad(begin, end),
+                    vec![slot_of(&alias, in0)],
+                    slot(&out),
+                    shape(&out)?,
+                );
             }
             "ArgMax" => {
                 let input = shape(in0)?;
-                let axis = norm_axis(attr_i(node, "axis", 0), input.len()).ok_or_else(|| bad("axis out of range"))?;
+                let axis = norm_axis(attr_i(node, "axis", 0), input.len())
+                    .ok_or_else(|| bad("axis out of range"))?;
                 if axis + 1 != input.len() || (batched && axis == 0) {
-                    return Err(bad("only an ArgMax over the last (non-batch) axis is supported"));
+                    return Err(bad(
+                        "only an ArgMax over the last (non-batch) axis is supported",
+                    ));
                 }
                 if attr_i(node, "select_last_index", 0) != 0 {
                     return Err(bad("select_last_index = 1 is not supported"));
@@ -584,34 +771,83 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
                 *kept.last_mut().unwrap_or(&mut 0) = 1;
                 let out_shape = shape(&out)?;
                 if out_shape == kept {
-                    push(DraftOp::ArgMax, vec![slot_of(&alias, in0)], slot(&out), out_shape);
+                    push(
+                        DraftOp::ArgMax,
+                        vec![slot_of(&alias, in0)],
+                        slot(&out),
+                        out_shape,
+                    );
                 } else {
                     let tmp = format!("{}/keepdims", slot(&out));
-                    push(DraftOp::ArgMax, vec![slot_of(&alias, in0)], tmp.clone(), kept);
+                    push(
+                        DraftOp::ArgMax,
+                        vec![slot_of(&alias, in0)],
+                        tmp.clone(),
+                        kept,
+                    );
                     push(DraftOp::Reshape, vec![tmp], slot(&out), out_shape);
                 }
             }
             "Clip" => {
-                // Clip(x, 0, +inf) is a ReLU; other bounds need a joint min.
-                let lo = node.input.get(1).filter(|s| !s.is_empty()).map(|n| const_scalar(graph, n));
-                let hi = node.input.get(2).filter(|s| !s.is_empty());
-                let lo_attr = attr(node, "min").map(|a| f64::from(a.f));
-                let hi_attr = attr(node, "max").map(|a| a.f);
-                if (lo == Some(Some(0.0)) || (lo.is_none() && lo_attr == Some(0.0)))
-                    && hi.is_none()
-                    && hi_attr.is_none_or(|m| m == f32::MAX || m.is_infinite())
-                {
-                    push(DraftOp::Relu, vec![slot_of(&alias, in0)], slot(&out), shape(&out)?);
-                } else {
-                    return Err(bad("Clip with bounds other than [0, +inf) is not implemented yet"));
+                // bounds from inputs (opset >= 11) or attributes (older)
+                let bound =
+                    |ix: usize, attr_name: &str, default: f64| -> Result<f64, ConvertError> {
+                        match node.input.get(ix).filter(|s| !s.is_empty()) {
+                            Some(n) => const_scalar(graph, n)
+                                .ok_or_else(|| bad("Clip bounds must be constant scalars")),
+                            None => Ok(attr(node, attr_name).map_or(default, |a| f64::from(a.f))),
+                        }
+                    };
+                let lo = bound(1, "min", f64::NEG_INFINITY)?;
+                let hi = bound(2, "max", f64::INFINITY)?;
+                let huge = |v: f64| !v.is_finite() || v.abs() >= f64::from(f32::MAX);
+                if lo.is_nan() || hi.is_nan() || lo > hi {
+                    return Err(bad("Clip bounds are not numbers or min > max"));
                 }
+                let op = if lo == 0.0 && huge(hi) {
+                    DraftOp::Relu
+                } else {
+                    let lo = if huge(lo) { f64::NEG_INFINITY } else { lo };
+                    let hi = if huge(hi) { f64::INFINITY } else { hi };
+                    DraftOp::Activation(Activation::Clip(lo, hi))
+                };
+                push(op, vec![slot_of(&alias, in0)], slot(&out), shape(&out)?);
+            }
+            "Sigmoid" => push(
+                DraftOp::Activation(Activation::Sigmoid),
+                vec![slot_of(&alias, in0)],
+                slot(&out),
+                shape(&out)?,
+            ),
+            "Tanh" => push(
+                DraftOp::Activation(Activation::Tanh),
+                vec![slot_of(&alias, in0)],
+                slot(&out),
+                shape(&out)?,
+            ),
+            "LeakyRelu" => {
+                let alpha = attr(node, "alpha").map_or(0.01, |a| f64::from(a.f));
+                if !alpha.is_finite() {
+                    return Err(bad("alpha is not a number"));
+                }
+                push(
+                    DraftOp::Activation(Activation::LeakyRelu(alpha)),
+                    vec![slot_of(&alias, in0)],
+                    slot(&out),
+                    shape(&out)?,
+                );
             }
             "Softmax" | "LogSoftmax" => {
-                return Err(bad("a Softmax inside the network (not applied to a model output) needs an approximation that is not implemented"));
+                return Err(bad(
+                    "a Softmax inside the network (not applied to a model output) needs an approximation that is not implemented",
+                ));
             }
             other => {
                 let why = match other {
-                    "Sigmoid" | "Tanh" | "Exp" | "Log" | "Erf" | "Gelu" | "Elu" | "Selu" | "Softplus" | "HardSigmoid" | "LeakyRelu" | "PRelu" => "this activation needs a joint approximation that is not implemented yet",
+                    "Exp" | "Log" | "Erf" | "Gelu" | "Elu" | "Selu" | "Softplus"
+                    | "HardSigmoid" | "PRelu" => {
+                        "this activation needs a joint approximation that is not implemented yet (Sigmoid, Tanh, LeakyRelu and Clip are)"
+                    }
                     _ => "no joint protocol exists for this operator",
                 };
                 return Err(bad(why));
@@ -619,12 +855,27 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
         }
     }
     if let Some(t) = deferred_relu.keys().next() {
-        return Err(ConvertError::Invalid(format!("internal: ReLU output '{t}' deferred to a pool that never came")));
+        return Err(ConvertError::Invalid(format!(
+            "internal: ReLU output '{t}' deferred to a pool that never came"
+        )));
     }
     // Reveal the model outputs.
-    let produced: HashSet<String> = d.steps.iter().map(|s| s.output.clone()).chain(alias.values().cloned()).collect();
-    let suffix_inputs: Vec<String> = d.suffix.iter().filter_map(|s| s.node.input.first().cloned()).collect();
-    let suffix_outputs: HashSet<String> = d.suffix.iter().filter_map(|s| s.node.output.first().cloned()).collect();
+    let produced: HashSet<String> = d
+        .steps
+        .iter()
+        .map(|s| s.output.clone())
+        .chain(alias.values().cloned())
+        .collect();
+    let suffix_inputs: Vec<String> = d
+        .suffix
+        .iter()
+        .filter_map(|s| s.node.input.first().cloned())
+        .collect();
+    let suffix_outputs: HashSet<String> = d
+        .suffix
+        .iter()
+        .filter_map(|s| s.node.output.first().cloned())
+        .collect();
     if reveal == Reveal::Argmax {
         if graph.outputs.len() != 1 {
             return Err(ConvertError::Invalid(format!(
@@ -642,14 +893,23 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
             .unwrap_or_else(|| out.clone());
         d.suffix.clear();
         let logit_slot = slot_of(&alias, &logits);
-        let last = d.steps.iter().rev().find(|s| s.output == logit_slot).ok_or_else(|| {
-            ConvertError::Invalid(format!("model output '{out}' does not come from the secure program"))
-        })?;
+        let last = d
+            .steps
+            .iter()
+            .rev()
+            .find(|s| s.output == logit_slot)
+            .ok_or_else(|| {
+                ConvertError::Invalid(format!(
+                    "model output '{out}' does not come from the secure program"
+                ))
+            })?;
         if is_index(&d.steps, &logit_slot) {
             // the model computes its own argmax
             let shape = last.shape.clone();
             d.steps.push(DraftStep {
-                op: DraftOp::Reveal { tensor: out.clone() },
+                op: DraftOp::Reveal {
+                    tensor: out.clone(),
+                },
                 inputs: vec![logit_slot],
                 output: out.clone(),
                 shape,
@@ -669,7 +929,9 @@ pub fn draft(graph: &Graph, layers: &[LinearLayer], reveal: Reveal) -> Result<Dr
                 source: format!("argmax of '{logits}' (--reveal argmax)"),
             });
             d.steps.push(DraftStep {
-                op: DraftOp::Reveal { tensor: out.clone() },
+                op: DraftOp::Reveal {
+                    tensor: out.clone(),
+                },
                 inputs: vec![idx],
                 output: out.clone(),
                 shape,

@@ -100,7 +100,9 @@ pub fn observe(
                 let v = t.to_plain_array_view::<f32>()?;
                 let max = v.iter().fold(0f64, |m, x| m.max(f64::from(x.abs())));
                 let lo = v.iter().fold(f64::INFINITY, |m, x| m.min(f64::from(*x)));
-                let hi = v.iter().fold(f64::NEG_INFINITY, |m, x| m.max(f64::from(*x)));
+                let hi = v
+                    .iter()
+                    .fold(f64::NEG_INFINITY, |m, x| m.max(f64::from(*x)));
                 let sq = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>();
                 let rms = (sq / v.len().max(1) as f64).sqrt();
                 Ok(Observed { max, rms, lo, hi })

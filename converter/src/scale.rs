@@ -64,7 +64,14 @@ fn quantise_layer(layer: &LinearLayer, fa: u32, fw: u32) -> Option<(Vec<i64>, Ve
 
 /// Worst-case |output| in ring units of quantised weights for any input
 /// with |x| <= `bound`: max over outputs of sum |Wq|·(ceil(A·2^fa) + 1) + |bq|.
-fn l1_worst_case(layer: &LinearLayer, features: &[usize], wq: &[i64], bq: &[i64], fa: u32, bound: f64) -> f64 {
+fn l1_worst_case(
+    layer: &LinearLayer,
+    features: &[usize],
+    wq: &[i64],
+    bq: &[i64],
+    fa: u32,
+    bound: f64,
+) -> f64 {
     let mut l1 = vec![0f64; layer.features()];
     for (w, &m) in wq.iter().zip(features) {
         l1[m] += (*w as f64).abs();
@@ -102,11 +109,14 @@ pub fn choose_below(
     typical_input: f64,
 ) -> Result<Quantised, ConvertError> {
     let features = layer.feature_of_weights();
-    let worst = |wq: &[i64], bq: &[i64], fa: u32| {
-        l1_worst_case(layer, &features, wq, bq, fa, input_bound)
-    };
+    let worst =
+        |wq: &[i64], bq: &[i64], fa: u32| l1_worst_case(layer, &features, wq, bq, fa, input_bound);
     choose_with(layer, ring_bits, limit, input_bound, typical_input, &worst)
 }
+
+/// A layer's worst case in ring units for quantised weights, quantised
+/// bias and the input's fractional bits.
+pub type WorstCase<'a> = &'a dyn Fn(&[i64], &[i64], u32) -> f64;
 
 /// The scale search: the largest `fa + fw` whose worst case (in ring units,
 /// as `worst(quantised weights, quantised bias, fa)` computes it) stays
@@ -118,7 +128,7 @@ pub fn choose_with(
     limit: f64,
     input_bound: f64,
     typical_input: f64,
-    worst: &dyn Fn(&[i64], &[i64], u32) -> f64,
+    worst: WorstCase,
 ) -> Result<Quantised, ConvertError> {
     let features = layer.feature_of_weights();
     let mut l1 = vec![0f64; layer.features()];
