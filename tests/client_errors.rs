@@ -6,9 +6,17 @@ use tract_onnx::prelude::*;
 
 mod common;
 
-fn pair() -> common::SecurePair {
+fn pair_in(reveal: secinfer_model::Reveal) -> common::SecurePair {
     let bytes = std::fs::read(common::model("mnist_mlp.onnx")).unwrap();
-    common::SecurePair::new(&common::convert_bytes(&bytes))
+    let options = secinfer_converter::Options {
+        reveal,
+        ..Default::default()
+    };
+    common::SecurePair::new(&secinfer_converter::convert(&bytes, &options).unwrap())
+}
+
+fn pair() -> common::SecurePair {
+    pair_in(secinfer_model::Reveal::Logits)
 }
 
 fn image(fill: f32) -> Tensor {
@@ -17,23 +25,33 @@ fn image(fill: f32) -> Tensor {
 
 #[test]
 fn nan_and_out_of_range_inputs_are_refused_by_name() {
-    let mut p = pair();
-    let mut nan = image(0.5);
-    nan.to_plain_array_view_mut::<f32>().unwrap()[[0, 0, 3, 4]] = f32::NAN;
-    let e = format!("{:#}", p.try_predict(nan).unwrap_err());
-    assert!(e.contains("not a number") && e.contains("op 0"), "{e}");
+    // In logits mode the program's input is named; in activations mode the
+    // linear op whose input it is.
+    for (reveal, names) in [
+        (
+            secinfer_model::Reveal::Logits,
+            "input '/net/net.0/Flatten_output_0'",
+        ),
+        (secinfer_model::Reveal::Activations, "op 0"),
+    ] {
+        let mut p = pair_in(reveal);
+        let mut nan = image(0.5);
+        nan.to_plain_array_view_mut::<f32>().unwrap()[[0, 0, 3, 4]] = f32::NAN;
+        let e = format!("{:#}", p.try_predict(nan).unwrap_err());
+        assert!(e.contains("not a number") && e.contains(names), "{e}");
 
-    let e = format!("{:#}", p.try_predict(image(1e6)).unwrap_err());
-    assert!(
-        e.contains("out of range") && e.contains("--input-bound"),
-        "{e}"
-    );
+        let e = format!("{:#}", p.try_predict(image(1e6)).unwrap_err());
+        assert!(
+            e.contains("out of range") && e.contains("--input-bound"),
+            "{e}"
+        );
 
-    // The session survives refused inputs.
-    let ok = p
-        .try_predict(image(0.25))
-        .expect("a valid input still works");
-    assert_eq!(ok[0].shape(), &[1, 10]);
+        // The session survives refused inputs.
+        let ok = p
+            .try_predict(image(0.25))
+            .expect("a valid input still works");
+        assert_eq!(ok[0].shape(), &[1, 10]);
+    }
 }
 
 #[test]

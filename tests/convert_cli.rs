@@ -217,3 +217,90 @@ fn bad_inputs_fail_with_clear_errors_and_write_nothing() {
     let (ok, text) = secinfer(&["convert", "/nonexistent/model.onnx", "-o", "/tmp/x"]);
     assert!(!ok && text.contains("/nonexistent/model.onnx"), "{text}");
 }
+
+/// The tiny conv followed by `op` (no weights) named `after_conv`.
+fn conv_then(op: &str) -> pb::ModelProto {
+    let mut m = tiny_model("Conv", false);
+    let g = m.graph.as_mut().unwrap();
+    g.node.push(pb::NodeProto {
+        name: "after_conv".into(),
+        op_type: op.into(),
+        input: vec!["y".into()],
+        output: vec!["z".into()],
+        ..Default::default()
+    });
+    g.output[0].name = "z".into();
+    m
+}
+
+#[test]
+fn an_operator_without_a_joint_protocol_fails_in_logits_mode_and_runs_in_activations_mode() {
+    let bytes = conv_then("Exp").encode_to_vec();
+    // logits is the default: refused, naming the node, the op and the way out
+    convert_fails(
+        "exp-logits",
+        &bytes,
+        &["after_conv", "Exp", "--reveal activations"],
+    );
+    // argmax likewise
+    let dir = tmp("exp-argmax");
+    let file = std::env::temp_dir().join(format!("secinfer-cli-{}-exp.onnx", std::process::id()));
+    std::fs::write(&file, &bytes).unwrap();
+    let (ok, text) = secinfer(&[
+        "convert",
+        file.to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+        "--reveal",
+        "argmax",
+    ]);
+    assert!(
+        !ok && text.contains("after_conv") && text.contains("Exp"),
+        "{text}"
+    );
+    assert!(!dir.join("server.onnx").exists() && !dir.join("client.onnx").exists());
+    // activations mode runs it on the client, and says what that costs
+    let (ok, text) = secinfer(&[
+        "convert",
+        file.to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+        "--reveal",
+        "activations",
+    ]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("WARNING") && text.contains("reconstruct the model's weights"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(file);
+}
+
+#[test]
+fn private_conversions_print_the_program_and_pass_the_onnx_checker() {
+    let dir = tmp("cnn-logits");
+    let path = common::model("mnist_cnn.onnx");
+    let (ok, text) = secinfer(&[
+        "convert",
+        path.to_str().unwrap(),
+        "-o",
+        dir.to_str().unwrap(),
+        "--calibrate",
+        "mnist",
+    ]);
+    assert!(ok, "{text}");
+    for expected in [
+        "--reveal logits",
+        "SecureMaxPool",
+        "SecureRelu",
+        "SecureTruncate",
+        "on 1",
+        "seen",
+    ] {
+        assert!(text.contains(expected), "missing '{expected}':\n{text}");
+    }
+    assert!(!text.contains("WARNING"), "{text}");
+    check_with_onnx(&[&dir.join("server.onnx"), &dir.join("client.onnx")]);
+    let _ = std::fs::remove_dir_all(dir);
+}

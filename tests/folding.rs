@@ -166,10 +166,14 @@ fn constant_subgraphs_and_affine_successors_fold_into_one_secure_op() {
         "{:?}",
         converted.folded_constants
     );
-    // The client graph is SecureLinear -> Relu and holds no weights.
+    // The client's program is input -> one SecureLinear -> ReLU -> reveal,
+    // and its file holds no weights.
     let client = converted.client.graph.as_ref().unwrap();
     let ops: Vec<&str> = client.node.iter().map(|n| n.op_type.as_str()).collect();
-    assert_eq!(ops, ["SecureLinear", "Relu"]);
+    assert_eq!(
+        ops,
+        ["SecureInput", "SecureLinear", "SecureRelu", "SecureReveal"]
+    );
     assert!(
         client.initializer.is_empty(),
         "{:?}",

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use ndarray::{Axis, s};
 use secinfer_converter::{Converted, Options};
+use secinfer_model::Reveal;
 use secinfer_protocol::{Channel, MaskedInput, PreprocessingId, Preprocessor, WireTensor};
 use secinfer_tract_ext::{ClientModel, InMemoryChannel, MAX_BATCH, ServerModel};
 use secinfer_transport::{
@@ -16,8 +17,10 @@ use tract_onnx::prelude::*;
 
 mod common;
 
-/// A bundled model converted (bounds calibrated on its data set) and written
-/// to a fresh directory.
+/// A bundled model converted (bounds calibrated on its data set) in a reveal
+/// mode and written to a fresh directory. The tests of the transport itself
+/// (TLS, tokens, limits, framing) use `activations` mode, whose answers are
+/// deterministic and compared exactly; the private modes' tests are at the end.
 struct Pair {
     dir: PathBuf,
     server: Arc<ServerModel>,
@@ -27,12 +30,17 @@ struct Pair {
 
 impl Pair {
     fn new(model: &str, dataset: &str, tag: &str) -> Pair {
+        Pair::with_reveal(model, dataset, tag, Reveal::Activations)
+    }
+
+    fn with_reveal(model: &str, dataset: &str, tag: &str, reveal: Reveal) -> Pair {
         let dir =
             std::env::temp_dir().join(format!("secinfer-transport-{}-{tag}", std::process::id()));
         let options = Options {
             calibration: Some(
                 secinfer::data::calibration_samples(dataset, 1000).expect("calibration data"),
             ),
+            reveal,
             ..Options::default()
         };
         let converted =
@@ -52,7 +60,7 @@ impl Pair {
     }
 
     fn client(&self, lo: &Loopback) -> ClientModel<QuicChannel> {
-        ClientModel::load_with(&self.client_path, |d| lo.connect(d)).expect("client connects")
+        ClientModel::load_with(&self.client_path, |d, _| lo.connect(d)).expect("client connects")
     }
 }
 
@@ -237,7 +245,7 @@ fn model_digest_mismatch_is_a_clear_error() {
     let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "digest");
     let other = Pair::new("mnist_mlp.onnx", "mnist", "digest-other");
     let lo = pair.serve(Limits::default());
-    let e = ClientModel::load_with(&other.client_path, |d| lo.connect(d))
+    let e = ClientModel::load_with(&other.client_path, |d, _| lo.connect(d))
         .err()
         .expect("the server must refuse another model's client");
     let e = message(e);
@@ -278,6 +286,7 @@ fn bad_frames_close_only_their_own_session() {
         &secinfer_transport::frame::ClientFrame::Hello {
             version: secinfer_transport::PROTOCOL_VERSION,
             model_digest: pair.server.digest().into(),
+            reveal: "activations".into(),
             token: lo.token().into(),
         },
         1 << 20,
@@ -458,6 +467,7 @@ fn session_limit_and_graceful_shutdown() {
             Trust::Fingerprint(fingerprint),
             &token,
             pair.server.digest(),
+            "activations",
         )
     };
     assert!(QuicChannel::connect(&cfg).is_err());
@@ -488,6 +498,21 @@ impl Channel for SmallMessages {
         on_reply: &mut dyn FnMut(secinfer_protocol::ProductReply) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         self.inner.offline(request, on_reply)
+    }
+    fn ot(
+        &self,
+        message: secinfer_ot::OtMessage,
+    ) -> anyhow::Result<Option<secinfer_ot::OtMessage>> {
+        self.inner.ot(message)
+    }
+    fn send_private(
+        &self,
+        message: secinfer_protocol::private::PrivateMessage,
+    ) -> anyhow::Result<()> {
+        self.inner.send_private(message)
+    }
+    fn recv_private(&self) -> anyhow::Result<secinfer_protocol::private::PrivateMessage> {
+        self.inner.recv_private()
     }
     fn traffic(&self) -> secinfer_protocol::Traffic {
         self.inner.traffic()
@@ -521,4 +546,141 @@ fn online_batches_beyond_the_message_limit_are_split_and_joined() {
         .load(std::sync::atomic::Ordering::SeqCst);
     // op 0 (784 inputs) fits 4 samples per message: 10 trips; ops 1 and 2 fewer.
     assert!(trips > 10, "{trips} round trips");
+}
+
+// ---- private modes over QUIC ----
+
+fn plain_logits(model: &str, input: Tensor) -> Vec<f32> {
+    let out = tract_onnx::onnx()
+        .model_for_path(common::model(model))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .expect("plain model")
+        .run(tvec!(input.into_tvalue()))
+        .expect("plain run");
+    out[0]
+        .to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
+}
+
+#[test]
+fn private_predictions_over_quic_match_plaintext_and_in_process() {
+    let pair = Pair::with_reveal("mnist_mlp.onnx", "mnist", "private-equal", Reveal::Logits);
+    let input = samples("mnist", 0, 50);
+    let lo = pair.serve(Limits::default());
+    let quic = pair.client(&lo);
+    assert_eq!(quic.reveal(), Reveal::Logits);
+    let over_quic = run(&quic, input.clone());
+    let local = ClientModel::load(&pair.client_path, InMemoryChannel::new(pair.server.clone()))
+        .expect("in-process client");
+    let in_process = run(&local, input.clone());
+    let plain = plain_logits("mnist_mlp.onnx", input);
+    // Truncations round to one of two neighbours at random: the two runs
+    // differ slightly; both are within the converter's bound of plaintext.
+    let tol = common::tolerance(&pair.converted, 1.25);
+    for ((p, q), l) in plain.iter().zip(&over_quic).zip(&in_process) {
+        assert!(
+            f64::from((p - q).abs()) <= tol,
+            "{p} vs {q} over QUIC, tolerance {tol}"
+        );
+        assert!(
+            f64::from((p - l).abs()) <= tol,
+            "{p} vs {l} in process, tolerance {tol}"
+        );
+    }
+    let t = quic.backend().channel().traffic();
+    assert!(t.ot_up > 0 && t.ot_down > 0, "{t:?}");
+    assert!(t.online_up > 0 && t.online_down > 0, "{t:?}");
+    let runs = quic.backend().run_stats();
+    assert_eq!(runs.batches, 1);
+    assert!(runs.round_trips >= 10, "{runs:?}");
+    drop(quic);
+    assert_eq!(wait_until_no_sessions(&lo), 0);
+}
+
+#[test]
+fn a_client_with_another_reveal_mode_is_refused_at_the_handshake() {
+    let pair = Pair::with_reveal(
+        "breast_cancer_mlp.onnx",
+        "breast-cancer",
+        "reveal",
+        Reveal::Logits,
+    );
+    let lo = pair.serve(Limits::default());
+    let mut cfg = lo.client_config(pair.server.digest());
+    cfg.reveal = "activations".into();
+    let e = message(QuicChannel::connect(&cfg).unwrap_err());
+    assert!(
+        e.contains("reveal mode mismatch") && e.contains("logits"),
+        "{e}"
+    );
+    // an activations-mode client model of the same network has another
+    // digest too: its conversion differs
+    let other = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "reveal-other");
+    assert_ne!(other.server.digest(), pair.server.digest());
+    let e = message(
+        ClientModel::load_with(&other.client_path, |d, r| {
+            let mut cfg = lo.client_config(d);
+            cfg.reveal = r.as_str().into();
+            QuicChannel::connect(&cfg)
+        })
+        .err()
+        .expect("refused"),
+    );
+    assert!(e.contains("reveal mode mismatch"), "{e}");
+}
+
+#[test]
+fn private_protocol_violations_over_the_wire_close_only_that_session() {
+    use secinfer_protocol::private::PrivateMessage;
+    let pair = Pair::with_reveal(
+        "breast_cancer_mlp.onnx",
+        "breast-cancer",
+        "private-bad",
+        Reveal::Logits,
+    );
+    let lo = pair.serve(Limits::default());
+    let good = pair.client(&lo);
+    let expected_len = run(&good, samples("breast-cancer", 0, 2)).len();
+
+    // A step with no batch in progress.
+    let bad = pair.client(&lo);
+    let e = message(
+        bad.backend()
+            .channel()
+            .send_private(PrivateMessage::Step(secinfer_mpc::Message {
+                step: 3,
+                seq: 0,
+                payload: vec![1, 2, 3],
+            }))
+            .and_then(|()| bad.backend().channel().recv_private())
+            .unwrap_err(),
+    );
+    assert!(e.contains("no private batch in progress"), "{e}");
+
+    // A batch naming preprocessing ids that were never made.
+    let bad = pair.client(&lo);
+    bad.backend().make_correlations(Default::default()).unwrap();
+    let e = message(
+        bad.backend()
+            .channel()
+            .send_private(PrivateMessage::Begin {
+                ids: vec![PreprocessingId(7)],
+                position: Default::default(),
+            })
+            .and_then(|()| bad.backend().channel().recv_private())
+            .unwrap_err(),
+    );
+    assert!(e.contains("#7") && e.contains("unknown"), "{e}");
+
+    // The good session still works.
+    assert_eq!(
+        run(&good, samples("breast-cancer", 2, 2)).len(),
+        expected_len
+    );
+    drop(good);
+    assert_eq!(wait_until_no_sessions(&lo), 0);
 }

@@ -87,9 +87,11 @@ pub fn convert_bytes(bytes: &[u8]) -> Converted {
 
 /// Bound on the secure-vs-plaintext error of a converted model: the first
 /// layer's inputs are within `first_input_max`, later ones within the bounds
-/// the converter recorded; each layer contributes its own rounding bound.
+/// the converter recorded; each layer contributes its own rounding bound. In
+/// the private modes a joint truncation errs by up to one unit instead of
+/// half of one, so the bound doubles.
 pub fn tolerance(converted: &Converted, first_input_max: f64) -> f64 {
-    converted
+    let per_layer: f64 = converted
         .layers
         .iter()
         .enumerate()
@@ -100,7 +102,12 @@ pub fn tolerance(converted: &Converted, first_input_max: f64) -> f64 {
                 f64::from(l.spec.input_bound)
             })
         })
-        .sum()
+        .sum();
+    if converted.reveal.is_private() {
+        2.0 * per_layer
+    } else {
+        per_layer
+    }
 }
 
 /// An opset-13 model around `graph`.
