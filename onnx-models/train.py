@@ -13,6 +13,9 @@ make_breast_cancer_csv.py).
 Writes to --out:
   mnist_mlp.onnx           784-128-128-10 ReLU MLP, input [N,1,28,28] = pixel/255
   mnist_cnn.onnx           2-conv CNN with one BatchNorm2d, same input/output
+  mnist_cnn_small.onnx     2-conv 5x5 CNN (16/32 channels, FC 1568-100-10, no
+                           BatchNorm), the size of CrypTen's MNIST benchmark CNN;
+                           same input/output
   breast_cancer_mlp.onnx   30-16-2 ReLU MLP on raw features; the train split's
                            standardisation is in the graph as Sub/Div nodes
                            (exported folded into the first Gemm, then unfolded
@@ -145,6 +148,23 @@ class MnistCNN(nn.Module):
             nn.Flatten(),
             nn.Linear(64 * 7 * 7, 128), nn.ReLU(),
             nn.Linear(128, 10),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class MnistCNNSmall(nn.Module):
+    """The MNIST CNN size used by CrypTen's benchmarks, so timings can be compared."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * 7 * 7, 100), nn.ReLU(),
+            nn.Linear(100, 10),
         )
 
     def forward(self, x):
@@ -347,7 +367,7 @@ def record(path, ops, model, x, y, logits, batch, details):
     }
 
 
-# --------------------------------------------------------------------------- the three models
+# --------------------------------------------------------------------------- the models
 
 def make_mnist_mlp(out, xtr, ytr, xte, yte):
     log("== mnist_mlp: 784-128-128-10 ReLU")
@@ -399,6 +419,33 @@ def make_mnist_cnn(out, xtr, ytr, xte, yte):
         "loss": "cross-entropy",
         "export_note": "training=TrainingMode.PRESERVE (model in eval mode) so the exporter keeps "
                        "the BatchNormalization node instead of fusing it into the Conv",
+        "seed": SEED, "train_seconds": round(secs, 1),
+    })
+
+
+def make_mnist_cnn_small(out, xtr, ytr, xte, yte):
+    log("== mnist_cnn_small: conv16(5x5)-pool-conv32(5x5)-pool-fc100-fc10")
+    seed_everything(SEED)
+    # Same recipe as mnist_cnn.
+    cfg = dict(epochs=8, batch=256, lr=3e-3, weight_decay=0.0, shift=2)
+    t0 = time.time()
+    model = train_classifier(MnistCNNSmall(), xtr, ytr, name="cnn_small", **cfg)
+    secs = time.time() - t0
+    logits = torch_logits(model, xte)
+    path = os.path.join(out, "mnist_cnn_small.onnx")
+    _, ops = export(model, torch.from_numpy(xte[:1]), path)
+    return record(path, ops, model, xte, yte, logits, 500, {
+        "architecture": ("Conv 1->16 5x5 pad 2; ReLU; MaxPool 2; Conv 16->32 5x5 pad 2; ReLU; "
+                         "MaxPool 2; Flatten; Linear 1568->100; ReLU; Linear 100->10"),
+        "input": "input float32 [N,1,28,28], pixel/255 (no mean/std normalisation)",
+        "output": "logits float32 [N,10]",
+        "train_set": "MNIST train, 60000 images",
+        "test_set": "MNIST t10k, 10000 images",
+        "optimizer": f"Adam (weight_decay {cfg['weight_decay']}), OneCycleLR max_lr {cfg['lr']}",
+        "epochs": cfg["epochs"], "batch_size": cfg["batch"],
+        "augmentation": f"random integer translation by up to {cfg['shift']} px in x and y (zero fill)",
+        "loss": "cross-entropy",
+        "note": "same size as the MNIST CNN in CrypTen's benchmarks, for comparing timings",
         "seed": SEED, "train_seconds": round(secs, 1),
     })
 
@@ -468,28 +515,39 @@ def make_breast_cancer(out):
     })
 
 
+# Short name (for --only) -> model name (file stem and accuracy.json key), in output order.
+MODELS = {
+    "mlp": "mnist_mlp",
+    "cnn": "mnist_cnn",
+    "cnn_small": "mnist_cnn_small",
+    "bc": "breast_cancer_mlp",
+}
+
+
 def main():
     ap = argparse.ArgumentParser(description="Train and export secinfer's ONNX models.")
     ap.add_argument("--mnist-dir", required=True, help="directory with the four gzipped MNIST IDX files")
     ap.add_argument("--out", required=True, help="output directory (normally onnx-models/)")
-    ap.add_argument("--only", default="mlp,cnn,bc",
-                    help="comma-separated subset of mlp,cnn,bc (accuracy.json keeps other entries)")
+    ap.add_argument("--only", default=",".join(MODELS),
+                    help=f"comma-separated subset of {','.join(MODELS)} (or the full model names "
+                         f"{','.join(MODELS.values())}); accuracy.json keeps the other entries")
     args = ap.parse_args()
-    which = set(args.only.split(","))
-    if not which <= {"mlp", "cnn", "bc"}:
-        ap.error(f"--only: unknown model(s) {sorted(which - {'mlp', 'cnn', 'bc'})}")
+    full_names = {v: k for k, v in MODELS.items()}
+    which = {full_names.get(w, w) for w in args.only.split(",")}
+    if not which <= set(MODELS):
+        ap.error(f"--only: unknown model(s) {sorted(which - set(MODELS))}")
 
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
     os.makedirs(args.out, exist_ok=True)
     acc_path = os.path.join(args.out, "accuracy.json")
     results = {}
-    if os.path.exists(acc_path) and which != {"mlp", "cnn", "bc"}:
+    if os.path.exists(acc_path) and which != set(MODELS):
         with open(acc_path) as f:
             results = json.load(f).get("models", {})
 
     t0 = time.time()
-    if which & {"mlp", "cnn"}:
+    if which & {"mlp", "cnn", "cnn_small"}:
         xtr, ytr = load_mnist(args.mnist_dir, "train")
         xte, yte = load_mnist(args.mnist_dir, "t10k")
         log(f"MNIST: train {xtr.shape}, test {xte.shape}")
@@ -497,6 +555,8 @@ def main():
             results["mnist_mlp"] = make_mnist_mlp(args.out, xtr, ytr, xte, yte)
         if "cnn" in which:
             results["mnist_cnn"] = make_mnist_cnn(args.out, xtr, ytr, xte, yte)
+        if "cnn_small" in which:
+            results["mnist_cnn_small"] = make_mnist_cnn_small(args.out, xtr, ytr, xte, yte)
     if "bc" in which:
         results["breast_cancer_mlp"] = make_breast_cancer(args.out)
 
@@ -512,7 +572,7 @@ def main():
             "threads": THREADS,
             "exporter": f"torch.onnx.export legacy TorchScript exporter (dynamo=False), opset {OPSET}",
         },
-        "models": {k: results[k] for k in ("mnist_mlp", "mnist_cnn", "breast_cancer_mlp") if k in results},
+        "models": {k: results[k] for k in MODELS.values() if k in results},
     }
     with open(acc_path, "w") as f:
         json.dump(summary, f, indent=2)
