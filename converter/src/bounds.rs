@@ -466,13 +466,15 @@ pub fn finalise(
         .collect::<Result<_, _>>()?;
 
     // 2. Desired scales, backwards: what each slot's readers want.
+    // A power-of-two average relabels the sum's scale (the division is
+    // exact and free), so its input needs that many fewer bits. A constant
+    // factor's own fractional bits are truncated away after it, so its
+    // input wants what its output wants.
     let extra = |op: &DraftOp| -> u32 {
         match op {
             DraftOp::AvgPool { divisor, .. } if divisor.is_power_of_two() => {
                 divisor.trailing_zeros()
             }
-            DraftOp::AvgPool { .. } => FACTOR_BITS as u32,
-            DraftOp::Scale(f) => factor_bits(*f),
             _ => 0,
         }
     };
