@@ -148,6 +148,9 @@ enum Command {
         /// Preprocessed inferences (ready or in flight) one client may hold.
         #[arg(long, default_value_t = secinfer_protocol::DEFAULT_MAX_PENDING)]
         max_pending: usize,
+        /// OT correlations one client may hold (private modes), MiB.
+        #[arg(long, default_value_t = secinfer_protocol::DEFAULT_MAX_OT_BYTES >> 20)]
+        max_correlation_mib: u64,
         /// HE evaluations at once across clients (each uses every core).
         #[arg(long, default_value_t = 1)]
         he_jobs: usize,
@@ -406,6 +409,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_sessions,
             max_frame_mib,
             max_pending,
+            max_correlation_mib,
             he_jobs,
             idle_timeout,
             shutdown_grace,
@@ -419,6 +423,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 max_sessions,
                 max_frame_mib,
                 max_pending,
+                max_correlation_mib,
                 he_jobs,
                 idle_timeout,
                 shutdown_grace,

@@ -254,12 +254,18 @@ pub fn limits(
     max_sessions: usize,
     max_frame_mib: usize,
     max_pending: usize,
+    max_correlation_mib: u64,
     he_jobs: usize,
     idle_timeout_s: u64,
     shutdown_grace_s: u64,
 ) -> anyhow::Result<Limits> {
     if max_sessions == 0 || he_jobs == 0 || max_frame_mib == 0 || max_pending == 0 {
         bail!("session, frame, pending and HE-job limits must be at least 1");
+    }
+    if max_correlation_mib < 256 {
+        bail!(
+            "--max-correlation-mib {max_correlation_mib}: at least 256 (one correlation batch with its buffers, and what clients keep ready)"
+        );
     }
     if idle_timeout_s < 5 {
         bail!("--idle-timeout {idle_timeout_s}: at least 5 s (clients ping every 2 s)");
@@ -271,6 +277,7 @@ pub fn limits(
         max_sessions,
         max_frame_bytes: max_frame_mib << 20,
         max_pending_inferences: max_pending,
+        max_correlation_bytes: max_correlation_mib << 20,
         concurrent_he_jobs: he_jobs,
         idle_timeout: Duration::from_secs(idle_timeout_s),
         shutdown_grace: Duration::from_secs(shutdown_grace_s),

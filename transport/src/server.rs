@@ -40,6 +40,8 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// preprocessed inferences (ready plus in flight) per session
     pub max_pending_inferences: usize,
+    /// bytes of OT correlations (stored plus a batch's buffers) per session
+    pub max_correlation_bytes: u64,
     /// HE evaluations running at once across all sessions (each uses all cores)
     pub concurrent_he_jobs: usize,
     /// time a client has to open its session and say hello
@@ -58,6 +60,7 @@ impl Default for Limits {
             max_sessions: 64,
             max_frame_bytes: crate::DEFAULT_MAX_FRAME_BYTES,
             max_pending_inferences: secinfer_protocol::DEFAULT_MAX_PENDING,
+            max_correlation_bytes: secinfer_protocol::DEFAULT_MAX_OT_BYTES,
             concurrent_he_jobs: 1,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -420,6 +423,7 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
 
     let mut session = ServerSession::new(shared.linear.clone());
     session.set_max_pending(limits.max_pending_inferences);
+    session.set_max_ot_bytes(limits.max_correlation_bytes);
     shared.stats.live.fetch_add(1, Ordering::SeqCst);
     let state = Arc::new(SessionState {
         session: Mutex::new(session),
