@@ -343,13 +343,18 @@ fn clients_that_vanish_mid_offline_or_mid_online_leave_nothing_behind() {
         "session kept after abort mid-upload"
     );
 
-    // 2. gone while the server is evaluating (its HE job must stop and free it)
+    // 2. gone while the server is evaluating (its HE job must stop and free
+    // it); a full batch, so that op 0's job takes a while
     let ch = Arc::new(lo.connect(pair.server.digest()).unwrap());
     let mut pre = Preprocessor::new(layers.clone()).unwrap();
     ch.hello(pre.hello()).unwrap();
-    let first = pre.start(8).unwrap();
+    let count = pre.max_batch();
+    let first = pre.start(count).unwrap();
     let mut reqs = Vec::new();
-    let in0 = layers[0].input_len();
+    let params = secinfer_protocol::params_for(&layers).unwrap();
+    let in0 = secinfer_protocol::offline::packing_for(&params, &layers[0], count)
+        .unwrap()
+        .input_ciphertexts();
     while let Some(r) = pre.next_request(first).unwrap() {
         let last = r.op == 0 && r.offset as usize + r.ciphertexts.len() == in0;
         reqs.push(r);

@@ -10,6 +10,8 @@
 //!   ciphertext (client side).
 //! - `he_layer/mlp_opK/evaluate_B`: the server's whole work for MLP layer K
 //!   and a batch of B (products, re-randomisation, flooding, shrinking).
+//! - `he_layer/mlp_opK/blocks_B`: the same with the block packing that
+//!   `Packing::choose` picks for a batch of B (cost follows B).
 //! - `he_layer/cnn_opK/one_channel`: the same for one output channel of a CNN
 //!   convolution (the layer costs about `channels ×` that).
 //!
@@ -22,7 +24,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use secinfer_converter::{Options, convert_file};
-use secinfer_he::{ClientKey, FirstBlocks, HeParams, LinearForm, ServerKey, evaluate};
+use secinfer_he::{
+    ClientKey, FirstBlocks, HeParams, LinearForm, Packing, ServerKey, evaluate, evaluate_blocks,
+};
 use secinfer_protocol::MaskedLinear;
 use secinfer_tract_ext::ServerModel;
 
@@ -111,6 +115,36 @@ fn bench_he(c: &mut Criterion) {
             g.throughput(Throughput::Elements(count as u64));
             g.bench_function(format!("mlp_op{op}/evaluate_{count}"), |b| {
                 b.iter(|| run_evaluate(&key, form, black_box(&cts), count))
+            });
+        }
+    }
+    // The block packing, as `Packing::choose` lays out each batch size
+    // (the per-coefficient rows above cost the same for any batch).
+    for op in 0..3u32 {
+        let form = mlp.he_form(op).expect("op");
+        for count in [1usize, 10, 100, 1000] {
+            let Packing::Blocks(shape) =
+                Packing::choose(&params, form.input_len(), form.output_len(), count)
+                    .expect("layout")
+            else {
+                continue;
+            };
+            let m = masks(count, form.input_len(), 37);
+            let v: Vec<&[u64]> = m.iter().map(|m| &m[..]).collect();
+            let cts = client
+                .encrypt_blocks(&shape, &v, 0..shape.input_ciphertexts())
+                .expect("encrypt");
+            g.throughput(Throughput::Elements(count as u64));
+            g.bench_function(format!("mlp_op{op}/blocks_{count}"), |b| {
+                b.iter(|| {
+                    let mut replies = 0;
+                    evaluate_blocks(&key, form, &shape, black_box(cts.clone()), &mut |p| {
+                        replies += p.len();
+                        Ok(())
+                    })
+                    .expect("evaluate");
+                    replies
+                })
             });
         }
     }

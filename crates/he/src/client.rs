@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use zeroize::Zeroizing;
 
 use crate::encoding::{ScaledEncoder, decode_phase};
+use crate::packing::BlockShape;
 use crate::{ERROR_VARIANCE, HeError, HeParams, lib_err, wire};
 
 /// A client's key pair; the secret key never leaves this struct (its NTT
@@ -98,27 +99,118 @@ impl ClientKey {
                 m.len()
             )));
         }
-        let ctx = self.params.bfv().context_at_level(0).map_err(lib_err)?;
-        let s = self.s_ntt.first().ok_or_else(|| lib_err("no secret key"))?;
         (0..input_len)
             .into_par_iter()
             .map_init(ChaCha20Rng::from_os_rng, |rng, j| {
                 let column: Vec<u64> = masks.iter().map(|m| m[j] & t_mask).collect();
-                // a: uniform, expanded from a seed, which is what travels
-                let mut seed = [0u8; 32];
-                rng.fill_bytes(&mut seed);
-                let mut a = Poly::random_from_seed(ctx, Representation::Ntt, seed);
-                a *= s.as_ref();
-                a.change_representation(Representation::PowerBasis);
-                // b = e + ⌊q·m/t⌋ − a·s, on coefficients (how it travels)
-                let mut b = Poly::small(ctx, Representation::PowerBasis, ERROR_VARIANCE, rng)
-                    .map_err(lib_err)?;
-                b += &self.encoder.encode(&column)?;
-                b -= &a;
-                let b = wire::encode_poly(b.coefficients(), ctx.moduli());
-                Ok(wire::encode_ciphertext(vec![b], Some(seed), 0))
+                self.encrypt_plaintext(&column, rng)
             })
             .collect()
+    }
+
+    /// Encrypts input ciphertexts `range` of a batch laid out as `shape`
+    /// (block packing); `masks` holds the batch's `count` rows.
+    pub fn encrypt_blocks(
+        &self,
+        shape: &BlockShape,
+        masks: &[&[u64]],
+        range: std::ops::Range<usize>,
+    ) -> Result<Vec<Vec<u8>>, HeError> {
+        let n = self.params.degree();
+        if range.end > shape.input_ciphertexts()
+            || shape.in_block * shape.out_block * shape.width > n
+        {
+            return Err(HeError::Shape(format!(
+                "input ciphertexts {range:?} of layout {shape:?}"
+            )));
+        }
+        let t_mask = (1u64 << self.params.ring_bits()) - 1;
+        range
+            .into_par_iter()
+            .map_init(ChaCha20Rng::from_os_rng, |rng, k| {
+                let mut m = shape.input_plaintext(k, masks, n)?;
+                m.iter_mut().for_each(|v| *v &= t_mask);
+                self.encrypt_plaintext(&m, rng)
+            })
+            .collect()
+    }
+
+    /// One seeded secret-key encryption of plaintext coefficients `m`.
+    fn encrypt_plaintext(&self, m: &[u64], rng: &mut ChaCha20Rng) -> Result<Vec<u8>, HeError> {
+        let ctx = self.params.bfv().context_at_level(0).map_err(lib_err)?;
+        let s = self.s_ntt.first().ok_or_else(|| lib_err("no secret key"))?;
+        // a: uniform, expanded from a seed, which is what travels
+        let mut seed = [0u8; 32];
+        rng.fill_bytes(&mut seed);
+        let mut a = Poly::random_from_seed(ctx, Representation::Ntt, seed);
+        a *= s.as_ref();
+        a.change_representation(Representation::PowerBasis);
+        // b = e + ⌊q·m/t⌋ − a·s, on coefficients (how it travels)
+        let mut b =
+            Poly::small(ctx, Representation::PowerBasis, ERROR_VARIANCE, rng).map_err(lib_err)?;
+        b += &self.encoder.encode(m)?;
+        b -= &a;
+        let b = wire::encode_poly(b.coefficients(), ctx.moduli());
+        Ok(wire::encode_ciphertext(vec![b], Some(seed), 0))
+    }
+
+    /// [`ClientKey::decrypt_block`] for several replies at once (in parallel).
+    pub fn decrypt_blocks(
+        &self,
+        shape: &BlockShape,
+        indices: &[usize],
+        replies: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u64>>, HeError> {
+        if indices.len() != replies.len() {
+            return Err(HeError::Shape(format!(
+                "{} reply indices for {} ciphertexts",
+                indices.len(),
+                replies.len()
+            )));
+        }
+        indices
+            .par_iter()
+            .zip(replies)
+            .map(|(&k, ct)| self.decrypt_block(shape, k, ct))
+            .collect()
+    }
+
+    /// Decrypts reply `index` of a batch laid out as `shape`: `c = W·r − s`
+    /// at each kept coefficient, in [`BlockShape::kept`] order.
+    pub fn decrypt_block(
+        &self,
+        shape: &BlockShape,
+        index: usize,
+        reply: &[u8],
+    ) -> Result<Vec<u64>, HeError> {
+        if index >= shape.output_ciphertexts() {
+            return Err(HeError::Shape(format!(
+                "reply {index} of a layout with {}",
+                shape.output_ciphertexts()
+            )));
+        }
+        let kept = shape.kept(index);
+        let par = self.params.bfv();
+        let (c0, c1) = wire::decode_sparse_reply(reply, kept.len(), par)?;
+        let level = par.max_level();
+        let ctx = par.context_at_level(level).map_err(lib_err)?;
+        let q = ctx.moduli()[0];
+        let s = self
+            .s_ntt
+            .get(level)
+            .ok_or_else(|| lib_err("no secret key at this level"))?;
+        let mut phase =
+            Poly::try_convert_from(c1, ctx, false, Representation::PowerBasis).map_err(lib_err)?;
+        phase.change_representation(Representation::Ntt);
+        phase *= s.as_ref();
+        phase.change_representation(Representation::PowerBasis);
+        let row = phase.coefficients();
+        let bits = self.params.ring_bits();
+        Ok(kept
+            .iter()
+            .zip(c0)
+            .map(|(kp, b)| decode_phase((row[[0, kp.coefficient]] + b) % q, q, bits))
+            .collect())
     }
 
     /// Decrypts reply ciphertexts: for each, `c = W·r − s` in `Z_2^k` of its

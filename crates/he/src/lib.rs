@@ -8,6 +8,12 @@
 //!    its noise ([`FloodPlan`]) and drops it to one prime to shrink it.
 //! 3. The client decrypts `c`.
 //!
+//! **Two packings**, chosen per op and batch size by [`Packing::choose`]
+//! (both parties run it on public numbers): one inference per coefficient
+//! (below) for big batches, and polynomial products by blocks
+//! ([`evaluate_blocks`], `packing.rs`) for small ones, so that a batch of one
+//! costs a few ciphertexts instead of one per input feature.
+//!
 //! **Packing: one inference per coefficient.** The plaintext modulus is the
 //! model's ring `Z_2^k`, and ciphertext `j` of a layer holds input feature `j`
 //! of up to `N` inferences, one per coefficient. A plaintext integer times a
@@ -29,15 +35,19 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+mod blocks;
 mod client;
 mod encoding;
+mod packing;
 mod params;
 mod server;
 #[cfg(test)]
 mod tests;
 mod wire;
 
+pub use blocks::{BlockPart, evaluate_blocks};
 pub use client::ClientKey;
+pub use packing::{BlockShape, Kept, MAX_DENSE_WEIGHTS, Packing, max_flood_fan_in};
 pub use params::{
     ERROR_BOUND, ERROR_VARIANCE, FloodPlan, HE_STANDARD_128, HeParams, REPLIES_PER_KEY_BITS,
     STAT_SECURITY_BITS,

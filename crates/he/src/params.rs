@@ -245,6 +245,13 @@ impl FloodPlan {
             + STAT_SECURITY_BITS
             + p.degree().trailing_zeros()
             + REPLIES_PER_KEY_BITS;
+        if flood_bits > crate::server::MAX_FLOOD_BITS {
+            return Err(HeError::Params(format!(
+                "a layer with fan-in {fan_in} needs a flood of 2^{flood_bits}, wider than the \
+                 sampler's 2^{}",
+                crate::server::MAX_FLOOD_BITS
+            )));
+        }
         let total = 2f64.powi(flood_bits as i32) + b;
         let budget = p.log2_q - 1.0 - p.ring_bits as f64;
         let headroom_bits = budget - total.log2();

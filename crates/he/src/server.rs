@@ -299,7 +299,7 @@ pub(crate) fn evaluate_with(
                 let c0 = gather(0, Representation::PowerBasis)?;
                 let c1 = gather(1, Representation::Ntt)?;
                 let s: Vec<u64> = (0..n).map(|_| rng.next_u64() & t_mask).collect();
-                let ct = finish(key, &encoder, c0, c1, &s, &plan, privacy, shrink, rng)?;
+                let ct = finish(key, &encoder, c0, c1, &s, &plan, privacy, shrink, None, rng)?;
                 Ok((ct, s))
             })
             .collect::<Result<_, HeError>>()?;
@@ -455,9 +455,11 @@ fn products(
 
 /// Subtracts `s`, re-randomises, floods and (if `shrink`) drops to the last
 /// prime; returns the serialised reply. `c0` comes in coefficient form, `c1`
-/// in NTT form (as the inputs were); the reply travels as coefficients.
+/// in NTT form (as the inputs were); the reply travels as coefficients:
+/// whole, or with `kept` given (block packing) only those coefficients of
+/// `c0` and all of `c1` (then it must be shrunk).
 #[allow(clippy::too_many_arguments)]
-fn finish(
+pub(crate) fn finish(
     key: &ServerKey,
     encoder: &ScaledEncoder,
     mut c0: Poly,
@@ -466,6 +468,7 @@ fn finish(
     plan: &FloodPlan,
     privacy: Privacy,
     shrink: bool,
+    kept: Option<&[usize]>,
     rng: &mut ChaCha20Rng,
 ) -> Result<Vec<u8>, HeError> {
     let par = key.params.bfv();
@@ -511,6 +514,19 @@ fn finish(
         }
     }
     let moduli = c0.ctx().moduli();
+    if let Some(kept) = kept {
+        if moduli.len() != 1 {
+            return Err(lib_err("a sparse reply is switched down to one prime"));
+        }
+        let row = c0.coefficients();
+        let values: Vec<u64> = kept.iter().map(|&i| row[[0, i]]).collect();
+        return Ok(wire::encode_sparse_reply(
+            &values,
+            c1.coefficients(),
+            moduli,
+            level,
+        ));
+    }
     Ok(wire::encode_ciphertext(
         vec![
             wire::encode_poly(c0.coefficients(), moduli),
@@ -521,13 +537,20 @@ fn finish(
     ))
 }
 
+/// Widest flood [`add_flood`] draws: `β + 1 ≤ 192` bits from three words.
+pub(crate) const MAX_FLOOD_BITS: u32 = 190;
+
 /// Adds to every coefficient of `p` (power basis, full level) an independent
 /// value uniform in `[−2^β, 2^β)`.
-fn add_flood(p: &mut Poly, plan: &FloodPlan, rng: &mut ChaCha20Rng) -> Result<(), HeError> {
+pub(crate) fn add_flood(
+    p: &mut Poly,
+    plan: &FloodPlan,
+    rng: &mut ChaCha20Rng,
+) -> Result<(), HeError> {
     let beta = plan.flood_bits;
-    if beta >= 127 {
+    if beta > MAX_FLOOD_BITS {
         return Err(HeError::Params(format!(
-            "flood of 2^{beta} does not fit 128-bit sampling"
+            "flood of 2^{beta} is wider than the sampler's 2^{MAX_FLOOD_BITS}"
         )));
     }
     let ctx = p.ctx().clone();
@@ -537,17 +560,37 @@ fn add_flood(p: &mut Poly, plan: &FloodPlan, rng: &mut ChaCha20Rng) -> Result<()
         .map(|&q| Modulus::new(q).map_err(lib_err))
         .collect::<Result<_, _>>()?;
     let n = p.coefficients().ncols();
-    let range_mask: u128 = (1u128 << (beta + 1)) - 1;
-    let offsets: Vec<u64> = moduli
-        .iter()
-        .map(|m| m.reduce_u128(1u128 << beta))
-        .collect();
+    // u uniform in [0, 2^(β+1)) as three 64-bit words, most significant first
+    let bits = beta + 1;
+    let top_mask = |w: u32| -> u64 {
+        // bits of word w (0 = least significant) that u may use
+        let lo = 64 * w;
+        if bits >= lo + 64 {
+            u64::MAX
+        } else if bits <= lo {
+            0
+        } else {
+            (1u64 << (bits - lo)) - 1
+        }
+    };
+    let masks = [top_mask(2), top_mask(1), top_mask(0)];
+    // words that are always zero are skipped (two words for β < 127)
+    let first = masks.iter().position(|&m| m != 0).unwrap_or(2);
+    let offsets: Vec<u64> = ctx.moduli().iter().map(|&q| pow2_mod(beta, q)).collect();
     let mut a = p.coefficients().to_owned();
     for i in 0..n {
-        // value = u − 2^β with u uniform in [0, 2^(β+1))
-        let u = ((rng.next_u64() as u128) << 64 | rng.next_u64() as u128) & range_mask;
+        let words = [
+            rng.next_u64() & masks[0],
+            rng.next_u64() & masks[1],
+            rng.next_u64() & masks[2],
+        ];
         for (l, m) in moduli.iter().enumerate() {
-            let f = m.sub(m.reduce_u128(u), offsets[l]);
+            // Horner on 64-bit words: every step reduces a value below 2^128
+            let mut r = 0u64;
+            for &w in &words[first..] {
+                r = m.reduce_u128(((r as u128) << 64) | w as u128);
+            }
+            let f = m.sub(r, offsets[l]);
             a[[l, i]] = m.add(a[[l, i]], f);
         }
     }

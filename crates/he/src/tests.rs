@@ -419,3 +419,202 @@ pub(crate) fn decode_reply(
     }
     Ok(ct)
 }
+
+/// Runs a batch through the block packing and returns, per inference, the
+/// decrypted `c` and the server's `s` (each `output_len` long).
+fn run_blocks(
+    client: &ClientKey,
+    server: &ServerKey,
+    d: &Dense,
+    shape: &BlockShape,
+    masks: &[Vec<u64>],
+) -> (Vec<Vec<u64>>, Vec<Vec<u64>>) {
+    let views: Vec<&[u64]> = masks.iter().map(|m| &m[..]).collect();
+    let cts = client
+        .encrypt_blocks(shape, &views, 0..shape.input_ciphertexts())
+        .unwrap();
+    assert_eq!(cts.len(), shape.input_ciphertexts());
+    let mut c = vec![vec![u64::MAX; d.output_len()]; shape.count];
+    let mut s = vec![vec![u64::MAX; d.output_len()]; shape.count];
+    let mut seen = vec![false; shape.output_ciphertexts()];
+    evaluate_blocks(server, d, shape, cts, &mut |parts| {
+        for part in parts {
+            assert!(!seen[part.index], "reply {} twice", part.index);
+            seen[part.index] = true;
+            let values = client
+                .decrypt_block(shape, part.index, &part.ciphertext)
+                .unwrap();
+            let kept = shape.kept(part.index);
+            assert_eq!(values.len(), kept.len());
+            assert_eq!(part.masks.len(), kept.len());
+            for ((kp, v), m) in kept.iter().zip(values).zip(part.masks) {
+                c[kp.inference][kp.output] = v;
+                s[kp.inference][kp.output] = m;
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert!(seen.iter().all(|&x| x), "every reply arrives");
+    (c, s)
+}
+
+#[test]
+fn block_packing_decrypts_exactly_to_w_r_minus_s() {
+    let p = HeParams::for_ring(37).unwrap();
+    let client = ClientKey::generate(&p);
+    let server = ServerKey::from_bytes(&p, &client.public_key_bytes()).unwrap();
+    let mask = (1u64 << 37) - 1;
+    // (layer, batch, forced shape or None for the chosen one): a batch of 1,
+    // of 2, a partial group, blocks that do not divide the layer, weights up
+    // to the full centred range
+    let d_small = random_dense(13, 29, (1 << 36) - 1, 4);
+    let d_mlp = random_dense(128, 784, 1 << 14, 16);
+    let cases: Vec<(&Dense, usize, Option<BlockShape>)> = vec![
+        (&d_mlp, 1, None),
+        (&d_mlp, 2, None),
+        (
+            &d_small,
+            5,
+            Some(BlockShape {
+                input_len: 29,
+                output_len: 13,
+                count: 5,
+                width: 2,
+                in_block: 8,
+                out_block: 5,
+            }),
+        ),
+        (
+            &d_small,
+            3,
+            Some(BlockShape {
+                input_len: 29,
+                output_len: 13,
+                count: 3,
+                width: 4,
+                in_block: 29,
+                out_block: 13,
+            }),
+        ),
+    ];
+    for (d, count, forced) in cases {
+        let shape = match forced {
+            Some(s) => s,
+            None => match Packing::choose(&p, d.input_len(), d.output_len(), count).unwrap() {
+                Packing::Blocks(s) => s,
+                other => panic!("a batch of {count} should take blocks, got {other:?}"),
+            },
+        };
+        assert!(shape.in_block * shape.out_block * shape.width <= p.degree());
+        let mut g = rng();
+        let masks: Vec<Vec<u64>> = (0..count)
+            .map(|_| {
+                (0..d.input_len())
+                    .map(|_| g.random::<u64>() & mask)
+                    .collect()
+            })
+            .collect();
+        let (c, s) = run_blocks(&client, &server, d, &shape, &masks);
+        for b in 0..count {
+            let want: Vec<u64> = expected(d, &masks[b], 37)
+                .iter()
+                .zip(&s[b])
+                .map(|(wr, s)| wr.wrapping_sub(*s) & mask)
+                .collect();
+            assert_eq!(c[b], want, "{shape:?}, inference {b}");
+        }
+    }
+}
+
+#[test]
+fn the_layout_follows_the_batch_size() {
+    let p = HeParams::for_ring(37).unwrap();
+    // the MNIST MLP's first layer: a batch of 1 is a few ciphertexts, a full
+    // batch keeps the per-coefficient packing
+    let one = Packing::choose(&p, 784, 128, 1).unwrap();
+    let full = Packing::choose(&p, 784, 128, p.degree()).unwrap();
+    assert!(matches!(one, Packing::Blocks(_)), "{one:?}");
+    assert!(matches!(full, Packing::PerCoefficient { .. }), "{full:?}");
+    assert!(one.estimated_seconds(&p) * 50.0 < full.estimated_seconds(&p));
+    assert!(
+        one.wire_bytes(&p) * 50 < full.wire_bytes(&p),
+        "batch of 1: {} B, full batch: {} B",
+        one.wire_bytes(&p),
+        full.wire_bytes(&p)
+    );
+    // the estimated cost per inference never grows with the batch
+    let mut last = f64::INFINITY;
+    for count in [1, 2, 16, 100, 1000, 8192] {
+        let per = Packing::choose(&p, 784, 128, count)
+            .unwrap()
+            .estimated_seconds(&p)
+            / count as f64;
+        assert!(
+            per <= last * 1.0001,
+            "batch {count}: {per} B per inference after {last}"
+        );
+        last = per;
+    }
+    // a layer too big for a dense matrix keeps the per-coefficient packing
+    let conv = Packing::choose(&p, 6272, 12544, 1).unwrap();
+    assert!(matches!(conv, Packing::PerCoefficient { .. }));
+    // and nonsense is refused
+    assert!(Packing::choose(&p, 784, 128, 0).is_err());
+    assert!(Packing::choose(&p, 784, 128, p.degree() + 1).is_err());
+}
+
+#[test]
+fn block_replies_carry_only_the_kept_coefficients_and_bad_ones_are_refused() {
+    let p = HeParams::for_ring(37).unwrap();
+    let client = ClientKey::generate(&p);
+    let server = ServerKey::from_bytes(&p, &client.public_key_bytes()).unwrap();
+    let d = random_dense(10, 50, 1 << 20, 5);
+    let shape = BlockShape {
+        input_len: 50,
+        output_len: 10,
+        count: 1,
+        width: 1,
+        in_block: 50,
+        out_block: 10,
+    };
+    let masks = [vec![1u64; 50]];
+    let views: Vec<&[u64]> = masks.iter().map(|m| &m[..]).collect();
+    let cts = client.encrypt_blocks(&shape, &views, 0..1).unwrap();
+    let mut replies = Vec::new();
+    evaluate_blocks(&server, &d, &shape, cts.clone(), &mut |parts| {
+        replies.extend(parts);
+        Ok(())
+    })
+    .unwrap();
+    let reply = &replies[0].ciphertext;
+    // c1 (one 60-bit prime) plus 10 kept coefficients, not a whole c0
+    assert!(
+        reply.len() < p.degree() * 60 / 8 + 200,
+        "{} bytes",
+        reply.len()
+    );
+    // a truncated reply, a wrong count, a reply of another layout
+    assert!(
+        client
+            .decrypt_block(&shape, 0, &reply[..reply.len() - 9])
+            .is_err()
+    );
+    let mut wrong = reply.clone();
+    wrong[0] ^= 1;
+    let e = client
+        .decrypt_block(&shape, 0, &wrong)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("kept coefficients"), "{e}");
+    assert!(client.decrypt_block(&shape, 1, reply).is_err());
+    // the server refuses a wrong number of inputs and a layout that does not fit
+    let e = evaluate_blocks(&server, &d, &shape, vec![], &mut |_| Ok(())).unwrap_err();
+    assert!(e.to_string().contains("0 ciphertexts"), "{e}");
+    let too_big = BlockShape {
+        width: 8192,
+        ..shape
+    };
+    let e = evaluate_blocks(&server, &d, &too_big, cts, &mut |_| Ok(())).unwrap_err();
+    assert!(e.to_string().contains("does not fit"), "{e}");
+}

@@ -224,6 +224,81 @@ pub(crate) fn decode_ciphertext(
     Ok(WireCiphertext { polys, seed, level })
 }
 
+/// A reply of the block packing: the kept coefficients of `c0` (residues at
+/// the one prime of `level`, packed like a polynomial's) and `c1` whole:
+/// `u32` count (little endian), the packed residues, then a ciphertext
+/// message holding `c1` alone.
+pub(crate) fn encode_sparse_reply(
+    c0_kept: &[u64],
+    c1: ArrayView2<u64>,
+    moduli: &[u64],
+    level: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + c0_kept.len() * 8 + c1.len() * 8);
+    out.extend_from_slice(&(c0_kept.len() as u32).to_le_bytes());
+    pack_into(&mut out, c0_kept, bits_of(moduli[0]));
+    out.extend_from_slice(&encode_ciphertext(
+        vec![encode_poly(c1, moduli)],
+        None,
+        level,
+    ));
+    out
+}
+
+/// Reads a block-packing reply that must carry `kept` coefficients at the
+/// last level (one prime): `(c0 kept residues, c1 residues [1, N])`.
+pub(crate) fn decode_sparse_reply(
+    bytes: &[u8],
+    kept: usize,
+    par: &BfvParameters,
+) -> Result<(Vec<u64>, Array2<u64>), HeError> {
+    let what = "reply ciphertext";
+    let (head, rest) = bytes
+        .split_at_checked(4)
+        .ok_or_else(|| malformed(what, "shorter than its header"))?;
+    let declared = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    if declared != kept {
+        return Err(malformed(
+            what,
+            format!("{declared} kept coefficients, the layout has {kept}"),
+        ));
+    }
+    let level = par.max_level();
+    let ctx = par
+        .context_at_level(level)
+        .map_err(|e| malformed(what, e.to_string()))?;
+    let &[q] = ctx.moduli() else {
+        return Err(malformed(what, "the last level has more than one prime"));
+    };
+    let len = (kept * bits_of(q)).div_ceil(8);
+    let (packed, ct) = rest
+        .split_at_checked(len)
+        .ok_or_else(|| malformed(what, "truncated kept coefficients"))?;
+    let mut c0 = vec![0u64; kept];
+    if !unpack_into(packed, bits_of(q), &mut c0) {
+        return Err(malformed(what, "truncated kept coefficients"));
+    }
+    if let Some(v) = c0.iter().find(|&&v| v >= q) {
+        return Err(malformed(
+            what,
+            format!("residue {v} is not below its prime {q}"),
+        ));
+    }
+    let ct = decode_ciphertext(what, ct, par)?;
+    let (polys, seeded, at) = (ct.polys.len(), ct.seed.is_some(), ct.level);
+    let (None, Ok([c1]), true) = (ct.seed, <[Array2<u64>; 1]>::try_from(ct.polys), at == level)
+    else {
+        return Err(malformed(
+            what,
+            format!(
+                "{polys} polynomials{} at level {at}, expected c1 alone at level {level}",
+                if seeded { " and a seed" } else { "" }
+            ),
+        ));
+    };
+    Ok((c0, c1))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,10 @@
 //! 2. For a batch of `count` inferences with ids `first_id ..
 //!    first_id + count`, the client draws every op's masks `r` (CSPRNG,
 //!    uniform over Z_2^k) and sends them encrypted, op by op, in chunks of
-//!    ciphertexts ([`MaskRequest`]).
+//!    ciphertexts ([`MaskRequest`]). How a batch is laid out in ciphertexts
+//!    depends on the op's shape and `count` ([`packing_for`]: one inference
+//!    per coefficient for big batches, polynomial products by blocks for
+//!    small ones); both sides compute it the same way.
 //! 3. When the server has all of an op's ciphertexts it answers `Enc(W·r − s)`
 //!    in parts ([`ProductReply`]) and keeps `s`.
 //! 4. When a batch is complete on a side, that side files one material per id
@@ -21,7 +24,7 @@ use std::collections::HashMap;
 
 use rand::rngs::{ChaCha20Rng, SysRng};
 use rand::{Rng, SeedableRng};
-use secinfer_he::{ClientKey, HeParams};
+use secinfer_he::{ClientKey, HeParams, Packing};
 use secinfer_model::LayerSpec;
 use serde::{Deserialize, Serialize};
 
@@ -52,10 +55,12 @@ pub struct MaskRequest {
     pub count: u32,
     /// the op
     pub op: OpId,
-    /// index of the first ciphertext here among the op's `input_len`
+    /// index of the first ciphertext here among the op's input ciphertexts
+    /// (as many as the batch's [`Packing`] says)
     pub offset: u32,
-    /// serialised ciphertexts; number `offset + j` holds input feature
-    /// `offset + j` of every inference of the batch
+    /// serialised ciphertexts, numbers `offset ..`: per-coefficient packing,
+    /// number `j` holds input feature `j` of every inference; block packing,
+    /// [`secinfer_he::BlockShape::input_plaintext`] says what each holds
     pub ciphertexts: Vec<Vec<u8>>,
 }
 
@@ -66,7 +71,9 @@ pub struct ProductReply {
     pub first_id: PreprocessingId,
     /// the op
     pub op: OpId,
-    /// which output features these ciphertexts are
+    /// which reply ciphertexts these are: per-coefficient packing, output
+    /// features; block packing, reply numbers
+    /// ([`secinfer_he::BlockShape::kept`] says what each holds)
     pub outputs: Vec<u32>,
     /// serialised ciphertexts, one per entry of `outputs`
     pub ciphertexts: Vec<Vec<u8>>,
@@ -89,13 +96,15 @@ impl ProductReply {
 /// A batch the client has started and not finished.
 struct ClientBatch {
     count: usize,
+    /// per op: how the batch is laid out in ciphertexts
+    packing: Vec<Packing>,
     /// per op: the masks, `count` rows of `input_len`
     masks: Vec<Vec<Vec<u64>>>,
     /// per op: `c`, `count` rows of `output_len`, filled as replies arrive
     products: Vec<Vec<Vec<u64>>>,
-    /// per op: outputs received (each at most once)
+    /// per op: reply ciphertexts received (each at most once)
     received: Vec<Vec<bool>>,
-    /// per op: number of outputs received
+    /// per op: number of reply ciphertexts received
     done: Vec<usize>,
     /// next (op, offset) to encrypt and send
     cursor: (usize, usize),
@@ -159,6 +168,11 @@ impl Preprocessor {
             .next_id
             .checked_add(count as u64)
             .ok_or_else(|| ProtocolError::Model("preprocessing ids exhausted".into()))?;
+        let packing: Vec<Packing> = self
+            .layers
+            .iter()
+            .map(|spec| packing_for(self.key.params(), spec, count))
+            .collect::<Result<_, _>>()?;
         let mut masks = Vec::with_capacity(self.layers.len());
         for spec in &self.layers {
             let mask = (1u64 << spec.ring_bits) - 1;
@@ -182,11 +196,11 @@ impl Preprocessor {
                     .iter()
                     .map(|s| vec![vec![0; s.output_len()]; count])
                     .collect(),
-                received: self
-                    .layers
+                received: packing
                     .iter()
-                    .map(|s| vec![false; s.output_len()])
+                    .map(|p| vec![false; p.output_ciphertexts()])
                     .collect(),
+                packing,
                 done: vec![0; self.layers.len()],
                 cursor: (0, 0),
             },
@@ -208,7 +222,7 @@ impl Preprocessor {
             return Ok(None);
         };
         let (mut op, mut offset) = batch.cursor;
-        while op < self.layers.len() && offset >= self.layers[op].input_len() {
+        while op < self.layers.len() && offset >= batch.packing[op].input_ciphertexts() {
             op += 1;
             offset = 0;
         }
@@ -216,17 +230,22 @@ impl Preprocessor {
             batch.cursor = (op, 0);
             return Ok(None);
         }
-        let in_len = self.layers[op].input_len();
-        let end = (offset + CIPHERTEXTS_PER_MESSAGE).min(in_len);
-        let cols: Vec<Vec<u64>> = batch.masks[op]
-            .iter()
-            .map(|m| m[offset..end].to_vec())
-            .collect();
-        let views: Vec<&[u64]> = cols.iter().map(|c| &c[..]).collect();
-        let ciphertexts = self
-            .key
-            .encrypt(&views, end - offset)
-            .map_err(|e| he_err(op as OpId, e))?;
+        let end = (offset + CIPHERTEXTS_PER_MESSAGE).min(batch.packing[op].input_ciphertexts());
+        let ciphertexts = match batch.packing[op] {
+            Packing::PerCoefficient { .. } => {
+                let cols: Vec<Vec<u64>> = batch.masks[op]
+                    .iter()
+                    .map(|m| m[offset..end].to_vec())
+                    .collect();
+                let views: Vec<&[u64]> = cols.iter().map(|c| &c[..]).collect();
+                self.key.encrypt(&views, end - offset)
+            }
+            Packing::Blocks(shape) => {
+                let views: Vec<&[u64]> = batch.masks[op].iter().map(|m| &m[..]).collect();
+                self.key.encrypt_blocks(&shape, &views, offset..end)
+            }
+        }
+        .map_err(|e| he_err(op as OpId, e))?;
         batch.cursor = (op, end);
         Ok(Some(MaskRequest {
             first_id: first,
@@ -242,10 +261,9 @@ impl Preprocessor {
     pub fn accept(&mut self, reply: ProductReply) -> Result<Vec<ClientMaterial>, ProtocolError> {
         let op = reply.op;
         let first = reply.first_id;
-        let spec = self
-            .layers
-            .get(op as usize)
-            .ok_or(ProtocolError::UnknownOp(op))?;
+        if op as usize >= self.layers.len() {
+            return Err(ProtocolError::UnknownOp(op));
+        }
         let batch = self
             .batches
             .get_mut(&first)
@@ -263,33 +281,52 @@ impl Preprocessor {
                 ),
             });
         }
-        let out_len = spec.output_len();
+        let packing = batch.packing[op as usize];
+        let replies = packing.output_ciphertexts();
         for &o in &reply.outputs {
             let o = o as usize;
-            if o >= out_len || batch.received[op as usize][o] {
+            if o >= replies || batch.received[op as usize][o] {
                 return Err(ProtocolError::Unexpected {
                     op,
-                    problem: format!("output {o} is out of range or arrived twice"),
+                    problem: format!("reply ciphertext {o} is out of range or arrived twice"),
                 });
             }
         }
-        let c = self
-            .key
-            .decrypt(&reply.ciphertexts, batch.count, reply.ciphertexts.len())
-            .map_err(|e| he_err(op, e))?;
-        for (&o, col) in reply.outputs.iter().zip(&c) {
-            let o = o as usize;
-            batch.received[op as usize][o] = true;
-            for (row, &v) in batch.products[op as usize].iter_mut().zip(col) {
-                row[o] = v;
+        let products = &mut batch.products[op as usize];
+        match packing {
+            Packing::PerCoefficient { .. } => {
+                let c = self
+                    .key
+                    .decrypt(&reply.ciphertexts, batch.count, reply.ciphertexts.len())
+                    .map_err(|e| he_err(op, e))?;
+                for (&o, col) in reply.outputs.iter().zip(&c) {
+                    for (row, &v) in products.iter_mut().zip(col) {
+                        row[o as usize] = v;
+                    }
+                }
             }
+            Packing::Blocks(shape) => {
+                let indices: Vec<usize> = reply.outputs.iter().map(|&k| k as usize).collect();
+                let decrypted = self
+                    .key
+                    .decrypt_blocks(&shape, &indices, &reply.ciphertexts)
+                    .map_err(|e| he_err(op, e))?;
+                for (&k, values) in reply.outputs.iter().zip(decrypted) {
+                    for (kept, v) in shape.kept(k as usize).into_iter().zip(values) {
+                        products[kept.inference][kept.output] = v;
+                    }
+                }
+            }
+        }
+        for &o in &reply.outputs {
+            batch.received[op as usize][o as usize] = true;
         }
         batch.done[op as usize] += reply.outputs.len();
         let complete = batch
             .done
             .iter()
-            .zip(&self.layers)
-            .all(|(&d, s)| d == s.output_len());
+            .zip(&batch.packing)
+            .all(|(&d, p)| d == p.output_ciphertexts());
         if !complete {
             return Ok(Vec::new());
         }
@@ -324,6 +361,17 @@ impl Preprocessor {
     pub fn abandon(&mut self, first: PreprocessingId) {
         self.batches.remove(&first);
     }
+}
+
+/// How a batch of `count` inferences of op `spec` is laid out in
+/// ciphertexts; both parties call this with the same public numbers.
+pub fn packing_for(
+    params: &HeParams,
+    spec: &LayerSpec,
+    count: usize,
+) -> Result<Packing, ProtocolError> {
+    Packing::choose(params, spec.input_len(), spec.output_len(), count)
+        .map_err(|e| he_err(spec.op_id, e))
 }
 
 /// The HE parameters for a model: one ring for all ops.

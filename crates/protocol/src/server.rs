@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use secinfer_he::{LinearForm, ServerKey};
+use secinfer_he::{LinearForm, Packing, ServerKey};
 use secinfer_model::{LayerSpec, Program};
 use secinfer_ot::{OtEngine, OtMessage, Role};
 use secinfer_ring::RingTensor;
@@ -13,7 +13,8 @@ use crate::ProtocolError;
 use crate::messages::ServerMaterial;
 use crate::messages::{MaskedInput, MaskedOutput, OpId, PreprocessingId, WireTensor};
 use crate::offline::{
-    CIPHERTEXTS_PER_MESSAGE, MaskRequest, OfflineHello, ProductReply, he_err, params_for,
+    CIPHERTEXTS_PER_MESSAGE, MaskRequest, OfflineHello, ProductReply, he_err, packing_for,
+    params_for,
 };
 use crate::private::{LinearEval, LinearSide, PrivateMessage, PrivateRun, program_cost};
 use crate::store::SingleUseStore;
@@ -41,6 +42,9 @@ pub trait MaskedLinear: Send + Sync {
 /// A batch being preprocessed on the server.
 struct ServerBatch {
     count: usize,
+    /// per op: how the batch is laid out in ciphertexts (both sides choose
+    /// it the same way from the op's shape and `count`)
+    packing: Vec<Packing>,
     /// per op: the client's ciphertexts received so far
     inputs: Vec<Vec<Option<Vec<u8>>>>,
     /// per op: ciphertexts received
@@ -74,6 +78,7 @@ pub struct OfflineJob {
     first: PreprocessingId,
     op: OpId,
     count: usize,
+    packing: Packing,
     inputs: Vec<Vec<u8>>,
     key: ServerKey,
 }
@@ -102,6 +107,7 @@ impl OfflineJob {
             first,
             op,
             count,
+            packing,
             inputs,
             key,
         } = self;
@@ -111,19 +117,18 @@ impl OfflineJob {
             .map_err(|problem| ProtocolError::Evaluation { op, problem })?;
         let mut masks = vec![vec![0u64; spec.output_len()]; count];
         let mut emit_err = None;
-        secinfer_he::evaluate(&key, form, inputs, count, &mut |part| {
-            for (k, &o) in part.outputs.iter().enumerate() {
-                for (b, row) in masks.iter_mut().enumerate() {
-                    row[o] = part.masks[b][k];
-                }
-            }
-            let mut cts = part.ciphertexts.into_iter();
-            for outs in part.outputs.chunks(CIPHERTEXTS_PER_MESSAGE) {
+        // sends replies `(index, ciphertext)` in messages of at most
+        // CIPHERTEXTS_PER_MESSAGE, remembering a send error
+        let mut send = |replies: Vec<(usize, Vec<u8>)>| -> Result<(), secinfer_he::HeError> {
+            let mut it = replies.into_iter().peekable();
+            while it.peek().is_some() {
+                let chunk: Vec<(usize, Vec<u8>)> =
+                    it.by_ref().take(CIPHERTEXTS_PER_MESSAGE).collect();
                 let reply = ProductReply {
                     first_id: first,
                     op,
-                    outputs: outs.iter().map(|&o| o as u32).collect(),
-                    ciphertexts: cts.by_ref().take(outs.len()).collect(),
+                    outputs: chunk.iter().map(|(o, _)| *o as u32).collect(),
+                    ciphertexts: chunk.into_iter().map(|(_, c)| c).collect(),
                 };
                 if let Err(e) = emit(reply) {
                     emit_err = Some(e.clone());
@@ -133,8 +138,32 @@ impl OfflineJob {
                 }
             }
             Ok(())
-        })
-        .map_err(|e| emit_err.take().unwrap_or_else(|| he_err(op, e)))?;
+        };
+        let result = match packing {
+            Packing::PerCoefficient { .. } => {
+                secinfer_he::evaluate(&key, form, inputs, count, &mut |part| {
+                    for (k, &o) in part.outputs.iter().enumerate() {
+                        for (b, row) in masks.iter_mut().enumerate() {
+                            row[o] = part.masks[b][k];
+                        }
+                    }
+                    send(part.outputs.into_iter().zip(part.ciphertexts).collect())
+                })
+            }
+            Packing::Blocks(shape) => {
+                secinfer_he::evaluate_blocks(&key, form, &shape, inputs, &mut |parts| {
+                    let mut replies = Vec::with_capacity(parts.len());
+                    for part in parts {
+                        for (kept, s) in shape.kept(part.index).into_iter().zip(part.masks) {
+                            masks[kept.inference][kept.output] = s;
+                        }
+                        replies.push((part.index, part.ciphertext));
+                    }
+                    send(replies)
+                })
+            }
+        };
+        result.map_err(|e| emit_err.take().unwrap_or_else(|| he_err(op, e)))?;
         Ok(OfflineProduct { first, op, masks })
     }
 }
@@ -308,7 +337,7 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             ProtocolError::Model("offline request before the client's key".into())
         })?;
         let layers = self.linear.layers();
-        let (spec, _) = crate::op_spec(layers, op)?;
+        crate::op_spec(layers, op)?;
         let count = req.count as usize;
         let max = key.params().degree();
         if count == 0 || count > max {
@@ -376,24 +405,30 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
                     first.0.max(other.0),
                 )));
             }
+            let packing = layers
+                .iter()
+                .map(|spec| packing_for(key.params(), spec, count))
+                .collect::<Result<_, _>>()?;
             self.batches.insert(
                 first,
                 ServerBatch {
                     count,
+                    packing,
                     inputs: layers.iter().map(|_| Vec::new()).collect(),
                     received: vec![0; layers.len()],
                     masks: vec![None; layers.len()],
                 },
             );
         }
-        let in_len = spec.input_len();
         if let Some((other, o)) = self.batches.iter().find_map(|(b, batch)| {
             batch
                 .received
                 .iter()
                 .enumerate()
                 .find(|&(o, &r)| {
-                    r > 0 && r < layers[o].input_len() && (*b, o) != (first, op as usize)
+                    r > 0
+                        && r < batch.packing[o].input_ciphertexts()
+                        && (*b, o) != (first, op as usize)
                 })
                 .map(|(o, _)| (*b, o))
         }) {
@@ -417,6 +452,8 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
                 ),
             });
         }
+        let packing = batch.packing[op as usize];
+        let in_len = packing.input_ciphertexts();
         if batch.received[op as usize] >= in_len {
             return Err(ProtocolError::Unexpected {
                 op,
@@ -435,7 +472,7 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             return Err(ProtocolError::Shape {
                 op,
                 problem: format!(
-                    "ciphertexts {offset}..+{} exceed the op's {in_len} inputs",
+                    "ciphertexts {offset}..+{} exceed the op's {in_len} input ciphertexts",
                     req.ciphertexts.len()
                 ),
             });
@@ -461,6 +498,7 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             first,
             op,
             count,
+            packing,
             inputs,
             key,
         }))

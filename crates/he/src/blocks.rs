@@ -1,0 +1,262 @@
+//! The server's side of the block packing ([`crate::Packing::Blocks`]):
+//! `Enc(r)` in blocks → `Enc(W·r − s)` by polynomial products, one reply per
+//! output block and inference group, only its output coefficients of `c0`
+//! sent.
+//!
+//! The layer's dense matrix is read off its own [`LinearForm`] (applied to
+//! unit vectors), so every form gets this packing without knowing its shape
+//! (bounded by [`crate::packing::MAX_DENSE_WEIGHTS`]). For output block `f`
+//! and group `h` the server computes `Σ_g P_fg · ct(g, h)` in the NTT domain
+//! (weights as centred residues: no lifting to `[0, t)`), then masks,
+//! re-randomises, floods and switches down as for the per-coefficient replies
+//! ([`crate::server`]), with `s` on exactly the kept coefficients.
+
+use fhe_math::rq::traits::TryConvertFrom;
+use fhe_math::rq::{Poly, Representation};
+use fhe_math::zq::Modulus;
+use ndarray::Array2;
+use rand_chacha09::ChaCha20Rng;
+use rand_chacha09::rand_core::{RngCore, SeedableRng};
+use rayon::prelude::*;
+
+use crate::encoding::ScaledEncoder;
+use crate::packing::{BlockShape, MAX_DENSE_WEIGHTS};
+use crate::server::{Privacy, finish};
+use crate::{HeError, LinearForm, ServerKey, lib_err, wire};
+
+/// One reply of the block packing, and the server's masks for it.
+#[derive(Debug)]
+pub struct BlockPart {
+    /// reply number (`h·F + f`)
+    pub index: usize,
+    /// serialised reply
+    pub ciphertext: Vec<u8>,
+    /// `s`, one per kept coefficient, in [`BlockShape::kept`] order
+    pub masks: Vec<u64>,
+}
+
+/// Replies finished per call of `emit` (bounds the server's memory).
+const REPLIES_PER_PART: usize = 64;
+
+/// `Enc(W·r − s)` for a batch laid out as `shape`, from the client's input
+/// ciphertexts (`shape.input_ciphertexts()` of them), handed to `emit` a few
+/// replies at a time. `s` is drawn uniformly over `Z_2^k` from a CSPRNG for
+/// every kept coefficient.
+pub fn evaluate_blocks(
+    key: &ServerKey,
+    form: &dyn LinearForm,
+    shape: &BlockShape,
+    ciphertexts: Vec<Vec<u8>>,
+    emit: &mut dyn FnMut(Vec<BlockPart>) -> Result<(), HeError>,
+) -> Result<(), HeError> {
+    evaluate_blocks_with(key, form, shape, ciphertexts, Privacy::Full, emit)
+}
+
+pub(crate) fn evaluate_blocks_with(
+    key: &ServerKey,
+    form: &dyn LinearForm,
+    shape: &BlockShape,
+    ciphertexts: Vec<Vec<u8>>,
+    privacy: Privacy,
+    emit: &mut dyn FnMut(Vec<BlockPart>) -> Result<(), HeError>,
+) -> Result<(), HeError> {
+    let params = key.params();
+    let n = params.degree();
+    check_shape(shape, form, n)?;
+    if ciphertexts.len() != shape.input_ciphertexts() {
+        return Err(HeError::Shape(format!(
+            "{} ciphertexts for a layout of {}",
+            ciphertexts.len(),
+            shape.input_ciphertexts()
+        )));
+    }
+    let plan = params.flood_plan(shape.fan_in_bound())?;
+    let weights = dense_matrix(form)?;
+    let par = params.bfv();
+    let ctx = par.context_at_level(0).map_err(lib_err)?.clone();
+    let moduli: Vec<Modulus> = ctx
+        .moduli()
+        .iter()
+        .map(|&q| Modulus::new(q).map_err(lib_err))
+        .collect::<Result<_, _>>()?;
+    // [b, a] of every input ciphertext, both in NTT form
+    let inputs: Vec<[Poly; 2]> = ciphertexts
+        .into_par_iter()
+        .map(|bytes| {
+            let ct = wire::decode_ciphertext("mask ciphertext", &bytes, par)?;
+            let (Some(seed), 1, 0) = (ct.seed, ct.polys.len(), ct.level) else {
+                return Err(HeError::Malformed {
+                    what: "mask ciphertext",
+                    problem: format!(
+                        "{} polynomials{} at level {}, expected one and a seed at level 0",
+                        ct.polys.len(),
+                        if ct.seed.is_some() { " and a seed" } else { "" },
+                        ct.level
+                    ),
+                });
+            };
+            let a = Poly::random_from_seed(&ctx, Representation::Ntt, seed);
+            let [b] = <[Array2<u64>; 1]>::try_from(ct.polys)
+                .map_err(|_| lib_err("one polynomial was checked"))?;
+            let mut b = Poly::try_convert_from(b, &ctx, false, Representation::PowerBasis)
+                .map_err(lib_err)?;
+            b.change_representation(Representation::Ntt);
+            Ok([b, a])
+        })
+        .collect::<Result<_, _>>()?;
+    let encoder = ScaledEncoder::new(&ctx, n, params.ring_bits())?;
+    let t_mask = (1u64 << params.ring_bits()) - 1;
+    let (blocks_in, blocks_out) = (shape.input_blocks(), shape.output_blocks());
+    let replies: Vec<usize> = (0..shape.output_ciphertexts()).collect();
+    for chunk in replies.chunks(REPLIES_PER_PART) {
+        let parts = chunk
+            .par_iter()
+            .map_init(ChaCha20Rng::from_os_rng, |rng, &k| {
+                let (h, f) = (k / blocks_out, k % blocks_out);
+                let mut acc: Option<[Poly; 2]> = None;
+                for g in 0..blocks_in {
+                    let p = weight_poly(shape, &weights, f, g, &ctx, &moduli, n)?;
+                    let [b, a] = &inputs[h * blocks_in + g];
+                    let mut pb = p.clone();
+                    pb *= b;
+                    let mut pa = p;
+                    pa *= a;
+                    match &mut acc {
+                        None => acc = Some([pb, pa]),
+                        Some([c0, c1]) => {
+                            *c0 += &pb;
+                            *c1 += &pa;
+                        }
+                    }
+                }
+                let [mut c0, c1] = acc.ok_or_else(|| lib_err("a layer with no input block"))?;
+                c0.change_representation(Representation::PowerBasis);
+                let kept = shape.kept(k);
+                let mut s_full = vec![0u64; n];
+                let mut masks = Vec::with_capacity(kept.len());
+                for kp in &kept {
+                    let s = rng.next_u64() & t_mask;
+                    s_full[kp.coefficient] = s;
+                    masks.push(s);
+                }
+                let positions: Vec<usize> = kept.iter().map(|kp| kp.coefficient).collect();
+                let ciphertext = finish(
+                    key,
+                    &encoder,
+                    c0,
+                    c1,
+                    &s_full,
+                    &plan,
+                    privacy,
+                    true,
+                    Some(&positions),
+                    rng,
+                )?;
+                Ok(BlockPart {
+                    index: k,
+                    ciphertext,
+                    masks,
+                })
+            })
+            .collect::<Result<Vec<_>, HeError>>()?;
+        emit(parts)?;
+    }
+    Ok(())
+}
+
+/// A layout must fit the degree and the layer.
+pub(crate) fn check_shape(
+    shape: &BlockShape,
+    form: &dyn LinearForm,
+    degree: usize,
+) -> Result<(), HeError> {
+    let fits = shape
+        .in_block
+        .checked_mul(shape.out_block)
+        .and_then(|v| v.checked_mul(shape.width))
+        .is_some_and(|v| v <= degree);
+    if shape.input_len != form.input_len()
+        || shape.output_len != form.output_len()
+        || shape.count == 0
+        || shape.count > degree
+        || shape.width == 0
+        || shape.in_block == 0
+        || shape.out_block == 0
+        || !fits
+    {
+        return Err(HeError::Shape(format!(
+            "block layout {shape:?} does not fit a {} -> {} layer at degree {degree}",
+            form.input_len(),
+            form.output_len()
+        )));
+    }
+    Ok(())
+}
+
+/// `W` as centred integers, row-major `[output_len, input_len]`, read off the
+/// form by applying it to unit vectors (in chunks of rows).
+fn dense_matrix(form: &dyn LinearForm) -> Result<Vec<i64>, HeError> {
+    let (n_i, n_o) = (form.input_len(), form.output_len());
+    if n_i.saturating_mul(n_o) > MAX_DENSE_WEIGHTS {
+        return Err(HeError::Shape(format!(
+            "a {n_i} -> {n_o} layer has more than {MAX_DENSE_WEIGHTS} weights in dense form"
+        )));
+    }
+    let outputs = form.outputs(0..form.blocks());
+    if outputs.len() != n_o || outputs.iter().any(|&o| o >= n_o) {
+        return Err(HeError::Linear(format!(
+            "the layer's blocks compute {} outputs, expected {n_o}",
+            outputs.len()
+        )));
+    }
+    let mut w = vec![0i64; n_o * n_i];
+    const ROWS: usize = 256;
+    for j0 in (0..n_i).step_by(ROWS) {
+        let rows = ROWS.min(n_i - j0);
+        let mut x = vec![0f64; rows * n_i];
+        for r in 0..rows {
+            x[r * n_i + j0 + r] = 1.0;
+        }
+        let y = form
+            .apply_blocks(0..form.blocks(), &x, rows)
+            .map_err(HeError::Linear)?;
+        if y.len() != rows * n_o {
+            return Err(HeError::Linear(format!(
+                "the layer returned {} values for {rows} unit vectors, expected {}",
+                y.len(),
+                rows * n_o
+            )));
+        }
+        for r in 0..rows {
+            for (k, &o) in outputs.iter().enumerate() {
+                w[o * n_i + j0 + r] = y[r * n_o + k] as i64;
+            }
+        }
+    }
+    Ok(w)
+}
+
+/// `P_fg` in NTT form: `W[o][j]` (centred) at its coefficient, per prime.
+fn weight_poly(
+    shape: &BlockShape,
+    weights: &[i64],
+    f: usize,
+    g: usize,
+    ctx: &std::sync::Arc<fhe_math::rq::Context>,
+    moduli: &[Modulus],
+    degree: usize,
+) -> Result<Poly, HeError> {
+    let n_i = shape.input_len;
+    let mut a = Array2::<u64>::zeros((moduli.len(), degree));
+    for (pos, o, j) in shape.weight_positions(f, g) {
+        let v = weights[o * n_i + j];
+        for (l, m) in moduli.iter().enumerate() {
+            let r = m.reduce(v.unsigned_abs());
+            a[[l, pos]] = if v < 0 { m.neg(r) } else { r };
+        }
+    }
+    let mut p =
+        Poly::try_convert_from(a, ctx, false, Representation::PowerBasis).map_err(lib_err)?;
+    p.change_representation(Representation::Ntt);
+    Ok(p)
+}

@@ -1,0 +1,364 @@
+//! Where each value of a batch sits in the ciphertexts, and which layout a
+//! batch of one op takes.
+//!
+//! Two layouts (docs/offline.md, "Packing"):
+//!
+//! - [`Packing::PerCoefficient`]: ciphertext `j` holds input feature `j` of
+//!   every inference, one inference per coefficient; reply `o` holds output
+//!   `o`. A batch costs the same for 1 or `N` inferences.
+//! - [`Packing::Blocks`]: the layer's dense matrix applied by polynomial
+//!   products (Cheetah's matrix–vector encoding, with each position widened
+//!   to `width` inferences). Input ciphertext `(g, h)` holds input block `g`
+//!   of inference group `h`; reply `(f, h)` holds output block `f` of group
+//!   `h` at known coefficients, and only those travel.
+//!
+//! Both parties call [`Packing::choose`] with the same public numbers (the
+//! op's shape, the batch size, the parameters), so the choice needs no
+//! message. The choice minimises bytes on the wire; see [`Packing::choose`].
+
+use crate::{HeError, HeParams};
+
+/// Ops with more weights than this in dense form keep the per-coefficient
+/// packing (the server would hold the dense matrix: 2^24 × 8 B = 128 MiB).
+pub const MAX_DENSE_WEIGHTS: usize = 1 << 24;
+
+/// How one op's batch is laid out in ciphertexts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Packing {
+    /// one inference per coefficient; ciphertext `j` is input feature `j`
+    PerCoefficient {
+        /// inputs per inference
+        input_len: usize,
+        /// outputs per inference
+        output_len: usize,
+        /// inferences in the batch
+        count: usize,
+    },
+    /// polynomial products over the dense matrix
+    Blocks(BlockShape),
+}
+
+/// A block layout: `in_block · out_block · width ≤ N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockShape {
+    /// inputs per inference (`n_i`)
+    pub input_len: usize,
+    /// outputs per inference (`n_o`)
+    pub output_len: usize,
+    /// inferences in the batch (`B`)
+    pub count: usize,
+    /// inferences per group, side by side in consecutive coefficients (`w`)
+    pub width: usize,
+    /// inputs per block (`n_i'`)
+    pub in_block: usize,
+    /// outputs per block (`n_o'`)
+    pub out_block: usize,
+}
+
+impl BlockShape {
+    /// Input blocks `G`.
+    pub fn input_blocks(&self) -> usize {
+        self.input_len.div_ceil(self.in_block)
+    }
+    /// Output blocks `F`.
+    pub fn output_blocks(&self) -> usize {
+        self.output_len.div_ceil(self.out_block)
+    }
+    /// Inference groups `H`.
+    pub fn groups(&self) -> usize {
+        self.count.div_ceil(self.width)
+    }
+    /// Input ciphertexts: number `h·G + g` is input block `g` of group `h`.
+    pub fn input_ciphertexts(&self) -> usize {
+        self.input_blocks() * self.groups()
+    }
+    /// Reply ciphertexts: number `h·F + f` is output block `f` of group `h`.
+    pub fn output_ciphertexts(&self) -> usize {
+        self.output_blocks() * self.groups()
+    }
+    /// Public bound on the non-zero weight coefficients that reach one output
+    /// coefficient, summed over input blocks: it sizes the noise flood.
+    pub fn fan_in_bound(&self) -> usize {
+        self.input_len * self.out_block
+    }
+
+    fn group_len(&self, h: usize) -> usize {
+        self.width.min(self.count - h * self.width)
+    }
+
+    /// The plaintext of input ciphertext `k` (`N` coefficients): feature
+    /// `g·n_i' + j` of inference `h·w + b` at coefficient `j·w + b`; `masks`
+    /// holds `count` rows of `input_len`.
+    pub fn input_plaintext(
+        &self,
+        k: usize,
+        masks: &[&[u64]],
+        degree: usize,
+    ) -> Result<Vec<u64>, HeError> {
+        let (h, g) = (k / self.input_blocks(), k % self.input_blocks());
+        if h >= self.groups() {
+            return Err(HeError::Shape(format!(
+                "input ciphertext {k} of {}",
+                self.input_ciphertexts()
+            )));
+        }
+        if masks.len() != self.count {
+            return Err(HeError::Shape(format!(
+                "{} masks for a batch of {}",
+                masks.len(),
+                self.count
+            )));
+        }
+        let mut m = vec![0u64; degree];
+        let j0 = g * self.in_block;
+        let j1 = (j0 + self.in_block).min(self.input_len);
+        for b in 0..self.group_len(h) {
+            let row = masks[h * self.width + b];
+            if row.len() != self.input_len {
+                return Err(HeError::Shape(format!(
+                    "a mask of {} elements for a layer of {} inputs",
+                    row.len(),
+                    self.input_len
+                )));
+            }
+            for j in j0..j1 {
+                m[(j - j0) * self.width + b] = row[j];
+            }
+        }
+        Ok(m)
+    }
+
+    /// The coefficients of reply `k` that carry outputs, in the order they
+    /// travel, each with its (output feature, inference).
+    pub fn kept(&self, k: usize) -> Vec<Kept> {
+        let (h, f) = (k / self.output_blocks(), k % self.output_blocks());
+        if h >= self.groups() {
+            return Vec::new();
+        }
+        let o0 = f * self.out_block;
+        let o1 = (o0 + self.out_block).min(self.output_len);
+        let mut out = Vec::with_capacity((o1 - o0) * self.group_len(h));
+        for o in o0..o1 {
+            for b in 0..self.group_len(h) {
+                out.push(Kept {
+                    coefficient: ((o - o0) * self.in_block + self.in_block - 1) * self.width + b,
+                    output: o,
+                    inference: h * self.width + b,
+                });
+            }
+        }
+        out
+    }
+
+    /// The weight polynomial `P_fg`'s non-zero positions: `(coefficient,
+    /// output, input)`, holding `W[output][input]`.
+    pub fn weight_positions(&self, f: usize, g: usize) -> Vec<(usize, usize, usize)> {
+        let o0 = f * self.out_block;
+        let o1 = (o0 + self.out_block).min(self.output_len);
+        let j0 = g * self.in_block;
+        let j1 = (j0 + self.in_block).min(self.input_len);
+        let mut out = Vec::with_capacity((o1 - o0) * (j1 - j0));
+        for o in o0..o1 {
+            for j in j0..j1 {
+                let pos = (o - o0) * self.in_block + self.in_block - 1 - (j - j0);
+                out.push((pos * self.width, o, j));
+            }
+        }
+        out
+    }
+}
+
+/// One output-carrying coefficient of a reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Kept {
+    /// its coefficient in the reply
+    pub coefficient: usize,
+    /// the output feature
+    pub output: usize,
+    /// the inference within the batch
+    pub inference: usize,
+}
+
+/// The cost model's constants: seconds (or nanoseconds) on the reference
+/// machine, 2 cores, measured with `cargo bench -p secinfer-benches --bench
+/// he` (docs/offline.md).
+mod cost {
+    /// a 1 Gbit/s link
+    pub const NS_PER_BYTE: f64 = 8.0;
+    /// per-coefficient products: one weight × one residue limb (2 components
+    /// × 3 primes × 2 limbs = 12 per weight and coefficient), exact `f64`
+    pub const NS_PER_RESIDUE_MAC: f64 = 12.0 * 0.14;
+    /// decoding one input ciphertext (and its NTT or transpose)
+    pub const S_PER_INPUT: f64 = 0.05e-3;
+    /// re-randomising, flooding, switching down and serialising one reply
+    pub const S_PER_REPLY: f64 = 1.0e-3;
+    /// one weight polynomial built (NTT) and multiplied into both components
+    pub const S_PER_BLOCK_PRODUCT: f64 = 0.1e-3;
+}
+
+/// Wire sizes the cost model uses, from the parameters.
+#[derive(Clone, Copy, Debug)]
+struct Sizes {
+    /// a seeded mask ciphertext at full level
+    up: usize,
+    /// a reply of both components at the first prime
+    down_full: usize,
+    /// the `c1` of a reply at the first prime
+    down_c1: usize,
+}
+
+impl Sizes {
+    fn of(params: &HeParams) -> Sizes {
+        let n = params.degree();
+        let bits = |q: u64| (64 - (q - 1).leading_zeros()) as usize;
+        let moduli = params.bfv().moduli();
+        let all: usize = moduli.iter().map(|&q| bits(q) * n / 8).sum();
+        let first = bits(moduli[0]) * n / 8;
+        Sizes {
+            up: all + 48,
+            down_full: 2 * first + 40,
+            down_c1: first + 24,
+        }
+    }
+}
+
+impl Packing {
+    /// Input ciphertexts the client sends for the op.
+    pub fn input_ciphertexts(&self) -> usize {
+        match self {
+            Packing::PerCoefficient { input_len, .. } => *input_len,
+            Packing::Blocks(s) => s.input_ciphertexts(),
+        }
+    }
+
+    /// Reply ciphertexts the server sends back.
+    pub fn output_ciphertexts(&self) -> usize {
+        match self {
+            Packing::PerCoefficient { output_len, .. } => *output_len,
+            Packing::Blocks(s) => s.output_ciphertexts(),
+        }
+    }
+
+    /// Estimated bytes on the wire for the op's batch, both ways.
+    pub fn wire_bytes(&self, params: &HeParams) -> usize {
+        let z = Sizes::of(params);
+        match self {
+            Packing::PerCoefficient {
+                input_len,
+                output_len,
+                ..
+            } => input_len * z.up + output_len * z.down_full,
+            Packing::Blocks(s) => {
+                s.input_ciphertexts() * z.up
+                    + s.output_ciphertexts() * z.down_c1
+                    + 8 * s.output_len * s.count
+            }
+        }
+    }
+
+    /// Estimated seconds for the op's batch on the reference machine (2
+    /// cores, 1 Gbit/s): wire bytes plus the server's work (docs/offline.md,
+    /// "Choice", has the constants and the measurements behind them).
+    pub fn estimated_seconds(&self, params: &HeParams) -> f64 {
+        let wire = self.wire_bytes(params) as f64 * cost::NS_PER_BYTE * 1e-9;
+        let n = params.degree() as f64;
+        let work = match self {
+            Packing::PerCoefficient {
+                input_len,
+                output_len,
+                ..
+            } => {
+                let (i, o) = (*input_len as f64, *output_len as f64);
+                i * o * n * cost::NS_PER_RESIDUE_MAC * 1e-9
+                    + i * cost::S_PER_INPUT
+                    + o * cost::S_PER_REPLY
+            }
+            Packing::Blocks(s) => {
+                let (g, f, h) = (
+                    s.input_blocks() as f64,
+                    s.output_blocks() as f64,
+                    s.groups() as f64,
+                );
+                g * f * h * cost::S_PER_BLOCK_PRODUCT
+                    + g * h * cost::S_PER_INPUT
+                    + f * h * cost::S_PER_REPLY
+            }
+        };
+        wire + work
+    }
+
+    /// The layout for a batch of `count` inferences of an op with these
+    /// dimensions: the one with the least [`Packing::estimated_seconds`],
+    /// among the per-coefficient packing and every block shape (`width` a
+    /// power of two below `count`, or `count`; every `in_block`; `out_block`
+    /// as large as the degree and the noise flood allow). Ops whose dense
+    /// matrix exceeds [`MAX_DENSE_WEIGHTS`] always take the per-coefficient
+    /// packing.
+    pub fn choose(
+        params: &HeParams,
+        input_len: usize,
+        output_len: usize,
+        count: usize,
+    ) -> Result<Packing, HeError> {
+        let n = params.degree();
+        if count == 0 || count > n || input_len == 0 || output_len == 0 {
+            return Err(HeError::Shape(format!(
+                "a batch of {count} inferences of a {input_len} -> {output_len} op"
+            )));
+        }
+        let per = Packing::PerCoefficient {
+            input_len,
+            output_len,
+            count,
+        };
+        if input_len.saturating_mul(output_len) > MAX_DENSE_WEIGHTS {
+            return Ok(per);
+        }
+        let max_fan_in = max_flood_fan_in(params);
+        let mut best: Option<(f64, BlockShape)> = None;
+        let widths = (0..=n.trailing_zeros())
+            .map(|e| 1usize << e)
+            .filter(|&w| w < count)
+            .chain(std::iter::once(count));
+        for width in widths {
+            let room = n / width;
+            for in_block in 1..=room.min(input_len) {
+                let flood_cap = max_fan_in / input_len;
+                let out_block = (room / in_block).min(output_len).min(flood_cap);
+                if out_block == 0 {
+                    continue;
+                }
+                let shape = BlockShape {
+                    input_len,
+                    output_len,
+                    count,
+                    width,
+                    in_block,
+                    out_block,
+                };
+                let cost = Packing::Blocks(shape).estimated_seconds(params);
+                if best.is_none_or(|(b, _)| cost < b) {
+                    best = Some((cost, shape));
+                }
+            }
+        }
+        Ok(match best {
+            Some((cost, shape)) if cost < per.estimated_seconds(params) => Packing::Blocks(shape),
+            _ => per,
+        })
+    }
+}
+
+/// The largest fan-in whose noise the parameters can flood (0 if none).
+pub fn max_flood_fan_in(params: &HeParams) -> usize {
+    let (mut lo, mut hi) = (0usize, 1usize << 40);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if params.flood_plan(mid).is_ok() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
