@@ -12,9 +12,10 @@ use ndarray::{ArrayD, IxDyn};
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use secinfer_he::{
-    BlockShape, ClientKey, FirstBlocks, HeParams, Packing, ServerKey, evaluate, evaluate_blocks,
+    BlockShape, ClientKey, FirstBlocks, HeParams, Packing, ServerKey, evaluate, evaluate_packed,
 };
 use secinfer_protocol::MaskedLinear;
+use secinfer_protocol::offline::packing_for;
 use secinfer_tract_ext::ServerModel;
 
 mod common;
@@ -91,9 +92,10 @@ fn check_model(name: &str) {
     }
 }
 
-/// The block packing on every layer that takes it for small batches: a batch
-/// of 1, of 2, and one that leaves its last group partial, each decrypting
-/// exactly to `W·r − s` at every output.
+/// The packings by polynomial products on every layer that takes one for
+/// small batches: a batch of 1, of 2, and of 7 (for dense layers also in
+/// groups of 4, the last partial), each decrypting exactly to `W·r − s` at
+/// every output.
 fn check_blocks(name: &str) -> usize {
     let bytes = std::fs::read(common::model(name)).unwrap();
     let converted = common::convert_bytes(&bytes);
@@ -109,23 +111,22 @@ fn check_blocks(name: &str) -> usize {
         let ring = spec.ring().unwrap();
         let form = server.he_form(op).unwrap();
         for count in [1usize, 2, 7] {
-            let chosen =
-                Packing::choose(&params, spec.input_len(), spec.output_len(), count).unwrap();
-            // the chosen layout, and for 7 one with groups of 4 (3 in the last)
-            let shapes: Vec<BlockShape> = match chosen {
+            let chosen = packing_for(&params, spec, count).unwrap();
+            let packings: Vec<Packing> = match chosen {
                 Packing::Blocks(s) if count == 7 => vec![
-                    s,
-                    BlockShape {
+                    chosen,
+                    Packing::Blocks(BlockShape {
                         width: 4,
                         in_block: s.in_block.min(params.degree() / 4),
                         out_block: 1,
                         ..s
-                    },
+                    }),
                 ],
-                Packing::Blocks(s) => vec![s],
                 Packing::PerCoefficient { .. } => continue,
+                _ => vec![chosen],
             };
-            for shape in shapes {
+            for packing in packings {
+                let shape = packing.layout().unwrap();
                 let r: Vec<Vec<u64>> = (0..count)
                     .map(|_| {
                         (0..spec.input_len())
@@ -135,7 +136,7 @@ fn check_blocks(name: &str) -> usize {
                     .collect();
                 let views: Vec<&[u64]> = r.iter().map(|v| &v[..]).collect();
                 let cts = client
-                    .encrypt_blocks(&shape, &views, 0..shape.input_ciphertexts())
+                    .encrypt_blocks(shape, &views, 0..shape.input_ciphertexts())
                     .unwrap();
                 let stacked =
                     ArrayD::from_shape_vec(IxDyn(&spec.batch_input_shape(count)), r.concat())
@@ -143,23 +144,21 @@ fn check_blocks(name: &str) -> usize {
                 let zeros = ArrayD::zeros(IxDyn(&spec.batch_input_shape(count)));
                 let wrb = server.evaluate(op, stacked).unwrap();
                 let b = server.evaluate(op, zeros).unwrap();
+                let (wrb, b) = (wrb.as_slice().unwrap(), b.as_slice().unwrap());
                 let out_len = spec.output_len();
                 let mut checked = vec![false; count * out_len];
-                evaluate_blocks(&key, form, &shape, cts, &mut |parts| {
+                evaluate_packed(&key, form, &packing, cts, &mut |parts| {
                     for part in parts {
                         let c = client
-                            .decrypt_block(&shape, part.index, &part.ciphertext)
+                            .decrypt_block(shape, part.index, &part.ciphertext)
                             .unwrap();
                         for ((kept, c), s) in shape.kept(part.index).iter().zip(c).zip(part.masks) {
                             let at = kept.inference * out_len + kept.output;
-                            let wr = ring.reduce(
-                                wrb.as_slice().unwrap()[at]
-                                    .wrapping_sub(b.as_slice().unwrap()[kept.output]),
-                            );
+                            let wr = ring.reduce(wrb[at].wrapping_sub(b[kept.output]));
                             assert_eq!(
                                 ring.reduce(c.wrapping_add(s)),
                                 wr,
-                                "{name} op {op}, {shape:?}: output {} of inference {}",
+                                "{name} op {op}, {packing:?}: output {} of inference {}",
                                 kept.output,
                                 kept.inference
                             );
@@ -171,6 +170,10 @@ fn check_blocks(name: &str) -> usize {
                 })
                 .unwrap();
                 assert!(checked.iter().all(|&c| c), "{name} op {op}: every output");
+                println!(
+                    "{name} op {op}, batch {count}: {} exact",
+                    packing.describe()
+                );
                 layouts += 1;
             }
         }
@@ -200,8 +203,9 @@ fn breast_cancer_layers_decrypt_to_w_r_minus_s() {
 }
 
 #[test]
-fn mnist_cnn_dense_layers_in_blocks() {
-    // the fully connected layers take blocks; the convolutions, too big for a
-    // dense matrix, keep the per-coefficient packing for now
-    assert!(check_blocks("mnist_cnn.onnx") >= 2);
+fn cnn_layers_in_blocks_for_small_batches() {
+    // every layer, the convolutions included, takes a packing by polynomial
+    // products for batches of 1, 2 and 7
+    assert!(check_blocks("mnist_cnn.onnx") >= 4 * 3);
+    assert!(check_blocks("mnist_cnn_small.onnx") >= 4 * 3);
 }

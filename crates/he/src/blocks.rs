@@ -1,15 +1,17 @@
-//! The server's side of the block packing ([`crate::Packing::Blocks`]):
-//! `Enc(r)` in blocks → `Enc(W·r − s)` by polynomial products, one reply per
-//! output block and inference group, only its output coefficients of `c0`
-//! sent.
+//! The server's side of the packings by polynomial products
+//! ([`crate::Packing::Blocks`], [`crate::Packing::Conv`]): `Enc(r)` in blocks
+//! → `Enc(W·r − s)`, each reply a sum of (weight polynomial × input
+//! ciphertext) products named by its [`Layout`], only its output
+//! coefficients of `c0` sent.
 //!
-//! The layer's dense matrix is read off its own [`LinearForm`] (applied to
-//! unit vectors), so every form gets this packing without knowing its shape
-//! (bounded by [`crate::packing::MAX_DENSE_WEIGHTS`]). For output block `f`
-//! and group `h` the server computes `Σ_g P_fg · ct(g, h)` in the NTT domain
-//! (weights as centred residues: no lifting to `[0, t)`), then masks,
-//! re-randomises, floods and switches down as for the per-coefficient replies
-//! ([`crate::server`]), with `s` on exactly the kept coefficients.
+//! A dense layer's matrix is read off its own [`LinearForm`] (applied to
+//! unit vectors), so every form gets the dense packing without knowing its
+//! shape (bounded by [`crate::packing::MAX_DENSE_WEIGHTS`]); a 2-D
+//! convolution hands over its kernel ([`LinearForm::conv_weights`]). The
+//! products run in the NTT domain (weights as centred residues: no lifting
+//! to `[0, t)`), then each reply is masked, re-randomised, flooded and
+//! switched down as the per-coefficient replies are ([`crate::server`]),
+//! with `s` on exactly the kept coefficients.
 
 use fhe_math::rq::traits::TryConvertFrom;
 use fhe_math::rq::{Poly, Representation};
@@ -20,7 +22,7 @@ use rand_chacha09::rand_core::{RngCore, SeedableRng};
 use rayon::prelude::*;
 
 use crate::encoding::ScaledEncoder;
-use crate::packing::{BlockShape, MAX_DENSE_WEIGHTS};
+use crate::packing::{BlockShape, Layout, MAX_DENSE_WEIGHTS, Packing};
 use crate::server::{Privacy, finish};
 use crate::{HeError, LinearForm, ServerKey, lib_err, wire};
 
@@ -38,10 +40,25 @@ pub struct BlockPart {
 /// Replies finished per call of `emit` (bounds the server's memory).
 const REPLIES_PER_PART: usize = 64;
 
-/// `Enc(W·r − s)` for a batch laid out as `shape`, from the client's input
-/// ciphertexts (`shape.input_ciphertexts()` of them), handed to `emit` a few
+/// Weight polynomials kept in NTT form for the whole batch if they fit this
+/// many bytes (otherwise each is rebuilt where it is used).
+const WEIGHT_CACHE_BYTES: usize = 512 << 20;
+
+/// `Enc(W·r − s)` for a batch laid out as `packing` (a layout by polynomial
+/// products), from the client's input ciphertexts, handed to `emit` a few
 /// replies at a time. `s` is drawn uniformly over `Z_2^k` from a CSPRNG for
 /// every kept coefficient.
+pub fn evaluate_packed(
+    key: &ServerKey,
+    form: &dyn LinearForm,
+    packing: &Packing,
+    ciphertexts: Vec<Vec<u8>>,
+    emit: &mut dyn FnMut(Vec<BlockPart>) -> Result<(), HeError>,
+) -> Result<(), HeError> {
+    evaluate_packed_with(key, form, packing, ciphertexts, Privacy::Full, emit)
+}
+
+/// [`evaluate_packed`] for a dense block layout.
 pub fn evaluate_blocks(
     key: &ServerKey,
     form: &dyn LinearForm,
@@ -49,29 +66,70 @@ pub fn evaluate_blocks(
     ciphertexts: Vec<Vec<u8>>,
     emit: &mut dyn FnMut(Vec<BlockPart>) -> Result<(), HeError>,
 ) -> Result<(), HeError> {
-    evaluate_blocks_with(key, form, shape, ciphertexts, Privacy::Full, emit)
+    evaluate_packed(key, form, &Packing::Blocks(*shape), ciphertexts, emit)
 }
 
-pub(crate) fn evaluate_blocks_with(
+pub(crate) fn evaluate_packed_with(
     key: &ServerKey,
     form: &dyn LinearForm,
-    shape: &BlockShape,
+    packing: &Packing,
     ciphertexts: Vec<Vec<u8>>,
     privacy: Privacy,
     emit: &mut dyn FnMut(Vec<BlockPart>) -> Result<(), HeError>,
 ) -> Result<(), HeError> {
     let params = key.params();
     let n = params.degree();
-    check_shape(shape, form, n)?;
-    if ciphertexts.len() != shape.input_ciphertexts() {
+    let (layout, weights): (&dyn Layout, Vec<i64>) = match packing {
+        Packing::PerCoefficient { .. } => {
+            return Err(HeError::Shape(
+                "the per-coefficient packing is evaluated by `evaluate`".into(),
+            ));
+        }
+        Packing::Blocks(shape) => {
+            if shape.input_len != form.input_len() || shape.output_len != form.output_len() {
+                return Err(HeError::Shape(format!(
+                    "block layout {shape:?} does not fit a {} -> {} layer",
+                    form.input_len(),
+                    form.output_len()
+                )));
+            }
+            layout_check(shape, n)?;
+            (shape, dense_matrix(form)?)
+        }
+        Packing::Conv(shape) => {
+            if shape.dims.input_len() != form.input_len()
+                || shape.dims.output_len() != form.output_len()
+            {
+                return Err(HeError::Shape(format!(
+                    "convolution layout {shape:?} does not fit a {} -> {} layer",
+                    form.input_len(),
+                    form.output_len()
+                )));
+            }
+            layout_check(shape, n)?;
+            let w = form.conv_weights().ok_or_else(|| {
+                HeError::Shape(
+                    "a convolution layout for a layer that is not a 2-D convolution".into(),
+                )
+            })?;
+            (shape, w)
+        }
+    };
+    if weights.len() != layout.weights_len() {
+        return Err(HeError::Shape(format!(
+            "{} weights for a layout of {}",
+            weights.len(),
+            layout.weights_len()
+        )));
+    }
+    if ciphertexts.len() != layout.input_ciphertexts() {
         return Err(HeError::Shape(format!(
             "{} ciphertexts for a layout of {}",
             ciphertexts.len(),
-            shape.input_ciphertexts()
+            layout.input_ciphertexts()
         )));
     }
-    let plan = params.flood_plan(shape.fan_in_bound())?;
-    let weights = dense_matrix(form)?;
+    let plan = params.flood_plan(layout.fan_in_bound())?;
     let par = params.bfv();
     let ctx = par.context_at_level(0).map_err(lib_err)?.clone();
     let moduli: Vec<Modulus> = ctx
@@ -104,22 +162,43 @@ pub(crate) fn evaluate_blocks_with(
             Ok([b, a])
         })
         .collect::<Result<_, _>>()?;
+    let poly_bytes = moduli.len() * n * 8;
+    let cache: Option<Vec<Poly>> =
+        if layout.weight_polys().saturating_mul(poly_bytes) <= WEIGHT_CACHE_BYTES {
+            Some(
+                (0..layout.weight_polys())
+                    .into_par_iter()
+                    .map(|p| weight_poly(layout, &weights, p, &ctx, &moduli, n))
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        } else {
+            None
+        };
     let encoder = ScaledEncoder::new(&ctx, n, params.ring_bits())?;
     let t_mask = (1u64 << params.ring_bits()) - 1;
-    let (blocks_in, blocks_out) = (shape.input_blocks(), shape.output_blocks());
-    let replies: Vec<usize> = (0..shape.output_ciphertexts()).collect();
+    let replies: Vec<usize> = (0..layout.output_ciphertexts()).collect();
     for chunk in replies.chunks(REPLIES_PER_PART) {
         let parts = chunk
             .par_iter()
             .map_init(ChaCha20Rng::from_os_rng, |rng, &k| {
-                let (h, f) = (k / blocks_out, k % blocks_out);
                 let mut acc: Option<[Poly; 2]> = None;
-                for g in 0..blocks_in {
-                    let p = weight_poly(shape, &weights, f, g, &ctx, &moduli, n)?;
-                    let [b, a] = &inputs[h * blocks_in + g];
-                    let mut pb = p.clone();
+                for (input, p) in layout.terms(k) {
+                    let built;
+                    let w = match &cache {
+                        Some(c) => c
+                            .get(p)
+                            .ok_or_else(|| lib_err("a term names a missing weight polynomial"))?,
+                        None => {
+                            built = weight_poly(layout, &weights, p, &ctx, &moduli, n)?;
+                            &built
+                        }
+                    };
+                    let [b, a] = inputs
+                        .get(input)
+                        .ok_or_else(|| lib_err("a term names a missing input"))?;
+                    let mut pb = w.clone();
                     pb *= b;
-                    let mut pa = p;
+                    let mut pa = w.clone();
                     pa *= a;
                     match &mut acc {
                         None => acc = Some([pb, pa]),
@@ -129,9 +208,9 @@ pub(crate) fn evaluate_blocks_with(
                         }
                     }
                 }
-                let [mut c0, c1] = acc.ok_or_else(|| lib_err("a layer with no input block"))?;
+                let [mut c0, c1] = acc.ok_or_else(|| lib_err("a reply with no term"))?;
                 c0.change_representation(Representation::PowerBasis);
-                let kept = shape.kept(k);
+                let kept = layout.kept(k);
                 let mut s_full = vec![0u64; n];
                 let mut masks = Vec::with_capacity(kept.len());
                 for kp in &kept {
@@ -164,33 +243,8 @@ pub(crate) fn evaluate_blocks_with(
     Ok(())
 }
 
-/// A layout must fit the degree and the layer.
-pub(crate) fn check_shape(
-    shape: &BlockShape,
-    form: &dyn LinearForm,
-    degree: usize,
-) -> Result<(), HeError> {
-    let fits = shape
-        .in_block
-        .checked_mul(shape.out_block)
-        .and_then(|v| v.checked_mul(shape.width))
-        .is_some_and(|v| v <= degree);
-    if shape.input_len != form.input_len()
-        || shape.output_len != form.output_len()
-        || shape.count == 0
-        || shape.count > degree
-        || shape.width == 0
-        || shape.in_block == 0
-        || shape.out_block == 0
-        || !fits
-    {
-        return Err(HeError::Shape(format!(
-            "block layout {shape:?} does not fit a {} -> {} layer at degree {degree}",
-            form.input_len(),
-            form.output_len()
-        )));
-    }
-    Ok(())
+fn layout_check(layout: &dyn Layout, degree: usize) -> Result<(), HeError> {
+    layout.check(degree)
 }
 
 /// `W` as centred integers, row-major `[output_len, input_len]`, read off the
@@ -236,20 +290,24 @@ fn dense_matrix(form: &dyn LinearForm) -> Result<Vec<i64>, HeError> {
     Ok(w)
 }
 
-/// `P_fg` in NTT form: `W[o][j]` (centred) at its coefficient, per prime.
+/// Weight polynomial `p` in NTT form: each weight (centred) at its
+/// coefficient, per prime.
 fn weight_poly(
-    shape: &BlockShape,
+    layout: &dyn Layout,
     weights: &[i64],
-    f: usize,
-    g: usize,
+    p: usize,
     ctx: &std::sync::Arc<fhe_math::rq::Context>,
     moduli: &[Modulus],
     degree: usize,
 ) -> Result<Poly, HeError> {
-    let n_i = shape.input_len;
     let mut a = Array2::<u64>::zeros((moduli.len(), degree));
-    for (pos, o, j) in shape.weight_positions(f, g) {
-        let v = weights[o * n_i + j];
+    for (pos, w) in layout.weight_positions(p) {
+        let v = *weights
+            .get(w)
+            .ok_or_else(|| lib_err("a weight position beyond the weights"))?;
+        if pos >= degree {
+            return Err(lib_err("a weight position beyond the degree"));
+        }
         for (l, m) in moduli.iter().enumerate() {
             let r = m.reduce(v.unsigned_abs());
             a[[l, pos]] = if v < 0 { m.neg(r) } else { r };

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use zeroize::Zeroizing;
 
 use crate::encoding::{ScaledEncoder, decode_phase};
-use crate::packing::BlockShape;
+use crate::packing::Layout;
 use crate::{ERROR_VARIANCE, HeError, HeParams, lib_err, wire};
 
 /// A client's key pair; the secret key never leaves this struct (its NTT
@@ -109,17 +109,17 @@ impl ClientKey {
     }
 
     /// Encrypts input ciphertexts `range` of a batch laid out as `shape`
-    /// (block packing); `masks` holds the batch's `count` rows.
+    /// (a packing by polynomial products); `masks` holds the batch's `count`
+    /// rows.
     pub fn encrypt_blocks(
         &self,
-        shape: &BlockShape,
+        shape: &dyn Layout,
         masks: &[&[u64]],
         range: std::ops::Range<usize>,
     ) -> Result<Vec<Vec<u8>>, HeError> {
         let n = self.params.degree();
-        if range.end > shape.input_ciphertexts()
-            || shape.in_block * shape.out_block * shape.width > n
-        {
+        shape.check(n)?;
+        if range.end > shape.input_ciphertexts() {
             return Err(HeError::Shape(format!(
                 "input ciphertexts {range:?} of layout {shape:?}"
             )));
@@ -157,7 +157,7 @@ impl ClientKey {
     /// [`ClientKey::decrypt_block`] for several replies at once (in parallel).
     pub fn decrypt_blocks(
         &self,
-        shape: &BlockShape,
+        shape: &dyn Layout,
         indices: &[usize],
         replies: &[Vec<u8>],
     ) -> Result<Vec<Vec<u64>>, HeError> {
@@ -176,10 +176,10 @@ impl ClientKey {
     }
 
     /// Decrypts reply `index` of a batch laid out as `shape`: `c = W·r − s`
-    /// at each kept coefficient, in [`BlockShape::kept`] order.
+    /// at each kept coefficient, in [`Layout::kept`] order.
     pub fn decrypt_block(
         &self,
-        shape: &BlockShape,
+        shape: &dyn Layout,
         index: usize,
         reply: &[u8],
     ) -> Result<Vec<u64>, HeError> {

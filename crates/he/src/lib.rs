@@ -37,6 +37,7 @@
 
 mod blocks;
 mod client;
+mod conv_packing;
 mod encoding;
 mod packing;
 mod params;
@@ -45,9 +46,10 @@ mod server;
 mod tests;
 mod wire;
 
-pub use blocks::{BlockPart, evaluate_blocks};
+pub use blocks::{BlockPart, evaluate_blocks, evaluate_packed};
 pub use client::ClientKey;
-pub use packing::{BlockShape, Kept, MAX_DENSE_WEIGHTS, Packing, max_flood_fan_in};
+pub use conv_packing::{ConvDims, ConvShape};
+pub use packing::{BlockShape, Kept, Layout, MAX_DENSE_WEIGHTS, Packing, max_flood_fan_in};
 pub use params::{
     ERROR_BOUND, ERROR_VARIANCE, FloodPlan, HE_STANDARD_128, HeParams, REPLIES_PER_KEY_BITS,
     STAT_SECURITY_BITS,

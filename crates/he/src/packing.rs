@@ -16,6 +16,7 @@
 //! op's shape, the batch size, the parameters), so the choice needs no
 //! message. The choice minimises bytes on the wire; see [`Packing::choose`].
 
+use crate::conv_packing::{ConvDims, ConvShape};
 use crate::{HeError, HeParams};
 
 /// Ops with more weights than this in dense form keep the per-coefficient
@@ -36,6 +37,8 @@ pub enum Packing {
     },
     /// polynomial products over the dense matrix
     Blocks(BlockShape),
+    /// polynomial products over a 2-D convolution's kernels
+    Conv(ConvShape),
 }
 
 /// A block layout: `in_block · out_block · width ≤ N`.
@@ -196,6 +199,114 @@ mod cost {
     pub const S_PER_BLOCK_PRODUCT: f64 = 0.1e-3;
 }
 
+/// A layout by polynomial products: which input ciphertexts and weight
+/// polynomials make each reply, and where values sit. Implemented by
+/// [`BlockShape`] (dense matrices) and [`crate::ConvShape`] (2-D
+/// convolutions); the server's evaluation and the client's encryption and
+/// decryption are written once against it.
+pub trait Layout: Sync + std::fmt::Debug {
+    /// Input ciphertexts of the batch.
+    fn input_ciphertexts(&self) -> usize;
+    /// Reply ciphertexts of the batch.
+    fn output_ciphertexts(&self) -> usize;
+    /// Public bound on the non-zero weight coefficients that reach one output
+    /// coefficient, summed over the terms of a reply: it sizes the flood.
+    fn fan_in_bound(&self) -> usize;
+    /// The plaintext of input ciphertext `k` (`degree` coefficients), from the
+    /// batch's masks (`count` rows of the op's input length).
+    fn input_plaintext(
+        &self,
+        k: usize,
+        masks: &[&[u64]],
+        degree: usize,
+    ) -> Result<Vec<u64>, HeError>;
+    /// The coefficients of reply `k` that carry outputs, in the order they
+    /// travel.
+    fn kept(&self, k: usize) -> Vec<Kept>;
+    /// Reply `k` is the sum of these (input ciphertext, weight polynomial)
+    /// products.
+    fn terms(&self, k: usize) -> Vec<(usize, usize)>;
+    /// Distinct weight polynomials.
+    fn weight_polys(&self) -> usize;
+    /// Products (terms) over all replies.
+    fn products(&self) -> usize;
+    /// Kept coefficients over all replies (`count · output_len`).
+    fn kept_total(&self) -> usize;
+    /// Weight polynomial `p`'s non-zero coefficients: (coefficient, index into
+    /// the op's flat weights).
+    fn weight_positions(&self, p: usize) -> Vec<(usize, usize)>;
+    /// Length of the op's flat weights the positions index.
+    fn weights_len(&self) -> usize;
+    /// Whether the layout fits the degree without two values colliding.
+    fn check(&self, degree: usize) -> Result<(), HeError>;
+}
+
+impl Layout for BlockShape {
+    fn input_ciphertexts(&self) -> usize {
+        BlockShape::input_ciphertexts(self)
+    }
+    fn output_ciphertexts(&self) -> usize {
+        BlockShape::output_ciphertexts(self)
+    }
+    fn fan_in_bound(&self) -> usize {
+        BlockShape::fan_in_bound(self)
+    }
+    fn input_plaintext(
+        &self,
+        k: usize,
+        masks: &[&[u64]],
+        degree: usize,
+    ) -> Result<Vec<u64>, HeError> {
+        BlockShape::input_plaintext(self, k, masks, degree)
+    }
+    fn kept(&self, k: usize) -> Vec<Kept> {
+        BlockShape::kept(self, k)
+    }
+    fn terms(&self, k: usize) -> Vec<(usize, usize)> {
+        let (gs, fs) = (self.input_blocks(), self.output_blocks());
+        let (h, f) = (k / fs, k % fs);
+        (0..gs).map(|g| (h * gs + g, f * gs + g)).collect()
+    }
+    fn weight_polys(&self) -> usize {
+        self.input_blocks() * self.output_blocks()
+    }
+    fn products(&self) -> usize {
+        self.input_blocks() * self.output_blocks() * self.groups()
+    }
+    fn kept_total(&self) -> usize {
+        self.count * self.output_len
+    }
+    fn weight_positions(&self, p: usize) -> Vec<(usize, usize)> {
+        let gs = self.input_blocks();
+        BlockShape::weight_positions(self, p / gs, p % gs)
+            .into_iter()
+            .map(|(c, o, j)| (c, o * self.input_len + j))
+            .collect()
+    }
+    fn weights_len(&self) -> usize {
+        self.input_len * self.output_len
+    }
+    fn check(&self, degree: usize) -> Result<(), HeError> {
+        let fits = self
+            .in_block
+            .checked_mul(self.out_block)
+            .and_then(|v| v.checked_mul(self.width))
+            .is_some_and(|v| v <= degree);
+        if self.count == 0
+            || self.count > degree
+            || self.width == 0
+            || self.in_block == 0
+            || self.out_block == 0
+            || !fits
+        {
+            return Err(HeError::Shape(format!(
+                "block layout {self:?} does not fit degree {degree}"
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// Wire sizes the cost model uses, from the parameters.
 #[derive(Clone, Copy, Debug)]
 struct Sizes {
@@ -223,19 +334,46 @@ impl Sizes {
 }
 
 impl Packing {
+    /// The layout by polynomial products, or `None` for the per-coefficient
+    /// packing.
+    pub fn layout(&self) -> Option<&dyn Layout> {
+        match self {
+            Packing::PerCoefficient { .. } => None,
+            Packing::Blocks(s) => Some(s),
+            Packing::Conv(s) => Some(s),
+        }
+    }
+
     /// Input ciphertexts the client sends for the op.
     pub fn input_ciphertexts(&self) -> usize {
-        match self {
-            Packing::PerCoefficient { input_len, .. } => *input_len,
-            Packing::Blocks(s) => s.input_ciphertexts(),
+        match (self, self.layout()) {
+            (Packing::PerCoefficient { input_len, .. }, _) => *input_len,
+            (_, Some(l)) => l.input_ciphertexts(),
+            (_, None) => 0,
         }
     }
 
     /// Reply ciphertexts the server sends back.
     pub fn output_ciphertexts(&self) -> usize {
+        match (self, self.layout()) {
+            (Packing::PerCoefficient { output_len, .. }, _) => *output_len,
+            (_, Some(l)) => l.output_ciphertexts(),
+            (_, None) => 0,
+        }
+    }
+
+    /// A short description for per-layer print-outs.
+    pub fn describe(&self) -> String {
         match self {
-            Packing::PerCoefficient { output_len, .. } => *output_len,
-            Packing::Blocks(s) => s.output_ciphertexts(),
+            Packing::PerCoefficient { .. } => "per coefficient".into(),
+            Packing::Blocks(s) => format!(
+                "blocks {}x{} of {} inference(s)",
+                s.in_block, s.out_block, s.width
+            ),
+            Packing::Conv(s) => format!(
+                "conv blocks {}->{} channels, {} row(s) per tile",
+                s.in_block, s.out_block, s.rows
+            ),
         }
     }
 
@@ -248,10 +386,11 @@ impl Packing {
                 output_len,
                 ..
             } => input_len * z.up + output_len * z.down_full,
-            Packing::Blocks(s) => {
-                s.input_ciphertexts() * z.up
-                    + s.output_ciphertexts() * z.down_c1
-                    + 8 * s.output_len * s.count
+            Packing::Blocks(_) | Packing::Conv(_) => {
+                let l = self.layout().expect("a layout");
+                l.input_ciphertexts() * z.up
+                    + l.output_ciphertexts() * z.down_c1
+                    + 8 * l.kept_total()
             }
         }
     }
@@ -273,15 +412,11 @@ impl Packing {
                     + i * cost::S_PER_INPUT
                     + o * cost::S_PER_REPLY
             }
-            Packing::Blocks(s) => {
-                let (g, f, h) = (
-                    s.input_blocks() as f64,
-                    s.output_blocks() as f64,
-                    s.groups() as f64,
-                );
-                g * f * h * cost::S_PER_BLOCK_PRODUCT
-                    + g * h * cost::S_PER_INPUT
-                    + f * h * cost::S_PER_REPLY
+            Packing::Blocks(_) | Packing::Conv(_) => {
+                let l = self.layout().expect("a layout");
+                l.products() as f64 * cost::S_PER_BLOCK_PRODUCT
+                    + l.input_ciphertexts() as f64 * cost::S_PER_INPUT
+                    + l.output_ciphertexts() as f64 * cost::S_PER_REPLY
             }
         };
         wire + work
@@ -300,52 +435,82 @@ impl Packing {
         output_len: usize,
         count: usize,
     ) -> Result<Packing, HeError> {
+        Packing::choose_among(params, input_len, output_len, count, Vec::new())
+    }
+
+    /// [`Packing::choose`] for a 2-D convolution: its own layouts
+    /// ([`ConvShape`]) compete with the others.
+    pub fn choose_conv(
+        params: &HeParams,
+        dims: &ConvDims,
+        count: usize,
+    ) -> Result<Packing, HeError> {
+        let max_out = max_flood_fan_in(params)
+            / dims.group_channels().max(1)
+            / (dims.kernel[0] * dims.kernel[1]).max(1);
+        let convs = crate::conv_packing::candidates(dims, count, params.degree(), max_out)
+            .into_iter()
+            .map(Packing::Conv)
+            .collect();
+        Packing::choose_among(params, dims.input_len(), dims.output_len(), count, convs)
+    }
+
+    fn choose_among(
+        params: &HeParams,
+        input_len: usize,
+        output_len: usize,
+        count: usize,
+        extra: Vec<Packing>,
+    ) -> Result<Packing, HeError> {
         let n = params.degree();
         if count == 0 || count > n || input_len == 0 || output_len == 0 {
             return Err(HeError::Shape(format!(
                 "a batch of {count} inferences of a {input_len} -> {output_len} op"
             )));
         }
-        let per = Packing::PerCoefficient {
+        let mut best = Packing::PerCoefficient {
             input_len,
             output_len,
             count,
         };
-        if input_len.saturating_mul(output_len) > MAX_DENSE_WEIGHTS {
-            return Ok(per);
+        let mut best_cost = best.estimated_seconds(params);
+        let mut consider = |p: Packing| {
+            let cost = p.estimated_seconds(params);
+            if cost < best_cost {
+                best = p;
+                best_cost = cost;
+            }
+        };
+        for p in extra {
+            consider(p);
         }
-        let max_fan_in = max_flood_fan_in(params);
-        let mut best: Option<(f64, BlockShape)> = None;
-        let widths = (0..=n.trailing_zeros())
-            .map(|e| 1usize << e)
-            .filter(|&w| w < count)
-            .chain(std::iter::once(count));
-        for width in widths {
-            let room = n / width;
-            for in_block in 1..=room.min(input_len) {
-                let flood_cap = max_fan_in / input_len;
-                let out_block = (room / in_block).min(output_len).min(flood_cap);
-                if out_block == 0 {
-                    continue;
-                }
-                let shape = BlockShape {
-                    input_len,
-                    output_len,
-                    count,
-                    width,
-                    in_block,
-                    out_block,
-                };
-                let cost = Packing::Blocks(shape).estimated_seconds(params);
-                if best.is_none_or(|(b, _)| cost < b) {
-                    best = Some((cost, shape));
+        if input_len.saturating_mul(output_len) <= MAX_DENSE_WEIGHTS {
+            let max_fan_in = max_flood_fan_in(params);
+            let widths = (0..=n.trailing_zeros())
+                .map(|e| 1usize << e)
+                .filter(|&w| w < count)
+                .chain(std::iter::once(count));
+            for width in widths {
+                let room = n / width;
+                for in_block in 1..=room.min(input_len) {
+                    let out_block = (room / in_block)
+                        .min(output_len)
+                        .min(max_fan_in / input_len);
+                    if out_block == 0 {
+                        continue;
+                    }
+                    consider(Packing::Blocks(BlockShape {
+                        input_len,
+                        output_len,
+                        count,
+                        width,
+                        in_block,
+                        out_block,
+                    }));
                 }
             }
         }
-        Ok(match best {
-            Some((cost, shape)) if cost < per.estimated_seconds(params) => Packing::Blocks(shape),
-            _ => per,
-        })
+        Ok(best)
     }
 }
 

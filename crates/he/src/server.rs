@@ -63,6 +63,11 @@ pub trait LinearForm: Sync {
         x: &[f64],
         rows: usize,
     ) -> Result<Vec<f64>, String>;
+    /// For a 2-D convolution, its kernel `[M, C/group, kh, kw]` as centred
+    /// integers (the convolution packing needs it); `None` otherwise.
+    fn conv_weights(&self) -> Option<Vec<i64>> {
+        None
+    }
 }
 
 /// The client's public key, as the server holds it.

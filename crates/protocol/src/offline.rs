@@ -24,8 +24,8 @@ use std::collections::HashMap;
 
 use rand::rngs::{ChaCha20Rng, SysRng};
 use rand::{Rng, SeedableRng};
-use secinfer_he::{ClientKey, HeParams, Packing};
-use secinfer_model::LayerSpec;
+use secinfer_he::{ClientKey, ConvDims, HeParams, Packing};
+use secinfer_model::{LayerSpec, LinearKind};
 use serde::{Deserialize, Serialize};
 
 use crate::ProtocolError;
@@ -240,9 +240,12 @@ impl Preprocessor {
                 let views: Vec<&[u64]> = cols.iter().map(|c| &c[..]).collect();
                 self.key.encrypt(&views, end - offset)
             }
-            Packing::Blocks(shape) => {
+            ref packed => {
+                let layout = packed.layout().ok_or_else(|| {
+                    he_err(op as OpId, secinfer_he::HeError::Shape("no layout".into()))
+                })?;
                 let views: Vec<&[u64]> = batch.masks[op].iter().map(|m| &m[..]).collect();
-                self.key.encrypt_blocks(&shape, &views, offset..end)
+                self.key.encrypt_blocks(layout, &views, offset..end)
             }
         }
         .map_err(|e| he_err(op as OpId, e))?;
@@ -305,14 +308,17 @@ impl Preprocessor {
                     }
                 }
             }
-            Packing::Blocks(shape) => {
+            ref packed => {
+                let layout = packed
+                    .layout()
+                    .ok_or_else(|| he_err(op, secinfer_he::HeError::Shape("no layout".into())))?;
                 let indices: Vec<usize> = reply.outputs.iter().map(|&k| k as usize).collect();
                 let decrypted = self
                     .key
-                    .decrypt_blocks(&shape, &indices, &reply.ciphertexts)
+                    .decrypt_blocks(layout, &indices, &reply.ciphertexts)
                     .map_err(|e| he_err(op, e))?;
                 for (&k, values) in reply.outputs.iter().zip(decrypted) {
-                    for (kept, v) in shape.kept(k as usize).into_iter().zip(values) {
+                    for (kept, v) in layout.kept(k as usize).into_iter().zip(values) {
                         products[kept.inference][kept.output] = v;
                     }
                 }
@@ -370,8 +376,43 @@ pub fn packing_for(
     spec: &LayerSpec,
     count: usize,
 ) -> Result<Packing, ProtocolError> {
-    Packing::choose(params, spec.input_len(), spec.output_len(), count)
-        .map_err(|e| he_err(spec.op_id, e))
+    match conv_dims(spec) {
+        Some(dims) => Packing::choose_conv(params, &dims, count),
+        None => Packing::choose(params, spec.input_len(), spec.output_len(), count),
+    }
+    .map_err(|e| he_err(spec.op_id, e))
+}
+
+/// The geometry of a 2-D convolution on one `[1, C, H, W]` sample, the form
+/// the convolution packing takes; `None` for every other op.
+fn conv_dims(spec: &LayerSpec) -> Option<ConvDims> {
+    let LinearKind::Conv(g) = &spec.kind else {
+        return None;
+    };
+    let (&[1, c, h, w], &[m, _, kh, kw]) = (&spec.input_shape[..], &spec.weight_shape[..]) else {
+        return None;
+    };
+    if !spec.batched || g.strides.len() != 2 {
+        return None;
+    }
+    let dims = ConvDims {
+        channels: c,
+        height: h,
+        width: w,
+        out_channels: m,
+        kernel: [kh, kw],
+        strides: [g.strides[0], g.strides[1]],
+        dilations: [g.dilations[0], g.dilations[1]],
+        pads: [
+            g.pads_begin[0],
+            g.pads_begin[1],
+            g.pads_end[0],
+            g.pads_end[1],
+        ],
+        group: g.group,
+    };
+    // the packing's output must be the op's output, element for element
+    (dims.output_len() == spec.output_len() && dims.input_len() == spec.input_len()).then_some(dims)
 }
 
 /// The HE parameters for a model: one ring for all ops.

@@ -150,11 +150,14 @@ impl OfflineJob {
                     send(part.outputs.into_iter().zip(part.ciphertexts).collect())
                 })
             }
-            Packing::Blocks(shape) => {
-                secinfer_he::evaluate_blocks(&key, form, &shape, inputs, &mut |parts| {
+            ref packed => {
+                let layout = packed
+                    .layout()
+                    .ok_or_else(|| he_err(op, secinfer_he::HeError::Shape("no layout".into())))?;
+                secinfer_he::evaluate_packed(&key, form, packed, inputs, &mut |parts| {
                     let mut replies = Vec::with_capacity(parts.len());
                     for part in parts {
-                        for (kept, s) in shape.kept(part.index).into_iter().zip(part.masks) {
+                        for (kept, s) in layout.kept(part.index).into_iter().zip(part.masks) {
                             masks[kept.inference][kept.output] = s;
                         }
                         replies.push((part.index, part.ciphertext));

@@ -251,6 +251,16 @@ impl HeLayer {
 }
 
 impl LinearForm for HeLayer {
+    fn conv_weights(&self) -> Option<Vec<i64>> {
+        match &self.spec.kind {
+            // [M, C/group, kh, kw], exact integers (checked below 2^52 in `new`)
+            LinearKind::Conv(g) if g.strides.len() == 2 => {
+                Some(self.w.iter().map(|&v| v as i64).collect())
+            }
+            _ => None,
+        }
+    }
+
     fn input_len(&self) -> usize {
         self.spec.input_len()
     }
