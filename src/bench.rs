@@ -152,6 +152,16 @@ pub struct BenchReport {
     /// milliseconds
     #[serde(default)]
     pub latency_ms: Latency,
+    /// one prediction from nothing: a new client connects (over QUIC: a new
+    /// connection and session), makes its own material for one inference
+    /// (HE and, in the private modes, correlations) and predicts; the median
+    /// of [`COLD_RUNS`] runs, milliseconds, and the offline bytes of one
+    #[serde(default)]
+    pub cold_latency_ms: f64,
+    /// bytes of a cold prediction's offline phase (HE and correlations, both
+    /// directions; online bytes are as for any prediction)
+    #[serde(default)]
+    pub cold_offline_bytes: f64,
     /// online and plaintext throughput per batch size (with `--sweep-batch`)
     #[serde(default)]
     pub sweep: Vec<SweepPoint>,
@@ -161,6 +171,9 @@ pub struct BenchReport {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comparison: Option<Box<BenchReport>>,
 }
+
+/// Cold predictions timed for `cold_latency_ms`.
+pub const COLD_RUNS: usize = 3;
 
 fn activations() -> String {
     "activations".into()
@@ -431,14 +444,24 @@ fn run_mode(cfg: &BenchConfig, progress: &mut dyn FnMut(Progress)) -> anyhow::Re
     let client_path = cfg.work_dir.join("client.onnx");
     match cfg.transport {
         Transport::Memory => {
-            let channel = InMemoryChannel::new(server.clone());
-            let client = ClientModel::load(&client_path, channel)?;
-            run_on(cfg, &converted, &server, &client, progress)
+            let connect = || -> anyhow::Result<ClientModel<InMemoryChannel<ServerModel>>> {
+                Ok(ClientModel::load(
+                    &client_path,
+                    InMemoryChannel::new(server.clone()),
+                )?)
+            };
+            let client = connect()?;
+            run_on(cfg, &converted, &server, &client, &connect, progress)
         }
         Transport::Quic => {
             let lo = Loopback::start(server.clone(), server.digest(), Default::default())?;
-            let client = ClientModel::load_with(&client_path, |digest, _| lo.connect(digest))?;
-            let report = run_on(cfg, &converted, &server, &client, progress);
+            let connect = || -> anyhow::Result<_> {
+                Ok(ClientModel::load_with(&client_path, |digest, _| {
+                    lo.connect(digest)
+                })?)
+            };
+            let client = connect()?;
+            let report = run_on(cfg, &converted, &server, &client, &connect, progress);
             drop(client);
             report
         }
@@ -450,6 +473,7 @@ fn run_on<C: Channel + 'static>(
     converted: &Converted,
     server: &ServerModel,
     client: &ClientModel<C>,
+    connect: &dyn Fn() -> anyhow::Result<ClientModel<C>>,
     progress: &mut dyn FnMut(Progress),
 ) -> anyhow::Result<BenchReport> {
     if client.digest() != server.digest() {
@@ -626,6 +650,22 @@ fn run_on<C: Channel + 'static>(
     }
     let latency_ms = Latency::of(times);
 
+    // Cold: a new client, its own material for one inference, one prediction.
+    let mut cold = Vec::with_capacity(COLD_RUNS);
+    let mut cold_offline_bytes = 0.0;
+    for i in 0..COLD_RUNS {
+        let t = Instant::now();
+        let fresh = connect()?;
+        fresh.backend().preprocess(1)?;
+        ensure_correlations(&fresh, 1, &per)?;
+        fresh.predict(tvec!(sample(i).into_tvalue()))?;
+        cold.push(t.elapsed().as_secs_f64() * 1e3);
+        let tr = fresh.backend().channel().traffic();
+        cold_offline_bytes = (tr.offline_up + tr.offline_down + tr.ot_up + tr.ot_down) as f64;
+    }
+    cold.sort_by(f64::total_cmp);
+    let cold_latency_ms = cold[cold.len() / 2];
+
     // Sweep: the same samples in batches of each size, secure and plaintext.
     let mut points = Vec::new();
     for &(b, m) in &sweep_runs {
@@ -691,6 +731,8 @@ fn run_on<C: Channel + 'static>(
         bytes_ot_per_prediction: (traffic.ot_up + traffic.ot_down) as f64 / total as f64,
         round_trips_per_prediction: round_trips,
         latency_ms,
+        cold_latency_ms,
+        cold_offline_bytes,
         sweep: points,
         layers: converted
             .layers
@@ -723,6 +765,7 @@ impl BenchReport {
              max |error|      {}\n\
              throughput       {:.1} predictions/s end to end (offline {:.1}/s: HE {:.1}/s{}; online {:.0}/s)   plaintext tract {:.0}/s\n\
              latency          p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms (one prediction, online, {} timed), {:.0} round trips\n\
+             cold             {:.0} ms from connect to answer for one prediction with its own offline phase ({:.0} offline bytes; median of {})\n\
              bytes            {:.0} per prediction: HE offline {:.0}, OT offline {:.0}, online {:.0}\n\
              preprocessing    {} (two-party, lattice HE; offline batches of up to {}){}\n\
              transport        {}",
@@ -752,6 +795,9 @@ impl BenchReport {
             self.latency_ms.p99,
             self.latency_ms.samples,
             self.round_trips_per_prediction,
+            self.cold_latency_ms,
+            self.cold_offline_bytes,
+            COLD_RUNS,
             self.bytes_offline_per_prediction
                 + self.bytes_ot_per_prediction
                 + self.bytes_online_per_prediction,

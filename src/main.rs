@@ -244,9 +244,7 @@ fn run_bench(cfg: BenchConfig, json: Option<&Path>, plot: Option<&Path>) -> anyh
     let mut spinner: Option<secinfer::progress::Spinner> = None;
     let report = bench::run(&cfg, |p| match p {
         bench::Progress::Preprocessing { count } => {
-            let msg = format!(
-                "offline: HE preprocessing for {count} inferences (one batch of up to 8192)"
-            );
+            let msg = format!("offline: HE preprocessing for {count} inferences (one batch)");
             if tty {
                 if let Some(b) = &bar {
                     b.suspend(|| ());
@@ -477,9 +475,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                  the client learns the logits and nothing else; every activation stays secret-shared and the\n\
                  ReLU and max-pooling layers are computed jointly with oblivious transfer.\n\
                  A server on 127.0.0.1 (QUIC, TLS 1.3, pinned certificate, API token) and a client run in one\n\
-                 process. Offline first: lattice HE for the linear layers (about 3 minutes for a batch of any\n\
-                 size up to 8192 on 2 cores) and OT correlations for the comparisons (about 0.7 s per image),\n\
-                 then the online predictions. `bench --model onnx-models/mnist_cnn.onnx --dataset mnist` also\n\
+                 process. Offline first: lattice HE for the linear layers (polynomial products sized to the\n\
+                 batch) and OT correlations for the comparisons (about 0.7 s per image), then the online\n\
+                 predictions, then one cold prediction (a new client, its own offline phase). `bench --model onnx-models/mnist_cnn.onnx --dataset mnist` also\n\
                  runs the model in activations mode for comparison.\n"
             );
             let cfg = BenchConfig {

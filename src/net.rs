@@ -150,7 +150,7 @@ pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
     // One inference per sample, batched or not.
     let inferences = n;
     progress.set(format!(
-        "offline phase: HE preprocessing for {inferences} inferences (a batch costs the same for 1 or {MAX_BATCH})"
+        "offline phase: HE preprocessing for {inferences} inferences"
     ));
     client
         .backend()
