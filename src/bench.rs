@@ -445,10 +445,7 @@ fn run_mode(cfg: &BenchConfig, progress: &mut dyn FnMut(Progress)) -> anyhow::Re
     match cfg.transport {
         Transport::Memory => {
             let connect = || -> anyhow::Result<ClientModel<InMemoryChannel<ServerModel>>> {
-                Ok(ClientModel::load(
-                    &client_path,
-                    InMemoryChannel::new(server.clone()),
-                )?)
+                ClientModel::load(&client_path, InMemoryChannel::new(server.clone()))
             };
             let client = connect()?;
             run_on(cfg, &converted, &server, &client, &connect, progress)
@@ -456,9 +453,7 @@ fn run_mode(cfg: &BenchConfig, progress: &mut dyn FnMut(Progress)) -> anyhow::Re
         Transport::Quic => {
             let lo = Loopback::start(server.clone(), server.digest(), Default::default())?;
             let connect = || -> anyhow::Result<_> {
-                Ok(ClientModel::load_with(&client_path, |digest, _| {
-                    lo.connect(digest)
-                })?)
+                ClientModel::load_with(&client_path, |digest, _| lo.connect(digest))
             };
             let client = connect()?;
             let report = run_on(cfg, &converted, &server, &client, &connect, progress);
