@@ -111,6 +111,24 @@ impl ServerKey {
             });
         }
         let (mut p0, mut p1) = (ct[0].clone(), ct[1].clone());
+        // Re-randomisation adds u·(p0, p1): a zero or structured component
+        // (possible when a hostile client sends both polynomials instead of a
+        // seed) would leave the reply un-randomised. A real key's components
+        // are uniform (p1 from a seed, p0 = −p1·s + e): nearly all N
+        // coefficients distinct.
+        for (name, p) in [("first", &p0), ("second", &p1)] {
+            let distinct = distinct_coefficients(p);
+            if distinct < par.degree() / 2 {
+                return Err(HeError::Malformed {
+                    what: "public key",
+                    problem: format!(
+                        "its {name} component has {distinct} distinct coefficients of {}: \
+                         a real key's is uniform",
+                        par.degree()
+                    ),
+                });
+            }
+        }
         for p in [&mut p0, &mut p1] {
             if *p.representation() != Representation::Ntt {
                 p.change_representation(Representation::Ntt);
@@ -128,6 +146,18 @@ impl ServerKey {
     pub fn params(&self) -> &HeParams {
         &self.params
     }
+}
+
+/// Distinct residues at the first prime among a polynomial's coefficients.
+fn distinct_coefficients(p: &Poly) -> usize {
+    let mut c = p.clone();
+    if *c.representation() != Representation::PowerBasis {
+        c.change_representation(Representation::PowerBasis);
+    }
+    let mut row: Vec<u64> = c.coefficients().row(0).to_vec();
+    row.sort_unstable();
+    row.dedup();
+    row.len()
 }
 
 /// Part of the server's answer for one layer and one batch: the reply

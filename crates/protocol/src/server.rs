@@ -63,7 +63,15 @@ pub struct ServerSession<L: MaskedLinear + ?Sized> {
     max_pending: usize,
     ot: Option<OtEngine>,
     max_ot_bytes: u64,
+    /// reply ciphertexts committed to under the client's key (batches
+    /// accepted), and how many the key may have
+    replies_under_key: u64,
+    max_replies_per_key: u64,
 }
+
+/// Reply ciphertexts one client key may receive: the noise flooding's
+/// statistical bound is proven for this many (`secinfer_he::REPLIES_PER_KEY_BITS`).
+pub const MAX_REPLIES_PER_KEY: u64 = 1 << secinfer_he::REPLIES_PER_KEY_BITS;
 
 /// Bytes of stored correlations a session may hold by default (512 MiB).
 pub const DEFAULT_MAX_OT_BYTES: u64 = 512 << 20;
@@ -182,7 +190,17 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             max_pending: DEFAULT_MAX_PENDING,
             ot: None,
             max_ot_bytes: DEFAULT_MAX_OT_BYTES,
+            replies_under_key: 0,
+            max_replies_per_key: MAX_REPLIES_PER_KEY,
         }
+    }
+
+    /// Lowers how many reply ciphertexts the client's key may receive in
+    /// this session (never above [`MAX_REPLIES_PER_KEY`], which the noise
+    /// flooding's bound assumes). A batch that would pass it is refused; the
+    /// client must open a new session with a fresh key.
+    pub fn set_max_replies_per_key(&mut self, replies: u64) {
+        self.max_replies_per_key = replies.min(MAX_REPLIES_PER_KEY);
     }
 
     /// Sets how many bytes of correlations this session may store; the
@@ -408,10 +426,19 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
                     first.0.max(other.0),
                 )));
             }
-            let packing = layers
+            let packing: Vec<Packing> = layers
                 .iter()
                 .map(|spec| packing_for(key.params(), spec, count))
                 .collect::<Result<_, _>>()?;
+            let replies: u64 = packing.iter().map(|p| p.output_ciphertexts() as u64).sum();
+            if self.replies_under_key + replies > self.max_replies_per_key {
+                return Err(ProtocolError::Model(format!(
+                    "a batch of {count} needs {replies} replies under the client's key, which has had \
+                     {} of the {} its noise flooding is proven for; open a new session with a fresh key",
+                    self.replies_under_key, self.max_replies_per_key
+                )));
+            }
+            self.replies_under_key += replies;
             self.batches.insert(
                 first,
                 ServerBatch {

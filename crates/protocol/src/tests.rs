@@ -461,3 +461,38 @@ fn pool_policy_refills_below_low_water() {
     assert_eq!(p.next_batch(5, 1), None);
     assert_eq!(p.next_batch(10, 0), None);
 }
+
+#[test]
+fn a_key_past_its_reply_budget_must_be_replaced() {
+    let (linear, mut pre, mut client, mut server) = he_setup();
+    let params = params_for(&linear.layers).unwrap();
+    let per_batch: u64 = linear
+        .layers
+        .iter()
+        .map(|s| {
+            crate::offline::packing_for(&params, s, 1)
+                .unwrap()
+                .output_ciphertexts() as u64
+        })
+        .sum();
+    // room for two batches of one, not three
+    server.set_max_replies_per_key(2 * per_batch + per_batch / 2);
+    preprocess(&mut pre, &mut client, &mut server, 1);
+    preprocess(&mut pre, &mut client, &mut server, 1);
+    let first = pre.start(1).unwrap();
+    let req = pre.next_request(first).unwrap().unwrap();
+    let e = server.handle_offline(req, &mut |_| Ok(())).unwrap_err();
+    assert!(e.to_string().contains("fresh key"), "{e}");
+    assert_eq!(
+        server.batches_in_flight(),
+        0,
+        "the refused batch left nothing"
+    );
+    // the budget can only be lowered below the proven bound
+    server.set_max_replies_per_key(u64::MAX);
+    let first = pre.start(1).unwrap();
+    while let Some(req) = pre.next_request(first).unwrap() {
+        server.handle_offline(req, &mut |_| Ok(())).unwrap();
+    }
+    assert_eq!(server.pending_material(), 3);
+}

@@ -46,10 +46,17 @@ impl HeLayer {
                 spec.op_id, spec.weight_shape
             )
         })?;
-        if let Some(v) = weights.iter().find(|v| v.unsigned_abs() >= 1 << 52) {
+        // The noise flooding's bound assumes centred weights, |w| <= t/2 with
+        // t = 2^k (docs/offline.md); a model with larger ones is refused when
+        // it is loaded, not flooded too little.
+        let half_t = 1u64 << spec.ring_bits.clamp(1, 52).saturating_sub(1);
+        if let Some(v) = weights.iter().find(|v| v.unsigned_abs() > half_t) {
             return Err(format!(
-                "op {}: weight {v} is too large for the exact f64 products (|w| < 2^52)",
-                spec.op_id
+                "op {}: weight {v} is outside the centred range |w| <= 2^{} of Z_2^{} \
+                 that the offline phase's noise flooding assumes",
+                spec.op_id,
+                spec.ring_bits.saturating_sub(1),
+                spec.ring_bits
             ));
         }
         let abs = |v: f64| v.abs() as u128;
@@ -328,5 +335,37 @@ impl LinearForm for HeLayer {
         } else {
             y.iter().copied().collect()
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(ring_bits: u32) -> LayerSpec {
+        LayerSpec {
+            op_id: 0,
+            source_node: "fc".into(),
+            source_op: "Gemm".into(),
+            kind: LinearKind::MatMul,
+            weight_shape: vec![2, 2],
+            input_shape: vec![1, 2],
+            output_shape: vec![1, 2],
+            batched: true,
+            ring_bits,
+            input_frac_bits: 8,
+            weight_frac_bits: 8,
+            input_bound: 1.0,
+        }
+    }
+
+    #[test]
+    fn weights_beyond_the_centred_range_are_refused_at_load() {
+        let half = 1i64 << 36;
+        assert!(HeLayer::new(&spec(37), &[half, -half, 0, 1]).is_ok());
+        for w in [half + 1, -half - 1, i64::MAX, i64::MIN] {
+            let e = HeLayer::new(&spec(37), &[0, w, 0, 0]).unwrap_err();
+            assert!(e.contains("centred range"), "{e}");
+        }
     }
 }
