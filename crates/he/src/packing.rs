@@ -34,6 +34,10 @@ pub enum Packing {
         output_len: usize,
         /// inferences in the batch
         count: usize,
+        /// multiply-adds of one inference (`input_len · output_len` for a
+        /// dense layer, `fan-in · output_len` for a convolution): public, for
+        /// the cost model
+        macs: usize,
     },
     /// polynomial products over the dense matrix
     Blocks(BlockShape),
@@ -194,7 +198,8 @@ mod cost {
     /// decoding one input ciphertext (and its NTT or transpose)
     pub const S_PER_INPUT: f64 = 0.05e-3;
     /// re-randomising, flooding, switching down and serialising one reply
-    pub const S_PER_REPLY: f64 = 1.0e-3;
+    /// (46 s for conv 1's 25,088 replies of a full batch)
+    pub const S_PER_REPLY: f64 = 1.8e-3;
     /// one weight polynomial built (NTT) and multiplied into both components
     pub const S_PER_BLOCK_PRODUCT: f64 = 0.1e-3;
 }
@@ -405,10 +410,11 @@ impl Packing {
             Packing::PerCoefficient {
                 input_len,
                 output_len,
+                macs,
                 ..
             } => {
                 let (i, o) = (*input_len as f64, *output_len as f64);
-                i * o * n * cost::NS_PER_RESIDUE_MAC * 1e-9
+                *macs as f64 * n * cost::NS_PER_RESIDUE_MAC * 1e-9
                     + i * cost::S_PER_INPUT
                     + o * cost::S_PER_REPLY
             }
@@ -435,7 +441,8 @@ impl Packing {
         output_len: usize,
         count: usize,
     ) -> Result<Packing, HeError> {
-        Packing::choose_among(params, input_len, output_len, count, Vec::new())
+        let macs = input_len.saturating_mul(output_len);
+        Packing::choose_among(params, input_len, output_len, count, macs, Vec::new())
     }
 
     /// [`Packing::choose`] for a 2-D convolution: its own layouts
@@ -452,7 +459,16 @@ impl Packing {
             .into_iter()
             .map(Packing::Conv)
             .collect();
-        Packing::choose_among(params, dims.input_len(), dims.output_len(), count, convs)
+        let fan_in = dims.group_channels() * dims.kernel[0] * dims.kernel[1];
+        let macs = fan_in.saturating_mul(dims.output_len());
+        Packing::choose_among(
+            params,
+            dims.input_len(),
+            dims.output_len(),
+            count,
+            macs,
+            convs,
+        )
     }
 
     fn choose_among(
@@ -460,6 +476,7 @@ impl Packing {
         input_len: usize,
         output_len: usize,
         count: usize,
+        macs: usize,
         extra: Vec<Packing>,
     ) -> Result<Packing, HeError> {
         let n = params.degree();
@@ -472,6 +489,7 @@ impl Packing {
             input_len,
             output_len,
             count,
+            macs,
         };
         let mut best_cost = best.estimated_seconds(params);
         let mut consider = |p: Packing| {
