@@ -11,8 +11,9 @@ use secinfer_protocol::private::PrivateMessage;
 use secinfer_protocol::{MaskRequest, MaskedInput, MaskedOutput, OfflineHello, ProductReply};
 
 /// Version of the wire protocol; both sides must agree exactly (2: the
-/// reveal mode in the handshake, correlations and private batches).
-pub const PROTOCOL_VERSION: u32 = 2;
+/// reveal mode in the handshake, correlations and private batches; 3: the
+/// offline phase's packings, named in every mask request).
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Largest frame accepted by default: 64 MiB (an offline chunk is ~12 MiB; an
 /// online batch of 100 CNN images ~0.6 MiB).

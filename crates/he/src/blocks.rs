@@ -94,7 +94,19 @@ pub(crate) fn evaluate_packed_with(
                 )));
             }
             layout_check(shape, n)?;
-            (shape, dense_matrix(form)?)
+            let w = match form.dense_weights() {
+                Some(w) => w,
+                None => dense_matrix(form)?,
+            };
+            // the flood is sized for centred weights, |w| <= t/2
+            let half_t = 1i64 << (params.ring_bits() - 1);
+            if let Some(v) = w.iter().find(|v| v.unsigned_abs() > half_t as u64) {
+                return Err(HeError::Linear(format!(
+                    "a weight {v} outside the centred range |w| <= 2^{}",
+                    params.ring_bits() - 1
+                )));
+            }
+            (shape, w)
         }
         Packing::Conv(shape) => {
             if shape.dims.input_len() != form.input_len()
@@ -264,9 +276,10 @@ fn dense_matrix(form: &dyn LinearForm) -> Result<Vec<i64>, HeError> {
         )));
     }
     let mut w = vec![0i64; n_o * n_i];
-    const ROWS: usize = 256;
-    for j0 in (0..n_i).step_by(ROWS) {
-        let rows = ROWS.min(n_i - j0);
+    // unit vectors per call: at most 256, and at most 64 MiB of them
+    let per_call = (256usize).min(((64 << 20) / (8 * n_i)).max(1));
+    for j0 in (0..n_i).step_by(per_call) {
+        let rows = per_call.min(n_i - j0);
         let mut x = vec![0f64; rows * n_i];
         for r in 0..rows {
             x[r * n_i + j0 + r] = 1.0;

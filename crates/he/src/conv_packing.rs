@@ -84,7 +84,9 @@ impl ConvDims {
         self.out_channels * ho * wo
     }
 
-    fn valid(&self) -> bool {
+    /// Positive sizes, strides and dilations, groups dividing both channel
+    /// counts, a non-empty output.
+    pub fn is_valid(&self) -> bool {
         let pos = |v: &[usize]| v.iter().all(|&x| x > 0);
         pos(&[
             self.channels,
@@ -338,7 +340,9 @@ impl Layout for ConvShape {
 
     fn check(&self, degree: usize) -> Result<(), HeError> {
         let d = &self.dims;
-        let fits = self.in_block >= 1
+        // validity first: the output size divides by the strides
+        let fits = d.is_valid()
+            && self.in_block >= 1
             && self.out_block >= 1
             && self.rows >= 1
             && self.in_block <= d.group_channels()
@@ -349,7 +353,7 @@ impl Layout for ConvShape {
                 .checked_mul(self.out_block)
                 .and_then(|v| v.checked_mul(self.plane()))
                 .is_some_and(|v| v <= degree);
-        if !d.valid() || self.count == 0 || self.count > degree || !fits {
+        if self.count == 0 || self.count > degree || !fits {
             return Err(HeError::Shape(format!(
                 "convolution layout {self:?} does not fit degree {degree}"
             )));
@@ -368,7 +372,7 @@ pub(crate) fn candidates(
     max_out_block: usize,
 ) -> Vec<ConvShape> {
     let mut out = Vec::new();
-    if !dims.valid() {
+    if !dims.is_valid() {
         return out;
     }
     let ho = dims.output_hw()[0];

@@ -51,7 +51,7 @@ pub use client::ClientKey;
 pub use conv_packing::{ConvDims, ConvShape};
 pub use packing::{BlockShape, Kept, Layout, MAX_DENSE_WEIGHTS, Packing, max_flood_fan_in};
 pub use params::{
-    ERROR_BOUND, ERROR_VARIANCE, FloodPlan, HE_STANDARD_128, HeParams, REPLIES_PER_KEY_BITS,
+    ERROR_BOUND, ERROR_VARIANCE, FloodPlan, HE_STANDARD_128, HeParams, MAX_REPLIES_BITS,
     STAT_SECURITY_BITS,
 };
 pub use server::{FirstBlocks, LinearForm, Part, Reply, ServerKey, evaluate, evaluate_all};

@@ -23,6 +23,10 @@ use crate::{HeError, HeParams};
 /// packing (the server would hold the dense matrix: 2^24 × 8 B = 128 MiB).
 pub const MAX_DENSE_WEIGHTS: usize = 1 << 24;
 
+/// A layout may use this many input (or reply) ciphertexts even where the
+/// per-coefficient packing would use fewer.
+const MIN_CIPHERTEXT_CAP: usize = 64;
+
 /// How one op's batch is laid out in ciphertexts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Packing {
@@ -452,6 +456,9 @@ impl Packing {
         dims: &ConvDims,
         count: usize,
     ) -> Result<Packing, HeError> {
+        if !dims.is_valid() {
+            return Err(HeError::Shape(format!("an invalid convolution {dims:?}")));
+        }
         let max_out = max_flood_fan_in(params)
             / dims.group_channels().max(1)
             / (dims.kernel[0] * dims.kernel[1]).max(1);
@@ -492,7 +499,16 @@ impl Packing {
             macs,
         };
         let mut best_cost = best.estimated_seconds(params);
+        // The server holds all of an op's input ciphertexts while it
+        // evaluates; a layout never makes it hold more of them (or more
+        // replies) than the per-coefficient packing, whose count is fixed by
+        // the layer, or than a small batch needs anyway.
+        let max_inputs = input_len.max(MIN_CIPHERTEXT_CAP);
+        let max_outputs = output_len.max(MIN_CIPHERTEXT_CAP);
         let mut consider = |p: Packing| {
+            if p.input_ciphertexts() > max_inputs || p.output_ciphertexts() > max_outputs {
+                return;
+            }
             let cost = p.estimated_seconds(params);
             if cost < best_cost {
                 best = p;

@@ -68,6 +68,12 @@ pub trait LinearForm: Sync {
     fn conv_weights(&self) -> Option<Vec<i64>> {
         None
     }
+    /// The layer as a dense matrix `[output_len, input_len]` of centred
+    /// integers, if the form has it at hand; otherwise the block packing reads
+    /// it off [`LinearForm::apply_blocks`] with unit vectors.
+    fn dense_weights(&self) -> Option<Vec<i64>> {
+        None
+    }
 }
 
 /// The client's public key, as the server holds it.
@@ -101,6 +107,19 @@ impl ServerKey {
             what: "public key",
             problem: "no ciphertext".into(),
         })?;
+        // The second component must be expanded from a seed (as `fhe` writes
+        // an honest key): sent explicitly, it could be small or structured,
+        // and then re-randomising with it would hide nothing.
+        if ct_proto.c.len() != 1 || ct_proto.seed.len() != 32 {
+            return Err(HeError::Malformed {
+                what: "public key",
+                problem: format!(
+                    "{} polynomial(s) and a {}-byte seed; the second component must come from a 32-byte seed",
+                    ct_proto.c.len(),
+                    ct_proto.seed.len()
+                ),
+            });
+        }
         let ct = decode_guarded("public key", || {
             Ciphertext::from_bytes(&ct_proto.encode_to_vec(), par)
         })?;
@@ -111,11 +130,9 @@ impl ServerKey {
             });
         }
         let (mut p0, mut p1) = (ct[0].clone(), ct[1].clone());
-        // Re-randomisation adds u·(p0, p1): a zero or structured component
-        // (possible when a hostile client sends both polynomials instead of a
-        // seed) would leave the reply un-randomised. A real key's components
-        // are uniform (p1 from a seed, p0 = −p1·s + e): nearly all N
-        // coefficients distinct.
+        // A sanity check on top (p1 comes from the seed): a real key's
+        // components are uniform, nearly all N coefficients distinct. It does
+        // not prove p0 = −p1·s + e with a small e; see docs/threat-model.md.
         for (name, p) in [("first", &p0), ("second", &p1)] {
             let distinct = distinct_coefficients(p);
             if distinct < par.degree() / 2 {

@@ -791,13 +791,18 @@ fn convolution_packing_decrypts_exactly_to_w_r_minus_s() {
 }
 
 #[test]
-fn a_public_key_with_a_degenerate_component_is_refused() {
+fn a_public_key_must_be_seeded_and_look_uniform() {
     let p = HeParams::for_ring(37).unwrap();
     let client = ClientKey::generate(&p);
     let honest =
         <fhe::proto::bfv::PublicKey as prost::Message>::decode(&client.public_key_bytes()[..])
             .unwrap();
     let ct = honest.c.clone().unwrap();
+    assert_eq!(
+        (ct.c.len(), ct.seed.len()),
+        (1, 32),
+        "fhe writes keys seeded"
+    );
     let par = p.bfv();
     let full = Ciphertext::from_bytes(&prost::Message::encode_to_vec(&ct), par).unwrap();
     let moduli = par.moduli().to_vec();
@@ -806,30 +811,31 @@ fn a_public_key_with_a_degenerate_component_is_refused() {
         poly.change_representation(fhe_math::rq::Representation::PowerBasis);
         poly.coefficients().to_owned()
     };
-    // both components sent explicitly: accepted when real, refused when the
-    // second is zero or constant, or the first is zero
-    let key_with = |c0: ndarray::Array2<u64>, c1: ndarray::Array2<u64>| {
+    let key_with = |polys: Vec<ndarray::Array2<u64>>, seed: Vec<u8>| {
         let mut proto = honest.clone();
         proto.c = Some(fhe::proto::bfv::Ciphertext {
-            c: vec![
-                crate::wire::encode_poly(c0.view(), &moduli),
-                crate::wire::encode_poly(c1.view(), &moduli),
-            ],
-            seed: vec![],
+            c: polys
+                .iter()
+                .map(|c| crate::wire::encode_poly(c.view(), &moduli))
+                .collect(),
+            seed,
             level: 0,
         });
         prost::Message::encode_to_vec(&proto)
     };
-    assert!(ServerKey::from_bytes(&p, &key_with(coeffs(0), coeffs(1))).is_ok());
-    let zero = ndarray::Array2::<u64>::zeros(coeffs(1).raw_dim());
-    let mut constant = zero.clone();
-    constant.fill(5);
-    for (what, bytes) in [
-        ("second", key_with(coeffs(0), zero.clone())),
-        ("second", key_with(coeffs(0), constant)),
-        ("first", key_with(zero, coeffs(1))),
-    ] {
-        let e = ServerKey::from_bytes(&p, &bytes).unwrap_err().to_string();
-        assert!(e.contains(&format!("{what} component")), "{e}");
+    let zero = ndarray::Array2::<u64>::zeros(coeffs(0).raw_dim());
+    // the honest key, re-encoded
+    assert!(ServerKey::from_bytes(&p, &key_with(vec![coeffs(0)], ct.seed.clone())).is_ok());
+    // both components sent explicitly (the second could be anything): refused
+    for second in [coeffs(1), zero.clone()] {
+        let e = ServerKey::from_bytes(&p, &key_with(vec![coeffs(0), second], vec![]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("from a 32-byte seed"), "{e}");
     }
+    // a zero first component with an honest seed
+    let e = ServerKey::from_bytes(&p, &key_with(vec![zero], ct.seed.clone()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("first component"), "{e}");
 }

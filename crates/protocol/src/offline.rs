@@ -58,6 +58,11 @@ pub struct MaskRequest {
     /// index of the first ciphertext here among the op's input ciphertexts
     /// (as many as the batch's [`Packing`] says)
     pub offset: u32,
+    /// [`layout_tag`] of the packing the client chose for this op and batch;
+    /// the server refuses a request whose tag differs from its own choice
+    /// (both choose from the same public numbers, so a difference means
+    /// different versions)
+    pub layout: u64,
     /// serialised ciphertexts, numbers `offset ..`: per-coefficient packing,
     /// number `j` holds input feature `j` of every inference; block packing,
     /// [`secinfer_he::BlockShape::input_plaintext`] says what each holds
@@ -255,6 +260,7 @@ impl Preprocessor {
             count: batch.count as u32,
             op: op as OpId,
             offset: offset as u32,
+            layout: layout_tag(&batch.packing[op]),
             ciphertexts,
         }))
     }
@@ -286,9 +292,10 @@ impl Preprocessor {
         }
         let packing = batch.packing[op as usize];
         let replies = packing.output_ciphertexts();
+        let mut in_reply = std::collections::HashSet::with_capacity(reply.outputs.len());
         for &o in &reply.outputs {
             let o = o as usize;
-            if o >= replies || batch.received[op as usize][o] {
+            if o >= replies || batch.received[op as usize][o] || !in_reply.insert(o) {
                 return Err(ProtocolError::Unexpected {
                     op,
                     problem: format!("reply ciphertext {o} is out of range or arrived twice"),
@@ -413,6 +420,17 @@ fn conv_dims(spec: &LayerSpec) -> Option<ConvDims> {
     };
     // the packing's output must be the op's output, element for element
     (dims.output_len() == spec.output_len() && dims.input_len() == spec.input_len()).then_some(dims)
+}
+
+/// A stable 64-bit tag of a packing (FNV-1a of its description), carried in
+/// every [`MaskRequest`] so that both parties are known to lay the batch out
+/// alike.
+pub fn layout_tag(packing: &Packing) -> u64 {
+    format!("{packing:?}")
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        })
 }
 
 /// The HE parameters for a model: one ring for all ops.

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use secinfer_he::{LinearForm, Packing, ServerKey};
 use secinfer_model::{LayerSpec, Program};
@@ -13,8 +14,8 @@ use crate::ProtocolError;
 use crate::messages::ServerMaterial;
 use crate::messages::{MaskedInput, MaskedOutput, OpId, PreprocessingId, WireTensor};
 use crate::offline::{
-    CIPHERTEXTS_PER_MESSAGE, MaskRequest, OfflineHello, ProductReply, he_err, packing_for,
-    params_for,
+    CIPHERTEXTS_PER_MESSAGE, MaskRequest, OfflineHello, ProductReply, he_err, layout_tag,
+    packing_for, params_for,
 };
 use crate::private::{LinearEval, LinearSide, PrivateMessage, PrivateRun, program_cost};
 use crate::store::SingleUseStore;
@@ -35,6 +36,12 @@ pub trait MaskedLinear: Send + Sync {
     fn he_form(&self, op: OpId) -> Result<&dyn LinearForm, String>;
     /// The secure program, for a model converted in a private mode.
     fn program(&self) -> Option<&Arc<Program>> {
+        None
+    }
+    /// Reply ciphertexts made with these weights so far, across every
+    /// session that shares the model (the noise flooding's bound counts them
+    /// all); `None` leaves the count to each session.
+    fn reply_counter(&self) -> Option<&AtomicU64> {
         None
     }
 }
@@ -63,15 +70,16 @@ pub struct ServerSession<L: MaskedLinear + ?Sized> {
     max_pending: usize,
     ot: Option<OtEngine>,
     max_ot_bytes: u64,
-    /// reply ciphertexts committed to under the client's key (batches
-    /// accepted), and how many the key may have
-    replies_under_key: u64,
-    max_replies_per_key: u64,
+    /// reply ciphertexts this session's batches committed to, counted here
+    /// when the model keeps no count of its own, and the most allowed
+    replies: u64,
+    max_replies: u64,
 }
 
-/// Reply ciphertexts one client key may receive: the noise flooding's
-/// statistical bound is proven for this many (`secinfer_he::REPLIES_PER_KEY_BITS`).
-pub const MAX_REPLIES_PER_KEY: u64 = 1 << secinfer_he::REPLIES_PER_KEY_BITS;
+/// Reply ciphertexts one model's weights may be used for, across all
+/// sessions: the noise flooding's statistical bound is proven for this many
+/// (`secinfer_he::MAX_REPLIES_BITS`).
+pub const MAX_REPLIES: u64 = 1 << secinfer_he::MAX_REPLIES_BITS;
 
 /// Bytes of stored correlations a session may hold by default (512 MiB).
 pub const DEFAULT_MAX_OT_BYTES: u64 = 512 << 20;
@@ -190,17 +198,18 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             max_pending: DEFAULT_MAX_PENDING,
             ot: None,
             max_ot_bytes: DEFAULT_MAX_OT_BYTES,
-            replies_under_key: 0,
-            max_replies_per_key: MAX_REPLIES_PER_KEY,
+            replies: 0,
+            max_replies: MAX_REPLIES,
         }
     }
 
-    /// Lowers how many reply ciphertexts the client's key may receive in
-    /// this session (never above [`MAX_REPLIES_PER_KEY`], which the noise
-    /// flooding's bound assumes). A batch that would pass it is refused; the
-    /// client must open a new session with a fresh key.
-    pub fn set_max_replies_per_key(&mut self, replies: u64) {
-        self.max_replies_per_key = replies.min(MAX_REPLIES_PER_KEY);
+    /// Lowers how many reply ciphertexts the model's weights may be used for
+    /// (never above [`MAX_REPLIES`], which the noise flooding's bound
+    /// assumes). The count is the model's own across sessions
+    /// ([`MaskedLinear::reply_counter`]) or, without one, this session's. A
+    /// batch that would pass it is refused.
+    pub fn set_max_replies(&mut self, replies: u64) {
+        self.max_replies = replies.min(MAX_REPLIES);
     }
 
     /// Sets how many bytes of correlations this session may store; the
@@ -431,14 +440,22 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
                 .map(|spec| packing_for(key.params(), spec, count))
                 .collect::<Result<_, _>>()?;
             let replies: u64 = packing.iter().map(|p| p.output_ciphertexts() as u64).sum();
-            if self.replies_under_key + replies > self.max_replies_per_key {
+            let counter = self.linear.reply_counter();
+            let before = match counter {
+                Some(c) => c.fetch_add(replies, Ordering::SeqCst),
+                None => self.replies,
+            };
+            if before.saturating_add(replies) > self.max_replies {
+                if let Some(c) = counter {
+                    c.fetch_sub(replies, Ordering::SeqCst);
+                }
                 return Err(ProtocolError::Model(format!(
-                    "a batch of {count} needs {replies} replies under the client's key, which has had \
-                     {} of the {} its noise flooding is proven for; open a new session with a fresh key",
-                    self.replies_under_key, self.max_replies_per_key
+                    "a batch of {count} needs {replies} replies; the model's weights have been used \
+                     for {before} of the {} replies its noise flooding is proven for",
+                    self.max_replies
                 )));
             }
-            self.replies_under_key += replies;
+            self.replies += replies;
             self.batches.insert(
                 first,
                 ServerBatch {
@@ -483,6 +500,18 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             });
         }
         let packing = batch.packing[op as usize];
+        if req.layout != layout_tag(&packing) {
+            return Err(ProtocolError::Shape {
+                op,
+                problem: format!(
+                    "the client laid this batch out differently (layout tag {:#x}); the server's \
+                     layout is {} (tag {:#x}): are both at the same version?",
+                    req.layout,
+                    packing.describe(),
+                    layout_tag(&packing)
+                ),
+            });
+        }
         let in_len = packing.input_ciphertexts();
         if batch.received[op as usize] >= in_len {
             return Err(ProtocolError::Unexpected {

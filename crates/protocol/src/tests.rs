@@ -463,7 +463,7 @@ fn pool_policy_refills_below_low_water() {
 }
 
 #[test]
-fn a_key_past_its_reply_budget_must_be_replaced() {
+fn a_model_past_its_reply_budget_is_refused() {
     let (linear, mut pre, mut client, mut server) = he_setup();
     let params = params_for(&linear.layers).unwrap();
     let per_batch: u64 = linear
@@ -476,23 +476,56 @@ fn a_key_past_its_reply_budget_must_be_replaced() {
         })
         .sum();
     // room for two batches of one, not three
-    server.set_max_replies_per_key(2 * per_batch + per_batch / 2);
+    server.set_max_replies(2 * per_batch + per_batch / 2);
     preprocess(&mut pre, &mut client, &mut server, 1);
     preprocess(&mut pre, &mut client, &mut server, 1);
     let first = pre.start(1).unwrap();
     let req = pre.next_request(first).unwrap().unwrap();
     let e = server.handle_offline(req, &mut |_| Ok(())).unwrap_err();
-    assert!(e.to_string().contains("fresh key"), "{e}");
+    assert!(e.to_string().contains("proven for"), "{e}");
     assert_eq!(
         server.batches_in_flight(),
         0,
         "the refused batch left nothing"
     );
     // the budget can only be lowered below the proven bound
-    server.set_max_replies_per_key(u64::MAX);
+    server.set_max_replies(u64::MAX);
     let first = pre.start(1).unwrap();
     while let Some(req) = pre.next_request(first).unwrap() {
         server.handle_offline(req, &mut |_| Ok(())).unwrap();
     }
     assert_eq!(server.pending_material(), 3);
+}
+
+#[test]
+fn a_request_laid_out_differently_from_the_servers_choice_is_refused() {
+    let (_linear, mut pre, _client, mut server) = he_setup();
+    let first = pre.start(2).unwrap();
+    let mut req = pre.next_request(first).unwrap().unwrap();
+    req.layout ^= 1;
+    let e = server.handle_offline(req, &mut |_| Ok(())).unwrap_err();
+    assert!(
+        e.to_string().contains("laid this batch out differently"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_reply_naming_one_ciphertext_twice_is_refused() {
+    let (_linear, mut pre, _client, mut server) = he_setup();
+    let first = pre.start(1).unwrap();
+    let mut replies = Vec::new();
+    while let Some(req) = pre.next_request(first).unwrap() {
+        server
+            .handle_offline(req, &mut |r| {
+                replies.push(r);
+                Ok(())
+            })
+            .unwrap();
+    }
+    let mut twice = replies[0].clone();
+    twice.outputs.push(twice.outputs[0]);
+    twice.ciphertexts.push(twice.ciphertexts[0].clone());
+    let e = pre.accept(twice).unwrap_err();
+    assert!(e.to_string().contains("arrived twice"), "{e}");
 }

@@ -258,6 +258,19 @@ impl HeLayer {
 }
 
 impl LinearForm for HeLayer {
+    fn dense_weights(&self) -> Option<Vec<i64>> {
+        // x·W with one row per sample: the dense matrix is W transposed
+        let ws = &self.spec.weight_shape;
+        match &self.spec.kind {
+            LinearKind::MatMul
+                if self.spec.input_len() == ws[0] && self.spec.output_len() == ws[1] =>
+            {
+                Some(self.w.t().iter().map(|&v| v as i64).collect())
+            }
+            _ => None,
+        }
+    }
+
     fn conv_weights(&self) -> Option<Vec<i64>> {
         match &self.spec.kind {
             // [M, C/group, kh, kw], exact integers (checked below 2^52 in `new`)

@@ -179,6 +179,9 @@ pub struct ServerModel {
     he: Vec<HeLayer>,
     digest: String,
     program: Option<Arc<secinfer_model::Program>>,
+    /// offline replies made with these weights, by every session of this
+    /// process (the flood's bound: `secinfer_protocol::MAX_REPLIES`)
+    replies: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for ServerModel {
@@ -274,6 +277,7 @@ impl ServerModel {
             he,
             digest,
             program: contract.program.map(Arc::new),
+            replies: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -349,6 +353,10 @@ impl ServerModel {
 impl MaskedLinear for ServerModel {
     fn layers(&self) -> &[LayerSpec] {
         &self.layers
+    }
+
+    fn reply_counter(&self) -> Option<&std::sync::atomic::AtomicU64> {
+        Some(&self.replies)
     }
 
     fn program(&self) -> Option<&Arc<secinfer_model::Program>> {
