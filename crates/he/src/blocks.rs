@@ -149,31 +149,39 @@ pub(crate) fn evaluate_packed_with(
         .iter()
         .map(|&q| Modulus::new(q).map_err(lib_err))
         .collect::<Result<_, _>>()?;
-    // [b, a] of every input ciphertext, both in NTT form
-    let inputs: Vec<[Poly; 2]> = ciphertexts
-        .into_par_iter()
-        .map(|bytes| {
-            let ct = wire::decode_ciphertext("mask ciphertext", &bytes, par)?;
-            let (Some(seed), 1, 0) = (ct.seed, ct.polys.len(), ct.level) else {
-                return Err(HeError::Malformed {
-                    what: "mask ciphertext",
-                    problem: format!(
-                        "{} polynomials{} at level {}, expected one and a seed at level 0",
-                        ct.polys.len(),
-                        if ct.seed.is_some() { " and a seed" } else { "" },
-                        ct.level
-                    ),
-                });
-            };
-            let a = Poly::random_from_seed(&ctx, Representation::Ntt, seed);
-            let [b] = <[Array2<u64>; 1]>::try_from(ct.polys)
-                .map_err(|_| lib_err("one polynomial was checked"))?;
-            let mut b = Poly::try_convert_from(b, &ctx, false, Representation::PowerBasis)
-                .map_err(lib_err)?;
-            b.change_representation(Representation::Ntt);
-            Ok([b, a])
-        })
-        .collect::<Result<_, _>>()?;
+    // [b, a] of an input ciphertext, both in NTT form. Inputs are decoded
+    // (393 KiB each) only for the replies being made, so memory follows the
+    // replies in flight; the serialised form (184 KiB) is what waits.
+    let parse = |bytes: &[u8]| -> Result<([u8; 32], Array2<u64>), HeError> {
+        let ct = wire::decode_ciphertext("mask ciphertext", bytes, par)?;
+        let (Some(seed), 1, 0) = (ct.seed, ct.polys.len(), ct.level) else {
+            return Err(HeError::Malformed {
+                what: "mask ciphertext",
+                problem: format!(
+                    "{} polynomials{} at level {}, expected one and a seed at level 0",
+                    ct.polys.len(),
+                    if ct.seed.is_some() { " and a seed" } else { "" },
+                    ct.level
+                ),
+            });
+        };
+        let [b] = <[Array2<u64>; 1]>::try_from(ct.polys)
+            .map_err(|_| lib_err("one polynomial was checked"))?;
+        Ok((seed, b))
+    };
+    let decode = |bytes: &[u8]| -> Result<[Poly; 2], HeError> {
+        let (seed, b) = parse(bytes)?;
+        let a = Poly::random_from_seed(&ctx, Representation::Ntt, seed);
+        let mut b =
+            Poly::try_convert_from(b, &ctx, false, Representation::PowerBasis).map_err(lib_err)?;
+        b.change_representation(Representation::Ntt);
+        Ok([b, a])
+    };
+    // every input is parsed once up front, so that malformed input is
+    // refused before any reply is made
+    ciphertexts
+        .par_iter()
+        .try_for_each(|c| parse(c).map(drop))?;
     let poly_bytes = moduli.len() * n * 8;
     let cache: Option<Vec<Poly>> =
         if layout.weight_polys().saturating_mul(poly_bytes) <= WEIGHT_CACHE_BYTES {
@@ -190,6 +198,21 @@ pub(crate) fn evaluate_packed_with(
     let t_mask = (1u64 << params.ring_bits()) - 1;
     let replies: Vec<usize> = (0..layout.output_ciphertexts()).collect();
     for chunk in replies.chunks(REPLIES_PER_PART) {
+        let mut needed: Vec<usize> = chunk
+            .iter()
+            .flat_map(|&k| layout.terms(k).into_iter().map(|(input, _)| input))
+            .collect();
+        needed.sort_unstable();
+        needed.dedup();
+        let decoded: std::collections::HashMap<usize, [Poly; 2]> = needed
+            .into_par_iter()
+            .map(|i| {
+                let bytes = ciphertexts
+                    .get(i)
+                    .ok_or_else(|| lib_err("a term names a missing input"))?;
+                Ok((i, decode(bytes)?))
+            })
+            .collect::<Result<_, HeError>>()?;
         let parts = chunk
             .par_iter()
             .map_init(ChaCha20Rng::from_os_rng, |rng, &k| {
@@ -205,8 +228,8 @@ pub(crate) fn evaluate_packed_with(
                             &built
                         }
                     };
-                    let [b, a] = inputs
-                        .get(input)
+                    let [b, a] = decoded
+                        .get(&input)
                         .ok_or_else(|| lib_err("a term names a missing input"))?;
                     let mut pb = w.clone();
                     pb *= b;

@@ -611,6 +611,17 @@ fn block_replies_carry_only_the_kept_coefficients_and_bad_ones_are_refused() {
     // the server refuses a wrong number of inputs and a layout that does not fit
     let e = evaluate_blocks(&server, &d, &shape, vec![], &mut |_| Ok(())).unwrap_err();
     assert!(e.to_string().contains("0 ciphertexts"), "{e}");
+    // a malformed input is refused before any reply is made
+    let mut bad = cts.clone();
+    bad[0] = vec![0xff; 100];
+    let mut emitted = 0;
+    let e = evaluate_blocks(&server, &d, &shape, bad, &mut |p| {
+        emitted += p.len();
+        Ok(())
+    })
+    .unwrap_err();
+    assert!(matches!(e, HeError::Malformed { .. }), "{e}");
+    assert_eq!(emitted, 0);
     let too_big = BlockShape {
         width: 8192,
         ..shape
