@@ -45,6 +45,7 @@ pub fn conversion(c: &Converted, ring_bits: u32) -> String {
             l.folded.join(", ")
         );
     }
+    offline_packings(&mut out, c);
     if let Some(p) = &c.program {
         let compares: usize = p
             .steps
@@ -109,5 +110,37 @@ pub fn what_is_revealed(r: Reveal) -> &'static str {
         Reveal::Activations => {
             "the client learns every linear layer's output (fast mode; it can reconstruct the weights)"
         }
+    }
+}
+
+/// How the offline phase lays out each op for one inference and for a full
+/// batch (the cost model's choice; docs/offline.md), so that an op that
+/// takes no packing by polynomial products shows.
+fn offline_packings(out: &mut String, c: &Converted) {
+    let specs: Vec<_> = c.layers.iter().map(|l| l.spec.clone()).collect();
+    let params = match secinfer_protocol::params_for(&specs) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = writeln!(out, "offline packing: unavailable ({e})");
+            return;
+        }
+    };
+    let full = params.degree();
+    let _ = writeln!(
+        out,
+        "offline packing (HE ciphertexts up + replies down) for 1 inference / a batch of {full}:"
+    );
+    for spec in &specs {
+        let show =
+            |count: usize| match secinfer_protocol::offline::packing_for(&params, spec, count) {
+                Ok(p) => format!(
+                    "{} ({} + {})",
+                    p.describe(),
+                    p.input_ciphertexts(),
+                    p.output_ciphertexts()
+                ),
+                Err(e) => format!("none: {e}"),
+            };
+        let _ = writeln!(out, "  {:>3}  {}  /  {}", spec.op_id, show(1), show(full));
     }
 }

@@ -37,12 +37,12 @@ pub const ERROR_BOUND: u64 = 2 * ERROR_VARIANCE as u64;
 /// one reply ciphertext is within statistical distance `2^-40` of a view that
 /// does not depend on the weights ...
 pub const STAT_SECURITY_BITS: u32 = 40;
-/// ... for all of up to `2^34` reply ciphertexts computed with one model's
+/// ... for all of up to `2^30` reply ciphertexts computed with one model's
 /// weights, across every client, key and session (the flood is widened by
 /// this many bits so that the bound holds for all of them together: the
 /// distance adds up over every reply made with the same weights, whatever key
 /// it was under). The server counts them (`secinfer_protocol`).
-pub const MAX_REPLIES_BITS: u32 = 34;
+pub const MAX_REPLIES_BITS: u32 = 30;
 
 /// Maximum `log2 q` for 128-bit classical security, by ring degree
 /// (HomomorphicEncryption.org standard, Table 1, ternary secret).
@@ -215,9 +215,9 @@ impl HeParams {
 ///
 /// for *any* weights (only the public fan-in enters). The server adds a
 /// uniform `F ∈ [−2^β, 2^β]` to every coefficient, with
-/// `β = ⌈log2 b⌉ + 40 + log2 N + 34`; the statistical distance between
+/// `β = ⌈log2 b⌉ + 40 + log2 N + 30`; the statistical distance between
 /// `noise + F` and `F` is at most `b / 2^β` per coefficient, so at most `2^-40`
-/// over all `N` coefficients of `2^34` replies. The reply still decrypts if
+/// over all `N` coefficients of `2^30` replies. The reply still decrypts if
 /// `2^β + b < q / (2t)`; after the server drops to the last prime `q_0` (to
 /// shrink the reply), the noise is at most `(2^β + b)·q_0/q + (levels)·(1 +
 /// N·η)/2`, which must stay below `q_0 / (2t)`. Both are checked here.
