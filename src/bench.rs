@@ -389,26 +389,8 @@ fn ensure_correlations<C: Channel + 'static>(
     if want.fits_in(&ready) {
         return Ok(false);
     }
-    client.backend().make_correlations(shortfall(want, ready))?;
+    client.backend().make_correlations(want.shortfall(&ready))?;
     Ok(true)
-}
-
-fn shortfall(want: Demand, have: Demand) -> Demand {
-    Demand {
-        triples: want.triples.saturating_sub(have.triples),
-        bit_ots_client_sends: want
-            .bit_ots_client_sends
-            .saturating_sub(have.bit_ots_client_sends),
-        bit_ots_server_sends: want
-            .bit_ots_server_sends
-            .saturating_sub(have.bit_ots_server_sends),
-        word_ots_client_sends: want
-            .word_ots_client_sends
-            .saturating_sub(have.word_ots_client_sends),
-        word_ots_server_sends: want
-            .word_ots_server_sends
-            .saturating_sub(have.word_ots_server_sends),
-    }
 }
 
 /// Inferences per correlation batch: as many as fit half the client's

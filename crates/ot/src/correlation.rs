@@ -111,6 +111,25 @@ impl Demand {
             && self.word_ots_server_sends <= o.word_ots_server_sends
     }
 
+    /// What is in `self` and not in `have`, component by component.
+    pub fn shortfall(&self, have: &Demand) -> Demand {
+        Demand {
+            triples: self.triples.saturating_sub(have.triples),
+            bit_ots_client_sends: self
+                .bit_ots_client_sends
+                .saturating_sub(have.bit_ots_client_sends),
+            bit_ots_server_sends: self
+                .bit_ots_server_sends
+                .saturating_sub(have.bit_ots_server_sends),
+            word_ots_client_sends: self
+                .word_ots_client_sends
+                .saturating_sub(have.word_ots_client_sends),
+            word_ots_server_sends: self
+                .word_ots_server_sends
+                .saturating_sub(have.word_ots_server_sends),
+        }
+    }
+
     /// Whether nothing is demanded.
     pub fn is_zero(&self) -> bool {
         *self == Demand::default()
@@ -693,6 +712,38 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand::rngs::ChaCha20Rng;
+
+    #[test]
+    fn shortfall_is_what_is_missing_per_component() {
+        let want = demand();
+        assert_eq!(want.shortfall(&Demand::default()), want);
+        assert!(want.shortfall(&want).is_zero());
+        let half = Demand {
+            triples: 65,
+            bit_ots_client_sends: 100,
+            ..Demand::default()
+        };
+        let short = want.shortfall(&half);
+        assert_eq!(short.triples, 65);
+        assert_eq!(
+            short.bit_ots_client_sends, 0,
+            "more than enough is not negative"
+        );
+        assert_eq!(short.bit_ots_server_sends, want.bit_ots_server_sends);
+        assert!(want.fits_in(&half.plus_for_test(&short)));
+    }
+
+    impl Demand {
+        fn plus_for_test(&self, o: &Demand) -> Demand {
+            Demand {
+                triples: self.triples + o.triples,
+                bit_ots_client_sends: self.bit_ots_client_sends + o.bit_ots_client_sends,
+                bit_ots_server_sends: self.bit_ots_server_sends + o.bit_ots_server_sends,
+                word_ots_client_sends: self.word_ots_client_sends + o.word_ots_client_sends,
+                word_ots_server_sends: self.word_ots_server_sends + o.word_ots_server_sends,
+            }
+        }
+    }
 
     fn demand() -> Demand {
         Demand {

@@ -226,7 +226,7 @@ impl<C: Channel> SessionBackend<C> {
         let demand = program_cost(program, &layers, ids.len())?.demand;
         let short = {
             let have = self.correlations_ready();
-            (!demand.fits_in(&have)).then(|| subtract(demand, have))
+            (!demand.fits_in(&have)).then(|| demand.shortfall(&have))
         };
         if let Some(missing) = short {
             self.make_correlations(missing)?;
@@ -453,25 +453,6 @@ impl<C: Channel> SecureLinearBackend for SessionBackend<C> {
             y.view(),
             spec.output_frac_bits(),
         ))
-    }
-}
-
-/// What is in `want` and not in `have`, component-wise.
-fn subtract(want: Demand, have: Demand) -> Demand {
-    Demand {
-        triples: want.triples.saturating_sub(have.triples),
-        bit_ots_client_sends: want
-            .bit_ots_client_sends
-            .saturating_sub(have.bit_ots_client_sends),
-        bit_ots_server_sends: want
-            .bit_ots_server_sends
-            .saturating_sub(have.bit_ots_server_sends),
-        word_ots_client_sends: want
-            .word_ots_client_sends
-            .saturating_sub(have.word_ots_client_sends),
-        word_ots_server_sends: want
-            .word_ots_server_sends
-            .saturating_sub(have.word_ots_server_sends),
     }
 }
 
