@@ -152,23 +152,7 @@ pub(crate) fn evaluate_packed_with(
     // [b, a] of an input ciphertext, both in NTT form. Inputs are decoded
     // (393 KiB each) only for the replies being made, so memory follows the
     // replies in flight; the serialised form (184 KiB) is what waits.
-    let parse = |bytes: &[u8]| -> Result<([u8; 32], Array2<u64>), HeError> {
-        let ct = wire::decode_ciphertext("mask ciphertext", bytes, par)?;
-        let (Some(seed), 1, 0) = (ct.seed, ct.polys.len(), ct.level) else {
-            return Err(HeError::Malformed {
-                what: "mask ciphertext",
-                problem: format!(
-                    "{} polynomials{} at level {}, expected one and a seed at level 0",
-                    ct.polys.len(),
-                    if ct.seed.is_some() { " and a seed" } else { "" },
-                    ct.level
-                ),
-            });
-        };
-        let [b] = <[Array2<u64>; 1]>::try_from(ct.polys)
-            .map_err(|_| lib_err("one polynomial was checked"))?;
-        Ok((seed, b))
-    };
+    let parse = |bytes: &[u8]| wire::decode_mask_ciphertext(bytes, par);
     let decode = |bytes: &[u8]| -> Result<[Poly; 2], HeError> {
         let (seed, b) = parse(bytes)?;
         let a = Poly::random_from_seed(&ctx, Representation::Ntt, seed);

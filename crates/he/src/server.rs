@@ -305,21 +305,8 @@ pub(crate) fn evaluate_with(
     let inputs: Vec<[Array2<u64>; 2]> = ciphertexts
         .into_par_iter()
         .map(|bytes| {
-            let ct = wire::decode_ciphertext("mask ciphertext", &bytes, par)?;
-            let (Some(seed), 1, 0) = (ct.seed, ct.polys.len(), ct.level) else {
-                return Err(HeError::Malformed {
-                    what: "mask ciphertext",
-                    problem: format!(
-                        "{} polynomials{} at level {}, expected one and a seed at level 0",
-                        ct.polys.len(),
-                        if ct.seed.is_some() { " and a seed" } else { "" },
-                        ct.level
-                    ),
-                });
-            };
+            let (seed, b) = wire::decode_mask_ciphertext(&bytes, par)?;
             let a = Poly::random_from_seed(&ctx, Representation::Ntt, seed);
-            let [b] = <[Array2<u64>; 1]>::try_from(ct.polys)
-                .map_err(|_| lib_err("one polynomial was checked"))?;
             Ok([b, a.coefficients().to_owned()])
         })
         .collect::<Result<_, _>>()?;

@@ -224,6 +224,27 @@ pub(crate) fn decode_ciphertext(
     Ok(WireCiphertext { polys, seed, level })
 }
 
+/// Reads a client's mask ciphertext: exactly one polynomial (`b`, its
+/// coefficient residues at full level) and the 32-byte seed of `a`.
+pub(crate) fn decode_mask_ciphertext(
+    bytes: &[u8],
+    par: &BfvParameters,
+) -> Result<([u8; SEED_BYTES], Array2<u64>), HeError> {
+    let what = "mask ciphertext";
+    let ct = decode_ciphertext(what, bytes, par)?;
+    let (polys, seeded, level) = (ct.polys.len(), ct.seed.is_some(), ct.level);
+    let (Some(seed), Ok([b]), 0) = (ct.seed, <[Array2<u64>; 1]>::try_from(ct.polys), level) else {
+        return Err(malformed(
+            what,
+            format!(
+                "{polys} polynomials{} at level {level}, expected one and a seed at level 0",
+                if seeded { " and a seed" } else { "" }
+            ),
+        ));
+    };
+    Ok((seed, b))
+}
+
 /// A reply of the block packing: the kept coefficients of `c0` (residues at
 /// the one prime of `level`, packed like a polynomial's) and `c1` whole:
 /// `u32` count (little endian), the packed residues, then a ciphertext
