@@ -397,12 +397,8 @@ impl Packing {
                 output_len,
                 ..
             } => input_len * z.up + output_len * z.down_full,
-            Packing::Blocks(_) | Packing::Conv(_) => {
-                let l = self.layout().expect("a layout");
-                l.input_ciphertexts() * z.up
-                    + l.output_ciphertexts() * z.down_c1
-                    + 8 * l.kept_total()
-            }
+            Packing::Blocks(l) => layout_bytes(l, &z),
+            Packing::Conv(l) => layout_bytes(l, &z),
         }
     }
 
@@ -424,12 +420,8 @@ impl Packing {
                     + i * cost::S_PER_INPUT
                     + o * cost::S_PER_REPLY
             }
-            Packing::Blocks(_) | Packing::Conv(_) => {
-                let l = self.layout().expect("a layout");
-                l.products() as f64 * cost::S_PER_BLOCK_PRODUCT
-                    + l.input_ciphertexts() as f64 * cost::S_PER_INPUT
-                    + l.output_ciphertexts() as f64 * cost::S_PER_REPLY
-            }
+            Packing::Blocks(l) => layout_work(l),
+            Packing::Conv(l) => layout_work(l),
         };
         wire + work
     }
@@ -548,6 +540,18 @@ impl Packing {
         }
         Ok(best)
     }
+}
+
+/// Wire bytes of a layout by polynomial products.
+fn layout_bytes(l: &dyn Layout, z: &Sizes) -> usize {
+    l.input_ciphertexts() * z.up + l.output_ciphertexts() * z.down_c1 + 8 * l.kept_total()
+}
+
+/// The server's estimated seconds for a layout by polynomial products.
+fn layout_work(l: &dyn Layout) -> f64 {
+    l.products() as f64 * cost::S_PER_BLOCK_PRODUCT
+        + l.input_ciphertexts() as f64 * cost::S_PER_INPUT
+        + l.output_ciphertexts() as f64 * cost::S_PER_REPLY
 }
 
 /// The largest fan-in whose noise the parameters can flood (0 if none).

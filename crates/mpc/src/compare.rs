@@ -130,7 +130,8 @@ pub async fn carry(p: &mut Party, mine: &[u64], n: u32) -> Result<Bits, MpcError
     cost::ensure(p.correlations(), &cost::carry(mine.len(), n).demand)?;
     let planes = Planes::from_values(mine, n as usize);
     let words = carry_planes(p, &planes).await?;
-    Ok(Bits::from_words(words, mine.len()).expect("one padded plane"))
+    Bits::from_words(words, mine.len())
+        .ok_or_else(|| MpcError::Shape("the carry returned fewer words than one plane".into()))
 }
 
 /// XOR shares of `[v ≥ 0]` for shared `v` (this party's shares `x`) with
@@ -148,7 +149,8 @@ pub async fn drelu(p: &mut Party, x: &[u64], bits: u32) -> Result<Bits, MpcError
         *o ^= m ^ flip;
     }
     // from_words clears the padding the flip set
-    Ok(Bits::from_words(out, x.len()).expect("one padded plane"))
+    Bits::from_words(out, x.len())
+        .ok_or_else(|| MpcError::Shape("the carry returned fewer words than one plane".into()))
 }
 
 #[cfg(test)]
