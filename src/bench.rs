@@ -28,7 +28,7 @@ use secinfer_model::Reveal;
 use secinfer_ot::Demand;
 use secinfer_protocol::{Channel, MaskedLinear};
 use secinfer_tract_ext::client::DEFAULT_CORRELATION_BUDGET;
-use secinfer_tract_ext::{ClientModel, InMemoryChannel, MAX_BATCH, ServerModel};
+use secinfer_tract_ext::{ClientModel, InMemoryChannel, ServerModel};
 use secinfer_transport::Loopback;
 
 use crate::data::Dataset;
@@ -72,8 +72,8 @@ pub struct BenchConfig {
     pub limit: Option<usize>,
     /// inferences per round trip
     pub batch: usize,
-    /// inferences per offline (HE) batch; `None` picks the largest that keeps
-    /// the batch's material under [`MATERIAL_BUDGET`]
+    /// inferences per offline (HE) batch; `None` picks [`auto_offline_batch`]
+    /// (never more than the memory bounds allow)
     pub offline_batch: Option<usize>,
     /// how client and server talk
     pub transport: Transport,
@@ -241,18 +241,12 @@ pub struct LayerSummary {
     pub headroom_bits: f64,
 }
 
-/// Bytes of offline material (client `r`, `c`; server `s`) one automatic
-/// offline batch may hold.
-pub const MATERIAL_BUDGET: usize = 4 << 30;
-
-/// The automatic offline batch for a model: as many inferences as fit
-/// [`MATERIAL_BUDGET`], at most one per ciphertext coefficient.
-pub fn auto_offline_batch(layers: &[secinfer_model::LayerSpec]) -> usize {
-    let per: usize = layers
-        .iter()
-        .map(|l| 8 * (l.input_len() + 2 * l.output_len()))
-        .sum();
-    (MATERIAL_BUDGET / per.max(1)).clamp(1, MAX_BATCH)
+/// The automatic offline batch for a model: the smallest batch whose
+/// estimated cost per inference is near the best
+/// ([`secinfer_protocol::offline::efficient_batch`]).
+pub fn auto_offline_batch(layers: &[secinfer_model::LayerSpec]) -> anyhow::Result<usize> {
+    let params = secinfer_protocol::params_for(layers)?;
+    Ok(secinfer_protocol::offline::efficient_batch(&params, layers)?)
 }
 
 fn plain_model(path: &Path) -> anyhow::Result<Arc<TypedRunnableModel>> {
@@ -366,7 +360,7 @@ fn top_up<C: Channel + 'static>(
     if ready < n {
         client
             .backend()
-            .preprocess((n - ready).max(offline_batch.min(MAX_BATCH)))?;
+            .preprocess_in_batches((n - ready).max(offline_batch), offline_batch)?;
     }
     ensure_correlations(client, n, per)?;
     Ok(())
@@ -469,10 +463,11 @@ fn run_on<C: Channel + 'static>(
     }
     let batch = if batched { cfg.batch.max(1) } else { 1 };
     let plain = plain_model(&cfg.model)?;
-    let offline_batch = cfg
-        .offline_batch
-        .unwrap_or_else(|| auto_offline_batch(server.layers()))
-        .clamp(1, MAX_BATCH);
+    let offline_batch = match cfg.offline_batch {
+        Some(b) => b,
+        None => auto_offline_batch(server.layers())?,
+    }
+    .clamp(1, client.backend().max_batch()?);
     let mut offline = Duration::ZERO;
     let all_batched = server.layers().iter().all(|l| l.batched);
     let sweep: Vec<usize> = if all_batched && batched {

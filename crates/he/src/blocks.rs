@@ -22,7 +22,9 @@ use rand_chacha09::rand_core::{RngCore, SeedableRng};
 use rayon::prelude::*;
 
 use crate::encoding::ScaledEncoder;
-use crate::packing::{BlockShape, Layout, MAX_DENSE_WEIGHTS, Packing};
+use crate::packing::{
+    BlockShape, Layout, MAX_DENSE_WEIGHTS, Packing, REPLIES_PER_PART, WEIGHT_CACHE_BYTES,
+};
 use crate::server::{Privacy, finish};
 use crate::{HeError, LinearForm, ServerKey, lib_err, wire};
 
@@ -37,12 +39,7 @@ pub struct BlockPart {
     pub masks: Vec<u64>,
 }
 
-/// Replies finished per call of `emit` (bounds the server's memory).
-const REPLIES_PER_PART: usize = 64;
 
-/// Weight polynomials kept in NTT form for the whole batch if they fit this
-/// many bytes (otherwise each is rebuilt where it is used).
-const WEIGHT_CACHE_BYTES: usize = 512 << 20;
 
 /// `Enc(W·r − s)` for a batch laid out as `packing` (a layout by polynomial
 /// products), from the client's input ciphertexts, handed to `emit` a few

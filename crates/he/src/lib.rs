@@ -49,7 +49,9 @@ mod wire;
 pub use blocks::{BlockPart, evaluate_blocks, evaluate_packed};
 pub use client::ClientKey;
 pub use conv_packing::{ConvDims, ConvShape};
-pub use packing::{BlockShape, Kept, Layout, MAX_DENSE_WEIGHTS, Packing, max_flood_fan_in};
+pub use packing::{
+    BlockShape, JOB_MEMORY_BYTES, Kept, Layout, MAX_DENSE_WEIGHTS, Packing, max_flood_fan_in,
+};
 pub use params::{
     ERROR_BOUND, ERROR_VARIANCE, FloodPlan, HE_STANDARD_128, HeParams, MAX_REPLIES_BITS,
     STAT_SECURITY_BITS,
@@ -79,6 +81,9 @@ pub enum HeError {
     /// The HE library failed.
     #[error("fhe: {0}")]
     Library(String),
+    /// The work would take more memory than allowed (says the estimate).
+    #[error("memory: {0}")]
+    Memory(String),
 }
 
 pub(crate) fn lib_err(e: impl std::fmt::Display) -> HeError {

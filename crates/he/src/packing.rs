@@ -27,6 +27,30 @@ pub const MAX_DENSE_WEIGHTS: usize = 1 << 24;
 /// per-coefficient packing would use fewer.
 const MIN_CIPHERTEXT_CAP: usize = 64;
 
+/// Working memory one HE job (one op of one batch, on the server) may take,
+/// by [`Packing::server_bytes`]. Layouts above it are never chosen, and a
+/// batch for which no layout of some op fits is refused before anything is
+/// sent or allocated; since both parties choose alike, the client sizes its
+/// batches by the same rule ([`Packing::choose`]).
+pub const JOB_MEMORY_BYTES: usize = 1 << 30;
+
+/// Output accumulators (2 components × primes × N residues × 8 B per output)
+/// the per-coefficient evaluation holds at once; bigger layers are done a
+/// group of outputs at a time, each group redoing the input transposes. Up
+/// to 2 GiB was faster (the CNN's conv 2 took 54 s per full batch against
+/// 67 s at 1 GiB), but a job must fit [`JOB_MEMORY_BYTES`] whole.
+pub(crate) const OUTPUT_MEMORY_BUDGET: usize = 256 << 20;
+
+/// Weight polynomials kept in NTT form for a whole block-packed job if they
+/// fit this many bytes (otherwise each is rebuilt where it is used).
+pub(crate) const WEIGHT_CACHE_BYTES: usize = 512 << 20;
+
+/// Replies a block-packed job finishes (and hands on) at a time.
+pub(crate) const REPLIES_PER_PART: usize = 64;
+
+/// Residue positions per kernel call of the per-coefficient products.
+pub(crate) const SLOT_CHUNK: usize = 256;
+
 /// How one op's batch is laid out in ciphertexts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Packing {
@@ -402,6 +426,35 @@ impl Packing {
         }
     }
 
+    /// Estimated peak bytes the server holds for this op's batch: the
+    /// serialised input ciphertexts while they arrive, their decoded form
+    /// while products use them, the accumulators or cached weight
+    /// polynomials, the replies and the masks `s`. An upper estimate
+    /// (docs/offline.md, "Memory"); [`JOB_MEMORY_BYTES`] bounds it.
+    pub fn server_bytes(&self, params: &HeParams) -> usize {
+        let z = Sizes::of(params);
+        let poly = params.bfv().moduli().len() * params.degree() * 8;
+        match self {
+            Packing::PerCoefficient {
+                input_len,
+                output_len,
+                count,
+                ..
+            } => {
+                // one group of outputs at a time: accumulators and replies
+                let group = (*output_len).min((OUTPUT_MEMORY_BUDGET / (2 * poly)).max(1));
+                // per thread: SLOT_CHUNK rows of up to 3 limbs of every input
+                let kernel = 2 * SLOT_CHUNK * 3 * input_len * 8;
+                input_len.saturating_mul(z.up + 2 * poly)
+                    + group * (2 * poly + z.down_full)
+                    + kernel
+                    + output_len.saturating_mul(8 * count)
+            }
+            Packing::Blocks(l) => layout_server_bytes(l, &z, poly),
+            Packing::Conv(l) => layout_server_bytes(l, &z, poly),
+        }
+    }
+
     /// Estimated seconds for the op's batch on the reference machine (2
     /// cores, 1 Gbit/s): wire bytes plus the server's work (docs/offline.md,
     /// "Choice", has the constants and the measurements behind them).
@@ -486,29 +539,35 @@ impl Packing {
                 "a batch of {count} inferences of a {input_len} -> {output_len} op"
             )));
         }
-        let mut best = Packing::PerCoefficient {
-            input_len,
-            output_len,
-            count,
-            macs,
-        };
-        let mut best_cost = best.estimated_seconds(params);
         // The server holds all of an op's input ciphertexts while it
         // evaluates; a layout never makes it hold more of them (or more
         // replies) than the per-coefficient packing, whose count is fixed by
-        // the layer, or than a small batch needs anyway.
+        // the layer, or than a small batch needs anyway; and its whole
+        // working memory must fit JOB_MEMORY_BYTES.
         let max_inputs = input_len.max(MIN_CIPHERTEXT_CAP);
         let max_outputs = output_len.max(MIN_CIPHERTEXT_CAP);
+        let mut best: Option<(Packing, f64)> = None;
+        let mut least_memory = usize::MAX;
         let mut consider = |p: Packing| {
             if p.input_ciphertexts() > max_inputs || p.output_ciphertexts() > max_outputs {
                 return;
             }
+            let memory = p.server_bytes(params);
+            least_memory = least_memory.min(memory);
+            if memory > JOB_MEMORY_BYTES {
+                return;
+            }
             let cost = p.estimated_seconds(params);
-            if cost < best_cost {
-                best = p;
-                best_cost = cost;
+            if best.as_ref().is_none_or(|(_, c)| cost < *c) {
+                best = Some((p, cost));
             }
         };
+        consider(Packing::PerCoefficient {
+            input_len,
+            output_len,
+            count,
+            macs,
+        });
         for p in extra {
             consider(p);
         }
@@ -538,13 +597,35 @@ impl Packing {
                 }
             }
         }
-        Ok(best)
+        best.map(|(p, _)| p).ok_or_else(|| {
+            HeError::Memory(format!(
+                "no layout of a batch of {count} inferences of this {input_len} -> {output_len} op \
+                 fits the {} MiB an HE job may use on the server (the smallest needs ~{} MiB); \
+                 preprocess fewer inferences at once",
+                JOB_MEMORY_BYTES >> 20,
+                least_memory.div_ceil(1 << 20)
+            ))
+        })
     }
 }
 
 /// Wire bytes of a layout by polynomial products.
 fn layout_bytes(l: &dyn Layout, z: &Sizes) -> usize {
     l.input_ciphertexts() * z.up + l.output_ciphertexts() * z.down_c1 + 8 * l.kept_total()
+}
+
+/// [`Packing::server_bytes`] of a layout by polynomial products: inputs
+/// arrive serialised and are decoded for one group of replies at a time
+/// (at most all of them), the weight polynomials are cached if small enough,
+/// replies leave [`REPLIES_PER_PART`] at a time, the masks stay.
+fn layout_server_bytes(l: &dyn Layout, z: &Sizes, poly: usize) -> usize {
+    let inputs = l.input_ciphertexts();
+    let weights = l.weight_polys().saturating_mul(poly);
+    let cache = if weights <= WEIGHT_CACHE_BYTES { weights } else { 0 };
+    inputs.saturating_mul(z.up + 2 * poly)
+        + cache
+        + l.output_ciphertexts().min(REPLIES_PER_PART) * (z.down_full + 2 * poly)
+        + l.kept_total().saturating_mul(8)
 }
 
 /// The server's estimated seconds for a layout by polynomial products.

@@ -28,6 +28,7 @@ use rand_chacha09::rand_core::{RngCore, SeedableRng};
 use rayon::prelude::*;
 
 use crate::encoding::ScaledEncoder;
+use crate::packing::{OUTPUT_MEMORY_BUDGET, SLOT_CHUNK};
 use crate::wire;
 use crate::{FloodPlan, HeError, HeParams, decode_guarded, lib_err};
 
@@ -199,17 +200,8 @@ pub struct Reply {
     pub masks: Vec<Vec<u64>>,
 }
 
-/// Bytes of output accumulators (2 components × primes × N residues × 8 B
-/// per output) held at once; bigger layers are done a few blocks at a time.
-/// Each group of blocks redoes the input transposes and, for convolutions,
-/// the im2col copies, so a larger budget is faster: 2 GiB holds 27 of the
-/// CNN's 64 conv-2 channels (1 GiB held 13); with the tiled transpose below
-/// that layer's products went from 67 s to 54 s per batch.
-const OUTPUT_MEMORY_BUDGET: usize = 2 << 30;
 /// Input ciphertexts per tile of the residue transpose.
 const TRANSPOSE_TILE: usize = 32;
-/// Residue positions per kernel call.
-const SLOT_CHUNK: usize = 256;
 
 /// Whether the reply hides the weights. Only `Full` is reachable outside this
 /// crate; the other exists so a test can show the attack it prevents.

@@ -557,8 +557,16 @@ fn the_layout_follows_the_batch_size() {
         last = per;
     }
     // a layer too big for a dense matrix keeps the per-coefficient packing
-    let conv = Packing::choose(&p, 6272, 12544, 1).unwrap();
-    assert!(matches!(conv, Packing::PerCoefficient { .. }));
+    // while its job fits the server's memory bound ...
+    let wide = Packing::choose(&p, 800, 30000, 1).unwrap();
+    assert!(matches!(wide, Packing::PerCoefficient { .. }));
+    assert!(wide.server_bytes(&p) <= JOB_MEMORY_BYTES);
+    // ... and is refused, with the estimate, where even that does not fit
+    let e = Packing::choose(&p, 6272, 12544, 1).unwrap_err().to_string();
+    assert!(
+        e.contains("1024 MiB") && e.contains("needs ~"),
+        "{e}"
+    );
     // and nonsense is refused
     assert!(Packing::choose(&p, 784, 128, 0).is_err());
     assert!(Packing::choose(&p, 784, 128, p.degree() + 1).is_err());

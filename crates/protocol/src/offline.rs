@@ -122,6 +122,8 @@ pub struct Preprocessor {
     rng: ChaCha20Rng,
     next_id: u64,
     batches: HashMap<PreprocessingId, ClientBatch>,
+    /// the most inferences one batch may hold ([`max_batch`])
+    max_batch: usize,
 }
 
 impl std::fmt::Debug for Preprocessor {
@@ -134,6 +136,7 @@ impl Preprocessor {
     /// A fresh key for a model's ops; all ops must share one ring.
     pub fn new(layers: Vec<LayerSpec>) -> Result<Preprocessor, ProtocolError> {
         let params = params_for(&layers)?;
+        let max_batch = max_batch(&params, &layers)?;
         let rng = ChaCha20Rng::try_from_rng(&mut SysRng)
             .map_err(|e| ProtocolError::Model(format!("OS randomness unavailable: {e}")))?;
         Ok(Preprocessor {
@@ -142,12 +145,14 @@ impl Preprocessor {
             rng,
             next_id: 0,
             batches: HashMap::new(),
+            max_batch,
         })
     }
 
-    /// The most inferences one batch can hold (the ring degree).
+    /// The most inferences one batch may hold: at most the ring degree, and
+    /// as many as the memory bounds allow ([`max_batch`]).
     pub fn max_batch(&self) -> usize {
-        self.key.params().degree()
+        self.max_batch
     }
 
     /// The session's first offline message.
@@ -420,6 +425,76 @@ fn conv_dims(spec: &LayerSpec) -> Option<ConvDims> {
     };
     // the packing's output must be the op's output, element for element
     (dims.output_len() == spec.output_len() && dims.input_len() == spec.input_len()).then_some(dims)
+}
+
+/// Bytes of offline material (`r` and `c` of every op) one client batch may
+/// hold; with [`secinfer_he::JOB_MEMORY_BYTES`] on the server's side it sets
+/// [`max_batch`], so that memory on both sides follows the inferences in
+/// flight, not the model's size times the ring degree.
+pub const CLIENT_BATCH_BYTES: usize = 1 << 30;
+
+/// The most inferences one offline batch of these ops may hold: at most the
+/// ring degree, the client's material for it within [`CLIENT_BATCH_BYTES`],
+/// and every op with a layout whose server job fits
+/// [`secinfer_he::JOB_MEMORY_BYTES`]. An error (naming the op and the
+/// estimate) if not even one inference fits.
+pub fn max_batch(params: &HeParams, layers: &[LayerSpec]) -> Result<usize, ProtocolError> {
+    let per: usize = layers
+        .iter()
+        .map(|l| 8 * (l.input_len() + l.output_len()))
+        .sum();
+    let fits = |count: usize| -> Result<(), ProtocolError> {
+        layers
+            .iter()
+            .try_for_each(|spec| packing_for(params, spec, count).map(drop))
+    };
+    fits(1)?;
+    // Larger batches need more of both, so the largest that fits is found by
+    // bisection.
+    let (mut lo, mut hi) = (1, params.degree().min((CLIENT_BATCH_BYTES / per.max(1)).max(1)));
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if fits(mid).is_ok() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Ok(lo)
+}
+
+/// The cost model's seconds for an offline batch of `count` inferences of
+/// these ops (the sum of each op's [`Packing::estimated_seconds`]).
+pub fn estimated_seconds(
+    params: &HeParams,
+    layers: &[LayerSpec],
+    count: usize,
+) -> Result<f64, ProtocolError> {
+    layers.iter().try_fold(0.0, |sum, spec| {
+        Ok(sum + packing_for(params, spec, count)?.estimated_seconds(params))
+    })
+}
+
+/// The smallest offline batch (a power of two, at most [`max_batch`]) whose
+/// estimated cost per inference is within 10 % of the best any batch size
+/// reaches: larger batches buy almost nothing and only delay the first
+/// answers and hold memory. Pools and `bench` refill in batches of this
+/// size.
+pub fn efficient_batch(params: &HeParams, layers: &[LayerSpec]) -> Result<usize, ProtocolError> {
+    let max = max_batch(params, layers)?;
+    let sizes: Vec<usize> = (0..=max.ilog2())
+        .map(|e| 1usize << e)
+        .chain((!max.is_power_of_two()).then_some(max))
+        .collect();
+    let per: Vec<(usize, f64)> = sizes
+        .iter()
+        .map(|&b| Ok((b, estimated_seconds(params, layers, b)? / b as f64)))
+        .collect::<Result<_, ProtocolError>>()?;
+    let best = per.iter().map(|&(_, c)| c).fold(f64::INFINITY, f64::min);
+    Ok(per
+        .iter()
+        .find(|&&(_, c)| c <= 1.1 * best)
+        .map_or(max, |&(b, _)| b))
 }
 
 /// A stable 64-bit tag of a packing (FNV-1a of its description), carried in

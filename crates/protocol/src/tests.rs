@@ -529,3 +529,70 @@ fn a_reply_naming_one_ciphertext_twice_is_refused() {
     let e = pre.accept(twice).unwrap_err();
     assert!(e.to_string().contains("arrived twice"), "{e}");
 }
+
+/// A ResNet-size 3×3 convolution, 64 → 64 channels on 56×56 (spec only).
+fn resnet_conv_spec() -> LayerSpec {
+    LayerSpec {
+        op_id: 0,
+        source_node: "conv".into(),
+        source_op: "Conv".into(),
+        kind: LinearKind::Conv(secinfer_ring::ConvGeometry {
+            strides: vec![1, 1],
+            dilations: vec![1, 1],
+            pads_begin: vec![1, 1],
+            pads_end: vec![1, 1],
+            group: 1,
+        }),
+        weight_shape: vec![64, 64, 3, 3],
+        input_shape: vec![1, 64, 56, 56],
+        output_shape: vec![1, 64, 56, 56],
+        batched: true,
+        ring_bits: BITS,
+        input_frac_bits: 8,
+        weight_frac_bits: 8,
+        input_bound: 4.0,
+    }
+}
+
+#[test]
+fn batches_are_sized_by_memory_on_both_sides_and_larger_ones_refused_up_front() {
+    let layers = vec![resnet_conv_spec()];
+    let params = params_for(&layers).unwrap();
+    // the client: its r and c for a batch stay within CLIENT_BATCH_BYTES
+    let max = crate::offline::max_batch(&params, &layers).unwrap();
+    let per = 8 * (layers[0].input_len() + layers[0].output_len());
+    assert!(
+        max >= 1 && max * per <= crate::offline::CLIENT_BATCH_BYTES,
+        "max batch {max}"
+    );
+    // each layout the choice can make fits the server's job bound
+    for count in [1, max] {
+        let p = crate::offline::packing_for(&params, &layers[0], count).unwrap();
+        assert!(p.server_bytes(&params) <= secinfer_he::JOB_MEMORY_BYTES, "{p:?}");
+    }
+    let pre = Preprocessor::new(layers.clone()).unwrap();
+    assert_eq!(pre.max_batch(), max);
+    // the server refuses a full batch before taking any ciphertext: the
+    // per-coefficient packing would hold 200,704 input ciphertexts
+    let mut linear = TinyDense::new();
+    linear.layers = layers;
+    let mut server = ServerSession::new(Arc::new(linear));
+    server.accept_hello(pre.hello()).unwrap();
+    let e = server
+        .receive_offline(MaskRequest {
+            first_id: PreprocessingId(0),
+            count: 8192,
+            op: 0,
+            offset: 0,
+            layout: 0,
+            ciphertexts: vec![],
+        })
+        .err()
+        .expect("refused");
+    let text = e.to_string();
+    assert!(
+        text.contains("op 0") && text.contains("MiB") && text.contains("needs ~"),
+        "{text}"
+    );
+    assert_eq!(server.batches_in_flight(), 0);
+}

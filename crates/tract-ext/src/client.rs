@@ -114,6 +114,8 @@ pub struct SessionBackend<C: Channel> {
     changed: Condvar,
     /// the offline engine (the client's HE key and batches in flight)
     offline: Mutex<Option<Preprocessor>>,
+    /// [`SessionBackend::max_batch`], computed on first use
+    max_batch: std::sync::OnceLock<usize>,
     /// the correlations' engine and store (private modes)
     ot: Mutex<Option<OtEngine>>,
     channel: C,
@@ -148,6 +150,7 @@ impl<C: Channel> SessionBackend<C> {
             }),
             changed: Condvar::new(),
             offline: Mutex::new(None),
+            max_batch: std::sync::OnceLock::new(),
             ot: Mutex::new(None),
             channel,
         }
@@ -304,9 +307,23 @@ impl<C: Channel> SessionBackend<C> {
         result
     }
 
-    /// Preprocesses `total` inferences in batches of at most `batch`.
+    /// The most inferences one offline batch of this model may hold
+    /// ([`secinfer_protocol::offline::max_batch`]: memory on both sides is
+    /// bounded by it).
+    pub fn max_batch(&self) -> anyhow::Result<usize> {
+        if let Some(&m) = self.max_batch.get() {
+            return Ok(m);
+        }
+        let layers = self.lock()?.session.layers().to_vec();
+        let params = secinfer_protocol::params_for(&layers)?;
+        let m = secinfer_protocol::offline::max_batch(&params, &layers)?;
+        Ok(*self.max_batch.get_or_init(|| m))
+    }
+
+    /// Preprocesses `total` inferences in batches of at most `batch` (and
+    /// at most [`max_batch`](Self::max_batch)).
     pub fn preprocess_in_batches(&self, total: usize, batch: usize) -> anyhow::Result<()> {
-        let batch = batch.clamp(1, MAX_BATCH);
+        let batch = batch.clamp(1, self.max_batch()?);
         let mut left = total;
         while left > 0 {
             let n = left.min(batch);
@@ -502,6 +519,11 @@ impl PreprocessingPool {
                 policy.batch
             );
         }
+        // memory on both sides bounds a batch, whatever the policy asks
+        let policy = PoolPolicy {
+            batch: policy.batch.min(backend.max_batch()?),
+            ..policy
+        };
         backend.lock()?.pool_running = true;
         let stop = Arc::new(AtomicBool::new(false));
         let (b, st) = (backend.clone(), stop.clone());
