@@ -113,9 +113,10 @@ pub fn what_is_revealed(r: Reveal) -> &'static str {
     }
 }
 
-/// How the offline phase lays out each op for one inference and for a full
-/// batch (the cost model's choice; docs/offline.md), so that an op that
-/// takes no packing by polynomial products shows.
+/// How the offline phase lays out each op for one inference and for the
+/// largest batch the memory bounds allow (the cost model's choice;
+/// docs/offline.md), so that an op that takes no packing by polynomial
+/// products shows; and the batch sizes a client will use.
 fn offline_packings(out: &mut String, c: &Converted) {
     let specs: Vec<_> = c.layers.iter().map(|l| l.spec.clone()).collect();
     let params = match secinfer_protocol::params_for(&specs) {
@@ -125,7 +126,20 @@ fn offline_packings(out: &mut String, c: &Converted) {
             return;
         }
     };
-    let full = params.degree();
+    let (full, efficient) = match (
+        secinfer_protocol::offline::max_batch(&params, &specs),
+        secinfer_protocol::offline::efficient_batch(&params, &specs),
+    ) {
+        (Ok(m), Ok(e)) => (m, e),
+        (Err(e), _) | (_, Err(e)) => {
+            let _ = writeln!(out, "offline phase: impossible: {e}");
+            return;
+        }
+    };
+    let _ = writeln!(
+        out,
+        "offline batches: at most {full} inferences (memory bounds), {efficient} by default (the cost model's most efficient size)"
+    );
     let _ = writeln!(
         out,
         "offline packing (HE ciphertexts up + replies down) for 1 inference / a batch of {full}:"

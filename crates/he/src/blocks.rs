@@ -52,7 +52,7 @@ pub fn evaluate_packed(
     ciphertexts: Vec<Vec<u8>>,
     emit: &mut dyn FnMut(Vec<BlockPart>) -> Result<(), HeError>,
 ) -> Result<(), HeError> {
-    evaluate_packed_with(key, form, packing, ciphertexts, Privacy::Full, emit)
+    evaluate_packed_with(key, form, packing, ciphertexts, Privacy::Full, true, emit)
 }
 
 /// [`evaluate_packed`] for a dense block layout.
@@ -72,6 +72,7 @@ pub(crate) fn evaluate_packed_with(
     packing: &Packing,
     ciphertexts: Vec<Vec<u8>>,
     privacy: Privacy,
+    shrink: bool,
     emit: &mut dyn FnMut(Vec<BlockPart>) -> Result<(), HeError>,
 ) -> Result<(), HeError> {
     let params = key.params();
@@ -178,7 +179,10 @@ pub(crate) fn evaluate_packed_with(
     let encoder = ScaledEncoder::new(&ctx, n, params.ring_bits())?;
     let t_mask = (1u64 << params.ring_bits()) - 1;
     let replies: Vec<usize> = (0..layout.output_ciphertexts()).collect();
+    // `SECINFER_TRACE=1`: where the job's time goes (thread-seconds)
+    let trace = Trace::new();
     for chunk in replies.chunks(REPLIES_PER_PART) {
+        let t = std::time::Instant::now();
         let mut needed: Vec<usize> = chunk
             .iter()
             .flat_map(|&k| layout.terms(k).into_iter().map(|(input, _)| input))
@@ -194,9 +198,11 @@ pub(crate) fn evaluate_packed_with(
                 Ok((i, decode(bytes)?))
             })
             .collect::<Result<_, HeError>>()?;
+        trace.add(&trace.decode, t);
         let parts = chunk
             .par_iter()
             .map_init(ChaCha20Rng::from_os_rng, |rng, &k| {
+                let t = std::time::Instant::now();
                 let mut acc: Option<[Poly; 2]> = None;
                 for (input, p) in layout.terms(k) {
                     let built;
@@ -225,6 +231,8 @@ pub(crate) fn evaluate_packed_with(
                     }
                 }
                 let [mut c0, c1] = acc.ok_or_else(|| lib_err("a reply with no term"))?;
+                trace.add(&trace.products, t);
+                let t = std::time::Instant::now();
                 c0.change_representation(Representation::PowerBasis);
                 let kept = layout.kept(k);
                 let mut s_full = vec![0u64; n];
@@ -243,10 +251,12 @@ pub(crate) fn evaluate_packed_with(
                     &s_full,
                     &plan,
                     privacy,
-                    true,
-                    Some(&positions),
+                    shrink,
+                    // a reply kept at full level (tests only) travels whole
+                    shrink.then_some(&positions[..]),
                     rng,
                 )?;
+                trace.add(&trace.finish, t);
                 Ok(BlockPart {
                     index: k,
                     ciphertext,
@@ -256,7 +266,59 @@ pub(crate) fn evaluate_packed_with(
             .collect::<Result<Vec<_>, HeError>>()?;
         emit(parts)?;
     }
+    trace.report(&format!(
+        "{} inputs, {} replies, {} products",
+        layout.input_ciphertexts(),
+        layout.output_ciphertexts(),
+        layout.products()
+    ));
     Ok(())
+}
+
+/// Thread-seconds per part of a block-packed job, printed to stderr when
+/// `SECINFER_TRACE` is set (the profile behind docs/offline.md's figures).
+struct Trace {
+    on: bool,
+    start: std::time::Instant,
+    decode: std::sync::atomic::AtomicU64,
+    products: std::sync::atomic::AtomicU64,
+    finish: std::sync::atomic::AtomicU64,
+}
+
+impl Trace {
+    fn new() -> Trace {
+        Trace {
+            on: std::env::var_os("SECINFER_TRACE").is_some(),
+            start: std::time::Instant::now(),
+            decode: Default::default(),
+            products: Default::default(),
+            finish: Default::default(),
+        }
+    }
+
+    fn add(&self, to: &std::sync::atomic::AtomicU64, since: std::time::Instant) {
+        if self.on {
+            to.fetch_add(
+                since.elapsed().as_nanos() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+    }
+
+    fn report(&self, what: &str) {
+        if self.on {
+            let s = |a: &std::sync::atomic::AtomicU64| {
+                a.load(std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9
+            };
+            eprintln!(
+                "he blocks: {what}: {:.3} s wall; thread-s: decode {:.3}, products {:.3}, finish {:.3}",
+                self.start.elapsed().as_secs_f64(),
+                s(&self.decode),
+                s(&self.products),
+                s(&self.finish)
+            );
+        }
+    }
 }
 
 fn layout_check(layout: &dyn Layout, degree: usize) -> Result<(), HeError> {

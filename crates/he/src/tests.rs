@@ -858,3 +858,88 @@ fn a_public_key_must_be_seeded_and_look_uniform() {
         .to_string();
     assert!(e.contains("first component"), "{e}");
 }
+
+/// The curious client's attack on a block-packed reply: its second
+/// component is `P·a` in `R_Q` for the one input ciphertext's `a`, which the
+/// client made, so `P = c1 · a⁻¹` (slot by slot in the NTT domain) gives
+/// the weight polynomial, whose coefficients are the weights.
+fn recover_weight_poly(p: &HeParams, input: &[u8], reply: &[u8]) -> Vec<i64> {
+    use fhe_math::rq::{Poly, Representation, traits::TryConvertFrom};
+    let par = p.bfv();
+    let ctx = par.context_at_level(0).unwrap().clone();
+    let (seed, _) = crate::wire::decode_mask_ciphertext(input, par).unwrap();
+    let a = Poly::random_from_seed(&ctx, Representation::Ntt, seed);
+    let ct = decode_reply(par, reply).unwrap();
+    let c1 = ct[1].coefficients().to_owned();
+    let mut quotient = c1.clone();
+    for (l, &q) in par.moduli().iter().enumerate() {
+        let m = fhe_math::zq::Modulus::new(q).unwrap();
+        for i in 0..p.degree() {
+            let inv = m.inv(a.coefficients()[[l, i]]).expect("a invertible");
+            quotient[[l, i]] = m.mul(c1[[l, i]], inv);
+        }
+    }
+    let mut w = Poly::try_convert_from(quotient, &ctx, false, Representation::Ntt).unwrap();
+    w.change_representation(Representation::PowerBasis);
+    let q0 = par.moduli()[0];
+    w.coefficients()
+        .row(0)
+        .iter()
+        .map(|&v| if v > q0 / 2 { v as i64 - q0 as i64 } else { v as i64 })
+        .collect()
+}
+
+#[test]
+fn without_rerandomisation_a_block_reply_gives_the_weights_away() {
+    let p = HeParams::for_ring(37).unwrap();
+    let client = ClientKey::generate(&p);
+    let server = ServerKey::from_bytes(&p, &client.public_key_bytes()).unwrap();
+    let d = random_dense(3, 20, 1 << 20, 3);
+    let shape = BlockShape {
+        input_len: 20,
+        output_len: 3,
+        count: 1,
+        width: 1,
+        in_block: 20,
+        out_block: 3,
+    };
+    let masks = [(0..20u64).map(|v| v * 977 + 5).collect::<Vec<u64>>()];
+    let views: Vec<&[u64]> = masks.iter().map(|m| &m[..]).collect();
+    let cts = client.encrypt_blocks(&shape, &views, 0..1).unwrap();
+    assert_eq!(cts.len(), 1);
+    // at full level (no switch down), so that the attack needs no rounding
+    let run = |privacy| {
+        let mut replies = Vec::new();
+        crate::blocks::evaluate_packed_with(
+            &server,
+            &d,
+            &Packing::Blocks(shape),
+            cts.clone(),
+            privacy,
+            false,
+            &mut |parts| {
+                replies.extend(parts);
+                Ok(())
+            },
+        )
+        .unwrap();
+        assert_eq!(replies.len(), 1);
+        recover_weight_poly(&p, &cts[0], &replies[0].ciphertext)
+    };
+    let positions = shape.weight_positions(0, 0);
+    let naive = run(Privacy::NoneInsecure);
+    for &(coefficient, o, j) in &positions {
+        assert_eq!(naive[coefficient], d.w[o][j], "W[{o}][{j}] read off the naive reply");
+    }
+    // The real server's reply at the same point: nothing like the weights.
+    let real = run(Privacy::Full);
+    let matches = positions
+        .iter()
+        .filter(|&&(c, o, j)| real[c] == d.w[o][j])
+        .count();
+    assert_eq!(matches, 0, "a re-randomised reply matched {matches} weights");
+    assert!(
+        positions.iter().all(|&(c, _, _)| real[c].unsigned_abs() > 1 << 30),
+        "the re-randomised quotient looks small at a weight position"
+    );
+}

@@ -10,7 +10,8 @@
 //! kernels compute modulo `2^64`, which is exact modulo `2^k` for every
 //! `k <= 64`; the caller reduces with [`Ring::reduce_tensor`] when it needs
 //! canonical values. The same kernels run on integer-valued `f64` (see
-//! [`Scalar`]), which the HE server uses for its exact residue products.
+//! [`Scalar`]), which the HE server uses for its exact residue products and
+//! the online server for its ring products, cut into [`Limbs`].
 //! Signed weights are passed as the `u64` two's-complement bits of an `i64`.
 
 #![forbid(unsafe_code)]
@@ -19,6 +20,7 @@
 mod conv;
 mod error;
 mod fixed;
+mod limbs;
 mod matmul;
 mod scalar;
 
@@ -27,6 +29,7 @@ pub use conv::{
 };
 pub use error::{RingError, TensorIndex};
 pub use fixed::{MAX_FRAC_BITS, decode, decode_tensor, encode, encode_tensor, quantize};
+pub use limbs::{Limbs, MAX_LIMBS};
 pub use matmul::matmul;
 pub use scalar::Scalar;
 

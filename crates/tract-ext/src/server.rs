@@ -13,7 +13,8 @@ use secinfer_model::{LayerSpec, LinearKind, Role, read_contract};
 use secinfer_protocol::{MaskedLinear, OpId};
 
 use crate::he_form::HeLayer;
-use secinfer_ring::{Ring, RingTensor};
+use secinfer_ring::{Limbs, Ring, RingTensor};
+use tract_onnx::tract_hir::internal::tract_ndarray::Ix2;
 
 /// `W·x + b` in Z_2^k: the typed tract op the server runs.
 #[derive(Debug, Clone)]
@@ -21,6 +22,9 @@ pub struct ServerSecureLinear {
     /// what the op computes
     pub spec: Arc<LayerSpec>,
     weight: Arc<RingTensor>,
+    /// the weights as exact `f64` and how inputs are cut for them, where
+    /// the `f64` kernels apply (every kind but `LeftMatMul`)
+    exact: Option<(Arc<tract_ndarray::ArrayD<f64>>, Limbs)>,
     bias: Arc<Vec<u64>>,
     ring: Ring,
 }
@@ -62,9 +66,11 @@ impl ServerSecureLinear {
                 spec.bias_len()
             );
         }
+        let exact = exact_weights(&spec, &w, ring);
         Ok(ServerSecureLinear {
             spec,
             weight: Arc::new(w),
+            exact,
             bias: Arc::new(b),
             ring,
         })
@@ -76,8 +82,35 @@ impl ServerSecureLinear {
         spec.samples_in_input(x.shape())
             .map_err(|e| format_err!(e))?;
         let w = self.weight.view();
-        let mut y = match &spec.kind {
-            LinearKind::MatMul => {
+        let mut y = match (&spec.kind, &self.exact) {
+            (LinearKind::MatMul, Some((wf, limbs))) => {
+                let k = spec.weight_shape[0];
+                let rows = x.len() / k.max(1);
+                let x2 = x.view().into_shape_with_order((rows, k))?;
+                let xs = limbs.split(x2.into_dyn())?.into_dimensionality::<Ix2>()?;
+                let w2 = wf.view().into_shape_with_order((k, spec.weight_shape[1]))?;
+                let y = limbs.join(secinfer_ring::matmul(xs.view(), w2)?.into_dyn())?;
+                let mut shape = x.shape().to_vec();
+                let last = shape.len() - 1;
+                shape[last] = spec.weight_shape[1];
+                y.into_shape_with_order(shape)?
+            }
+            (LinearKind::Conv(g), Some((wf, limbs))) => {
+                limbs.join(secinfer_ring::conv(limbs.split(x.view())?.view(), wf.view(), g)?)?
+            }
+            (
+                LinearKind::ConvTranspose {
+                    geometry,
+                    output_padding,
+                },
+                Some((wf, limbs)),
+            ) => limbs.join(secinfer_ring::conv_transpose(
+                limbs.split(x.view())?.view(),
+                wf.view(),
+                geometry,
+                output_padding,
+            )?)?,
+            (LinearKind::MatMul, _) => {
                 let k = spec.weight_shape[0];
                 let rows = x.len() / k.max(1);
                 let x2 = x.view().into_shape_with_order((rows, k))?;
@@ -88,7 +121,7 @@ impl ServerSecureLinear {
                 shape[last] = spec.weight_shape[1];
                 y.into_shape_with_order(shape)?.into_dyn()
             }
-            LinearKind::LeftMatMul => {
+            (LinearKind::LeftMatMul, _) => {
                 let (m, k) = (spec.weight_shape[0], spec.weight_shape[1]);
                 let cols = x.shape()[x.ndim() - 1];
                 let batches = x.len() / (k * cols).max(1);
@@ -105,11 +138,14 @@ impl ServerSecureLinear {
                 shape[at] = m;
                 RingTensor::from_shape_vec(shape, out)?
             }
-            LinearKind::Conv(g) => secinfer_ring::conv(x.view(), w, g)?,
-            LinearKind::ConvTranspose {
-                geometry,
-                output_padding,
-            } => secinfer_ring::conv_transpose(x.view(), w, geometry, output_padding)?,
+            (LinearKind::Conv(g), None) => secinfer_ring::conv(x.view(), w, g)?,
+            (
+                LinearKind::ConvTranspose {
+                    geometry,
+                    output_padding,
+                },
+                None,
+            ) => secinfer_ring::conv_transpose(x.view(), w, geometry, output_padding)?,
         };
         let rank = y.ndim() as isize;
         let axis = spec.kind.bias_axis();
@@ -127,6 +163,35 @@ impl ServerSecureLinear {
             .for_each(|v, &b| *v = ring.reduce(v.wrapping_add(b)));
         Ok(y)
     }
+}
+
+/// The weights as exact `f64` and the limb cut that keeps every product
+/// exact (`secinfer_ring::Limbs`), for the kinds whose inputs stack on the
+/// batch axis; `None` keeps the wrapping `u64` kernels (a `LeftMatMul`, or
+/// weights too large for few limbs).
+fn exact_weights(
+    spec: &LayerSpec,
+    w: &RingTensor,
+    ring: Ring,
+) -> Option<(Arc<tract_ndarray::ArrayD<f64>>, Limbs)> {
+    let signed = |v: &u64| u128::from(ring.to_signed(*v).unsigned_abs());
+    // the largest sum of |w| feeding one output
+    let row_sum = match &spec.kind {
+        LinearKind::MatMul => w
+            .axis_iter(tract_ndarray::Axis(w.ndim().checked_sub(1)?))
+            .map(|col| col.iter().map(signed).sum::<u128>())
+            .max()?,
+        LinearKind::Conv(_) => w
+            .axis_iter(tract_ndarray::Axis(0))
+            .map(|m| m.iter().map(signed).sum::<u128>())
+            .max()?,
+        // an output of a transposed convolution gathers from every input
+        // channel of its group: the whole tensor bounds it
+        LinearKind::ConvTranspose { .. } => w.iter().map(signed).sum(),
+        LinearKind::LeftMatMul => return None,
+    };
+    let limbs = Limbs::plan(ring, row_sum)?;
+    Some((Arc::new(w.mapv(|v| ring.to_signed(v) as f64)), limbs))
 }
 
 impl Op for ServerSecureLinear {
@@ -382,5 +447,98 @@ impl MaskedLinear for ServerModel {
         y.into_tensor()
             .into_plain_array::<u64>()
             .map_err(|e| format!("{e:#}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(kind: LinearKind, weight: &[usize], input: &[usize], output: &[usize]) -> LayerSpec {
+        LayerSpec {
+            op_id: 0,
+            source_node: "op".into(),
+            source_op: "Op".into(),
+            kind,
+            weight_shape: weight.to_vec(),
+            input_shape: input.to_vec(),
+            output_shape: output.to_vec(),
+            batched: true,
+            ring_bits: 37,
+            input_frac_bits: 8,
+            weight_frac_bits: 8,
+            input_bound: 1.0,
+        }
+    }
+
+    /// Deterministic pseudo-random values (a test input, not a secret).
+    fn values(n: usize, seed: u64) -> impl Iterator<Item = u64> {
+        let mut s = seed;
+        (0..n).map(move |_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            s ^ (s >> 29)
+        })
+    }
+
+    /// The `f64`-limb path and the wrapping `u64` path give the same ring
+    /// elements, on uniform masked inputs with the extreme values in them.
+    #[test]
+    fn exact_f64_products_equal_the_wrapping_ones() {
+        let conv = LinearKind::Conv(secinfer_ring::ConvGeometry {
+            strides: vec![2, 1],
+            pads_begin: vec![1, 1],
+            pads_end: vec![1, 0],
+            ..secinfer_ring::ConvGeometry::identity(2)
+        });
+        let transpose = LinearKind::ConvTranspose {
+            geometry: secinfer_ring::ConvGeometry::identity(2),
+            output_padding: vec![0, 0],
+        };
+        let cases = [
+            (spec(LinearKind::MatMul, &[50, 7], &[1, 50], &[1, 7]), vec![3usize, 50], 7),
+            (spec(conv, &[4, 3, 3, 3], &[1, 3, 8, 8], &[1, 4, 4, 7]), vec![2, 3, 8, 8], 4),
+            (spec(transpose, &[3, 2, 2, 2], &[1, 3, 4, 4], &[1, 2, 5, 5]), vec![2, 3, 4, 4], 2),
+        ];
+        for (spec, x_shape, outputs) in cases {
+            let ring = spec.ring().unwrap();
+            let n_w: usize = spec.weight_shape.iter().product();
+            let max = 1i64 << 14;
+            let w: Vec<i64> = values(n_w, 1)
+                .enumerate()
+                .map(|(i, v)| match i % 9 {
+                    0 => max,
+                    1 => -max,
+                    _ => (v % (2 * max as u64 + 1)) as i64 - max,
+                })
+                .collect();
+            let weight = tract_ndarray::ArrayD::from_shape_vec(spec.weight_shape.clone(), w)
+                .unwrap()
+                .into_tensor();
+            let bias = tract_ndarray::Array1::from_elem(outputs, -3i64).into_tensor();
+            let op = ServerSecureLinear::new(Arc::new(spec.clone()), &weight, &bias).unwrap();
+            let (_, limbs) = op.exact.as_ref().expect("small weights take the f64 path");
+            assert_eq!(limbs.count(), 2, "{:?}", spec.kind);
+            let n_x: usize = x_shape.iter().product();
+            let x = tract_ndarray::ArrayD::from_shape_vec(
+                x_shape,
+                values(n_x, 2)
+                    .enumerate()
+                    .map(|(i, v)| if i % 4 == 0 { ring.mask() } else { v & ring.mask() })
+                    .collect(),
+            )
+            .unwrap();
+            let wrapping = ServerSecureLinear {
+                exact: None,
+                ..op.clone()
+            };
+            assert_eq!(
+                op.apply(x.view()).unwrap(),
+                wrapping.apply(x.view()).unwrap(),
+                "{:?}",
+                spec.kind
+            );
+        }
     }
 }
