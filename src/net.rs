@@ -15,6 +15,16 @@ use secinfer_transport::{
     ClientConfig, Identity, Limits, QuicChannel, Server, ServerConfig, TokenSet, Trust,
 };
 
+/// `println!` that ignores a closed or failing stdout: a server whose log
+/// reader went away (`secinfer serve | head`, a supervisor that closed the
+/// pipe) keeps serving.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// What `serve` needs.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -66,7 +76,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             digest.clone(),
         )?;
         let addr = server.local_addr()?;
-        println!(
+        say!(
             "serving {} ({} SecureLinear ops, model digest {digest})",
             opts.model.display(),
             model.layers().len()
@@ -74,30 +84,30 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         let reveal = model
             .program()
             .map_or(secinfer_model::Reveal::Activations, |p| p.reveal);
-        println!(
+        say!(
             "--reveal {reveal}: {}",
             crate::report::what_is_revealed(reveal)
         );
         if !reveal.is_private() {
-            println!("WARNING: {}", secinfer_model::Reveal::ACTIVATIONS_WARNING);
+            say!("WARNING: {}", secinfer_model::Reveal::ACTIVATIONS_WARNING);
         }
-        println!("listening on {addr} (QUIC, TLS 1.3)");
+        say!("listening on {addr} (QUIC, TLS 1.3)");
         if generated {
-            println!(
+            say!(
                 "generated a self-signed certificate in {}",
                 opts.state_dir.display()
             );
         }
-        println!("certificate fingerprint {fingerprint}");
+        say!("certificate fingerprint {fingerprint}");
         match &new_token {
-            Some(t) => println!("new API token (saved in {}): {t}", token_path.display()),
-            None => println!("API tokens are read from {}", token_path.display()),
+            Some(t) => say!("new API token (saved in {}): {t}", token_path.display()),
+            None => say!("API tokens are read from {}", token_path.display()),
         }
-        println!(
+        say!(
             "clients: secinfer predict --server {addr} --fingerprint {fingerprint} --token-file {} --model DIR/client.onnx INPUT...",
             token_path.display()
         );
-        println!("Ctrl-C stops the server after the requests in progress.");
+        say!("Ctrl-C stops the server after the requests in progress.");
         server.run_until_ctrl_c().await
     })
 }

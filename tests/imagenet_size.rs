@@ -9,9 +9,9 @@
 //! must stay far below what the old per-coefficient packing needed (its first
 //! layer alone was ~27 GB of uploaded ciphertexts).
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::Command;
 
 use rand::{Rng, SeedableRng};
 use secinfer_converter::Options;
@@ -26,16 +26,6 @@ mod common;
 /// to a packing whose memory grows with the layer's width fails here.
 const SERVER_PEAK_LIMIT_MIB: u64 = 3 * 1024;
 
-/// A `serve` process, killed when dropped.
-struct Served(Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `VmHWM` (peak resident set) of a running process, MiB.
 fn peak_rss_mib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -45,27 +35,6 @@ fn peak_rss_mib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .expect("VmHWM in /proc/PID/status");
     kib / 1024
-}
-
-/// A little-endian f32 `.npy` file (format 1.0) of the given shape.
-fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
-    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
-    let mut header = format!(
-        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
-        dims.join(", ")
-    );
-    // magic (6) + version (2) + header length (2) + header, padded to 64 bytes
-    while (10 + header.len() + 1) % 64 != 0 {
-        header.push(' ');
-    }
-    header.push('\n');
-    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
-    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
-    bytes.extend_from_slice(header.as_bytes());
-    for v in data {
-        bytes.extend_from_slice(&v.to_le_bytes());
-    }
-    std::fs::write(path, bytes).expect("writing the input");
 }
 
 #[test]
@@ -117,41 +86,13 @@ fn resnet18_one_secure_prediction_over_quic_matches_plaintext() {
     converted.write(&model_dir).expect("writes the pair");
 
     let input = dir.join("image.npy");
-    write_npy(&input, &shape, &pixels);
+    common::write_npy(&input, &shape, &pixels);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_secinfer"))
-        .arg("serve")
-        .arg("--model")
-        .arg(model_dir.join("server.onnx"))
-        .args(["--listen", "127.0.0.1:0", "--state-dir"])
-        .arg(dir.join("state"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("starting serve");
-    let stdout = child.stdout.take().expect("serve's stdout");
-    let served = Served(child);
-    // serve prints the exact predict command line once it listens.
-    let mut client_args = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.expect("serve's output");
-        println!("serve: {line}");
-        if let Some(rest) = line.strip_prefix("clients: secinfer predict ") {
-            client_args = Some(
-                rest.split_whitespace()
-                    .take_while(|w| *w != "--model")
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>(),
-            );
-            break;
-        }
-    }
-    let client_args = client_args.expect("serve printed how to connect");
-
+    let served = common::Served::start(&model_dir.join("server.onnx"), &dir.join("state"));
     let started = std::time::Instant::now();
     let predicted = Command::new(env!("CARGO_BIN_EXE_secinfer"))
         .arg("predict")
-        .args(&client_args)
+        .args(&served.client_args)
         .arg("--model")
         .arg(model_dir.join("client.onnx"))
         .arg("--scores")
@@ -159,7 +100,7 @@ fn resnet18_one_secure_prediction_over_quic_matches_plaintext() {
         .output()
         .expect("running predict");
     let took = started.elapsed();
-    let server_peak = peak_rss_mib(served.0.id());
+    let server_peak = peak_rss_mib(served.child.id());
     drop(served);
     let text = String::from_utf8_lossy(&predicted.stdout).into_owned();
     assert!(

@@ -5,7 +5,9 @@
 //! global rayon pool (all cores), `ring_1t` a one-thread pool; tract runs on
 //! one thread (its default executor). `exact_f64_1t` is the same kernel on
 //! integer-valued `f64` (the HE server's residue products: limbs below 2^31
-//! times 16-bit weights), one thread.
+//! times 16-bit weights), one thread. `limbs_f64_1t` is the online server's
+//! exact path: masked `Z_2^37` inputs cut into [`Limbs`], one `f64` product,
+//! the limbs joined back (what `ring_1t` computes, exactly), one thread.
 
 use std::hint::black_box;
 
@@ -14,7 +16,7 @@ use ndarray::Ix2;
 use secinfer_benches::{
     random_f32, random_u64, random_weights, run, tract_conv2d, tract_matmul, tvalue,
 };
-use secinfer_ring::{ConvGeometry, conv, matmul};
+use secinfer_ring::{ConvGeometry, Limbs, Ring, conv, matmul};
 
 /// Ring values cut to 31-bit limbs (inputs) or signed weights, as exact `f64`.
 fn exact_f64(t: &ndarray::ArrayViewD<u64>) -> ndarray::ArrayD<f64> {
@@ -26,6 +28,19 @@ fn exact_f64(t: &ndarray::ArrayViewD<u64>) -> ndarray::ArrayD<f64> {
             (v >> 33) as f64
         }
     })
+}
+
+/// The ring of the bundled models, the limb cut for `w` (signed weights as
+/// `u64` bits, output features on `out_axis`), and the weights as `f64`.
+fn limb_plan(w: &ndarray::ArrayViewD<u64>, out_axis: usize) -> (Ring, Limbs, ndarray::ArrayD<f64>) {
+    let ring = Ring::new(37).expect("ring");
+    let row_sum = w
+        .axis_iter(ndarray::Axis(out_axis))
+        .map(|r| r.iter().map(|&v| u128::from((v as i64).unsigned_abs())).sum::<u128>())
+        .max()
+        .unwrap_or(0);
+    let limbs = Limbs::plan(ring, row_sum).expect("a limb cut for 16-bit weights");
+    (ring, limbs, w.mapv(|v| v as i64 as f64))
 }
 
 fn one_thread() -> rayon::ThreadPool {
@@ -66,6 +81,23 @@ fn bench_matmul(c: &mut Criterion) {
         group.bench_function(format!("exact_f64_1t/{id}"), |b| {
             pool.install(|| {
                 b.iter(|| matmul(black_box(x64.view()), black_box(w64.view())).expect("matmul"))
+            })
+        });
+        let (ring, limbs, wl) = limb_plan(&w.view().into_dyn(), 1);
+        let wl = wl.into_dimensionality::<Ix2>().expect("2-D");
+        let xr = x.mapv(|v| v & ring.mask()).into_dyn();
+        group.bench_function(format!("limbs_f64_1t/{id}"), |b| {
+            pool.install(|| {
+                b.iter(|| {
+                    let xs = limbs
+                        .split(black_box(xr.view()))
+                        .expect("split")
+                        .into_dimensionality::<Ix2>()
+                        .expect("2-D");
+                    limbs
+                        .join(matmul(xs.view(), wl.view()).expect("matmul").into_dyn())
+                        .expect("join")
+                })
             })
         });
         let wf = random_f32(3, &[k, n]);
@@ -110,6 +142,18 @@ fn bench_conv(c: &mut Criterion) {
         group.bench_function(format!("exact_f64_1t/{id}"), |b| {
             pool.install(|| {
                 b.iter(|| conv(black_box(x64.view()), black_box(w64.view()), &g).expect("conv"))
+            })
+        });
+        let (ring, limbs, wl) = limb_plan(&w.view(), 0);
+        let xr = x.mapv(|v| v & ring.mask());
+        group.bench_function(format!("limbs_f64_1t/{id}"), |b| {
+            pool.install(|| {
+                b.iter(|| {
+                    let xs = limbs.split(black_box(xr.view())).expect("split");
+                    limbs
+                        .join(conv(xs.view(), wl.view(), &g).expect("conv"))
+                        .expect("join")
+                })
             })
         });
         let wf = random_f32(7, ws);

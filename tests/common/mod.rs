@@ -123,3 +123,79 @@ pub fn opset13_model(graph: tract_onnx::pb::GraphProto) -> tract_onnx::pb::Model
         ..Default::default()
     }
 }
+
+/// A little-endian f32 `.npy` file (format 1.0) of the given shape.
+pub fn write_npy(path: &Path, shape: &[usize], data: &[f32]) {
+    let dims: Vec<String> = shape.iter().map(usize::to_string).collect();
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({},), }}",
+        dims.join(", ")
+    );
+    // magic (6) + version (2) + header length (2) + header, padded to 64 bytes
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    bytes.extend_from_slice(header.as_bytes());
+    for v in data {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+    std::fs::write(path, bytes).expect("writing the input");
+}
+
+/// A `secinfer serve` process on a free loopback port, killed when dropped.
+/// Its stdout is read to the end on a thread (echoed with a `serve:`
+/// prefix); `client_args` is the `--server … --fingerprint … --token-file …`
+/// part of the `predict` command line it prints.
+pub struct Served {
+    pub child: std::process::Child,
+    pub client_args: Vec<String>,
+}
+
+impl Served {
+    pub fn start(model: &Path, state_dir: &Path) -> Served {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_secinfer"))
+            .arg("serve")
+            .arg("--model")
+            .arg(model)
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(state_dir)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("starting serve");
+        let stdout = child.stdout.take().expect("serve's stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                println!("serve: {line}");
+                if let Some(rest) = line.strip_prefix("clients: secinfer predict ") {
+                    let args: Vec<String> = rest
+                        .split_whitespace()
+                        .take_while(|w| *w != "--model")
+                        .map(str::to_owned)
+                        .collect();
+                    let _ = tx.send(args);
+                }
+            }
+        });
+        let mut served = Served {
+            child,
+            client_args: Vec::new(),
+        };
+        served.client_args = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("serve printed how to connect");
+        served
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -10,6 +10,7 @@
 //! small bounded queue. When the client leaves, everything of its session is
 //! dropped: a running HE job stops at its next reply part.
 
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -221,7 +222,8 @@ impl Server {
         tokio::signal::ctrl_c()
             .await
             .context("listening for Ctrl-C")?;
-        eprintln!("shutting down: finishing requests in progress");
+        // a closed stderr must not stop the drain
+        let _ = writeln!(std::io::stderr(), "shutting down: finishing requests in progress");
         self.shutdown().await;
         Ok(())
     }
