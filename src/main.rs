@@ -118,7 +118,7 @@ enum Command {
         #[command(flatten)]
         args: ConvertArgs,
     },
-    /// Serve a converted model to clients over QUIC until Ctrl-C.
+    /// Serve a converted model to clients over QUIC until Ctrl-C or SIGTERM.
     Serve {
         /// The server model (DIR/server.onnx from `convert`).
         #[arg(long)]
@@ -157,7 +157,7 @@ enum Command {
         /// Close a connection silent for this long, seconds.
         #[arg(long, default_value_t = 60)]
         idle_timeout: u64,
-        /// On Ctrl-C, how long requests in progress may take, seconds.
+        /// On Ctrl-C or SIGTERM, how long requests in progress may take, seconds.
         #[arg(long, default_value_t = 30)]
         shutdown_grace: u64,
     },

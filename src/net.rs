@@ -107,8 +107,8 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             "clients: secinfer predict --server {addr} --fingerprint {fingerprint} --token-file {} --model DIR/client.onnx INPUT...",
             token_path.display()
         );
-        say!("Ctrl-C stops the server after the requests in progress.");
-        server.run_until_ctrl_c().await
+        say!("Ctrl-C or SIGTERM stops the server after the requests in progress.");
+        server.run_until_signal().await
     })
 }
 

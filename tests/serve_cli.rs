@@ -78,3 +78,76 @@ fn serve_keeps_serving_after_its_stdout_is_closed() {
     drop(served);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A service manager or container runtime stops a service with SIGTERM:
+/// `serve` must drain as on Ctrl-C (the request in flight finishes, clients
+/// are told the server is shutting down) and exit cleanly, not die at once.
+#[test]
+fn serve_drains_and_exits_cleanly_on_sigterm_with_a_request_in_flight() {
+    use std::io::Read;
+    let dir = std::env::temp_dir().join(format!("secinfer-sigterm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = Options {
+        calibration: Some(secinfer::data::calibration_samples("mnist", 1000).expect("mnist")),
+        reveal: Reveal::Activations,
+        ..Options::default()
+    };
+    secinfer_converter::convert_file(&common::model("mnist_cnn.onnx"), &options)
+        .expect("converts")
+        .write(&dir)
+        .expect("writes");
+    let mut served = common::Served::start_with(
+        &dir.join("server.onnx"),
+        &dir.join("state"),
+        std::process::Stdio::piped(),
+    );
+    let data = secinfer::data::load("mnist").expect("mnist");
+    let n = 64;
+    let images: Vec<f32> = data
+        .inputs
+        .slice_axis(ndarray::Axis(0), (0..n).into())
+        .iter()
+        .copied()
+        .collect();
+    let input = dir.join("images.npy");
+    common::write_npy(&input, &[n, 1, 28, 28], &images);
+    // 64 CNN images: several offline batches, seconds of HE work
+    let predict = Command::new(env!("CARGO_BIN_EXE_secinfer"))
+        .arg("predict")
+        .args(&served.client_args)
+        .arg("--model")
+        .arg(dir.join("client.onnx"))
+        .arg(&input)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting predict");
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let pid = served.child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("running kill");
+    assert!(killed.success());
+    let status = common::wait_for_exit(&mut served.child, std::time::Duration::from_secs(120))
+        .expect("serve exits after SIGTERM within its grace period");
+    let mut stderr = String::new();
+    if let Some(mut e) = served.child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    assert!(status.success(), "serve ended with {status}: {stderr}");
+    assert!(stderr.contains("SIGTERM: shutting down"), "{stderr}");
+    // the client either finished or was told why it could not
+    let out = predict.wait_with_output().expect("predict ends");
+    println!("predict: {}", String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() || text.contains("shutting down"),
+        "predict neither finished nor was told the server is shutting down:\n{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

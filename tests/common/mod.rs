@@ -156,6 +156,11 @@ pub struct Served {
 
 impl Served {
     pub fn start(model: &Path, state_dir: &Path) -> Served {
+        Served::start_with(model, state_dir, std::process::Stdio::inherit())
+    }
+
+    /// [`Served::start`] with serve's stderr going to `stderr`.
+    pub fn start_with(model: &Path, state_dir: &Path, stderr: std::process::Stdio) -> Served {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(env!("CARGO_BIN_EXE_secinfer"))
             .arg("serve")
@@ -164,7 +169,7 @@ impl Served {
             .args(["--listen", "127.0.0.1:0", "--state-dir"])
             .arg(state_dir)
             .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("starting serve");
         let stdout = child.stdout.take().expect("serve's stdout");
@@ -198,4 +203,20 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits up to `limit` for a child to exit (a bound on a hang, not a speed
+/// check).
+pub fn wait_for_exit(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> Option<std::process::ExitStatus> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    None
 }

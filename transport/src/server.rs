@@ -217,13 +217,37 @@ impl Server {
         self.endpoint.wait_idle().await;
     }
 
-    /// Serves until Ctrl-C, then shuts down gracefully.
-    pub async fn run_until_ctrl_c(self) -> anyhow::Result<()> {
-        tokio::signal::ctrl_c()
-            .await
-            .context("listening for Ctrl-C")?;
-        // a closed stderr must not stop the drain
-        let _ = writeln!(std::io::stderr(), "shutting down: finishing requests in progress");
+    /// Serves until Ctrl-C (SIGINT) or, on Unix, SIGTERM (what service
+    /// managers and container runtimes send), then shuts down gracefully:
+    /// requests in progress finish within the grace period.
+    pub async fn run_until_signal(self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+            let name = tokio::select! {
+                r = tokio::signal::ctrl_c() => {
+                    r.context("listening for Ctrl-C")?;
+                    "Ctrl-C"
+                }
+                _ = term.recv() => "SIGTERM",
+            };
+            // a closed stderr must not stop the drain
+            let _ = writeln!(
+                std::io::stderr(),
+                "{name}: shutting down, finishing requests in progress"
+            );
+        }
+        #[cfg(not(unix))]
+        {
+            tokio::signal::ctrl_c()
+                .await
+                .context("listening for Ctrl-C")?;
+            let _ = writeln!(
+                std::io::stderr(),
+                "Ctrl-C: shutting down, finishing requests in progress"
+            );
+        }
         self.shutdown().await;
         Ok(())
     }
