@@ -10,7 +10,7 @@ use ndarray::Axis;
 use tract_onnx::prelude::*;
 
 use secinfer_protocol::MaskedLinear;
-use secinfer_tract_ext::{ClientModel, MAX_BATCH, ServerModel};
+use secinfer_tract_ext::{ClientModel, ServerModel};
 use secinfer_transport::{
     ClientConfig, Identity, Limits, QuicChannel, Server, ServerConfig, TokenSet, Trust,
 };
@@ -115,6 +115,19 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 /// Samples per online run of `predict`.
 const PREDICT_RUN: usize = 256;
 
+/// Inputs `predict` preprocesses and then predicts at a time: the cost
+/// model's most efficient batch (at least one online run), within the
+/// memory bounds and the server's per-session limit.
+fn predict_chunk<C: secinfer_protocol::Channel + 'static>(
+    client: &ClientModel<C>,
+) -> anyhow::Result<usize> {
+    let max = client.backend().max_batch()?;
+    let layers = client.layers();
+    let params = secinfer_protocol::params_for(layers)?;
+    let efficient = secinfer_protocol::offline::efficient_batch(&params, layers)?;
+    Ok(efficient.max(PREDICT_RUN).min(max).max(1))
+}
+
 /// What `predict` needs.
 #[derive(Debug, Clone)]
 pub struct PredictOptions {
@@ -157,46 +170,53 @@ pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
         .collect::<anyhow::Result<_>>()?;
     let samples = crate::inputs::read_all(&opts.inputs, &sample)?;
     let n = samples.names.len();
-    // One inference per sample, batched or not.
-    let inferences = n;
-    progress.set(format!(
-        "offline phase: HE preprocessing for {inferences} inferences"
-    ));
-    client
-        .backend()
-        .preprocess_in_batches(inferences, MAX_BATCH)
-        .context("offline phase")?;
-    progress.set(if client.program().is_some() {
-        "online phase (joint evaluation; correlations are made as they are needed)".into()
-    } else {
-        "online phase".into()
-    });
+    // One inference per sample, batched or not. The inputs go through in
+    // chunks, each preprocessed (HE) and then predicted, so that any number
+    // of inputs fits the server's per-session limit and the client holds
+    // one chunk's material at a time.
+    let chunk = predict_chunk(&client)?;
     let index_only = client.reveal() == secinfer_model::Reveal::Argmax;
-    let outputs: Vec<Vec<f32>> = if batched {
-        // Runs of at most PREDICT_RUN samples keep every message well below
-        // the frame limit, whatever the number of inputs.
-        let mut rows = Vec::with_capacity(n);
-        let mut at = 0;
-        while at < n {
-            let k = PREDICT_RUN.min(n - at);
-            let run = samples
-                .data
-                .slice_axis(Axis(0), (at..at + k).into())
-                .to_owned();
-            let out = client.predict(tvec!(run.into_tensor().into_tvalue()))?;
-            rows.extend(split_rows(&out[0], k)?);
-            at += k;
+    let mut outputs: Vec<Vec<f32>> = Vec::with_capacity(n);
+    let mut at = 0;
+    while at < n {
+        let k = chunk.min(n - at);
+        progress.set(format!(
+            "offline phase: HE preprocessing for inputs {}..{} of {n}",
+            at + 1,
+            at + k
+        ));
+        client
+            .backend()
+            .preprocess_in_batches(k, k)
+            .context("offline phase")?;
+        progress.set(if client.program().is_some() {
+            "online phase (joint evaluation; correlations are made as they are needed)".into()
+        } else {
+            "online phase".into()
+        });
+        let end = at + k;
+        if batched {
+            // Runs of at most PREDICT_RUN samples keep every message well
+            // below the frame limit, whatever the number of inputs.
+            while at < end {
+                let r = PREDICT_RUN.min(end - at);
+                let run = samples
+                    .data
+                    .slice_axis(Axis(0), (at..at + r).into())
+                    .to_owned();
+                let out = client.predict(tvec!(run.into_tensor().into_tvalue()))?;
+                outputs.extend(split_rows(&out[0], r)?);
+                at += r;
+            }
+        } else {
+            for i in at..end {
+                let one = samples.data.index_axis(Axis(0), i).to_owned();
+                let out = client.predict(tvec!(one.into_tensor().into_tvalue()))?;
+                outputs.extend(split_rows(&out[0], 1)?);
+            }
+            at = end;
         }
-        rows
-    } else {
-        let mut rows = Vec::new();
-        for i in 0..n {
-            let one = samples.data.index_axis(Axis(0), i).to_owned();
-            let out = client.predict(tvec!(one.into_tensor().into_tvalue()))?;
-            rows.extend(split_rows(&out[0], 1)?);
-        }
-        rows
-    };
+    }
     progress.finish();
     // A closed pipe (`predict ... | head`) ends the output quietly.
     use std::io::Write;

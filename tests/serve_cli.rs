@@ -99,6 +99,7 @@ fn serve_drains_and_exits_cleanly_on_sigterm_with_a_request_in_flight() {
     let mut served = common::Served::start_with(
         &dir.join("server.onnx"),
         &dir.join("state"),
+        &[],
         std::process::Stdio::piped(),
     );
     let data = secinfer::data::load("mnist").expect("mnist");
@@ -149,5 +150,57 @@ fn serve_drains_and_exits_cleanly_on_sigterm_with_a_request_in_flight() {
         out.status.success() || text.contains("shutting down"),
         "predict neither finished nor was told the server is shutting down:\n{text}"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `predict` takes any number of inputs: they go through in chunks that fit
+/// the server's per-session limit of preprocessed inferences (which the
+/// server states in its welcome), not all preprocessed first.
+#[test]
+fn predict_streams_more_inputs_than_the_server_lets_a_session_hold() {
+    let dir = std::env::temp_dir().join(format!("secinfer-stream-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = Options {
+        calibration: Some(
+            secinfer::data::calibration_samples("breast-cancer", 1000).expect("calibration data"),
+        ),
+        reveal: Reveal::Activations,
+        ..Options::default()
+    };
+    let converted =
+        secinfer_converter::convert_file(&common::model("breast_cancer_mlp.onnx"), &options)
+            .expect("converts");
+    converted.write(&dir).expect("writes");
+    let served = common::Served::start_with(
+        &dir.join("server.onnx"),
+        &dir.join("state"),
+        &["--max-pending", "100"],
+        std::process::Stdio::inherit(),
+    );
+    let data = secinfer::data::load("breast-cancer").expect("data set");
+    let n = 350;
+    let rows = data.inputs.len_of(ndarray::Axis(0));
+    let features = data.inputs.len() / rows;
+    let values: Vec<f32> = (0..n)
+        .flat_map(|i| data.inputs.index_axis(ndarray::Axis(0), i % rows).to_owned())
+        .collect();
+    let input = dir.join("rows.npy");
+    common::write_npy(&input, &[n, features], &values);
+    let out = Command::new(env!("CARGO_BIN_EXE_secinfer"))
+        .arg("predict")
+        .args(&served.client_args)
+        .arg("--model")
+        .arg(dir.join("client.onnx"))
+        .arg(&input)
+        .output()
+        .expect("running predict");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "predict failed:\n{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.lines().filter(|l| l.contains(": class ")).count(), n, "{text}");
+    drop(served);
     let _ = std::fs::remove_dir_all(&dir);
 }

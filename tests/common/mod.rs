@@ -156,11 +156,17 @@ pub struct Served {
 
 impl Served {
     pub fn start(model: &Path, state_dir: &Path) -> Served {
-        Served::start_with(model, state_dir, std::process::Stdio::inherit())
+        Served::start_with(model, state_dir, &[], std::process::Stdio::inherit())
     }
 
-    /// [`Served::start`] with serve's stderr going to `stderr`.
-    pub fn start_with(model: &Path, state_dir: &Path, stderr: std::process::Stdio) -> Served {
+    /// [`Served::start`] with more `serve` flags and serve's stderr going
+    /// to `stderr`.
+    pub fn start_with(
+        model: &Path,
+        state_dir: &Path,
+        flags: &[&str],
+        stderr: std::process::Stdio,
+    ) -> Served {
         use std::io::{BufRead, BufReader};
         let mut child = Command::new(env!("CARGO_BIN_EXE_secinfer"))
             .arg("serve")
@@ -168,6 +174,7 @@ impl Served {
             .arg(model)
             .args(["--listen", "127.0.0.1:0", "--state-dir"])
             .arg(state_dir)
+            .args(flags)
             .stdout(std::process::Stdio::piped())
             .stderr(stderr)
             .spawn()

@@ -99,6 +99,7 @@ pub struct QuicChannel {
     /// online up, online down, offline up, offline down, OT up, OT down
     bytes: [AtomicU64; 6],
     server_ops: u32,
+    max_pending: u64,
 }
 
 impl std::fmt::Debug for QuicChannel {
@@ -156,7 +157,7 @@ impl QuicChannel {
         } else {
             "0.0.0.0:0".parse()?
         };
-        let (endpoint, conn, ops) = runtime.block_on(async {
+        let (endpoint, conn, ops, max_pending) = runtime.block_on(async {
             let mut endpoint = {
                 let _guard = tokio::runtime::Handle::current().enter();
                 quinn::Endpoint::client(bind).context("opening a UDP socket")?
@@ -187,7 +188,15 @@ impl QuicChannel {
                 .map_err(|e| frame_err(&conn, e))?;
                 let _ = send.finish();
                 match read_frame::<_, ServerFrame>(&mut recv, MAX_HELLO_BYTES).await {
-                    Ok(Some((ServerFrame::Welcome { version, ops, reveal }, _))) => {
+                    Ok(Some((
+                        ServerFrame::Welcome {
+                            version,
+                            ops,
+                            reveal,
+                            max_pending,
+                        },
+                        _,
+                    ))) => {
                         if version != PROTOCOL_VERSION {
                             bail!(
                                 "protocol version mismatch: server speaks {version}, client {PROTOCOL_VERSION}"
@@ -199,14 +208,14 @@ impl QuicChannel {
                                 config.reveal
                             );
                         }
-                        Ok((conn, ops))
+                        Ok((conn, ops, max_pending))
                     }
                     Ok(Some((other, _))) => bail!("unexpected first answer {other:?}"),
                     Ok(None) => Err(closed_reason(&conn).await),
                     Err(e) => Err(frame_err_wait(&conn, e).await),
                 }
             };
-            let (conn, ops) = tokio::time::timeout(config.connect_timeout, handshake)
+            let (conn, ops, max_pending) = tokio::time::timeout(config.connect_timeout, handshake)
                 .await
                 .map_err(|_| {
                     anyhow!(
@@ -214,7 +223,7 @@ impl QuicChannel {
                         config.connect_timeout
                     )
                 })??;
-            Ok::<_, anyhow::Error>((endpoint, conn, ops))
+            Ok::<_, anyhow::Error>((endpoint, conn, ops, max_pending))
         })?;
         Ok(QuicChannel {
             runtime,
@@ -225,6 +234,7 @@ impl QuicChannel {
             max_frame: config.max_frame_bytes,
             bytes: Default::default(),
             server_ops: ops,
+            max_pending,
         })
     }
 
@@ -377,6 +387,10 @@ fn unexpected(what: &str, got: &ServerFrame) -> anyhow::Error {
 }
 
 impl Channel for QuicChannel {
+    fn max_pending(&self) -> Option<usize> {
+        Some(usize::try_from(self.max_pending).unwrap_or(usize::MAX))
+    }
+
     fn round_trip(&self, request: MaskedInput) -> anyhow::Result<MaskedOutput> {
         let mut out = None;
         self.exchange(

@@ -12,8 +12,9 @@ use secinfer_protocol::{MaskRequest, MaskedInput, MaskedOutput, OfflineHello, Pr
 
 /// Version of the wire protocol; both sides must agree exactly (2: the
 /// reveal mode in the handshake, correlations and private batches; 3: the
-/// offline phase's packings, named in every mask request).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// offline phase's packings, named in every mask request; 4: the server's
+/// per-session limit of preprocessed inferences in `Welcome`).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Largest frame accepted by default: 64 MiB (an offline chunk is ~12 MiB; an
 /// online batch of 100 CNN images ~0.6 MiB).
@@ -59,6 +60,9 @@ pub enum ServerFrame {
         ops: u32,
         /// what the served model reveals
         reveal: String,
+        /// preprocessed inferences (ready plus in flight) a session may
+        /// hold; clients size their offline batches to stay within it
+        max_pending: u64,
     },
     /// Online: `W·(x − r) + b + s`.
     Online(MaskedOutput),

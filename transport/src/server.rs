@@ -441,6 +441,7 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
             version: PROTOCOL_VERSION,
             ops: shared.linear.layers().len() as u32,
             reveal: shared.reveal.clone(),
+            max_pending: limits.max_pending_inferences as u64,
         },
         MAX_HELLO_BYTES,
     )

@@ -38,6 +38,11 @@ pub trait Channel: Send + Sync {
     fn max_message_bytes(&self) -> usize {
         usize::MAX
     }
+    /// The server's limit of preprocessed inferences (ready plus in
+    /// flight) per session, if it said; callers keep below it.
+    fn max_pending(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// Bytes a [`Channel`] has carried.

@@ -309,14 +309,16 @@ impl<C: Channel> SessionBackend<C> {
 
     /// The most inferences one offline batch of this model may hold
     /// ([`secinfer_protocol::offline::max_batch`]: memory on both sides is
-    /// bounded by it).
+    /// bounded by it), and no more than the server lets a session hold.
     pub fn max_batch(&self) -> anyhow::Result<usize> {
         if let Some(&m) = self.max_batch.get() {
             return Ok(m);
         }
         let layers = self.lock()?.session.layers().to_vec();
         let params = secinfer_protocol::params_for(&layers)?;
-        let m = secinfer_protocol::offline::max_batch(&params, &layers)?;
+        let m = secinfer_protocol::offline::max_batch(&params, &layers)?
+            .min(self.channel.max_pending().unwrap_or(usize::MAX))
+            .max(1);
         Ok(*self.max_batch.get_or_init(|| m))
     }
 
