@@ -204,3 +204,68 @@ fn predict_streams_more_inputs_than_the_server_lets_a_session_hold() {
     drop(served);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// More clients than `--max-sessions` at once: the ones turned away retry
+/// with backoff and every one of them gets its answers.
+#[test]
+fn clients_beyond_the_session_limit_wait_their_turn() {
+    let dir = std::env::temp_dir().join(format!("secinfer-busy-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = Options {
+        calibration: Some(
+            secinfer::data::calibration_samples("breast-cancer", 1000).expect("calibration data"),
+        ),
+        reveal: Reveal::Activations,
+        ..Options::default()
+    };
+    secinfer_converter::convert_file(&common::model("breast_cancer_mlp.onnx"), &options)
+        .expect("converts")
+        .write(&dir)
+        .expect("writes");
+    let served = common::Served::start_with(
+        &dir.join("server.onnx"),
+        &dir.join("state"),
+        &["--max-sessions", "1"],
+        std::process::Stdio::inherit(),
+    );
+    let data = secinfer::data::load("breast-cancer").expect("data set");
+    let n = 40;
+    let features = data.inputs.len() / data.inputs.len_of(ndarray::Axis(0));
+    let values: Vec<f32> = data
+        .inputs
+        .slice_axis(ndarray::Axis(0), (0..n).into())
+        .iter()
+        .copied()
+        .collect();
+    let input = dir.join("rows.npy");
+    common::write_npy(&input, &[n, features], &values);
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            Command::new(env!("CARGO_BIN_EXE_secinfer"))
+                .arg("predict")
+                .args(&served.client_args)
+                .arg("--model")
+                .arg(dir.join("client.onnx"))
+                .arg(&input)
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("starting predict")
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for c in clients {
+        let out = c.wait_with_output().expect("predict ends");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "a client failed:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(text.lines().filter(|l| l.contains(": class ")).count(), n);
+        answers.push(text);
+    }
+    assert!(answers.windows(2).all(|w| w[0] == w[1]), "clients disagree");
+    drop(served);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -449,8 +449,16 @@ fn session_limit_and_graceful_shutdown() {
         ..Limits::default()
     });
     let first = pair.client(&lo);
-    let e = message(lo.connect(pair.server.digest()).unwrap_err());
-    assert!(e.contains("limit of 1 sessions"), "{e}");
+    // a client retries a busy server for `busy_wait`, then says why it gave up
+    let cfg = ClientConfig {
+        busy_wait: Duration::from_secs(1),
+        ..lo.client_config(pair.server.digest())
+    };
+    let e = message(QuicChannel::connect(&cfg).unwrap_err());
+    assert!(
+        e.contains("limit of 1 sessions") && e.contains("retrying"),
+        "{e}"
+    );
     let out = run(&first, samples("breast-cancer", 0, 2));
     assert_eq!(out.len(), 4);
     first.backend().preprocess(2).unwrap();

@@ -58,6 +58,9 @@ pub struct ClientConfig {
     pub max_frame_bytes: usize,
     /// how long to wait for the connection and handshake
     pub connect_timeout: Duration,
+    /// how long to keep retrying, with jittered exponential backoff, while
+    /// the server says it is at its session limit
+    pub busy_wait: Duration,
 }
 
 impl ClientConfig {
@@ -78,6 +81,7 @@ impl ClientConfig {
             reveal: reveal.to_string(),
             max_frame_bytes: crate::DEFAULT_MAX_FRAME_BYTES,
             connect_timeout: Duration::from_secs(20),
+            busy_wait: Duration::from_secs(300),
         }
     }
 }
@@ -108,6 +112,24 @@ impl std::fmt::Debug for QuicChannel {
     }
 }
 
+/// The server refused the session for lack of room (its reason).
+#[derive(Debug)]
+struct Busy(String);
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the server refused the session: {}", self.0)
+    }
+}
+
+impl std::error::Error for Busy {}
+
+/// First wait before retrying a busy server; doubled per attempt up to
+/// [`BUSY_BACKOFF_MAX`], each wait drawn uniformly from half to all of it
+/// so that clients turned away together do not return together.
+const BUSY_BACKOFF_START: Duration = Duration::from_millis(250);
+const BUSY_BACKOFF_MAX: Duration = Duration::from_secs(8);
+
 /// Turns a connection-level failure into what the user should read.
 fn explain(e: quinn::ConnectionError) -> anyhow::Error {
     match e {
@@ -117,6 +139,7 @@ fn explain(e: quinn::ConnectionError) -> anyhow::Error {
             match code as u32 {
                 close_code::REFUSED => anyhow!("the server refused the session: {reason}"),
                 close_code::SHUTDOWN => anyhow!("the server is shutting down"),
+                close_code::BUSY => anyhow::Error::new(Busy(reason.into_owned())),
                 close_code::PROTOCOL => anyhow!("the server closed the session: {reason}"),
                 _ => anyhow!("the server closed the session (code {code}): {reason}"),
             }
@@ -127,8 +150,31 @@ fn explain(e: quinn::ConnectionError) -> anyhow::Error {
 }
 
 impl QuicChannel {
-    /// Connects, checks the server's certificate and performs the handshake.
+    /// Connects, checks the server's certificate and performs the handshake;
+    /// while the server is at its session limit, retries with jittered
+    /// exponential backoff for up to [`ClientConfig::busy_wait`].
     pub fn connect(config: &ClientConfig) -> anyhow::Result<QuicChannel> {
+        let start = std::time::Instant::now();
+        let mut backoff = BUSY_BACKOFF_START;
+        loop {
+            match QuicChannel::connect_once(config) {
+                Err(e) if e.downcast_ref::<Busy>().is_some() => {
+                    let wait = backoff.mul_f64(0.5 + 0.5 * rand::random::<f64>());
+                    if start.elapsed() + wait > config.busy_wait {
+                        return Err(e.context(format!(
+                            "still at its session limit after {:.0} s of retrying",
+                            start.elapsed().as_secs_f64()
+                        )));
+                    }
+                    std::thread::sleep(wait);
+                    backoff = (backoff * 2).min(BUSY_BACKOFF_MAX);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn connect_once(config: &ClientConfig) -> anyhow::Result<QuicChannel> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("secinfer-quic-client")

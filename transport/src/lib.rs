@@ -58,4 +58,7 @@ pub mod close_code {
     pub const SHUTDOWN: u32 = 3;
     /// the server failed internally
     pub const INTERNAL: u32 = 4;
+    /// the server is at its session limit: try again later (clients retry
+    /// with jittered backoff, [`crate::ClientConfig::busy_wait`])
+    pub const BUSY: u32 = 5;
 }

@@ -127,6 +127,8 @@ struct Shared<L: ?Sized> {
 enum End {
     /// refused at the handshake
     Refused(String),
+    /// refused at the handshake for lack of room: the client may retry
+    Busy(String),
     /// the client broke the protocol or sent a bad frame
     Protocol(String),
     /// the server is shutting down
@@ -331,6 +333,7 @@ async fn connection<L: MaskedLinear + 'static + ?Sized>(
         let (code, reason) = match end {
             Ok(()) => (close_code::DONE, "done".to_string()),
             Err(End::Refused(m)) => (close_code::REFUSED, m),
+            Err(End::Busy(m)) => (close_code::BUSY, m),
             Err(End::Protocol(m)) => (close_code::PROTOCOL, m),
             Err(End::Shutdown) => (close_code::SHUTDOWN, "the server is shutting down".into()),
             Err(End::Internal(m)) => (close_code::INTERNAL, m),
@@ -430,7 +433,7 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
         )));
     }
     let _permit = shared.sessions.clone().try_acquire_owned().map_err(|_| {
-        End::Refused(format!(
+        End::Busy(format!(
             "the server is at its limit of {} sessions; try again later",
             limits.max_sessions
         ))
