@@ -157,6 +157,14 @@ enum Command {
         /// Close a connection silent for this long, seconds.
         #[arg(long, default_value_t = 60)]
         idle_timeout: u64,
+        /// End a session that has made no request for this long (its
+        /// keep-alives do not count), seconds.
+        #[arg(long, default_value_t = 300)]
+        session_idle_timeout: u64,
+        /// End any session this long after it began, seconds (the client
+        /// reconnects for more).
+        #[arg(long, default_value_t = 6 * 3600)]
+        max_session_lifetime: u64,
         /// On Ctrl-C or SIGTERM, how long requests in progress may take, seconds.
         #[arg(long, default_value_t = 30)]
         shutdown_grace: u64,
@@ -410,6 +418,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_correlation_mib,
             he_jobs,
             idle_timeout,
+            session_idle_timeout,
+            max_session_lifetime,
             shutdown_grace,
         } => net::serve(net::ServeOptions {
             model,
@@ -417,15 +427,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir,
             cert_key: cert.zip(key),
             tokens,
-            limits: net::limits(
+            limits: net::limits(&net::LimitFlags {
                 max_sessions,
                 max_frame_mib,
                 max_pending,
                 max_correlation_mib,
                 he_jobs,
-                idle_timeout,
-                shutdown_grace,
-            )?,
+                idle_timeout_s: idle_timeout,
+                session_idle_timeout_s: session_idle_timeout,
+                max_session_lifetime_s: max_session_lifetime,
+                shutdown_grace_s: shutdown_grace,
+            })?,
         }),
         Command::Predict {
             server,

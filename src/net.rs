@@ -279,38 +279,62 @@ pub fn resolve_token(token: Option<String>, file: Option<&Path>) -> anyhow::Resu
     )
 }
 
+/// `serve`'s limit flags, as given.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitFlags {
+    /// `--max-sessions`
+    pub max_sessions: usize,
+    /// `--max-frame-mib`
+    pub max_frame_mib: usize,
+    /// `--max-pending`
+    pub max_pending: usize,
+    /// `--max-correlation-mib`
+    pub max_correlation_mib: u64,
+    /// `--he-jobs`
+    pub he_jobs: usize,
+    /// `--idle-timeout`, seconds
+    pub idle_timeout_s: u64,
+    /// `--session-idle-timeout`, seconds
+    pub session_idle_timeout_s: u64,
+    /// `--max-session-lifetime`, seconds
+    pub max_session_lifetime_s: u64,
+    /// `--shutdown-grace`, seconds
+    pub shutdown_grace_s: u64,
+}
+
 /// Limits from command-line values.
-pub fn limits(
-    max_sessions: usize,
-    max_frame_mib: usize,
-    max_pending: usize,
-    max_correlation_mib: u64,
-    he_jobs: usize,
-    idle_timeout_s: u64,
-    shutdown_grace_s: u64,
-) -> anyhow::Result<Limits> {
-    if max_sessions == 0 || he_jobs == 0 || max_frame_mib == 0 || max_pending == 0 {
+pub fn limits(f: &LimitFlags) -> anyhow::Result<Limits> {
+    if f.max_sessions == 0 || f.he_jobs == 0 || f.max_frame_mib == 0 || f.max_pending == 0 {
         bail!("session, frame, pending and HE-job limits must be at least 1");
     }
-    if max_correlation_mib < 256 {
+    if f.max_correlation_mib < 256 {
         bail!(
-            "--max-correlation-mib {max_correlation_mib}: at least 256 (one correlation batch with its buffers, and what clients keep ready)"
+            "--max-correlation-mib {}: at least 256 (one correlation batch with its buffers, and what clients keep ready)",
+            f.max_correlation_mib
         );
     }
-    if idle_timeout_s < 5 {
-        bail!("--idle-timeout {idle_timeout_s}: at least 5 s (clients ping every 2 s)");
+    if f.idle_timeout_s < 5 {
+        bail!(
+            "--idle-timeout {}: at least 5 s (clients ping every 2 s)",
+            f.idle_timeout_s
+        );
     }
-    if max_frame_mib > 1024 {
-        bail!("--max-frame-mib {max_frame_mib}: at most 1024");
+    if f.session_idle_timeout_s == 0 || f.max_session_lifetime_s == 0 {
+        bail!("--session-idle-timeout and --max-session-lifetime: at least 1 s");
+    }
+    if f.max_frame_mib > 1024 {
+        bail!("--max-frame-mib {}: at most 1024", f.max_frame_mib);
     }
     Ok(Limits {
-        max_sessions,
-        max_frame_bytes: max_frame_mib << 20,
-        max_pending_inferences: max_pending,
-        max_correlation_bytes: max_correlation_mib << 20,
-        concurrent_he_jobs: he_jobs,
-        idle_timeout: Duration::from_secs(idle_timeout_s),
-        shutdown_grace: Duration::from_secs(shutdown_grace_s),
+        max_sessions: f.max_sessions,
+        max_frame_bytes: f.max_frame_mib << 20,
+        max_pending_inferences: f.max_pending,
+        max_correlation_bytes: f.max_correlation_mib << 20,
+        concurrent_he_jobs: f.he_jobs,
+        idle_timeout: Duration::from_secs(f.idle_timeout_s),
+        session_idle_timeout: Duration::from_secs(f.session_idle_timeout_s),
+        max_session_lifetime: Duration::from_secs(f.max_session_lifetime_s),
+        shutdown_grace: Duration::from_secs(f.shutdown_grace_s),
         ..Limits::default()
     })
 }

@@ -697,3 +697,40 @@ fn private_protocol_violations_over_the_wire_close_only_that_session() {
     drop(good);
     assert_eq!(wait_until_no_sessions(&lo), 0);
 }
+
+/// Keep-alives hold a connection open, not a session slot: two clients that
+/// connect and then do nothing are ended after the session idle timeout,
+/// and a third client is served in their place.
+#[test]
+fn idle_sessions_give_their_slots_back() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "idle");
+    let lo = pair.serve(Limits {
+        max_sessions: 2,
+        session_idle_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    });
+    let no_waiting = || ClientConfig {
+        busy_wait: Duration::ZERO,
+        ..lo.client_config(pair.server.digest())
+    };
+    let idle: Vec<QuicChannel> = (0..2)
+        .map(|_| QuicChannel::connect(&no_waiting()).expect("a free slot"))
+        .collect();
+    // full: a third is turned away at once
+    let e = message(QuicChannel::connect(&no_waiting()).unwrap_err());
+    assert!(e.contains("limit of 2 sessions"), "{e}");
+    // (keep-alives every 2 s would keep both connections up indefinitely)
+    std::thread::sleep(Duration::from_millis(5000));
+    assert_eq!(lo.server().live_sessions(), 0, "idle sessions still held");
+    let third = ClientModel::load_with(&pair.client_path, |_, _| QuicChannel::connect(&no_waiting()))
+        .expect("the third client gets a slot");
+    let out = run(&third, samples("breast-cancer", 0, 2));
+    assert_eq!(out.len(), 4);
+    // an idle client learns why its session ended
+    let e = message(
+        idle[0]
+            .round_trip(zero_request(&third))
+            .unwrap_err(),
+    );
+    assert!(e.contains("no request for 2s"), "{e}");
+}

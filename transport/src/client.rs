@@ -140,6 +140,7 @@ fn explain(e: quinn::ConnectionError) -> anyhow::Error {
                 close_code::REFUSED => anyhow!("the server refused the session: {reason}"),
                 close_code::SHUTDOWN => anyhow!("the server is shutting down"),
                 close_code::BUSY => anyhow::Error::new(Busy(reason.into_owned())),
+                close_code::EXPIRED => anyhow!("the server ended the session: {reason}"),
                 close_code::PROTOCOL => anyhow!("the server closed the session: {reason}"),
                 _ => anyhow!("the server closed the session (code {code}): {reason}"),
             }

@@ -61,4 +61,6 @@ pub mod close_code {
     /// the server is at its session limit: try again later (clients retry
     /// with jittered backoff, [`crate::ClientConfig::busy_wait`])
     pub const BUSY: u32 = 5;
+    /// the server ended a session idle too long, or past its lifetime
+    pub const EXPIRED: u32 = 6;
 }

@@ -49,6 +49,11 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     /// a connection silent this long is closed (clients send keep-alives)
     pub idle_timeout: Duration,
+    /// a session with no request in progress and none for this long is
+    /// ended, keep-alives or not
+    pub session_idle_timeout: Duration,
+    /// any session is ended this long after it began
+    pub max_session_lifetime: Duration,
     /// once a frame has begun, the rest must arrive within this
     pub frame_timeout: Duration,
     /// on shutdown, how long requests in progress may take to finish
@@ -65,6 +70,8 @@ impl Default for Limits {
             concurrent_he_jobs: 1,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            session_idle_timeout: Duration::from_secs(300),
+            max_session_lifetime: Duration::from_secs(6 * 3600),
             frame_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),
         }
@@ -129,6 +136,8 @@ enum End {
     Refused(String),
     /// refused at the handshake for lack of room: the client may retry
     Busy(String),
+    /// idle too long or past its lifetime
+    Expired(String),
     /// the client broke the protocol or sent a bad frame
     Protocol(String),
     /// the server is shutting down
@@ -334,6 +343,7 @@ async fn connection<L: MaskedLinear + 'static + ?Sized>(
             Ok(()) => (close_code::DONE, "done".to_string()),
             Err(End::Refused(m)) => (close_code::REFUSED, m),
             Err(End::Busy(m)) => (close_code::BUSY, m),
+            Err(End::Expired(m)) => (close_code::EXPIRED, m),
             Err(End::Protocol(m)) => (close_code::PROTOCOL, m),
             Err(End::Shutdown) => (close_code::SHUTDOWN, "the server is shutting down".into()),
             Err(End::Internal(m)) => (close_code::INTERNAL, m),
@@ -360,6 +370,12 @@ fn truncate(s: &str) -> String {
 struct SessionState<L: MaskedLinear + ?Sized> {
     session: Mutex<ServerSession<L>>,
     stats: Arc<Stats>,
+    /// when the session began
+    started: std::time::Instant,
+    /// milliseconds after `started` of the last frame read or written
+    last_activity: std::sync::atomic::AtomicU64,
+    /// requests read and not yet answered
+    in_progress: AtomicUsize,
 }
 
 impl<L: MaskedLinear + ?Sized> Drop for SessionState<L> {
@@ -369,6 +385,31 @@ impl<L: MaskedLinear + ?Sized> Drop for SessionState<L> {
 }
 
 impl<L: MaskedLinear + ?Sized> SessionState<L> {
+    fn touch(&self) {
+        let ms = self.started.elapsed().as_millis() as u64;
+        self.last_activity.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    /// Why the session should end now, if it should.
+    fn expired(&self, limits: &Limits) -> Option<String> {
+        let age = self.started.elapsed();
+        if age >= limits.max_session_lifetime {
+            return Some(format!(
+                "the session reached its maximum lifetime of {:?}; reconnect to go on",
+                limits.max_session_lifetime
+            ));
+        }
+        let last = Duration::from_millis(self.last_activity.load(Ordering::SeqCst));
+        let idle = age.saturating_sub(last);
+        (self.in_progress.load(Ordering::SeqCst) == 0 && idle >= limits.session_idle_timeout)
+            .then(|| {
+                format!(
+                    "no request for {:?} (the session idle timeout); reconnect to go on",
+                    limits.session_idle_timeout
+                )
+            })
+    }
+
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, ServerSession<L>>, End> {
         self.session
             .lock()
@@ -458,11 +499,26 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
     let state = Arc::new(SessionState {
         session: Mutex::new(session),
         stats: shared.stats.clone(),
+        started: std::time::Instant::now(),
+        last_activity: std::sync::atomic::AtomicU64::new(0),
+        in_progress: AtomicUsize::new(0),
     });
     let mut streams = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
+    // how often idleness and lifetime are checked
+    let tick = limits
+        .session_idle_timeout
+        .min(limits.max_session_lifetime)
+        .min(Duration::from_secs(5))
+        / 4;
     loop {
         tokio::select! {
+            () = tokio::time::sleep(tick) => {
+                if let Some(why) = state.expired(limits) {
+                    streams.abort_all();
+                    return Err(End::Expired(why));
+                }
+            }
             s = conn.accept_bi() => match s {
                 Ok((send, recv)) => {
                     streams.spawn(stream(send, recv, state.clone(), shared.clone()));
@@ -510,6 +566,40 @@ async fn stream<L: MaskedLinear + 'static + ?Sized>(
             let _ = send.finish();
             return Ok(());
         };
+        state.touch();
+        state.in_progress.fetch_add(1, Ordering::SeqCst);
+        let answered = answer(frame, &mut send, &mut recv, &state, &shared).await;
+        state.in_progress.fetch_sub(1, Ordering::SeqCst);
+        state.touch();
+        answered?;
+    }
+}
+
+/// Writes a frame, giving the client the frame timeout to take it.
+async fn write_within<L: MaskedLinear + ?Sized>(
+    send: &mut SendStream,
+    frame: &ServerFrame,
+    shared: &Shared<L>,
+) -> Result<(), End> {
+    let patience = shared.limits.frame_timeout;
+    tokio::time::timeout(
+        patience,
+        write_frame(send, frame, shared.limits.max_frame_bytes),
+    )
+    .await
+    .map_err(|_| End::Protocol(format!("the client did not take an answer within {patience:?}")))??;
+    Ok(())
+}
+
+/// Answers one request of a stream.
+async fn answer<L: MaskedLinear + 'static + ?Sized>(
+    frame: ClientFrame,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    state: &Arc<SessionState<L>>,
+    shared: &Arc<Shared<L>>,
+) -> Result<(), End> {
+    {
         match frame {
             ClientFrame::Hello { .. } => {
                 return Err(End::Protocol("a session says hello only once".into()));
@@ -517,30 +607,30 @@ async fn stream<L: MaskedLinear + 'static + ?Sized>(
             ClientFrame::Online(req) => {
                 let st = state.clone();
                 let out = blocking(move || Ok(st.lock()?.handle(req)?)).await?;
-                write_frame(&mut send, &ServerFrame::Online(out), max).await?;
+                write_within(send, &ServerFrame::Online(out), shared).await?;
             }
             ClientFrame::OfflineHello(hello) => {
                 let st = state.clone();
                 blocking(move || Ok(st.lock()?.accept_hello(hello)?)).await?;
-                write_frame(&mut send, &ServerFrame::OfflineReady, max).await?;
+                write_within(send, &ServerFrame::OfflineReady, shared).await?;
             }
             ClientFrame::Offline(req) => {
                 let st = state.clone();
                 let job = blocking(move || Ok(st.lock()?.receive_offline(req)?)).await?;
                 if let Some(job) = job {
-                    run_job(job, &mut send, &state, &shared).await?;
+                    run_job(job, send, state, shared).await?;
                 }
-                write_frame(&mut send, &ServerFrame::OfflineDone, max).await?;
+                write_within(send, &ServerFrame::OfflineDone, shared).await?;
             }
             ClientFrame::Ot(msg) => {
                 let st = state.clone();
                 let reply = blocking(move || Ok(st.lock()?.handle_ot(msg)?)).await?;
-                write_frame(&mut send, &ServerFrame::Ot(reply), max).await?;
+                write_within(send, &ServerFrame::Ot(reply), shared).await?;
             }
             ClientFrame::Private(begin @ PrivateMessage::Begin { .. }) => {
                 let st = state.clone();
                 let run = blocking(move || Ok(st.lock()?.begin_private(begin)?)).await?;
-                drive_private(run, &mut send, &mut recv, &shared).await?;
+                drive_private(run, send, recv, shared).await?;
             }
             ClientFrame::Private(PrivateMessage::Step(m)) => {
                 return Err(End::Protocol(format!(
@@ -550,6 +640,7 @@ async fn stream<L: MaskedLinear + 'static + ?Sized>(
             }
         }
     }
+    Ok(())
 }
 
 /// Drives the server's run of a private batch on one stream: the run
