@@ -67,6 +67,7 @@ impl TokenSet {
             write_private(path, format!("{token}\n").as_bytes())?;
             return Ok((TokenSet::new([token.as_str()])?, Some(token)));
         }
+        check_private(path)?;
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading the token file {}", path.display()))?;
         let set = TokenSet::new(
@@ -99,6 +100,32 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
         .with_context(|| format!("{} holds no token", path.display()))
 }
 
+/// Refuses a secret file (the server's token file or private key) that
+/// others than its owner may read or write (on Unix): a server must not run
+/// on secrets that have leaked to other local users, or that they can
+/// change.
+pub(crate) fn check_private(path: &Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)
+            .with_context(|| format!("reading the permissions of {}", path.display()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            anyhow::bail!(
+                "{} is accessible to other users (mode {:o}); it holds a secret: `chmod 600 {}`",
+                path.display(),
+                mode & 0o777,
+                path.display()
+            );
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = path;
+    Ok(())
+}
+
 /// Writes a secret file readable only by its owner (on Unix).
 pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
@@ -120,6 +147,26 @@ pub(crate) fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn secret_files_open_to_others_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("secinfer-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokens");
+        let _ = std::fs::remove_file(&path);
+        // made by the server: 0600, accepted on the next start
+        let (_, made) = TokenSet::load_or_create(&path).unwrap();
+        assert!(made.is_some());
+        assert!(TokenSet::load_or_create(&path).is_ok());
+        for mode in [0o644, 0o640, 0o602] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = format!("{:#}", TokenSet::load_or_create(&path).unwrap_err());
+            assert!(e.contains("accessible to other users") && e.contains("chmod 600"), "{e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn accepts_exactly_the_listed_tokens() {

@@ -20,6 +20,9 @@ pub const PROTOCOL_VERSION: u32 = 4;
 /// online batch of 100 CNN images ~0.6 MiB).
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 << 20;
 
+/// Bytes of a frame's body allocated before any arrive (more as they do).
+const FIRST_BODY_CHUNK: usize = 64 << 10;
+
 /// Largest handshake frame (token and digest are short).
 pub const MAX_HELLO_BYTES: usize = 16 << 10;
 
@@ -176,15 +179,23 @@ async fn read_rest<R: AsyncRead + Unpin, T: DeserializeOwned>(
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            FrameError::Truncated
-        } else {
-            FrameError::Io(e)
-        }
+    // The buffer grows as bytes arrive: a peer that declares a large frame
+    // and sends little costs what it sent, not what it declared.
+    let mut body = Vec::with_capacity(len.min(FIRST_BODY_CHUNK));
+    let read = (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if read < len {
+        return Err(FrameError::Truncated);
+    }
+    let msg = postcard::from_bytes(&body).map_err(|e| {
+        FrameError::Malformed(match e {
+            // postcard drops the message of a check made while decoding
+            postcard::Error::SerdeDeCustom => format!(
+                "a value broke a check while decoding (an unknown variant, or more than {} ciphertexts in one message)",
+                secinfer_protocol::offline::CIPHERTEXTS_PER_MESSAGE
+            ),
+            other => other.to_string(),
+        })
     })?;
-    let msg = postcard::from_bytes(&body).map_err(|e| FrameError::Malformed(e.to_string()))?;
     Ok((msg, len + 4))
 }
 
@@ -249,5 +260,33 @@ mod tests {
             encode(&hello(), 8),
             Err(FrameError::TooLarge { max: 8, .. })
         ));
+    }
+
+    /// A frame of a million empty ciphertexts (~1 MB on the wire) would be
+    /// ~24 MB of vector headers once decoded; the decoder stops at the
+    /// message's limit instead.
+    #[tokio::test]
+    async fn a_frame_of_many_empty_ciphertexts_is_refused_while_decoding() {
+        let request = |n: usize| {
+            ClientFrame::Offline(MaskRequest {
+                first_id: secinfer_protocol::PreprocessingId(0),
+                count: 1,
+                op: 0,
+                offset: 0,
+                layout: 0,
+                ciphertexts: vec![Vec::new(); n],
+            })
+        };
+        let limit = secinfer_protocol::offline::CIPHERTEXTS_PER_MESSAGE;
+        let ok = encode(&request(limit), 1 << 24).unwrap();
+        assert!(read_frame::<_, ClientFrame>(&mut &ok[..], 1 << 24).await.is_ok());
+        let buf = encode(&request(1_000_000), 1 << 24).unwrap();
+        let e = read_frame::<_, ClientFrame>(&mut &buf[..], 1 << 24)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&e, FrameError::Malformed(m) if m.contains("more than 64 ciphertexts in one message")),
+            "{e}"
+        );
     }
 }

@@ -128,6 +128,9 @@ impl Identity {
     pub fn load_or_generate(dir: &Path) -> anyhow::Result<(Identity, bool)> {
         let (cert, key) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
         if cert.exists() || key.exists() {
+            if key.exists() {
+                crate::auth::check_private(&key)?;
+            }
             return Ok((Identity::from_pem_files(&cert, &key)?, false));
         }
         std::fs::create_dir_all(dir)

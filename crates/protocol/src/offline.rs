@@ -63,9 +63,13 @@ pub struct MaskRequest {
     /// (both choose from the same public numbers, so a difference means
     /// different versions)
     pub layout: u64,
-    /// serialised ciphertexts, numbers `offset ..`: per-coefficient packing,
+    /// serialised ciphertexts, numbers `offset ..`: at most
+    /// [`CIPHERTEXTS_PER_MESSAGE`], refused while decoding beyond that
+    /// (each empty one would otherwise cost 24 bytes of memory for 1 byte on
+    /// the wire); per-coefficient packing,
     /// number `j` holds input feature `j` of every inference; block packing,
     /// [`secinfer_he::BlockShape::input_plaintext`] says what each holds
+    #[serde(deserialize_with = "at_most_a_message_of_ciphertexts")]
     pub ciphertexts: Vec<Vec<u8>>,
 }
 
@@ -80,8 +84,39 @@ pub struct ProductReply {
     /// features; block packing, reply numbers
     /// ([`secinfer_he::BlockShape::kept`] says what each holds)
     pub outputs: Vec<u32>,
-    /// serialised ciphertexts, one per entry of `outputs`
+    /// serialised ciphertexts, one per entry of `outputs` (at most
+    /// [`CIPHERTEXTS_PER_MESSAGE`], refused while decoding beyond that)
+    #[serde(deserialize_with = "at_most_a_message_of_ciphertexts")]
     pub ciphertexts: Vec<Vec<u8>>,
+}
+
+/// Decodes a list of ciphertexts, refusing the element after
+/// [`CIPHERTEXTS_PER_MESSAGE`] as soon as it is reached: the decoder builds
+/// a message's vectors before anything else checks them, so a frame of
+/// empty byte strings would otherwise become ~24× its size in memory.
+fn at_most_a_message_of_ciphertexts<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Vec<Vec<u8>>, D::Error> {
+    struct Bounded;
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<Vec<u8>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "at most {CIPHERTEXTS_PER_MESSAGE} ciphertexts")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(CIPHERTEXTS_PER_MESSAGE));
+            while let Some(ct) = seq.next_element::<Vec<u8>>()? {
+                if out.len() == CIPHERTEXTS_PER_MESSAGE {
+                    return Err(serde::de::Error::custom(format!(
+                        "more than {CIPHERTEXTS_PER_MESSAGE} ciphertexts in one message"
+                    )));
+                }
+                out.push(ct);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded)
 }
 
 impl MaskRequest {
