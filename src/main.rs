@@ -168,6 +168,10 @@ enum Command {
         /// On Ctrl-C or SIGTERM, how long requests in progress may take, seconds.
         #[arg(long, default_value_t = 30)]
         shutdown_grace: u64,
+        /// Memory that buffered HE ciphertexts and running HE jobs of all
+        /// clients may take together, MiB (default: half the machine's).
+        #[arg(long)]
+        max_memory_mib: Option<u64>,
     },
     /// Predict with a served model: the input stays private, the weights stay on the server.
     #[command(group(clap::ArgGroup::new("trust").required(true).args(["fingerprint", "ca"])))]
@@ -421,6 +425,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             session_idle_timeout,
             max_session_lifetime,
             shutdown_grace,
+            max_memory_mib,
         } => net::serve(net::ServeOptions {
             model,
             listen,
@@ -437,6 +442,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 session_idle_timeout_s: session_idle_timeout,
                 max_session_lifetime_s: max_session_lifetime,
                 shutdown_grace_s: shutdown_grace,
+                max_memory_mib,
             })?,
         }),
         Command::Predict {

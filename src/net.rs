@@ -300,6 +300,8 @@ pub struct LimitFlags {
     pub max_session_lifetime_s: u64,
     /// `--shutdown-grace`, seconds
     pub shutdown_grace_s: u64,
+    /// `--max-memory-mib` (default: half the machine's memory)
+    pub max_memory_mib: Option<u64>,
 }
 
 /// Limits from command-line values.
@@ -325,6 +327,11 @@ pub fn limits(f: &LimitFlags) -> anyhow::Result<Limits> {
     if f.max_frame_mib > 1024 {
         bail!("--max-frame-mib {}: at most 1024", f.max_frame_mib);
     }
+    let max_memory_bytes = match f.max_memory_mib {
+        Some(m) if m < 64 => bail!("--max-memory-mib {m}: at least 64"),
+        Some(m) => m << 20,
+        None => secinfer_transport::default_max_memory(),
+    };
     Ok(Limits {
         max_sessions: f.max_sessions,
         max_frame_bytes: f.max_frame_mib << 20,
@@ -335,6 +342,7 @@ pub fn limits(f: &LimitFlags) -> anyhow::Result<Limits> {
         session_idle_timeout: Duration::from_secs(f.session_idle_timeout_s),
         max_session_lifetime: Duration::from_secs(f.max_session_lifetime_s),
         shutdown_grace: Duration::from_secs(f.shutdown_grace_s),
+        max_memory_bytes,
         ..Limits::default()
     })
 }

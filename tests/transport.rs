@@ -734,3 +734,31 @@ fn idle_sessions_give_their_slots_back() {
     );
     assert!(e.contains("no request for 2s"), "{e}");
 }
+
+/// HE input ciphertexts waiting in sessions and running HE jobs draw from
+/// one server-wide memory budget: work that cannot fit is refused with the
+/// budget and the estimate named, and the server keeps serving.
+#[test]
+fn he_work_beyond_the_servers_memory_budget_is_refused_by_name() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "memory");
+    let lo = pair.serve(Limits {
+        max_memory_bytes: 96 << 10,
+        ..Limits::default()
+    });
+    let client = pair.client(&lo);
+    let e = message(client.backend().preprocess(1).unwrap_err());
+    assert!(
+        e.contains("memory budget of 0.1 MiB") && e.contains("would need ~"),
+        "{e}"
+    );
+    assert_eq!(wait_until_no_sessions(&lo), 0);
+    drop(lo);
+    // with room for the work, the same client code is served
+    let lo = pair.serve(Limits {
+        max_memory_bytes: 64 << 20,
+        ..Limits::default()
+    });
+    let client = pair.client(&lo);
+    let out = run(&client, samples("breast-cancer", 0, 2));
+    assert_eq!(out.len(), 4);
+}

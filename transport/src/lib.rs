@@ -40,7 +40,7 @@ pub use auth::TokenSet;
 pub use client::{ClientConfig, QuicChannel, Trust};
 pub use frame::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
 pub use loopback::Loopback;
-pub use server::{Limits, Server, ServerConfig};
+pub use server::{Limits, Server, ServerConfig, default_max_memory};
 pub use tls::{Fingerprint, Identity};
 
 /// ALPN protocol name both ends insist on.

@@ -45,6 +45,10 @@ pub struct Limits {
     pub max_correlation_bytes: u64,
     /// HE evaluations running at once across all sessions (each uses all cores)
     pub concurrent_he_jobs: usize,
+    /// bytes all sessions' buffered HE input ciphertexts and running HE jobs
+    /// may take together (estimated from each job's layout); work beyond
+    /// it waits up to the frame timeout, then is refused
+    pub max_memory_bytes: u64,
     /// time a client has to open its session and say hello
     pub handshake_timeout: Duration,
     /// a connection silent this long is closed (clients send keep-alives)
@@ -68,6 +72,7 @@ impl Default for Limits {
             max_pending_inferences: secinfer_protocol::DEFAULT_MAX_PENDING,
             max_correlation_bytes: secinfer_protocol::DEFAULT_MAX_OT_BYTES,
             concurrent_he_jobs: 1,
+            max_memory_bytes: default_max_memory(),
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             session_idle_timeout: Duration::from_secs(300),
@@ -77,6 +82,22 @@ impl Default for Limits {
         }
     }
 }
+
+/// Half the machine's memory (`MemTotal` in /proc/meminfo), or 4 GiB where
+/// that cannot be read: the default [`Limits::max_memory_bytes`].
+pub fn default_max_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(4 << 30, |kib| kib * 1024 / 2)
+}
+
+/// Units of the server-wide memory budget's semaphore.
+const MEMORY_UNIT: u64 = 1 << 10;
 
 /// What a server needs to start.
 #[derive(Debug, Clone)]
@@ -125,6 +146,8 @@ struct Shared<L: ?Sized> {
     limits: Limits,
     sessions: Arc<Semaphore>,
     he_jobs: Arc<Semaphore>,
+    /// the memory budget, in KiB
+    memory: Arc<Semaphore>,
     stats: Arc<Stats>,
     shutdown: watch::Receiver<bool>,
 }
@@ -187,6 +210,11 @@ impl Server {
             tokens: config.tokens,
             sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
             he_jobs: Arc::new(Semaphore::new(config.limits.concurrent_he_jobs.max(1))),
+            memory: Arc::new(Semaphore::new(
+                usize::try_from(config.limits.max_memory_bytes / MEMORY_UNIT)
+                    .unwrap_or(usize::MAX)
+                    .min(Semaphore::MAX_PERMITS),
+            )),
             limits: config.limits,
             stats: stats.clone(),
             shutdown: rx,
@@ -376,6 +404,9 @@ struct SessionState<L: MaskedLinear + ?Sized> {
     last_activity: std::sync::atomic::AtomicU64,
     /// requests read and not yet answered
     in_progress: AtomicUsize,
+    /// the memory budget held for the op's input ciphertexts received so
+    /// far (released when its job ends)
+    reserved: Mutex<Vec<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl<L: MaskedLinear + ?Sized> Drop for SessionState<L> {
@@ -502,6 +533,7 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
         started: std::time::Instant::now(),
         last_activity: std::sync::atomic::AtomicU64::new(0),
         in_progress: AtomicUsize::new(0),
+        reserved: Mutex::new(Vec::new()),
     });
     let mut streams = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
@@ -615,10 +647,35 @@ async fn answer<L: MaskedLinear + 'static + ?Sized>(
                 write_within(send, &ServerFrame::OfflineReady, shared).await?;
             }
             ClientFrame::Offline(req) => {
+                // the ciphertexts wait in the session until their op's job
+                // has run: they count against the server's memory budget
+                let bytes = (req.payload_bytes() + 64 * req.ciphertexts.len()) as u64;
+                let permit = reserve(shared, bytes, "HE input ciphertexts").await?;
+                state
+                    .reserved
+                    .lock()
+                    .map_err(|_| End::Internal("session poisoned".into()))?
+                    .push(permit);
                 let st = state.clone();
                 let job = blocking(move || Ok(st.lock()?.receive_offline(req)?)).await?;
                 if let Some(job) = job {
-                    run_job(job, send, state, shared).await?;
+                    let inputs = std::mem::take(
+                        &mut *state
+                            .reserved
+                            .lock()
+                            .map_err(|_| End::Internal("session poisoned".into()))?,
+                    );
+                    let held: u64 = inputs
+                        .iter()
+                        .map(|p| p.num_permits() as u64 * MEMORY_UNIT)
+                        .sum();
+                    // the job's own working memory beyond its inputs
+                    let extra = (job.memory_bytes() as u64).saturating_sub(held);
+                    let mut permit = reserve(shared, extra, "an HE job").await?;
+                    for p in inputs {
+                        permit.merge(p);
+                    }
+                    run_job(job, send, state, shared, permit).await?;
                 }
                 write_within(send, &ServerFrame::OfflineDone, shared).await?;
             }
@@ -717,12 +774,45 @@ fn frame_name(f: &ClientFrame) -> &'static str {
     }
 }
 
+/// Takes `bytes` of the server's memory budget, waiting up to the frame
+/// timeout for other sessions' work to release it; refuses work that could
+/// never fit, or that waited in vain, naming the budget.
+async fn reserve<L: ?Sized>(
+    shared: &Shared<L>,
+    bytes: u64,
+    what: &str,
+) -> Result<tokio::sync::OwnedSemaphorePermit, End> {
+    let units = bytes.div_ceil(MEMORY_UNIT);
+    let max = shared.limits.max_memory_bytes;
+    let mib = |b: u64| format!("{:.1}", b as f64 / (1u64 << 20) as f64);
+    if units.saturating_mul(MEMORY_UNIT) > max {
+        return Err(End::Protocol(format!(
+            "{what} would need ~{} MiB, more than the server's whole memory budget of {} MiB (serve --max-memory-mib)",
+            mib(bytes),
+            mib(max)
+        )));
+    }
+    let units = u32::try_from(units).map_err(|_| End::Internal("budget overflow".into()))?;
+    let patience = shared.limits.frame_timeout;
+    match tokio::time::timeout(patience, shared.memory.clone().acquire_many_owned(units)).await {
+        Ok(Ok(p)) => Ok(p),
+        Ok(Err(_)) => Err(End::Shutdown),
+        Err(_) => Err(End::Busy(format!(
+            "the server's memory budget ({} MiB) stayed taken by other sessions' HE work for {patience:?}; {what} needs ~{} MiB; try again later",
+            mib(max),
+            mib(bytes)
+        ))),
+    }
+}
+
 /// Runs an HE job off the async threads and forwards its reply parts.
+/// `memory` is the job's share of the memory budget, held until it ends.
 async fn run_job<L: MaskedLinear + 'static + ?Sized>(
     job: secinfer_protocol::OfflineJob,
     send: &mut SendStream,
     state: &Arc<SessionState<L>>,
     shared: &Arc<Shared<L>>,
+    memory: tokio::sync::OwnedSemaphorePermit,
 ) -> Result<(), End> {
     // The permit lives in the job itself, so a job whose client has left
     // still counts against the limit until it has stopped.
@@ -740,6 +830,7 @@ async fn run_job<L: MaskedLinear + 'static + ?Sized>(
     let handle = tokio::task::spawn_blocking(move || {
         let _keep = keep;
         let _permit = permit;
+        let _memory = memory;
         job.run(&*linear, &mut |reply| {
             tx.blocking_send(reply)
                 .map_err(|_| ProtocolError::Model("the client is gone".into()))

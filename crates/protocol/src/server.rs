@@ -112,6 +112,12 @@ impl OfflineJob {
         self.first
     }
 
+    /// Estimated peak bytes the job holds while it runs, its input
+    /// ciphertexts included ([`secinfer_he::Packing::server_bytes`]).
+    pub fn memory_bytes(&self) -> usize {
+        self.packing.server_bytes(self.key.params())
+    }
+
     /// Computes `Enc(W·r − s)` with fresh `s` and hands the reply to `emit`
     /// in parts of at most [`CIPHERTEXTS_PER_MESSAGE`] ciphertexts.
     pub fn run<L: MaskedLinear + ?Sized>(
