@@ -103,7 +103,7 @@ fn serve_drains_and_exits_cleanly_on_sigterm_with_a_request_in_flight() {
         std::process::Stdio::piped(),
     );
     let data = secinfer::data::load("mnist").expect("mnist");
-    let n = 64;
+    let n = 128;
     let images: Vec<f32> = data
         .inputs
         .slice_axis(ndarray::Axis(0), (0..n).into())
@@ -112,7 +112,8 @@ fn serve_drains_and_exits_cleanly_on_sigterm_with_a_request_in_flight() {
         .collect();
     let input = dir.join("images.npy");
     common::write_npy(&input, &[n, 1, 28, 28], &images);
-    // 64 CNN images: several offline batches, seconds of HE work
+    // 128 CNN images: several offline batches, about ten seconds of HE work;
+    // the signal comes well after the client has connected
     let predict = Command::new(env!("CARGO_BIN_EXE_secinfer"))
         .arg("predict")
         .args(&served.client_args)
@@ -123,7 +124,7 @@ fn serve_drains_and_exits_cleanly_on_sigterm_with_a_request_in_flight() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("starting predict");
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    std::thread::sleep(std::time::Duration::from_millis(3000));
     let pid = served.child.id().to_string();
     let killed = Command::new("kill")
         .args(["-TERM", &pid])
@@ -239,7 +240,32 @@ fn clients_beyond_the_session_limit_wait_their_turn() {
         .collect();
     let input = dir.join("rows.npy");
     common::write_npy(&input, &[n, features], &values);
-    let clients: Vec<_> = (0..4)
+    // the first client holds the only session for a while (2,000 rows),
+    // the others arrive while it does and must wait their turn
+    let many: Vec<f32> = (0..2000)
+        .flat_map(|i| {
+            data.inputs
+                .index_axis(ndarray::Axis(0), i % data.inputs.len_of(ndarray::Axis(0)))
+                .to_owned()
+        })
+        .collect();
+    let long_input = dir.join("many.npy");
+    common::write_npy(&long_input, &[2000, features], &many);
+    // (its 2,000 answer lines go to a file: a pipe nobody reads yet would
+    // fill and stall it while it holds the session)
+    let first_out = dir.join("first.txt");
+    let first = Command::new(env!("CARGO_BIN_EXE_secinfer"))
+        .arg("predict")
+        .args(&served.client_args)
+        .arg("--model")
+        .arg(dir.join("client.onnx"))
+        .arg(&long_input)
+        .stdout(std::fs::File::create(&first_out).expect("output file"))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting the first predict");
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    let clients: Vec<_> = (0..3)
         .map(|_| {
             Command::new(env!("CARGO_BIN_EXE_secinfer"))
                 .arg("predict")
@@ -266,6 +292,20 @@ fn clients_beyond_the_session_limit_wait_their_turn() {
         answers.push(text);
     }
     assert!(answers.windows(2).all(|w| w[0] == w[1]), "clients disagree");
+    let out = first.wait_with_output().expect("the first predict ends");
+    assert!(
+        out.status.success(),
+        "the first client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_to_string(&first_out)
+            .expect("the first client's answers")
+            .lines()
+            .filter(|l| l.contains(": class "))
+            .count(),
+        2000
+    );
     drop(served);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -181,10 +181,18 @@ async fn read_rest<R: AsyncRead + Unpin, T: DeserializeOwned>(
     }
     // The buffer grows as bytes arrive: a peer that declares a large frame
     // and sends little costs what it sent, not what it declared.
+    // (grown by hand: `read_to_end` doubles, up to twice the frame)
     let mut body = Vec::with_capacity(len.min(FIRST_BODY_CHUNK));
-    let read = (&mut *r).take(len as u64).read_to_end(&mut body).await?;
-    if read < len {
-        return Err(FrameError::Truncated);
+    while body.len() < len {
+        let want = (len - body.len()).min(body.len().max(FIRST_BODY_CHUNK));
+        let at = body.len();
+        body.reserve_exact(want);
+        body.resize(at + want, 0);
+        let n = r.read(&mut body[at..]).await?;
+        body.truncate(at + n);
+        if n == 0 {
+            return Err(FrameError::Truncated);
+        }
     }
     let msg = postcard::from_bytes(&body).map_err(|e| {
         FrameError::Malformed(match e {

@@ -404,9 +404,14 @@ struct SessionState<L: MaskedLinear + ?Sized> {
     last_activity: std::sync::atomic::AtomicU64,
     /// requests read and not yet answered
     in_progress: AtomicUsize,
-    /// the memory budget held for the op's input ciphertexts received so
-    /// far (released when its job ends)
-    reserved: Mutex<Vec<tokio::sync::OwnedSemaphorePermit>>,
+    /// the memory budget held per (batch, op) whose ciphertexts are
+    /// arriving, for its whole job (moved to the job when it runs)
+    reserved: Mutex<
+        std::collections::HashMap<
+            (secinfer_protocol::PreprocessingId, secinfer_protocol::OpId),
+            tokio::sync::OwnedSemaphorePermit,
+        >,
+    >,
 }
 
 impl<L: MaskedLinear + ?Sized> Drop for SessionState<L> {
@@ -533,19 +538,25 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
         started: std::time::Instant::now(),
         last_activity: std::sync::atomic::AtomicU64::new(0),
         in_progress: AtomicUsize::new(0),
-        reserved: Mutex::new(Vec::new()),
+        reserved: Mutex::new(std::collections::HashMap::new()),
     });
     let mut streams = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
     // how often idleness and lifetime are checked
-    let tick = limits
-        .session_idle_timeout
-        .min(limits.max_session_lifetime)
-        .min(Duration::from_secs(5))
-        / 4;
+    // how often idleness and lifetime are checked: one timer for the whole
+    // session (a timer made per loop pass would restart with every stream
+    // opened, and a client opening empty streams would never be checked)
+    let mut tick = tokio::time::interval(
+        limits
+            .session_idle_timeout
+            .min(limits.max_session_lifetime)
+            .min(Duration::from_secs(5))
+            / 4,
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            () = tokio::time::sleep(tick) => {
+            _ = tick.tick() => {
                 if let Some(why) = state.expired(limits) {
                     streams.abort_all();
                     return Err(End::Expired(why));
@@ -647,34 +658,35 @@ async fn answer<L: MaskedLinear + 'static + ?Sized>(
                 write_within(send, &ServerFrame::OfflineReady, shared).await?;
             }
             ClientFrame::Offline(req) => {
-                // the ciphertexts wait in the session until their op's job
-                // has run: they count against the server's memory budget
-                let bytes = (req.payload_bytes() + 64 * req.ciphertexts.len()) as u64;
-                let permit = reserve(shared, bytes, "HE input ciphertexts").await?;
-                state
+                // The op's whole job (its input ciphertexts waiting in the
+                // session, then its working memory) is priced by its layout
+                // and reserved from the server's budget in one go when its
+                // first message arrives, so that sessions never hold part of
+                // what they need while waiting for the rest.
+                let key = (req.first_id, req.op);
+                let known = state
                     .reserved
                     .lock()
                     .map_err(|_| End::Internal("session poisoned".into()))?
-                    .push(permit);
+                    .contains_key(&key);
+                if !known {
+                    let bytes = job_estimate(shared, &req)?;
+                    let permit = reserve(shared, bytes, "this op's HE job").await?;
+                    state
+                        .reserved
+                        .lock()
+                        .map_err(|_| End::Internal("session poisoned".into()))?
+                        .insert(key, permit);
+                }
                 let st = state.clone();
                 let job = blocking(move || Ok(st.lock()?.receive_offline(req)?)).await?;
                 if let Some(job) = job {
-                    let inputs = std::mem::take(
-                        &mut *state
-                            .reserved
-                            .lock()
-                            .map_err(|_| End::Internal("session poisoned".into()))?,
-                    );
-                    let held: u64 = inputs
-                        .iter()
-                        .map(|p| p.num_permits() as u64 * MEMORY_UNIT)
-                        .sum();
-                    // the job's own working memory beyond its inputs
-                    let extra = (job.memory_bytes() as u64).saturating_sub(held);
-                    let mut permit = reserve(shared, extra, "an HE job").await?;
-                    for p in inputs {
-                        permit.merge(p);
-                    }
+                    let permit = state
+                        .reserved
+                        .lock()
+                        .map_err(|_| End::Internal("session poisoned".into()))?
+                        .remove(&key)
+                        .ok_or_else(|| End::Internal("an HE job without its memory".into()))?;
                     run_job(job, send, state, shared, permit).await?;
                 }
                 write_within(send, &ServerFrame::OfflineDone, shared).await?;
@@ -772,6 +784,24 @@ fn frame_name(f: &ClientFrame) -> &'static str {
         ClientFrame::Private(PrivateMessage::Begin { .. }) => "a second Begin",
         ClientFrame::Private(PrivateMessage::Step(_)) => "a step",
     }
+}
+
+/// The memory estimate of the job a mask request's op will run
+/// (`Packing::server_bytes` of the layout both parties choose); a request
+/// the layout cannot be chosen for is left for the session to refuse.
+fn job_estimate<L: MaskedLinear + ?Sized>(
+    shared: &Shared<L>,
+    req: &secinfer_protocol::MaskRequest,
+) -> Result<u64, End> {
+    let layers = shared.linear.layers();
+    let params = secinfer_protocol::params_for(layers)?;
+    let Some(spec) = layers.get(req.op as usize) else {
+        return Ok(0);
+    };
+    Ok(
+        secinfer_protocol::offline::packing_for(&params, spec, req.count as usize)
+            .map_or(0, |p| p.server_bytes(&params) as u64),
+    )
 }
 
 /// Takes `bytes` of the server's memory budget, waiting up to the frame
