@@ -157,6 +157,13 @@ impl ClientSession {
         })
     }
 
+    /// Forgets the request in flight for `op`, whose answer will not come
+    /// (its round trip failed): the op can be used again, with fresh ids;
+    /// the material the request took stays spent.
+    pub fn abandon(&mut self, op: OpId) {
+        self.pending.remove(&op);
+    }
+
     /// Unmasks the server's answer: `W·(x − r) + b + s + c = W·x + b`.
     pub fn unmask(&mut self, out: MaskedOutput) -> Result<RingTensor, ProtocolError> {
         let op = out.op;

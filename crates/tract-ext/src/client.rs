@@ -465,7 +465,16 @@ impl<C: Channel> SecureLinearBackend for SessionBackend<C> {
             let ids = st.current.clone();
             st.session.mask(spec.op_id, &ids, &xq)?
         };
-        let response = self.round_trips(spec, request)?;
+        let response = match self.round_trips(spec, request) {
+            Ok(r) => r,
+            Err(e) => {
+                // no answer will come: the op must not stay "in flight"
+                if let Ok(mut st) = self.lock() {
+                    st.session.abandon(spec.op_id);
+                }
+                return Err(e);
+            }
+        };
         let y = self.lock()?.session.unmask(response)?;
         Ok(secinfer_ring::decode_tensor(
             ring,
