@@ -246,7 +246,9 @@ pub struct LayerSummary {
 /// ([`secinfer_protocol::offline::efficient_batch`]).
 pub fn auto_offline_batch(layers: &[secinfer_model::LayerSpec]) -> anyhow::Result<usize> {
     let params = secinfer_protocol::params_for(layers)?;
-    Ok(secinfer_protocol::offline::efficient_batch(&params, layers)?)
+    Ok(secinfer_protocol::offline::efficient_batch(
+        &params, layers,
+    )?)
 }
 
 fn plain_model(path: &Path) -> anyhow::Result<Arc<TypedRunnableModel>> {

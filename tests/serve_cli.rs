@@ -50,14 +50,16 @@ fn serve_keeps_serving_after_its_stdout_is_closed() {
         .spawn()
         .expect("starting serve");
     drop(child.stdout.take());
-    let served = common::Served {
-        child,
-        client_args,
-    };
+    let served = common::Served { child, client_args };
     // time to bind (predict also retries its handshake for a while)
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let data = secinfer::data::load("breast-cancer").expect("data set");
-    let row: Vec<f32> = data.inputs.index_axis(ndarray::Axis(0), 0).iter().copied().collect();
+    let row: Vec<f32> = data
+        .inputs
+        .index_axis(ndarray::Axis(0), 0)
+        .iter()
+        .copied()
+        .collect();
     let input = dir.join("row.npy");
     common::write_npy(&input, &[1, row.len()], &row);
     let out = Command::new(env!("CARGO_BIN_EXE_secinfer"))
@@ -183,7 +185,11 @@ fn predict_streams_more_inputs_than_the_server_lets_a_session_hold() {
     let rows = data.inputs.len_of(ndarray::Axis(0));
     let features = data.inputs.len() / rows;
     let values: Vec<f32> = (0..n)
-        .flat_map(|i| data.inputs.index_axis(ndarray::Axis(0), i % rows).to_owned())
+        .flat_map(|i| {
+            data.inputs
+                .index_axis(ndarray::Axis(0), i % rows)
+                .to_owned()
+        })
         .collect();
     let input = dir.join("rows.npy");
     common::write_npy(&input, &[n, features], &values);
@@ -201,7 +207,11 @@ fn predict_streams_more_inputs_than_the_server_lets_a_session_hold() {
         "predict failed:\n{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(text.lines().filter(|l| l.contains(": class ")).count(), n, "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains(": class ")).count(),
+        n,
+        "{text}"
+    );
     drop(served);
     let _ = std::fs::remove_dir_all(&dir);
 }

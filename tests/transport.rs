@@ -722,16 +722,16 @@ fn idle_sessions_give_their_slots_back() {
     // (keep-alives every 2 s would keep both connections up indefinitely)
     std::thread::sleep(Duration::from_millis(5000));
     assert_eq!(lo.server().live_sessions(), 0, "idle sessions still held");
-    let third = ClientModel::load_with(&pair.client_path, |_, _| QuicChannel::connect(&no_waiting()))
+    let third =
+        ClientModel::load_with(
+            &pair.client_path,
+            |_, _| QuicChannel::connect(&no_waiting()),
+        )
         .expect("the third client gets a slot");
     let out = run(&third, samples("breast-cancer", 0, 2));
     assert_eq!(out.len(), 4);
     // an idle client learns why its session ended
-    let e = message(
-        idle[0]
-            .round_trip(zero_request(&third))
-            .unwrap_err(),
-    );
+    let e = message(idle[0].round_trip(zero_request(&third)).unwrap_err());
     assert!(e.contains("no request for 2s"), "{e}");
 }
 

@@ -36,7 +36,11 @@ fn limb_plan(w: &ndarray::ArrayViewD<u64>, out_axis: usize) -> (Ring, Limbs, nda
     let ring = Ring::new(37).expect("ring");
     let row_sum = w
         .axis_iter(ndarray::Axis(out_axis))
-        .map(|r| r.iter().map(|&v| u128::from((v as i64).unsigned_abs())).sum::<u128>())
+        .map(|r| {
+            r.iter()
+                .map(|&v| u128::from((v as i64).unsigned_abs()))
+                .sum::<u128>()
+        })
         .max()
         .unwrap_or(0);
     let limbs = Limbs::plan(ring, row_sum).expect("a limb cut for 16-bit weights");

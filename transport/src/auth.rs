@@ -163,7 +163,10 @@ mod tests {
         for mode in [0o644, 0o640, 0o602] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
             let e = format!("{:#}", TokenSet::load_or_create(&path).unwrap_err());
-            assert!(e.contains("accessible to other users") && e.contains("chmod 600"), "{e}");
+            assert!(
+                e.contains("accessible to other users") && e.contains("chmod 600"),
+                "{e}"
+            );
         }
         let _ = std::fs::remove_dir_all(&dir);
     }

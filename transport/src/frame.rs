@@ -287,7 +287,11 @@ mod tests {
         };
         let limit = secinfer_protocol::offline::CIPHERTEXTS_PER_MESSAGE;
         let ok = encode(&request(limit), 1 << 24).unwrap();
-        assert!(read_frame::<_, ClientFrame>(&mut &ok[..], 1 << 24).await.is_ok());
+        assert!(
+            read_frame::<_, ClientFrame>(&mut &ok[..], 1 << 24)
+                .await
+                .is_ok()
+        );
         let buf = encode(&request(1_000_000), 1 << 24).unwrap();
         let e = read_frame::<_, ClientFrame>(&mut &buf[..], 1 << 24)
             .await

@@ -437,13 +437,14 @@ impl<L: MaskedLinear + ?Sized> SessionState<L> {
         }
         let last = Duration::from_millis(self.last_activity.load(Ordering::SeqCst));
         let idle = age.saturating_sub(last);
-        (self.in_progress.load(Ordering::SeqCst) == 0 && idle >= limits.session_idle_timeout)
-            .then(|| {
+        (self.in_progress.load(Ordering::SeqCst) == 0 && idle >= limits.session_idle_timeout).then(
+            || {
                 format!(
                     "no request for {:?} (the session idle timeout); reconnect to go on",
                     limits.session_idle_timeout
                 )
-            })
+            },
+        )
     }
 
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, ServerSession<L>>, End> {
@@ -630,7 +631,11 @@ async fn write_within<L: MaskedLinear + ?Sized>(
         write_frame(send, frame, shared.limits.max_frame_bytes),
     )
     .await
-    .map_err(|_| End::Protocol(format!("the client did not take an answer within {patience:?}")))??;
+    .map_err(|_| {
+        End::Protocol(format!(
+            "the client did not take an answer within {patience:?}"
+        ))
+    })??;
     Ok(())
 }
 

@@ -39,8 +39,6 @@ pub struct BlockPart {
     pub masks: Vec<u64>,
 }
 
-
-
 /// `Enc(W·r − s)` for a batch laid out as `packing` (a layout by polynomial
 /// products), from the client's input ciphertexts, handed to `emit` a few
 /// replies at a time. `s` is drawn uniformly over `Z_2^k` from a CSPRNG for

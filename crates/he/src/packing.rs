@@ -621,7 +621,11 @@ fn layout_bytes(l: &dyn Layout, z: &Sizes) -> usize {
 fn layout_server_bytes(l: &dyn Layout, z: &Sizes, poly: usize) -> usize {
     let inputs = l.input_ciphertexts();
     let weights = l.weight_polys().saturating_mul(poly);
-    let cache = if weights <= WEIGHT_CACHE_BYTES { weights } else { 0 };
+    let cache = if weights <= WEIGHT_CACHE_BYTES {
+        weights
+    } else {
+        0
+    };
     inputs.saturating_mul(z.up + 2 * poly)
         + cache
         + l.output_ciphertexts().min(REPLIES_PER_PART) * (z.down_full + 2 * poly)

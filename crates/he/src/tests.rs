@@ -563,10 +563,7 @@ fn the_layout_follows_the_batch_size() {
     assert!(wide.server_bytes(&p) <= JOB_MEMORY_BYTES);
     // ... and is refused, with the estimate, where even that does not fit
     let e = Packing::choose(&p, 6272, 12544, 1).unwrap_err().to_string();
-    assert!(
-        e.contains("1024 MiB") && e.contains("needs ~"),
-        "{e}"
-    );
+    assert!(e.contains("1024 MiB") && e.contains("needs ~"), "{e}");
     // and nonsense is refused
     assert!(Packing::choose(&p, 784, 128, 0).is_err());
     assert!(Packing::choose(&p, 784, 128, p.degree() + 1).is_err());
@@ -885,7 +882,13 @@ fn recover_weight_poly(p: &HeParams, input: &[u8], reply: &[u8]) -> Vec<i64> {
     w.coefficients()
         .row(0)
         .iter()
-        .map(|&v| if v > q0 / 2 { v as i64 - q0 as i64 } else { v as i64 })
+        .map(|&v| {
+            if v > q0 / 2 {
+                v as i64 - q0 as i64
+            } else {
+                v as i64
+            }
+        })
         .collect()
 }
 
@@ -929,7 +932,10 @@ fn without_rerandomisation_a_block_reply_gives_the_weights_away() {
     let positions = shape.weight_positions(0, 0);
     let naive = run(Privacy::NoneInsecure);
     for &(coefficient, o, j) in &positions {
-        assert_eq!(naive[coefficient], d.w[o][j], "W[{o}][{j}] read off the naive reply");
+        assert_eq!(
+            naive[coefficient], d.w[o][j],
+            "W[{o}][{j}] read off the naive reply"
+        );
     }
     // The real server's reply at the same point: nothing like the weights.
     let real = run(Privacy::Full);
@@ -937,9 +943,14 @@ fn without_rerandomisation_a_block_reply_gives_the_weights_away() {
         .iter()
         .filter(|&&(c, o, j)| real[c] == d.w[o][j])
         .count();
-    assert_eq!(matches, 0, "a re-randomised reply matched {matches} weights");
+    assert_eq!(
+        matches, 0,
+        "a re-randomised reply matched {matches} weights"
+    );
     assert!(
-        positions.iter().all(|&(c, _, _)| real[c].unsigned_abs() > 1 << 30),
+        positions
+            .iter()
+            .all(|&(c, _, _)| real[c].unsigned_abs() > 1 << 30),
         "the re-randomised quotient looks small at a weight position"
     );
 }

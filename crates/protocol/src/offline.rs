@@ -103,8 +103,12 @@ fn at_most_a_message_of_ciphertexts<'de, D: serde::Deserializer<'de>>(
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             write!(f, "at most {CIPHERTEXTS_PER_MESSAGE} ciphertexts")
         }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(CIPHERTEXTS_PER_MESSAGE));
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out =
+                Vec::with_capacity(seq.size_hint().unwrap_or(0).min(CIPHERTEXTS_PER_MESSAGE));
             while let Some(ct) = seq.next_element::<Vec<u8>>()? {
                 if out.len() == CIPHERTEXTS_PER_MESSAGE {
                     return Err(serde::de::Error::custom(format!(
@@ -486,7 +490,12 @@ pub fn max_batch(params: &HeParams, layers: &[LayerSpec]) -> Result<usize, Proto
     fits(1)?;
     // Larger batches need more of both, so the largest that fits is found by
     // bisection.
-    let (mut lo, mut hi) = (1, params.degree().min((CLIENT_BATCH_BYTES / per.max(1)).max(1)));
+    let (mut lo, mut hi) = (
+        1,
+        params
+            .degree()
+            .min((CLIENT_BATCH_BYTES / per.max(1)).max(1)),
+    );
     while lo < hi {
         let mid = lo + (hi - lo).div_ceil(2);
         if fits(mid).is_ok() {

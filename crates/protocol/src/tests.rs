@@ -568,7 +568,10 @@ fn batches_are_sized_by_memory_on_both_sides_and_larger_ones_refused_up_front() 
     // each layout the choice can make fits the server's job bound
     for count in [1, max] {
         let p = crate::offline::packing_for(&params, &layers[0], count).unwrap();
-        assert!(p.server_bytes(&params) <= secinfer_he::JOB_MEMORY_BYTES, "{p:?}");
+        assert!(
+            p.server_bytes(&params) <= secinfer_he::JOB_MEMORY_BYTES,
+            "{p:?}"
+        );
     }
     let pre = Preprocessor::new(layers.clone()).unwrap();
     assert_eq!(pre.max_batch(), max);

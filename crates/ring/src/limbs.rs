@@ -160,8 +160,7 @@ mod tests {
             let limbs = Limbs::plan(ring, row_sum(&w)).expect("a cut exists");
             let x = inputs(&mut rng, ring, m * k);
             let xa = Array2::from_shape_vec((m, k), x).unwrap();
-            let wu = Array2::from_shape_vec((k, n), w.iter().map(|&v| v as u64).collect())
-                .unwrap();
+            let wu = Array2::from_shape_vec((k, n), w.iter().map(|&v| v as u64).collect()).unwrap();
             let wf = wu.mapv(|v| v as i64 as f64);
             let mut want = matmul(xa.view(), wu.view()).unwrap().into_dyn();
             ring.reduce_tensor(&mut want);
@@ -189,8 +188,7 @@ mod tests {
         assert_eq!(limbs.count(), 2);
         let x = ArrayD::from_shape_vec(IxDyn(&xs), inputs(&mut rng, ring, xs.iter().product()))
             .unwrap();
-        let wu = ArrayD::from_shape_vec(IxDyn(&ws), w.iter().map(|&v| v as u64).collect())
-            .unwrap();
+        let wu = ArrayD::from_shape_vec(IxDyn(&ws), w.iter().map(|&v| v as u64).collect()).unwrap();
         let mut want = conv(x.view(), wu.view(), &g).unwrap();
         ring.reduce_tensor(&mut want);
         let y = conv(

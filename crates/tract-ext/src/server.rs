@@ -95,9 +95,11 @@ impl ServerSecureLinear {
                 shape[last] = spec.weight_shape[1];
                 y.into_shape_with_order(shape)?
             }
-            (LinearKind::Conv(g), Some((wf, limbs))) => {
-                limbs.join(secinfer_ring::conv(limbs.split(x.view())?.view(), wf.view(), g)?)?
-            }
+            (LinearKind::Conv(g), Some((wf, limbs))) => limbs.join(secinfer_ring::conv(
+                limbs.split(x.view())?.view(),
+                wf.view(),
+                g,
+            )?)?,
             (
                 LinearKind::ConvTranspose {
                     geometry,
@@ -520,9 +522,21 @@ mod tests {
             output_padding: vec![0, 0],
         };
         let cases = [
-            (spec(LinearKind::MatMul, &[70, 17], &[1, 70], &[1, 17]), vec![3usize, 70], 17),
-            (spec(conv, &[16, 8, 3, 3], &[1, 8, 8, 8], &[1, 16, 4, 7]), vec![2, 8, 8, 8], 16),
-            (spec(transpose, &[16, 16, 2, 2], &[1, 16, 4, 4], &[1, 16, 5, 5]), vec![2, 16, 4, 4], 16),
+            (
+                spec(LinearKind::MatMul, &[70, 17], &[1, 70], &[1, 17]),
+                vec![3usize, 70],
+                17,
+            ),
+            (
+                spec(conv, &[16, 8, 3, 3], &[1, 8, 8, 8], &[1, 16, 4, 7]),
+                vec![2, 8, 8, 8],
+                16,
+            ),
+            (
+                spec(transpose, &[16, 16, 2, 2], &[1, 16, 4, 4], &[1, 16, 5, 5]),
+                vec![2, 16, 4, 4],
+                16,
+            ),
         ];
         for (spec, x_shape, outputs) in cases {
             let ring = spec.ring().unwrap();
@@ -548,7 +562,13 @@ mod tests {
                 x_shape,
                 values(n_x, 2)
                     .enumerate()
-                    .map(|(i, v)| if i % 4 == 0 { ring.mask() } else { v & ring.mask() })
+                    .map(|(i, v)| {
+                        if i % 4 == 0 {
+                            ring.mask()
+                        } else {
+                            v & ring.mask()
+                        }
+                    })
                     .collect(),
             )
             .unwrap();
