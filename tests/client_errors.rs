@@ -62,53 +62,6 @@ fn wrong_input_shape_is_an_error_not_a_crash() {
     assert!(p.try_predict(image(0.5)).is_ok());
 }
 
-/// An in-memory channel whose first online round trip fails, as a dropped
-/// connection's would.
-struct FailsOnce {
-    inner: secinfer_tract_ext::InMemoryChannel<secinfer_tract_ext::ServerModel>,
-    failed: std::sync::atomic::AtomicBool,
-}
-
-impl secinfer_protocol::Channel for FailsOnce {
-    fn round_trip(
-        &self,
-        request: secinfer_protocol::MaskedInput,
-    ) -> anyhow::Result<secinfer_protocol::MaskedOutput> {
-        if !self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            anyhow::bail!("connection lost (simulated)");
-        }
-        self.inner.round_trip(request)
-    }
-    fn hello(&self, hello: secinfer_protocol::OfflineHello) -> anyhow::Result<()> {
-        self.inner.hello(hello)
-    }
-    fn offline(
-        &self,
-        request: secinfer_protocol::MaskRequest,
-        on_reply: &mut dyn FnMut(secinfer_protocol::ProductReply) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        self.inner.offline(request, on_reply)
-    }
-    fn ot(
-        &self,
-        message: secinfer_ot::OtMessage,
-    ) -> anyhow::Result<Option<secinfer_ot::OtMessage>> {
-        self.inner.ot(message)
-    }
-    fn send_private(
-        &self,
-        message: secinfer_protocol::private::PrivateMessage,
-    ) -> anyhow::Result<()> {
-        self.inner.send_private(message)
-    }
-    fn recv_private(&self) -> anyhow::Result<secinfer_protocol::private::PrivateMessage> {
-        self.inner.recv_private()
-    }
-    fn traffic(&self) -> secinfer_protocol::Traffic {
-        self.inner.traffic()
-    }
-}
-
 /// A round trip that fails (a dropped connection, a refused request) must
 /// not leave its op "in flight" for the rest of the session: the next
 /// prediction uses the op again and is answered.
@@ -124,11 +77,20 @@ fn a_failed_round_trip_leaves_the_op_usable() {
     let server = std::sync::Arc::new(
         secinfer_tract_ext::ServerModel::from_bytes(&converted.server.encode_to_vec()).unwrap(),
     );
+    use secinfer_protocol::Channel as _;
+    // the first online round trip fails, as a dropped connection's would
+    let failed = std::sync::atomic::AtomicBool::new(false);
     let client = secinfer_tract_ext::ClientModel::from_bytes(
         &converted.client.encode_to_vec(),
-        FailsOnce {
+        common::InterceptedChannel {
             inner: secinfer_tract_ext::InMemoryChannel::new(server),
-            failed: std::sync::atomic::AtomicBool::new(false),
+            on_round_trip: Box::new(move |inner, request| {
+                if !failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    anyhow::bail!("connection lost (simulated)");
+                }
+                inner.round_trip(request)
+            }),
+            max_message_bytes: usize::MAX,
         },
     )
     .unwrap();

@@ -1,6 +1,7 @@
 //! `secinfer serve` and `secinfer predict` as separate processes, as a user
 //! runs them.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use secinfer_converter::Options;
@@ -8,24 +9,48 @@ use secinfer_model::Reveal;
 
 mod common;
 
+/// `model` (bundled) converted in the fast mode, bounds calibrated on
+/// `dataset`, written to a fresh temporary directory, which is returned.
+fn converted(model: &str, dataset: &str, tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("secinfer-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let options = Options {
+        calibration: Some(
+            secinfer::data::calibration_samples(dataset, 1000).expect("calibration data"),
+        ),
+        reveal: Reveal::Activations,
+        ..Options::default()
+    };
+    secinfer_converter::convert_file(&common::model(model), &options)
+        .expect("converts")
+        .write(&dir)
+        .expect("writes");
+    dir
+}
+
+/// The first `n` samples of a bundled data set (from the start again when
+/// it has fewer) as a `.npy` file for `predict`.
+fn samples_npy(dataset: &str, n: usize, path: &Path) {
+    let data = secinfer::data::load(dataset).expect("data set");
+    let rows = data.inputs.len_of(ndarray::Axis(0));
+    let mut shape = data.inputs.shape().to_vec();
+    shape[0] = n;
+    let values: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            data.inputs
+                .index_axis(ndarray::Axis(0), i % rows)
+                .to_owned()
+        })
+        .collect();
+    common::write_npy(path, &shape, &values);
+}
+
 /// Whoever read the server's log may go away (`serve | head`, a supervisor
 /// restarting its log collector): the server must keep serving, not die on
 /// its next line of output.
 #[test]
 fn serve_keeps_serving_after_its_stdout_is_closed() {
-    let dir = std::env::temp_dir().join(format!("secinfer-serve-cli-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let options = Options {
-        calibration: Some(
-            secinfer::data::calibration_samples("breast-cancer", 1000).expect("calibration data"),
-        ),
-        reveal: Reveal::Activations,
-        ..Options::default()
-    };
-    let converted =
-        secinfer_converter::convert_file(&common::model("breast_cancer_mlp.onnx"), &options)
-            .expect("converts");
-    converted.write(&dir).expect("writes");
+    let dir = converted("breast_cancer_mlp.onnx", "breast-cancer", "serve-cli");
     // A first run makes the certificate and token and says how to connect
     // (address, fingerprint, token file) ...
     let state = dir.join("state");
@@ -53,15 +78,8 @@ fn serve_keeps_serving_after_its_stdout_is_closed() {
     let served = common::Served { child, client_args };
     // time to bind (predict also retries its handshake for a while)
     std::thread::sleep(std::time::Duration::from_millis(1500));
-    let data = secinfer::data::load("breast-cancer").expect("data set");
-    let row: Vec<f32> = data
-        .inputs
-        .index_axis(ndarray::Axis(0), 0)
-        .iter()
-        .copied()
-        .collect();
     let input = dir.join("row.npy");
-    common::write_npy(&input, &[1, row.len()], &row);
+    samples_npy("breast-cancer", 1, &input);
     let out = Command::new(env!("CARGO_BIN_EXE_secinfer"))
         .arg("predict")
         .args(&served.client_args)
@@ -87,33 +105,15 @@ fn serve_keeps_serving_after_its_stdout_is_closed() {
 #[test]
 fn serve_drains_and_exits_cleanly_on_sigterm_with_a_request_in_flight() {
     use std::io::Read;
-    let dir = std::env::temp_dir().join(format!("secinfer-sigterm-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let options = Options {
-        calibration: Some(secinfer::data::calibration_samples("mnist", 1000).expect("mnist")),
-        reveal: Reveal::Activations,
-        ..Options::default()
-    };
-    secinfer_converter::convert_file(&common::model("mnist_cnn.onnx"), &options)
-        .expect("converts")
-        .write(&dir)
-        .expect("writes");
+    let dir = converted("mnist_cnn.onnx", "mnist", "sigterm");
     let mut served = common::Served::start_with(
         &dir.join("server.onnx"),
         &dir.join("state"),
         &[],
         std::process::Stdio::piped(),
     );
-    let data = secinfer::data::load("mnist").expect("mnist");
-    let n = 128;
-    let images: Vec<f32> = data
-        .inputs
-        .slice_axis(ndarray::Axis(0), (0..n).into())
-        .iter()
-        .copied()
-        .collect();
     let input = dir.join("images.npy");
-    common::write_npy(&input, &[n, 1, 28, 28], &images);
+    samples_npy("mnist", 128, &input);
     // 128 CNN images: several offline batches, about ten seconds of HE work;
     // the signal comes well after the client has connected
     let predict = Command::new(env!("CARGO_BIN_EXE_secinfer"))
@@ -161,38 +161,16 @@ fn serve_drains_and_exits_cleanly_on_sigterm_with_a_request_in_flight() {
 /// server states in its welcome), not all preprocessed first.
 #[test]
 fn predict_streams_more_inputs_than_the_server_lets_a_session_hold() {
-    let dir = std::env::temp_dir().join(format!("secinfer-stream-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let options = Options {
-        calibration: Some(
-            secinfer::data::calibration_samples("breast-cancer", 1000).expect("calibration data"),
-        ),
-        reveal: Reveal::Activations,
-        ..Options::default()
-    };
-    let converted =
-        secinfer_converter::convert_file(&common::model("breast_cancer_mlp.onnx"), &options)
-            .expect("converts");
-    converted.write(&dir).expect("writes");
+    let dir = converted("breast_cancer_mlp.onnx", "breast-cancer", "stream");
     let served = common::Served::start_with(
         &dir.join("server.onnx"),
         &dir.join("state"),
         &["--max-pending", "100"],
         std::process::Stdio::inherit(),
     );
-    let data = secinfer::data::load("breast-cancer").expect("data set");
     let n = 350;
-    let rows = data.inputs.len_of(ndarray::Axis(0));
-    let features = data.inputs.len() / rows;
-    let values: Vec<f32> = (0..n)
-        .flat_map(|i| {
-            data.inputs
-                .index_axis(ndarray::Axis(0), i % rows)
-                .to_owned()
-        })
-        .collect();
     let input = dir.join("rows.npy");
-    common::write_npy(&input, &[n, features], &values);
+    samples_npy("breast-cancer", n, &input);
     let out = Command::new(env!("CARGO_BIN_EXE_secinfer"))
         .arg("predict")
         .args(&served.client_args)
@@ -220,47 +198,20 @@ fn predict_streams_more_inputs_than_the_server_lets_a_session_hold() {
 /// with backoff and every one of them gets its answers.
 #[test]
 fn clients_beyond_the_session_limit_wait_their_turn() {
-    let dir = std::env::temp_dir().join(format!("secinfer-busy-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let options = Options {
-        calibration: Some(
-            secinfer::data::calibration_samples("breast-cancer", 1000).expect("calibration data"),
-        ),
-        reveal: Reveal::Activations,
-        ..Options::default()
-    };
-    secinfer_converter::convert_file(&common::model("breast_cancer_mlp.onnx"), &options)
-        .expect("converts")
-        .write(&dir)
-        .expect("writes");
+    let dir = converted("breast_cancer_mlp.onnx", "breast-cancer", "busy");
     let served = common::Served::start_with(
         &dir.join("server.onnx"),
         &dir.join("state"),
         &["--max-sessions", "1"],
         std::process::Stdio::inherit(),
     );
-    let data = secinfer::data::load("breast-cancer").expect("data set");
     let n = 40;
-    let features = data.inputs.len() / data.inputs.len_of(ndarray::Axis(0));
-    let values: Vec<f32> = data
-        .inputs
-        .slice_axis(ndarray::Axis(0), (0..n).into())
-        .iter()
-        .copied()
-        .collect();
     let input = dir.join("rows.npy");
-    common::write_npy(&input, &[n, features], &values);
+    samples_npy("breast-cancer", n, &input);
     // the first client holds the only session for a while (2,000 rows),
     // the others arrive while it does and must wait their turn
-    let many: Vec<f32> = (0..2000)
-        .flat_map(|i| {
-            data.inputs
-                .index_axis(ndarray::Axis(0), i % data.inputs.len_of(ndarray::Axis(0)))
-                .to_owned()
-        })
-        .collect();
     let long_input = dir.join("many.npy");
-    common::write_npy(&long_input, &[2000, features], &many);
+    samples_npy("breast-cancer", 2000, &long_input);
     // (its 2,000 answer lines go to a file: a pipe nobody reads yet would
     // fill and stall it while it holds the session)
     let first_out = dir.join("first.txt");

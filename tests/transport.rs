@@ -486,55 +486,6 @@ fn session_limit_and_graceful_shutdown() {
     assert!(QuicChannel::connect(&cfg).is_err());
 }
 
-/// An in-memory channel that claims a small message limit and counts round trips.
-struct SmallMessages {
-    inner: InMemoryChannel<ServerModel>,
-    trips: std::sync::atomic::AtomicUsize,
-    limit: usize,
-}
-
-impl Channel for SmallMessages {
-    fn round_trip(&self, request: MaskedInput) -> anyhow::Result<secinfer_protocol::MaskedOutput> {
-        self.trips.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let out = self.inner.round_trip(request.clone())?;
-        for size in [request.masked.payload_bytes(), out.masked.payload_bytes()] {
-            anyhow::ensure!(size <= self.limit, "a message of {size} bytes was sent");
-        }
-        Ok(out)
-    }
-    fn hello(&self, hello: secinfer_protocol::OfflineHello) -> anyhow::Result<()> {
-        self.inner.hello(hello)
-    }
-    fn offline(
-        &self,
-        request: secinfer_protocol::MaskRequest,
-        on_reply: &mut dyn FnMut(secinfer_protocol::ProductReply) -> anyhow::Result<()>,
-    ) -> anyhow::Result<()> {
-        self.inner.offline(request, on_reply)
-    }
-    fn ot(
-        &self,
-        message: secinfer_ot::OtMessage,
-    ) -> anyhow::Result<Option<secinfer_ot::OtMessage>> {
-        self.inner.ot(message)
-    }
-    fn send_private(
-        &self,
-        message: secinfer_protocol::private::PrivateMessage,
-    ) -> anyhow::Result<()> {
-        self.inner.send_private(message)
-    }
-    fn recv_private(&self) -> anyhow::Result<secinfer_protocol::private::PrivateMessage> {
-        self.inner.recv_private()
-    }
-    fn traffic(&self) -> secinfer_protocol::Traffic {
-        self.inner.traffic()
-    }
-    fn max_message_bytes(&self) -> usize {
-        self.limit
-    }
-}
-
 #[test]
 fn online_batches_beyond_the_message_limit_are_split_and_joined() {
     let pair = Pair::new("mnist_mlp.onnx", "mnist", "split");
@@ -542,21 +493,29 @@ fn online_batches_beyond_the_message_limit_are_split_and_joined() {
     let whole =
         ClientModel::load(&pair.client_path, InMemoryChannel::new(pair.server.clone())).unwrap();
     let expected = run(&whole, input.clone());
+    // a channel that claims a small message limit, checks it and counts
+    // round trips
+    let limit = 40_000;
+    let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = counted.clone();
     let small = ClientModel::load(
         &pair.client_path,
-        SmallMessages {
+        common::InterceptedChannel {
             inner: InMemoryChannel::new(pair.server.clone()),
-            trips: Default::default(),
-            limit: 40_000,
+            on_round_trip: Box::new(move |inner, request| {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let out = inner.round_trip(request.clone())?;
+                for size in [request.masked.payload_bytes(), out.masked.payload_bytes()] {
+                    anyhow::ensure!(size <= limit, "a message of {size} bytes was sent");
+                }
+                Ok(out)
+            }),
+            max_message_bytes: limit,
         },
     )
     .unwrap();
     assert_eq!(run(&small, input), expected);
-    let trips = small
-        .backend()
-        .channel()
-        .trips
-        .load(std::sync::atomic::Ordering::SeqCst);
+    let trips = counted.load(std::sync::atomic::Ordering::SeqCst);
     // op 0 (784 inputs) fits 4 samples per message: 10 trips; ops 1 and 2 fewer.
     assert!(trips > 10, "{trips} round trips");
 }

@@ -227,3 +227,61 @@ pub fn wait_for_exit(
     }
     None
 }
+
+/// Online round trips as a test wants them: `on_round_trip` sees each
+/// request and the in-memory channel and answers (or fails) in its place.
+pub type RoundTrip = dyn Fn(
+        &InMemoryChannel<ServerModel>,
+        secinfer_protocol::MaskedInput,
+    ) -> anyhow::Result<secinfer_protocol::MaskedOutput>
+    + Send
+    + Sync;
+
+/// An in-memory channel whose online round trips go through a test's
+/// closure and which may claim a message limit; everything else passes
+/// through.
+pub struct InterceptedChannel {
+    pub inner: InMemoryChannel<ServerModel>,
+    pub on_round_trip: Box<RoundTrip>,
+    pub max_message_bytes: usize,
+}
+
+impl secinfer_protocol::Channel for InterceptedChannel {
+    fn round_trip(
+        &self,
+        request: secinfer_protocol::MaskedInput,
+    ) -> anyhow::Result<secinfer_protocol::MaskedOutput> {
+        (self.on_round_trip)(&self.inner, request)
+    }
+    fn hello(&self, hello: secinfer_protocol::OfflineHello) -> anyhow::Result<()> {
+        self.inner.hello(hello)
+    }
+    fn offline(
+        &self,
+        request: secinfer_protocol::MaskRequest,
+        on_reply: &mut dyn FnMut(secinfer_protocol::ProductReply) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        self.inner.offline(request, on_reply)
+    }
+    fn ot(
+        &self,
+        message: secinfer_ot::OtMessage,
+    ) -> anyhow::Result<Option<secinfer_ot::OtMessage>> {
+        self.inner.ot(message)
+    }
+    fn send_private(
+        &self,
+        message: secinfer_protocol::private::PrivateMessage,
+    ) -> anyhow::Result<()> {
+        self.inner.send_private(message)
+    }
+    fn recv_private(&self) -> anyhow::Result<secinfer_protocol::private::PrivateMessage> {
+        self.inner.recv_private()
+    }
+    fn traffic(&self) -> secinfer_protocol::Traffic {
+        self.inner.traffic()
+    }
+    fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+}
