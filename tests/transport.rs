@@ -721,3 +721,137 @@ fn he_work_beyond_the_servers_memory_budget_is_refused_by_name() {
     let out = run(&client, samples("breast-cancer", 0, 2));
     assert_eq!(out.len(), 4);
 }
+
+/// A QUIC channel whose offline replies are taken by a test's gate: the
+/// first reply part of op 1 blocks the client's reader until the gate
+/// opens, as a client on a slow link or a slow machine would.
+struct SlowReader {
+    inner: QuicChannel,
+    gate: std::sync::Mutex<std::sync::mpsc::Receiver<()>>,
+    held: std::sync::atomic::AtomicBool,
+    /// op 1's reply parts taken, and whether the gate opened (rather than
+    /// timed out)
+    parts: std::sync::atomic::AtomicUsize,
+    opened: std::sync::atomic::AtomicBool,
+    started: std::sync::mpsc::SyncSender<()>,
+}
+
+impl Channel for SlowReader {
+    fn round_trip(&self, request: MaskedInput) -> anyhow::Result<secinfer_protocol::MaskedOutput> {
+        self.inner.round_trip(request)
+    }
+    fn hello(&self, hello: secinfer_protocol::OfflineHello) -> anyhow::Result<()> {
+        self.inner.hello(hello)
+    }
+    fn offline(
+        &self,
+        request: secinfer_protocol::MaskRequest,
+        on_reply: &mut dyn FnMut(secinfer_protocol::ProductReply) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.inner.offline(request, &mut |reply| {
+            // the second op's job has many parts (conv 2 of the CNN)
+            if reply.op != 1 {
+                return on_reply(reply);
+            }
+            self.parts.fetch_add(1, SeqCst);
+            if !self.held.swap(true, SeqCst) {
+                let _ = self.started.send(());
+                // well inside the server's frame timeout (60 s)
+                let opened = self
+                    .gate
+                    .lock()
+                    .is_ok_and(|g| g.recv_timeout(Duration::from_secs(25)).is_ok());
+                self.opened.store(opened, SeqCst);
+            }
+            on_reply(reply)
+        })
+    }
+    fn ot(
+        &self,
+        message: secinfer_ot::OtMessage,
+    ) -> anyhow::Result<Option<secinfer_ot::OtMessage>> {
+        self.inner.ot(message)
+    }
+    fn send_private(
+        &self,
+        message: secinfer_protocol::private::PrivateMessage,
+    ) -> anyhow::Result<()> {
+        self.inner.send_private(message)
+    }
+    fn recv_private(&self) -> anyhow::Result<secinfer_protocol::private::PrivateMessage> {
+        self.inner.recv_private()
+    }
+    fn traffic(&self) -> secinfer_protocol::Traffic {
+        self.inner.traffic()
+    }
+    fn max_message_bytes(&self) -> usize {
+        self.inner.max_message_bytes()
+    }
+    fn max_pending(&self) -> Option<usize> {
+        self.inner.max_pending()
+    }
+}
+
+/// One HE job runs at a time. A client that stops reading its replies
+/// (here: until another client's whole offline batch is done, in place of
+/// reading each part just under the timeout) must not keep that one job
+/// slot: its job gives the slot up while it waits for the reader, another
+/// session's batch runs, and the slow client still gets every part.
+#[test]
+fn a_slow_reader_does_not_hold_the_he_job_slot() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let pair = Arc::new(Pair::new("mnist_cnn.onnx", "mnist", "slow-reader"));
+    let lo = Arc::new(pair.serve(Limits {
+        concurrent_he_jobs: 1,
+        ..Limits::default()
+    }));
+    let (open, gate) = std::sync::mpsc::channel();
+    let (started, on_start) = std::sync::mpsc::sync_channel(1);
+    let slow = {
+        let (pair, lo) = (pair.clone(), lo.clone());
+        std::thread::spawn(move || {
+            let client = ClientModel::load_with(&pair.client_path, |d, _| {
+                let config = ClientConfig {
+                    // the client's QUIC window holds less than one reply part
+                    receive_window: 64 << 10,
+                    ..lo.client_config(d)
+                };
+                Ok(SlowReader {
+                    inner: QuicChannel::connect(&config)?,
+                    gate: gate.into(),
+                    held: false.into(),
+                    parts: 0.into(),
+                    opened: false.into(),
+                    started,
+                })
+            })
+            .expect("slow client connects");
+            let out = run(&client, samples("mnist", 0, 64));
+            let channel = client.backend().channel();
+            (out, channel.parts.load(SeqCst), channel.opened.load(SeqCst))
+        })
+    };
+    on_start
+        .recv_timeout(Duration::from_secs(120))
+        .expect("the slow client's first reply part");
+    // the slow client is reading nothing now; another is served meanwhile
+    let other = pair.client(&lo);
+    let quick = run(&other, samples("mnist", 16, 2));
+    let _ = open.send(());
+    let (slow_out, parts, opened) = slow.join().expect("slow client");
+    assert!(
+        opened,
+        "the other client's offline batch did not finish while the slow one was not reading"
+    );
+    // one part read, one being written, two queued: a job of more parts
+    // must wait for the reader
+    assert!(
+        parts >= 6,
+        "only {parts} reply parts: the test needs a job of many"
+    );
+    let local =
+        ClientModel::load(&pair.client_path, InMemoryChannel::new(pair.server.clone())).unwrap();
+    assert_eq!(slow_out, run(&local, samples("mnist", 0, 64)));
+    assert_eq!(quick, run(&local, samples("mnist", 16, 2)));
+}

@@ -61,6 +61,10 @@ pub struct ClientConfig {
     /// how long to keep retrying, with jittered exponential backoff, while
     /// the server says it is at its session limit
     pub busy_wait: Duration,
+    /// bytes the server may send on one stream before the client has read
+    /// them (the connection's window is twice this); smaller saves memory
+    /// on small clients, larger helps on long round trips
+    pub receive_window: u32,
 }
 
 impl ClientConfig {
@@ -82,6 +86,7 @@ impl ClientConfig {
             max_frame_bytes: crate::DEFAULT_MAX_FRAME_BYTES,
             connect_timeout: Duration::from_secs(20),
             busy_wait: Duration::from_secs(300),
+            receive_window: 32 << 20,
         }
     }
 }
@@ -198,6 +203,8 @@ impl QuicChannel {
         let mut client_config = quinn::ClientConfig::new(Arc::new(quic));
         let mut transport = crate::server::transport_config(&crate::Limits::default())?;
         transport.keep_alive_interval(Some(KEEP_ALIVE));
+        transport.stream_receive_window(VarInt::from_u32(config.receive_window));
+        transport.receive_window(VarInt::from_u64(2 * u64::from(config.receive_window))?);
         client_config.transport_config(Arc::new(transport));
         let bind: SocketAddr = if addr.is_ipv6() {
             "[::]:0".parse()?

@@ -6,9 +6,11 @@
 //! cheap offline steps run on blocking threads under the session's lock; an
 //! op's HE evaluation runs on a blocking thread *without* the lock (so the
 //! session keeps answering online requests), limited server-wide by
-//! [`Limits::concurrent_he_jobs`], and streams its reply parts back through a
-//! small bounded queue. When the client leaves, everything of its session is
-//! dropped: a running HE job stops at its next reply part.
+//! [`Limits::concurrent_he_jobs`] (slots taken first come, first served),
+//! and streams its reply parts back through a small bounded queue; a job
+//! whose client reads slower than it computes gives its slot up while it
+//! waits for the reader. When the client leaves, everything of its session
+//! is dropped: a running HE job stops at its next reply part.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -860,21 +862,38 @@ async fn run_job<L: MaskedLinear + 'static + ?Sized>(
     let first = job.batch();
     let (tx, mut rx) = mpsc::channel(2);
     let linear = shared.linear.clone();
+    let slots = shared.he_jobs.clone();
+    let runtime = tokio::runtime::Handle::current();
     // The job holds the session alive (its memory is the session's) until it ends.
     let keep = state.clone();
     let handle = tokio::task::spawn_blocking(move || {
         let _keep = keep;
-        let _permit = permit;
         let _memory = memory;
-        job.run(&*linear, &mut |reply| {
-            tx.blocking_send(reply)
-                .map_err(|_| ProtocolError::Model("the client is gone".into()))
+        let mut permit = Some(permit);
+        let gone = || ProtocolError::Model("the client is gone".into());
+        job.run(&*linear, &mut |reply| match tx.try_send(reply) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(gone()),
+            Err(mpsc::error::TrySendError::Full(reply)) => {
+                // The client reads slower than the job computes: the job
+                // slot goes to other sessions' work while this one waits
+                // for its reader, and is queued for again (behind them)
+                // once the part is taken. The job's memory stays reserved.
+                drop(permit.take());
+                tx.blocking_send(reply).map_err(|_| gone())?;
+                let again = runtime.block_on(slots.clone().acquire_owned());
+                permit = Some(
+                    again
+                        .map_err(|_| ProtocolError::Model("the server is shutting down".into()))?,
+                );
+                Ok(())
+            }
         })
     });
     let mut sent = Ok(());
-    // A client that stops reading would stall the job (and, through the
-    // permit, every other session's offline phase): each reply part must be
-    // taken within the frame timeout.
+    // A client that stops reading stalls its own job only (the job lets
+    // its slot go while it waits), and must still take each reply part
+    // within the frame timeout.
     let patience = shared.limits.frame_timeout;
     while let Some(reply) = rx.recv().await {
         let frame = ServerFrame::OfflineReply(reply);
