@@ -855,3 +855,54 @@ fn a_slow_reader_does_not_hold_the_he_job_slot() {
     assert_eq!(slow_out, run(&local, samples("mnist", 0, 64)));
     assert_eq!(quick, run(&local, samples("mnist", 16, 2)));
 }
+
+/// Connections that have not said hello are bounded: one stream each, one
+/// deadline for TLS and hello together, and at most `max_handshakes` at
+/// once (past half of it clients must pass a QUIC Retry, past it they are
+/// refused and retry later).
+#[test]
+fn connections_that_never_authenticate_are_bounded() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "unwelcomed");
+    let lo = Arc::new(pair.serve(Limits {
+        max_handshakes: 2,
+        handshake_timeout: Duration::from_secs(3),
+        ..Limits::default()
+    }));
+    let config = ClientConfig {
+        busy_wait: Duration::ZERO,
+        ..lo.client_config(pair.server.digest())
+    };
+    // the second of these passes a Retry first
+    let silent: Vec<_> = (0..2)
+        .map(|_| QuicChannel::connect_without_hello_for_tests(&config).expect("TLS handshake"))
+        .collect();
+    assert_eq!(lo.server().handshakes(), 2);
+    assert_eq!(
+        silent[0].streams_opened(3, Duration::from_secs(1)),
+        1,
+        "an unwelcomed connection may open one stream"
+    );
+    let e = message(QuicChannel::connect(&config).unwrap_err());
+    assert!(
+        e.contains("too many connections are opening at once"),
+        "{e}"
+    );
+    // a client that may wait retries until the silent ones are gone
+    let waiting = {
+        let config = lo.client_config(pair.server.digest());
+        std::thread::spawn(move || QuicChannel::connect(&config))
+    };
+    for c in &silent {
+        let why = c
+            .closed_within(Duration::from_secs(30))
+            .expect("closed at the handshake deadline");
+        assert!(why.contains("no hello within 3s"), "{why}");
+    }
+    let channel = waiting
+        .join()
+        .expect("thread")
+        .expect("served after retrying");
+    let client = ClientModel::load_with(&pair.client_path, |_, _| Ok(channel)).unwrap();
+    assert_eq!(run(&client, samples("breast-cancer", 0, 2)).len(), 4);
+    assert_eq!(lo.server().handshakes(), 0);
+}

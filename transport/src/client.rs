@@ -117,6 +117,52 @@ impl std::fmt::Debug for QuicChannel {
     }
 }
 
+/// A QUIC connection that has not said hello
+/// ([`QuicChannel::connect_without_hello_for_tests`]).
+#[doc(hidden)]
+pub struct UnwelcomedForTests {
+    runtime: tokio::runtime::Runtime,
+    _endpoint: quinn::Endpoint,
+    conn: Connection,
+    streams: Mutex<Vec<Stream>>,
+}
+
+impl UnwelcomedForTests {
+    /// How many of `n` streams the server lets this connection open within
+    /// `patience` (each with one byte sent, so that the server sees it;
+    /// they stay open).
+    pub fn streams_opened(&self, n: usize, patience: Duration) -> usize {
+        let mut opened = Vec::new();
+        self.runtime.block_on(async {
+            let _ = tokio::time::timeout(patience, async {
+                while opened.len() < n {
+                    let Ok((mut send, recv)) = self.conn.open_bi().await else {
+                        return;
+                    };
+                    let _ = send.write_all(&[0]).await;
+                    opened.push((send, recv));
+                }
+            })
+            .await;
+        });
+        let count = opened.len();
+        if let Ok(mut streams) = self.streams.lock() {
+            streams.extend(opened);
+        }
+        count
+    }
+
+    /// Why the server closed the connection, if it does within `patience`.
+    pub fn closed_within(&self, patience: Duration) -> Option<String> {
+        self.runtime.block_on(async {
+            tokio::time::timeout(patience, self.conn.closed())
+                .await
+                .ok()
+                .map(|e| format!("{:#}", explain(e)))
+        })
+    }
+}
+
 /// The server refused the session for lack of room (its reason).
 #[derive(Debug)]
 struct Busy(String);
@@ -150,6 +196,13 @@ fn explain(e: quinn::ConnectionError) -> anyhow::Error {
                 _ => anyhow!("the server closed the session (code {code}): {reason}"),
             }
         }
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED =>
+        {
+            anyhow::Error::new(Busy(
+                "too many connections are opening at once; try again later".into(),
+            ))
+        }
         quinn::ConnectionError::TimedOut => anyhow!("the server stopped answering (idle timeout)"),
         other => anyhow!("connection failed: {other}"),
     }
@@ -180,7 +233,11 @@ impl QuicChannel {
         }
     }
 
-    fn connect_once(config: &ClientConfig) -> anyhow::Result<QuicChannel> {
+    /// A runtime and an endpoint set up for `config`, and the server's
+    /// address and name.
+    fn endpoint(
+        config: &ClientConfig,
+    ) -> anyhow::Result<(tokio::runtime::Runtime, quinn::Endpoint, SocketAddr, String)> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("secinfer-quic-client")
@@ -211,12 +268,17 @@ impl QuicChannel {
         } else {
             "0.0.0.0:0".parse()?
         };
-        let (endpoint, conn, ops, max_pending) = runtime.block_on(async {
-            let mut endpoint = {
-                let _guard = tokio::runtime::Handle::current().enter();
-                quinn::Endpoint::client(bind).context("opening a UDP socket")?
-            };
-            endpoint.set_default_client_config(client_config);
+        let mut endpoint = {
+            let _guard = runtime.enter();
+            quinn::Endpoint::client(bind).context("opening a UDP socket")?
+        };
+        endpoint.set_default_client_config(client_config);
+        Ok((runtime, endpoint, addr, name))
+    }
+
+    fn connect_once(config: &ClientConfig) -> anyhow::Result<QuicChannel> {
+        let (runtime, endpoint, addr, name) = QuicChannel::endpoint(config)?;
+        let (conn, ops, max_pending) = runtime.block_on(async {
             let connecting = endpoint
                 .connect(addr, &name)
                 .with_context(|| format!("connecting to {addr}"))?;
@@ -277,7 +339,7 @@ impl QuicChannel {
                         config.connect_timeout
                     )
                 })??;
-            Ok::<_, anyhow::Error>((endpoint, conn, ops, max_pending))
+            Ok::<_, anyhow::Error>((conn, ops, max_pending))
         })?;
         Ok(QuicChannel {
             runtime,
@@ -308,6 +370,28 @@ impl QuicChannel {
     pub fn abort(&self) {
         self.conn
             .close(VarInt::from_u32(close_code::INTERNAL), b"client aborted");
+    }
+
+    /// Completes the TLS handshake and says nothing: a connection as a
+    /// client that never authenticates holds it. Only for tests of how the
+    /// server bounds such connections.
+    #[doc(hidden)]
+    pub fn connect_without_hello_for_tests(
+        config: &ClientConfig,
+    ) -> anyhow::Result<UnwelcomedForTests> {
+        let (runtime, endpoint, addr, name) = QuicChannel::endpoint(config)?;
+        let conn = runtime.block_on(async {
+            let connecting = endpoint
+                .connect(addr, &name)
+                .with_context(|| format!("connecting to {addr}"))?;
+            connecting.await.map_err(explain)
+        })?;
+        Ok(UnwelcomedForTests {
+            runtime,
+            _endpoint: endpoint,
+            conn,
+            streams: Mutex::new(Vec::new()),
+        })
     }
 
     /// Sends `bytes` as they are on a new stream and returns the server's

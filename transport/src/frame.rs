@@ -119,6 +119,20 @@ pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> 
     Ok(buf)
 }
 
+/// Decodes a frame's body (without its length prefix).
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    postcard::from_bytes(body).map_err(|e| {
+        FrameError::Malformed(match e {
+            // postcard drops the message of a check made while decoding
+            postcard::Error::SerdeDeCustom => format!(
+                "a value broke a check while decoding (an unknown variant, or more than {} ciphertexts in one message)",
+                secinfer_protocol::offline::CIPHERTEXTS_PER_MESSAGE
+            ),
+            other => other.to_string(),
+        })
+    })
+}
+
 /// Writes one frame; returns the bytes written.
 pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     w: &mut W,
@@ -194,16 +208,7 @@ async fn read_rest<R: AsyncRead + Unpin, T: DeserializeOwned>(
             return Err(FrameError::Truncated);
         }
     }
-    let msg = postcard::from_bytes(&body).map_err(|e| {
-        FrameError::Malformed(match e {
-            // postcard drops the message of a check made while decoding
-            postcard::Error::SerdeDeCustom => format!(
-                "a value broke a check while decoding (an unknown variant, or more than {} ciphertexts in one message)",
-                secinfer_protocol::offline::CIPHERTEXTS_PER_MESSAGE
-            ),
-            other => other.to_string(),
-        })
-    })?;
+    let msg = decode(&body)?;
     Ok((msg, len + 4))
 }
 

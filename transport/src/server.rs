@@ -51,8 +51,12 @@ pub struct Limits {
     /// may take together (estimated from each job's layout); work beyond
     /// it waits up to the frame timeout, then is refused
     pub max_memory_bytes: u64,
-    /// time a client has to open its session and say hello
+    /// time a client has to complete the TLS handshake and say hello
     pub handshake_timeout: Duration,
+    /// connections not yet welcomed (TLS handshake or hello in progress)
+    /// at once: beyond half of it new clients must first prove their
+    /// address (QUIC Retry), beyond it they are refused at once
+    pub max_handshakes: usize,
     /// a connection silent this long is closed (clients send keep-alives)
     pub idle_timeout: Duration,
     /// a session with no request in progress and none for this long is
@@ -76,6 +80,7 @@ impl Default for Limits {
             concurrent_he_jobs: 1,
             max_memory_bytes: default_max_memory(),
             handshake_timeout: Duration::from_secs(10),
+            max_handshakes: 256,
             idle_timeout: Duration::from_secs(60),
             session_idle_timeout: Duration::from_secs(300),
             max_session_lifetime: Duration::from_secs(6 * 3600),
@@ -130,6 +135,8 @@ struct Stats {
     live: AtomicUsize,
     /// connections being served (including handshakes)
     connections: AtomicUsize,
+    /// connections not yet welcomed
+    handshakes: AtomicUsize,
 }
 
 /// What a served model reveals, as the handshake names it.
@@ -200,7 +207,7 @@ impl Server {
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
             .map_err(|e| anyhow!("TLS configuration unusable for QUIC: {e}"))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        server_config.transport_config(Arc::new(transport_config(&config.limits)?));
+        server_config.transport_config(Arc::new(server_transport_config(&config.limits)?));
         let endpoint = quinn::Endpoint::server(server_config, config.listen)
             .with_context(|| format!("listening on {}", config.listen))?;
         let (tx, rx) = watch::channel(false);
@@ -243,6 +250,11 @@ impl Server {
     /// Connections being served (handshakes included).
     pub fn connections(&self) -> usize {
         self.stats.connections.load(Ordering::SeqCst)
+    }
+
+    /// Connections not yet welcomed (TLS handshake or hello in progress).
+    pub fn handshakes(&self) -> usize {
+        self.stats.handshakes.load(Ordering::SeqCst)
     }
 
     /// Stops accepting, lets every session finish the request it is
@@ -302,7 +314,8 @@ impl Drop for Server {
 
 /// QUIC settings: windows large enough for ~12 MiB frames, keep-alives on the
 /// client side, the idle timeout from the limits, few streams per session,
-/// MTU discovery up to [`MAX_PROBED_MTU`].
+/// MTU discovery up to [`MAX_PROBED_MTU`]. The server starts each
+/// connection narrower ([`server_transport_config`]).
 /// Largest UDP payload MTU discovery may probe for. quinn stops at 1452 bytes
 /// by default (what an Ethernet path carries); a path that carries more
 /// (loopback, jumbo frames: 9000) is found by probing, and an unconfirmed
@@ -319,13 +332,29 @@ pub(crate) fn transport_config(limits: &Limits) -> anyhow::Result<quinn::Transpo
             .map_err(|_| anyhow!("idle timeout {:?} is too long", limits.idle_timeout))?,
     ));
     t.stream_receive_window(VarInt::from_u32(32 << 20));
-    t.receive_window(VarInt::from_u32(64 << 20));
+    t.receive_window(VarInt::from_u32(SESSION_WINDOW));
     t.send_window(64 << 20);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_PROBED_MTU);
     t.mtu_discovery_config(Some(mtu));
-    t.max_concurrent_bidi_streams(VarInt::from_u32(4));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(SESSION_STREAMS));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    Ok(t)
+}
+
+/// Bytes a connection may send before it is welcomed: its hello and slack.
+const UNWELCOMED_WINDOW: u32 = 4 * MAX_HELLO_BYTES as u32;
+/// Bytes and streams a welcomed connection may have in flight.
+const SESSION_WINDOW: u32 = 64 << 20;
+const SESSION_STREAMS: u32 = 4;
+
+/// The server's QUIC settings: a connection starts with one stream and a
+/// window for its hello only, so that a client that has not authenticated
+/// cannot make the server buffer more; both widen after Welcome.
+fn server_transport_config(limits: &Limits) -> anyhow::Result<quinn::TransportConfig> {
+    let mut t = transport_config(limits)?;
+    t.receive_window(VarInt::from_u32(UNWELCOMED_WINDOW));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1));
     Ok(t)
 }
 
@@ -339,7 +368,22 @@ async fn accept_loop<L: MaskedLinear + 'static + ?Sized>(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
-                connections.spawn(connection(incoming, shared.clone()));
+                // Unwelcomed connections are bounded: past half the bound a
+                // client must prove its address first (a Retry costs the
+                // server no state), past the bound it is refused.
+                let opening = shared.stats.handshakes.load(Ordering::SeqCst);
+                let max = shared.limits.max_handshakes;
+                if opening >= max {
+                    incoming.refuse();
+                } else if opening >= max / 2
+                    && !incoming.remote_address_validated()
+                    && incoming.may_retry()
+                {
+                    let _ = incoming.retry();
+                } else {
+                    let opening = Opening::new(shared.stats.clone());
+                    connections.spawn(connection(incoming, opening, shared.clone()));
+                }
             }
             Some(_) = connections.join_next() => {}
             () = stopping(&mut shutdown) => break,
@@ -354,8 +398,32 @@ async fn accept_loop<L: MaskedLinear + 'static + ?Sized>(
     connections.shutdown().await;
 }
 
+/// A connection not yet welcomed, counted in [`Stats::handshakes`] until
+/// it is welcomed or gone.
+struct Opening(Option<Arc<Stats>>);
+
+impl Opening {
+    fn new(stats: Arc<Stats>) -> Opening {
+        stats.handshakes.fetch_add(1, Ordering::SeqCst);
+        Opening(Some(stats))
+    }
+
+    fn welcomed(&mut self) {
+        if let Some(stats) = self.0.take() {
+            stats.handshakes.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for Opening {
+    fn drop(&mut self) {
+        self.welcomed();
+    }
+}
+
 async fn connection<L: MaskedLinear + 'static + ?Sized>(
     incoming: quinn::Incoming,
+    mut opening: Opening,
     shared: Arc<Shared<L>>,
 ) {
     // Counted until this task ends, however it ends (shutdown aborts it).
@@ -367,8 +435,10 @@ async fn connection<L: MaskedLinear + 'static + ?Sized>(
     }
     shared.stats.connections.fetch_add(1, Ordering::SeqCst);
     let _counted = Counted(shared.stats.clone());
-    if let Ok(conn) = incoming.await {
-        let end = session(&conn, &shared).await;
+    // The TLS handshake and the hello share one deadline.
+    let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
+    if let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, incoming).await {
+        let end = session(&conn, deadline, &mut opening, &shared).await;
         let (code, reason) = match end {
             Ok(()) => (close_code::DONE, "done".to_string()),
             Err(End::Refused(m)) => (close_code::REFUSED, m),
@@ -458,10 +528,12 @@ impl<L: MaskedLinear + ?Sized> SessionState<L> {
 
 async fn session<L: MaskedLinear + 'static + ?Sized>(
     conn: &Connection,
+    deadline: tokio::time::Instant,
+    opening: &mut Opening,
     shared: &Arc<Shared<L>>,
 ) -> Result<(), End> {
     let limits = &shared.limits;
-    let hello = tokio::time::timeout(limits.handshake_timeout, async {
+    let hello = tokio::time::timeout_at(deadline, async {
         let (send, mut recv) = conn.accept_bi().await.map_err(|_| End::Lost)?;
         let hello = read_frame::<_, ClientFrame>(&mut recv, MAX_HELLO_BYTES).await?;
         Ok::<_, End>((send, hello))
@@ -530,6 +602,9 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
     )
     .await?;
     let _ = send.finish();
+    opening.welcomed();
+    conn.set_receive_window(VarInt::from_u32(SESSION_WINDOW));
+    conn.set_max_concurrent_bi_streams(VarInt::from_u32(SESSION_STREAMS));
 
     let mut session = ServerSession::new(shared.linear.clone());
     session.set_max_pending(limits.max_pending_inferences);
