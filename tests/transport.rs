@@ -906,3 +906,34 @@ fn connections_that_never_authenticate_are_bounded() {
     assert_eq!(run(&client, samples("breast-cancer", 0, 2)).len(), 4);
     assert_eq!(lo.server().handshakes(), 0);
 }
+
+/// Reading and decoding a frame draws on the server's memory budget
+/// (decoding may allocate `DECODE_FACTOR` times the frame): a frame that
+/// could not fit is refused by name before its body is read, and smaller
+/// ones are served.
+#[test]
+fn frames_are_counted_against_the_memory_budget() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "frame-budget");
+    let lo = pair.serve(Limits {
+        max_memory_bytes: 16 << 20,
+        ..Limits::default()
+    });
+    let client = pair.client(&lo);
+    let len: u32 = 1_000_000; // x 25 = ~24 MiB
+    let mut frame = len.to_be_bytes().to_vec();
+    frame.extend(std::iter::repeat_n(0u8, 1000));
+    let e = message(
+        client
+            .backend()
+            .channel()
+            .send_raw_for_tests(&frame)
+            .unwrap_err(),
+    );
+    assert!(
+        e.contains("reading a frame of 1000000 bytes would need ~")
+            && e.contains("memory budget of 16.0 MiB"),
+        "{e}"
+    );
+    let client = pair.client(&lo);
+    assert_eq!(run(&client, samples("breast-cancer", 0, 2)).len(), 4);
+}

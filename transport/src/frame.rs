@@ -119,6 +119,15 @@ pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> 
     Ok(buf)
 }
 
+/// Decoding a frame allocates at most this many times its length at its
+/// peak, plus a few kilobytes; `tests/decoder_fuzz.rs` holds every frame a
+/// client can send to it. The worst case is a list of small integers: one
+/// byte each on the wire, eight decoded, in a vector that grows by
+/// doubling (up to 16 bytes per element while the last 8 are copied). The
+/// server reserves this much of its memory budget before it reads a
+/// frame's body, so decoding is bounded server-wide, not only per frame.
+pub const DECODE_FACTOR: usize = 24;
+
 /// Decodes a frame's body (without its length prefix).
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
     postcard::from_bytes(body).map_err(|e| {
@@ -161,55 +170,84 @@ pub async fn read_frame_within<R: AsyncRead + Unpin, T: DeserializeOwned>(
     max: usize,
     body_timeout: Option<std::time::Duration>,
 ) -> Result<Option<(T, usize)>, FrameError> {
+    let Some(len) = read_length(r, max, body_timeout).await? else {
+        return Ok(None);
+    };
+    read_body(r, len, body_timeout).await.map(Some)
+}
+
+/// Reads a frame's length prefix: `Ok(None)` if the stream ends cleanly
+/// before it; a length above `max` is refused. Once the first byte has
+/// come, the rest must within `timeout`.
+pub async fn read_length<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    timeout: Option<std::time::Duration>,
+) -> Result<Option<usize>, FrameError> {
     let mut len = [0u8; 4];
     let first = r.read(&mut len).await?;
     if first == 0 {
         return Ok(None);
     }
-    let rest = read_rest(r, len, first, max);
-    match body_timeout {
-        None => rest.await,
-        Some(t) => tokio::time::timeout(t, rest)
-            .await
-            .map_err(|_| FrameError::Stalled(t))?,
-    }
-    .map(Some)
-}
-
-async fn read_rest<R: AsyncRead + Unpin, T: DeserializeOwned>(
-    r: &mut R,
-    mut len: [u8; 4],
-    mut got: usize,
-    max: usize,
-) -> Result<(T, usize), FrameError> {
-    while got < 4 {
-        let n = r.read(&mut len[got..]).await?;
-        if n == 0 {
-            return Err(FrameError::Truncated);
+    let rest = async {
+        let mut got = first;
+        while got < 4 {
+            let n = r.read(&mut len[got..]).await?;
+            if n == 0 {
+                return Err(FrameError::Truncated);
+            }
+            got += n;
         }
-        got += n;
-    }
+        Ok(())
+    };
+    within(timeout, rest).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > max {
         return Err(FrameError::TooLarge { len, max });
     }
+    Ok(Some(len))
+}
+
+/// Reads and decodes the body of a frame whose length prefix said `len`
+/// (within `timeout`); returns the message and the frame's bytes.
+pub async fn read_body<R: AsyncRead + Unpin, T: DeserializeOwned>(
+    r: &mut R,
+    len: usize,
+    timeout: Option<std::time::Duration>,
+) -> Result<(T, usize), FrameError> {
     // The buffer grows as bytes arrive: a peer that declares a large frame
     // and sends little costs what it sent, not what it declared.
     // (grown by hand: `read_to_end` doubles, up to twice the frame)
-    let mut body = Vec::with_capacity(len.min(FIRST_BODY_CHUNK));
-    while body.len() < len {
-        let want = (len - body.len()).min(body.len().max(FIRST_BODY_CHUNK));
-        let at = body.len();
-        body.reserve_exact(want);
-        body.resize(at + want, 0);
-        let n = r.read(&mut body[at..]).await?;
-        body.truncate(at + n);
-        if n == 0 {
-            return Err(FrameError::Truncated);
+    let body = within(timeout, async {
+        let mut body = Vec::with_capacity(len.min(FIRST_BODY_CHUNK));
+        while body.len() < len {
+            let want = (len - body.len()).min(body.len().max(FIRST_BODY_CHUNK));
+            let at = body.len();
+            body.reserve_exact(want);
+            body.resize(at + want, 0);
+            let n = r.read(&mut body[at..]).await?;
+            body.truncate(at + n);
+            if n == 0 {
+                return Err(FrameError::Truncated);
+            }
         }
-    }
+        Ok(body)
+    })
+    .await?;
     let msg = decode(&body)?;
     Ok((msg, len + 4))
+}
+
+async fn within<T>(
+    timeout: Option<std::time::Duration>,
+    f: impl std::future::Future<Output = Result<T, FrameError>>,
+) -> Result<T, FrameError> {
+    match timeout {
+        None => f.await,
+        Some(t) => tokio::time::timeout(t, f)
+            .await
+            .map_err(|_| FrameError::Stalled(t))?,
+    }
 }
 
 #[cfg(test)]

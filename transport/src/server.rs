@@ -29,8 +29,8 @@ use secinfer_protocol::{MaskedLinear, ProtocolError, ServerSession};
 use crate::TokenSet;
 use crate::close_code;
 use crate::frame::{
-    ClientFrame, FrameError, MAX_HELLO_BYTES, PROTOCOL_VERSION, ServerFrame, read_frame,
-    read_frame_within, write_frame,
+    ClientFrame, FrameError, MAX_HELLO_BYTES, PROTOCOL_VERSION, ServerFrame, read_body, read_frame,
+    read_length, write_frame,
 };
 use crate::tls::Identity;
 
@@ -672,15 +672,10 @@ async fn stream<L: MaskedLinear + 'static + ?Sized>(
     state: Arc<SessionState<L>>,
     shared: Arc<Shared<L>>,
 ) -> Result<(), End> {
-    let max = shared.limits.max_frame_bytes;
     let mut shutdown = shared.shutdown.clone();
     loop {
         let frame = tokio::select! {
-            f = read_frame_within::<_, ClientFrame>(
-                &mut recv,
-                max,
-                Some(shared.limits.frame_timeout),
-            ) => f?,
+            f = read_counted(&mut recv, &shared) => f?,
             () = stopping(&mut shutdown) => return Ok(()),
         };
         let Some((frame, _)) = frame else {
@@ -694,6 +689,23 @@ async fn stream<L: MaskedLinear + 'static + ?Sized>(
         state.touch();
         answered?;
     }
+}
+
+/// Reads a client's frame with its body and decoding counted against the
+/// server's memory budget: `(1 + DECODE_FACTOR)` times its length is
+/// reserved once the length is known, before any of the body is read, and
+/// given back once the frame is decoded.
+async fn read_counted<L: MaskedLinear + ?Sized>(
+    recv: &mut RecvStream,
+    shared: &Shared<L>,
+) -> Result<Option<(ClientFrame, usize)>, End> {
+    let patience = Some(shared.limits.frame_timeout);
+    let Some(len) = read_length(recv, shared.limits.max_frame_bytes, patience).await? else {
+        return Ok(None);
+    };
+    let bytes = (len as u64).saturating_mul(1 + crate::frame::DECODE_FACTOR as u64);
+    let _memory = reserve(shared, bytes, &format!("reading a frame of {len} bytes")).await?;
+    Ok(Some(read_body(recv, len, patience).await?))
 }
 
 /// Writes a frame, giving the client the frame timeout to take it.
@@ -832,17 +844,14 @@ async fn drive_private<L: MaskedLinear + 'static + ?Sized>(
             done?;
             return Ok(());
         }
-        let frame = tokio::time::timeout(
-            shared.limits.idle_timeout,
-            read_frame_within::<_, ClientFrame>(recv, max, Some(patience)),
-        )
-        .await
-        .map_err(|_| {
-            End::Protocol(format!(
-                "the client sent nothing for {:?} inside a private batch",
-                shared.limits.idle_timeout
-            ))
-        })??;
+        let frame = tokio::time::timeout(shared.limits.idle_timeout, read_counted(recv, shared))
+            .await
+            .map_err(|_| {
+                End::Protocol(format!(
+                    "the client sent nothing for {:?} inside a private batch",
+                    shared.limits.idle_timeout
+                ))
+            })??;
         match frame {
             Some((ClientFrame::Private(PrivateMessage::Step(m)), _)) => run.handle(m),
             Some((other, _)) => {
