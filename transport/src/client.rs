@@ -203,6 +203,15 @@ fn explain(e: quinn::ConnectionError) -> anyhow::Error {
                 "too many connections are opening at once; try again later".into(),
             ))
         }
+        // what a client sees when the server ends a handshake it could not
+        // finish within its deadline (an overloaded server): try again
+        quinn::ConnectionError::ConnectionClosed(c)
+            if c.error_code == quinn::TransportErrorCode::APPLICATION_ERROR =>
+        {
+            anyhow::Error::new(Busy(
+                "the server closed the connection during the handshake (overloaded?); try again later".into(),
+            ))
+        }
         quinn::ConnectionError::TimedOut => anyhow!("the server stopped answering (idle timeout)"),
         other => anyhow!("connection failed: {other}"),
     }

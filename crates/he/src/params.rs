@@ -90,8 +90,19 @@ impl HeParams {
     /// The parameter set secinfer uses for the ring `Z_2^ring_bits`: `N = 8192`
     /// and three 60-bit primes (`log2 q` ≈ 180 of the 218 allowed), which leaves
     /// room to flood the noise of layers with fan-in up to millions.
+    ///
+    /// Built once per ring and shared: the BFV context (NTT tables, RNS
+    /// bases) is tens of megabytes, and a server used to build one per
+    /// session and per request it priced.
     pub fn for_ring(ring_bits: u32) -> Result<HeParams, HeError> {
-        HeParams::new(8192, &[60, 60, 60], ring_bits)
+        static BUILT: std::sync::Mutex<Vec<HeParams>> = std::sync::Mutex::new(Vec::new());
+        let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = built.iter().find(|p| p.ring_bits == ring_bits) {
+            return Ok(p.clone());
+        }
+        let params = HeParams::new(8192, &[60, 60, 60], ring_bits)?;
+        built.push(params.clone());
+        Ok(params)
     }
 
     /// A parameter set with ring degree `degree`, primes of the given bit
