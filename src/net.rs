@@ -71,6 +71,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
                 identity,
                 tokens,
                 limits: opts.limits.clone(),
+                emulated_link: None,
             },
             model.clone(),
             digest.clone(),

@@ -937,3 +937,40 @@ fn frames_are_counted_against_the_memory_budget() {
     let client = pair.client(&lo);
     assert_eq!(run(&client, samples("breast-cancer", 0, 2)).len(), 4);
 }
+
+/// Over a link that delays every datagram, drops 3 % of them and sends 5 %
+/// out of order (both directions), predictions complete and equal the
+/// in-process ones, and the server is left with no session.
+#[test]
+fn predictions_over_a_lossy_reordering_link_are_complete_and_correct() {
+    let pair = Pair::new("mnist_mlp.onnx", "mnist", "lossy");
+    let link = secinfer_transport::EmulatedLink {
+        one_way_delay: Duration::from_millis(5),
+        loss: 0.03,
+        reorder: 0.05,
+        reorder_delay: Duration::from_millis(3),
+    };
+    let lo = Loopback::start_over(
+        pair.server.clone(),
+        pair.server.digest(),
+        Limits::default(),
+        Some(link),
+    )
+    .expect("server starts");
+    let input = samples("mnist", 0, 20);
+    let local =
+        ClientModel::load(&pair.client_path, InMemoryChannel::new(pair.server.clone())).unwrap();
+    let expected = run(&local, input.clone());
+    let client = pair.client(&lo);
+    assert_eq!(run(&client, input.clone()), expected);
+    // the online phase alone, one image at a time, many small round trips
+    for i in 0..5 {
+        let out = run(&client, samples("mnist", i, 1));
+        assert_eq!(out, expected[i * 10..(i + 1) * 10]);
+    }
+    let lost = client.backend().channel().lost_packets();
+    assert!(lost > 0, "no packet was lost: the link is not emulated");
+    println!("{lost} packets lost and recovered");
+    drop(client);
+    assert_eq!(wait_until_no_sessions(&lo), 0);
+}

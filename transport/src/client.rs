@@ -65,6 +65,9 @@ pub struct ClientConfig {
     /// them (the connection's window is twice this); smaller saves memory
     /// on small clients, larger helps on long round trips
     pub receive_window: u32,
+    /// send through an emulated link (delay, loss, reordering): tests and
+    /// `bench --rtt-ms` only
+    pub emulated_link: Option<crate::EmulatedLink>,
 }
 
 impl ClientConfig {
@@ -87,6 +90,7 @@ impl ClientConfig {
             connect_timeout: Duration::from_secs(20),
             busy_wait: Duration::from_secs(300),
             receive_window: 32 << 20,
+            emulated_link: None,
         }
     }
 }
@@ -279,7 +283,10 @@ impl QuicChannel {
         };
         let mut endpoint = {
             let _guard = runtime.enter();
-            quinn::Endpoint::client(bind).context("opening a UDP socket")?
+            match config.emulated_link {
+                None => quinn::Endpoint::client(bind).context("opening a UDP socket")?,
+                Some(link) => crate::link::endpoint(bind, link, None)?,
+            }
         };
         endpoint.set_default_client_config(client_config);
         Ok((runtime, endpoint, addr, name))
@@ -366,6 +373,12 @@ impl QuicChannel {
     /// SecureLinear ops the server's model has.
     pub fn server_ops(&self) -> u32 {
         self.server_ops
+    }
+
+    /// Packets QUIC has declared lost on this connection so far (the link
+    /// tests check that their losses happen).
+    pub fn lost_packets(&self) -> u64 {
+        self.conn.stats().path.lost_packets
     }
 
     /// Ends the session politely (the server frees it at once); dropping

@@ -32,6 +32,7 @@
 pub mod auth;
 pub mod client;
 pub mod frame;
+pub mod link;
 pub mod loopback;
 pub mod server;
 pub mod tls;
@@ -39,6 +40,7 @@ pub mod tls;
 pub use auth::TokenSet;
 pub use client::{ClientConfig, QuicChannel, Trust};
 pub use frame::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
+pub use link::EmulatedLink;
 pub use loopback::Loopback;
 pub use server::{Limits, Server, ServerConfig, default_max_memory};
 pub use tls::{Fingerprint, Identity};

@@ -23,6 +23,7 @@ pub struct Loopback {
     fingerprint: Fingerprint,
     token: String,
     reveal: String,
+    link: Option<crate::EmulatedLink>,
 }
 
 impl Loopback {
@@ -31,6 +32,17 @@ impl Loopback {
         linear: Arc<L>,
         digest: &str,
         limits: Limits,
+    ) -> anyhow::Result<Loopback> {
+        Loopback::start_over(linear, digest, limits, None)
+    }
+
+    /// [`Loopback::start`] with both ends sending through an emulated link
+    /// (`bench --rtt-ms`, the fault tests); its clients use it too.
+    pub fn start_over<L: MaskedLinear + 'static + ?Sized>(
+        linear: Arc<L>,
+        digest: &str,
+        limits: Limits,
+        link: Option<crate::EmulatedLink>,
     ) -> anyhow::Result<Loopback> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -47,6 +59,7 @@ impl Loopback {
             identity,
             tokens: TokenSet::new([token.as_str()])?,
             limits,
+            emulated_link: link,
         };
         let server = {
             let _guard = runtime.enter();
@@ -60,6 +73,7 @@ impl Loopback {
             fingerprint,
             token,
             reveal,
+            link,
         })
     }
 
@@ -85,13 +99,16 @@ impl Loopback {
 
     /// A client configuration that pins this server and carries its token.
     pub fn client_config(&self, model_digest: &str) -> ClientConfig {
-        ClientConfig::new(
-            &self.addr.to_string(),
-            Trust::Fingerprint(self.fingerprint),
-            &self.token,
-            model_digest,
-            &self.reveal,
-        )
+        ClientConfig {
+            emulated_link: self.link,
+            ..ClientConfig::new(
+                &self.addr.to_string(),
+                Trust::Fingerprint(self.fingerprint),
+                &self.token,
+                model_digest,
+                &self.reveal,
+            )
+        }
     }
 
     /// Connects a client for a model with `model_digest`.

@@ -117,6 +117,9 @@ pub struct ServerConfig {
     pub tokens: TokenSet,
     /// limits
     pub limits: Limits,
+    /// send through an emulated link (delay, loss, reordering): tests and
+    /// `bench --rtt-ms` only
+    pub emulated_link: Option<crate::EmulatedLink>,
 }
 
 /// A running server. Dropping it stops it abruptly; [`shutdown`](Self::shutdown)
@@ -208,8 +211,12 @@ impl Server {
             .map_err(|e| anyhow!("TLS configuration unusable for QUIC: {e}"))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         server_config.transport_config(Arc::new(server_transport_config(&config.limits)?));
-        let endpoint = quinn::Endpoint::server(server_config, config.listen)
-            .with_context(|| format!("listening on {}", config.listen))?;
+        let endpoint = match config.emulated_link {
+            None => quinn::Endpoint::server(server_config, config.listen),
+            Some(link) => crate::link::endpoint(config.listen, link, Some(server_config))
+                .map_err(std::io::Error::other),
+        }
+        .with_context(|| format!("listening on {}", config.listen))?;
         let (tx, rx) = watch::channel(false);
         let stats = Arc::new(Stats::default());
         let shared = Arc::new(Shared {
