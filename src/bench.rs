@@ -77,6 +77,9 @@ pub struct BenchConfig {
     pub offline_batch: Option<usize>,
     /// how client and server talk
     pub transport: Transport,
+    /// QUIC only: both ends send through an emulated link with this
+    /// round-trip time (`bench --rtt-ms`)
+    pub rtt: Option<std::time::Duration>,
     /// single-sample predictions timed for the latency percentiles
     pub latency_samples: usize,
     /// online batch sizes to sweep (empty: no sweep)
@@ -429,7 +432,9 @@ fn run_mode(cfg: &BenchConfig, progress: &mut dyn FnMut(Progress)) -> anyhow::Re
             run_on(cfg, &converted, &server, &client, &connect, progress)
         }
         Transport::Quic => {
-            let lo = Loopback::start(server.clone(), server.digest(), Default::default())?;
+            let link = cfg.rtt.map(secinfer_transport::EmulatedLink::with_rtt);
+            let lo =
+                Loopback::start_over(server.clone(), server.digest(), Default::default(), link)?;
             let connect = || -> anyhow::Result<_> {
                 ClientModel::load_with(&client_path, |digest, _| lo.connect(digest))
             };
@@ -689,7 +694,12 @@ fn run_on<C: Channel + 'static>(
         reveal: client.reveal().as_str().into(),
         preprocessing: "bfv".into(),
         correlations: client.program().map(|_| "iknp".to_string()),
-        transport: cfg.transport.name().into(),
+        transport: match (cfg.transport, cfg.rtt) {
+            (Transport::Quic, Some(rtt)) => {
+                format!("quic over an emulated link of {} ms RTT", rtt.as_millis())
+            }
+            (t, _) => t.name().into(),
+        },
         batch,
         offline_batch,
         predictions_per_s: rate(online + offline + offline_ot),

@@ -90,6 +90,11 @@ enum Command {
         /// Inferences per round trip.
         #[arg(long, default_value_t = 100)]
         batch: usize,
+        /// Send through an emulated link with this round-trip time in
+        /// milliseconds (both ends delay every datagram by half), to see the
+        /// figures at WAN distances; QUIC only.
+        #[arg(long, value_name = "MS")]
+        rtt_ms: Option<u64>,
         /// Inferences per offline (HE) batch, 1..=8192 (default: as many as
         /// fit 4 GiB of offline material).
         #[arg(long, value_name = "N")]
@@ -351,6 +356,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             limit,
             transport,
             batch,
+            rtt_ms,
             offline_batch,
             json,
             plot,
@@ -360,6 +366,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             no_compare,
             mut args,
         } => {
+            if rtt_ms.is_some() && transport == "memory" {
+                anyhow::bail!("--rtt-ms emulates a network link: it needs --transport quic");
+            }
             let sweep = match sweep_batch {
                 Some(v) if v.is_empty() => vec![1, 10, 100, 1000],
                 Some(v) => v,
@@ -399,6 +408,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     Transport::Quic
                 },
+                rtt: rtt_ms.map(std::time::Duration::from_millis),
                 latency_samples,
                 sweep,
                 options: args.options()?,
@@ -505,6 +515,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 batch: 100,
                 offline_batch: None,
                 transport: Transport::Quic,
+                rtt: None,
                 latency_samples: 10,
                 sweep: vec![],
                 options: Options {

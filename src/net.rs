@@ -148,10 +148,9 @@ pub struct PredictOptions {
     pub scores: bool,
 }
 
-/// Predicts the class of every input sample.
-pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
-    let progress = crate::progress::Spinner::new("connecting");
-    let client = ClientModel::load_with(&opts.model, |digest, reveal| {
+/// Connects to the server with `opts`' model, trust and token.
+fn connect(opts: &PredictOptions) -> anyhow::Result<ClientModel<QuicChannel>> {
+    ClientModel::load_with(&opts.model, |digest, reveal| {
         let mut cfg = ClientConfig::new(
             &opts.server,
             opts.trust.clone(),
@@ -161,7 +160,92 @@ pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
         );
         cfg.server_name = opts.server_name.clone();
         QuicChannel::connect(&cfg)
-    })?;
+    })
+}
+
+/// Times `predict` starts over after losing its connection, and how long it
+/// tries to reconnect each time (a restarting server needs some seconds).
+const MAX_RECONNECTS: usize = 5;
+const RECONNECT_FOR: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Whether `e` means the session is gone rather than the request wrong.
+fn connection_lost(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<secinfer_transport::ConnectionLost>()
+            .is_some()
+    })
+}
+
+/// Connects again, with backoff, for up to [`RECONNECT_FOR`].
+fn reconnect(opts: &PredictOptions) -> anyhow::Result<ClientModel<QuicChannel>> {
+    let start = std::time::Instant::now();
+    let mut wait = std::time::Duration::from_millis(500);
+    loop {
+        match connect(opts) {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() + wait < RECONNECT_FOR => {
+                eprintln!(
+                    "reconnecting: {e:#}; trying again in {:.1} s",
+                    wait.as_secs_f64()
+                );
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(std::time::Duration::from_secs(8));
+            }
+            Err(e) => return Err(e.context("reconnecting after the connection was lost")),
+        }
+    }
+}
+
+/// Preprocesses (HE) and predicts samples `at..end`; returns their outputs.
+fn predict_range(
+    client: &ClientModel<QuicChannel>,
+    data: &ndarray::ArrayD<f32>,
+    batched: bool,
+    (at, end, n): (usize, usize, usize),
+    progress: &crate::progress::Spinner,
+) -> anyhow::Result<Vec<Vec<f32>>> {
+    progress.set(format!(
+        "offline phase: HE preprocessing for inputs {}..{end} of {n}",
+        at + 1
+    ));
+    client
+        .backend()
+        .preprocess_in_batches(end - at, end - at)
+        .context("offline phase")?;
+    progress.set(if client.program().is_some() {
+        "online phase (joint evaluation; correlations are made as they are needed)".into()
+    } else {
+        "online phase".into()
+    });
+    let mut outputs = Vec::with_capacity(end - at);
+    if batched {
+        // Runs of at most PREDICT_RUN samples keep every message well
+        // below the frame limit, whatever the number of inputs.
+        let mut i = at;
+        while i < end {
+            let r = PREDICT_RUN.min(end - i);
+            let run = data.slice_axis(Axis(0), (i..i + r).into()).to_owned();
+            let out = client.predict(tvec!(run.into_tensor().into_tvalue()))?;
+            outputs.extend(split_rows(&out[0], r)?);
+            i += r;
+        }
+    } else {
+        for i in at..end {
+            let one = data.index_axis(Axis(0), i).to_owned();
+            let out = client.predict(tvec!(one.into_tensor().into_tvalue()))?;
+            outputs.extend(split_rows(&out[0], 1)?);
+        }
+    }
+    Ok(outputs)
+}
+
+/// Predicts the class of every input sample. If the connection is lost (the
+/// server restarted, shut down or stopped answering), it reconnects and
+/// redoes the inputs whose answers it did not have, with new offline
+/// material: a new session shares nothing with the old one.
+pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
+    let progress = crate::progress::Spinner::new("connecting");
+    let mut client = connect(&opts)?;
     let declared = client.input_shape()?;
     let batched = declared.first().is_some_and(Option::is_none);
     let sample: Vec<usize> = declared
@@ -178,44 +262,22 @@ pub fn predict(opts: PredictOptions) -> anyhow::Result<()> {
     let chunk = predict_chunk(&client)?;
     let index_only = client.reveal() == secinfer_model::Reveal::Argmax;
     let mut outputs: Vec<Vec<f32>> = Vec::with_capacity(n);
-    let mut at = 0;
-    while at < n {
-        let k = chunk.min(n - at);
-        progress.set(format!(
-            "offline phase: HE preprocessing for inputs {}..{} of {n}",
-            at + 1,
-            at + k
-        ));
-        client
-            .backend()
-            .preprocess_in_batches(k, k)
-            .context("offline phase")?;
-        progress.set(if client.program().is_some() {
-            "online phase (joint evaluation; correlations are made as they are needed)".into()
-        } else {
-            "online phase".into()
-        });
-        let end = at + k;
-        if batched {
-            // Runs of at most PREDICT_RUN samples keep every message well
-            // below the frame limit, whatever the number of inputs.
-            while at < end {
-                let r = PREDICT_RUN.min(end - at);
-                let run = samples
-                    .data
-                    .slice_axis(Axis(0), (at..at + r).into())
-                    .to_owned();
-                let out = client.predict(tvec!(run.into_tensor().into_tvalue()))?;
-                outputs.extend(split_rows(&out[0], r)?);
-                at += r;
+    let mut reconnects = 0;
+    while outputs.len() < n {
+        let at = outputs.len();
+        let end = (at + chunk).min(n);
+        match predict_range(&client, &samples.data, batched, (at, end, n), &progress) {
+            Ok(out) => outputs.extend(out),
+            Err(e) if connection_lost(&e) && reconnects < MAX_RECONNECTS => {
+                reconnects += 1;
+                progress.set("reconnecting".into());
+                eprintln!(
+                    "connection lost ({e:#}); reconnecting to redo inputs {}..{end}",
+                    at + 1
+                );
+                client = reconnect(&opts)?;
             }
-        } else {
-            for i in at..end {
-                let one = samples.data.index_axis(Axis(0), i).to_owned();
-                let out = client.predict(tvec!(one.into_tensor().into_tvalue()))?;
-                outputs.extend(split_rows(&out[0], 1)?);
-            }
-            at = end;
+            Err(e) => return Err(e),
         }
     }
     progress.finish();

@@ -39,6 +39,7 @@ fn run_compared(
         batch: 100,
         offline_batch: None,
         transport,
+        rtt: None,
         latency_samples: 5,
         sweep: vec![],
         options: Options {

@@ -141,7 +141,12 @@ fn serve_drains_and_exits_cleanly_on_sigterm_with_a_request_in_flight() {
     }
     assert!(status.success(), "serve ended with {status}: {stderr}");
     assert!(stderr.contains("SIGTERM: shutting down"), "{stderr}");
-    // the client either finished or was told why it could not
+    // the client either finished or was told why it could not (it then
+    // tries to reconnect for a while: it is stopped here once it has said so)
+    let mut predict = predict;
+    if common::wait_for_exit(&mut predict, std::time::Duration::from_secs(15)).is_none() {
+        let _ = predict.kill();
+    }
     let out = predict.wait_with_output().expect("predict ends");
     println!("predict: {}", String::from_utf8_lossy(&out.stderr));
     let text = format!(
@@ -268,5 +273,72 @@ fn clients_beyond_the_session_limit_wait_their_turn() {
         2000
     );
     drop(served);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The server is killed (SIGKILL: no drain, nothing said) in the middle of
+/// a batch and started again on the same address and state directory:
+/// `predict` notices, reconnects, redoes the inputs it had no answer for
+/// with new offline material, and prints what an undisturbed run prints.
+#[test]
+fn predict_reconnects_and_finishes_when_the_server_is_killed_and_restarted() {
+    let dir = converted("mnist_cnn.onnx", "mnist", "restart");
+    let state = dir.join("state");
+    let mut served = common::Served::start_with(
+        &dir.join("server.onnx"),
+        &state,
+        &[],
+        std::process::Stdio::inherit(),
+    );
+    let input = dir.join("images.npy");
+    samples_npy("mnist", 128, &input);
+    let predict = || {
+        Command::new(env!("CARGO_BIN_EXE_secinfer"))
+            .arg("predict")
+            .args(&served.client_args)
+            .arg("--model")
+            .arg(dir.join("client.onnx"))
+            .arg(&input)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting predict")
+    };
+    let reference = predict().wait_with_output().expect("predict ends");
+    assert!(reference.status.success());
+    let disturbed = predict();
+    // 128 CNN images take about ten seconds: the kill lands mid-batch
+    std::thread::sleep(std::time::Duration::from_millis(3000));
+    served.child.kill().expect("killing serve");
+    let _ = served.child.wait();
+    let addr = served
+        .client_args
+        .iter()
+        .skip_while(|a| *a != "--server")
+        .nth(1)
+        .expect("--server in the printed command")
+        .clone();
+    let restarted = Command::new(env!("CARGO_BIN_EXE_secinfer"))
+        .arg("serve")
+        .arg("--model")
+        .arg(dir.join("server.onnx"))
+        .args(["--listen", &addr, "--state-dir"])
+        .arg(&state)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("restarting serve");
+    let _restarted = common::Served {
+        child: restarted,
+        client_args: served.client_args.clone(),
+    };
+    let out = disturbed.wait_with_output().expect("predict ends");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("predict: {stderr}");
+    assert!(out.status.success(), "predict failed: {stderr}");
+    assert!(stderr.contains("reconnecting to redo inputs"), "{stderr}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&reference.stdout)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -167,6 +167,20 @@ impl UnwelcomedForTests {
     }
 }
 
+/// The session is gone through no fault of the request: the server shut
+/// down, restarted or stopped answering, or the session expired. A new
+/// connection (and new offline material) may succeed; `predict` reconnects.
+#[derive(Debug)]
+pub struct ConnectionLost(pub String);
+
+impl std::fmt::Display for ConnectionLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConnectionLost {}
+
 /// The server refused the session for lack of room (its reason).
 #[derive(Debug)]
 struct Busy(String);
@@ -193,9 +207,13 @@ fn explain(e: quinn::ConnectionError) -> anyhow::Error {
             let code = c.error_code.into_inner();
             match code as u32 {
                 close_code::REFUSED => anyhow!("the server refused the session: {reason}"),
-                close_code::SHUTDOWN => anyhow!("the server is shutting down"),
+                close_code::SHUTDOWN => anyhow::Error::new(ConnectionLost(
+                    "the server is shutting down".into(),
+                )),
+                close_code::EXPIRED => anyhow::Error::new(ConnectionLost(format!(
+                    "the server ended the session: {reason}"
+                ))),
                 close_code::BUSY => anyhow::Error::new(Busy(reason.into_owned())),
-                close_code::EXPIRED => anyhow!("the server ended the session: {reason}"),
                 close_code::PROTOCOL => anyhow!("the server closed the session: {reason}"),
                 _ => anyhow!("the server closed the session (code {code}): {reason}"),
             }
@@ -216,7 +234,12 @@ fn explain(e: quinn::ConnectionError) -> anyhow::Error {
                 "the server closed the connection during the handshake (overloaded?); try again later".into(),
             ))
         }
-        quinn::ConnectionError::TimedOut => anyhow!("the server stopped answering (idle timeout)"),
+        quinn::ConnectionError::TimedOut => anyhow::Error::new(ConnectionLost(
+            "the server stopped answering (idle timeout)".into(),
+        )),
+        quinn::ConnectionError::Reset => anyhow::Error::new(ConnectionLost(
+            "the server no longer knows this connection (it restarted?)".into(),
+        )),
         other => anyhow!("connection failed: {other}"),
     }
 }
@@ -285,7 +308,9 @@ impl QuicChannel {
             let _guard = runtime.enter();
             match config.emulated_link {
                 None => quinn::Endpoint::client(bind).context("opening a UDP socket")?,
-                Some(link) => crate::link::endpoint(bind, link, None)?,
+                Some(link) => {
+                    crate::link::endpoint(bind, link, quinn::EndpointConfig::default(), None)?
+                }
             }
         };
         endpoint.set_default_client_config(client_config);
@@ -513,6 +538,9 @@ fn host_part(server: &str) -> String {
 fn frame_err(conn: &Connection, e: FrameError) -> anyhow::Error {
     match (conn.close_reason(), e) {
         (Some(reason), _) => explain(reason),
+        (None, e @ (FrameError::Io(_) | FrameError::Truncated)) => {
+            anyhow::Error::new(ConnectionLost(e.to_string()))
+        }
         (None, e) => anyhow!("{e}"),
     }
 }

@@ -38,7 +38,7 @@ pub mod server;
 pub mod tls;
 
 pub use auth::TokenSet;
-pub use client::{ClientConfig, QuicChannel, Trust};
+pub use client::{ClientConfig, ConnectionLost, QuicChannel, Trust};
 pub use frame::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
 pub use link::EmulatedLink;
 pub use loopback::Loopback;

@@ -197,14 +197,12 @@ impl UdpPoller for AlwaysWritable {
 pub(crate) fn endpoint(
     addr: SocketAddr,
     link: EmulatedLink,
+    config: quinn::EndpointConfig,
     server: Option<quinn::ServerConfig>,
 ) -> anyhow::Result<quinn::Endpoint> {
     let socket = bind(addr, link)?;
     let runtime = quinn::default_runtime().ok_or_else(|| anyhow::anyhow!("no async runtime"))?;
     Ok(quinn::Endpoint::new_with_abstract_socket(
-        quinn::EndpointConfig::default(),
-        server,
-        socket,
-        runtime,
+        config, server, socket, runtime,
     )?)
 }

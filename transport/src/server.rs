@@ -211,10 +211,19 @@ impl Server {
             .map_err(|e| anyhow!("TLS configuration unusable for QUIC: {e}"))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(quic));
         server_config.transport_config(Arc::new(server_transport_config(&config.limits)?));
+        let endpoint_config = config.identity.endpoint_config();
         let endpoint = match config.emulated_link {
-            None => quinn::Endpoint::server(server_config, config.listen),
-            Some(link) => crate::link::endpoint(config.listen, link, Some(server_config))
-                .map_err(std::io::Error::other),
+            None => {
+                let runtime =
+                    quinn::default_runtime().ok_or_else(|| anyhow!("no async runtime"))?;
+                std::net::UdpSocket::bind(config.listen).and_then(|socket| {
+                    quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
+                })
+            }
+            Some(link) => {
+                crate::link::endpoint(config.listen, link, endpoint_config, Some(server_config))
+                    .map_err(std::io::Error::other)
+            }
         }
         .with_context(|| format!("listening on {}", config.listen))?;
         let (tx, rx) = watch::channel(false);

@@ -122,6 +122,34 @@ impl Identity {
         })
     }
 
+    /// The server's QUIC endpoint settings: its stateless-reset key derived
+    /// from its private key (SHA-256, domain-separated), the same across restarts,
+    /// so that a restarted server's reset for a connection of its previous
+    /// run is recognised and the client learns at once that the session is
+    /// gone, instead of after its idle timeout.
+    /// The connection ids it issues are keyed the same way, so that the
+    /// restarted server recognises them as its own and answers with a reset.
+    pub(crate) fn endpoint_config(&self) -> quinn::EndpointConfig {
+        use sha2::Digest;
+        let derive = |label: &[u8]| {
+            let mut h = sha2::Sha256::new();
+            h.update(label);
+            h.update(self.key.secret_der());
+            h.finalize()
+        };
+        let reset = derive(b"secinfer QUIC stateless reset key v1");
+        let cid = derive(b"secinfer QUIC connection id key v1");
+        let cid_key = u64::from_le_bytes(cid[..8].try_into().unwrap_or_default());
+        let mut config = quinn::EndpointConfig::new(std::sync::Arc::new(ring::hmac::Key::new(
+            ring::hmac::HMAC_SHA256,
+            &reset,
+        )));
+        config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        config
+    }
+
     /// Loads `cert.pem` and `key.pem` from `dir`, or generates a self-signed
     /// pair for `localhost`, `127.0.0.1` and `::1` and writes them there
     /// (the key readable only by its owner). Returns whether it generated.
