@@ -140,7 +140,8 @@ fn resnet18_one_secure_prediction_over_quic_matches_plaintext() {
     assert_eq!(reference.len(), 1000);
 
     // The derived bound, plus the 4 decimals `predict --scores` prints.
-    let tolerance = common::tolerance(&converted, 1.0) + 5e-5;
+    // ResNet-18 sums twenty layers' bounds: 5.1 today
+    let tolerance = common::tolerance(&converted, 1.0, 6.0) + 5e-5;
     let worst = scores
         .iter()
         .zip(&reference)

@@ -148,7 +148,7 @@ fn quic_predictions_equal_in_process_predictions() {
         .iter()
         .copied()
         .collect();
-    let tol = common::tolerance(&pair.converted, 1.0);
+    let tol = common::tolerance(&pair.converted, 1.0, 0.25);
     for (a, b) in plain.iter().zip(&over_quic) {
         assert!(
             f64::from((a - b).abs()) <= tol,
@@ -370,7 +370,15 @@ fn clients_that_vanish_mid_offline_or_mid_online_leave_nothing_behind() {
         let ch = ch.clone();
         std::thread::spawn(move || ch.offline(last, &mut |_| Ok(())))
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // cut once the server's job for it is under way
+    let start = Instant::now();
+    while lo.server().he_jobs() == 0 && !worker.is_finished() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no HE job started"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     ch.abort();
     assert!(worker.join().unwrap().is_err(), "the cut call must fail");
     drop(ch);
@@ -552,7 +560,7 @@ fn private_predictions_over_quic_match_plaintext_and_in_process() {
     let plain = plain_logits("mnist_mlp.onnx", input);
     // Truncations round to one of two neighbours at random: the two runs
     // differ slightly; both are within the converter's bound of plaintext.
-    let tol = common::tolerance(&pair.converted, 1.25);
+    let tol = common::tolerance(&pair.converted, 1.25, 10.0);
     for ((p, q), l) in plain.iter().zip(&over_quic).zip(&in_process) {
         assert!(
             f64::from((p - q).abs()) <= tol,
@@ -973,4 +981,27 @@ fn predictions_over_a_lossy_reordering_link_are_complete_and_correct() {
     println!("{lost} packets lost and recovered");
     drop(client);
     assert_eq!(wait_until_no_sessions(&lo), 0);
+}
+
+/// The client gives up on a request the server does not finish answering
+/// within its request timeout (here far shorter than an HE job), names the
+/// timeout, and the same client code is served with the default.
+#[test]
+fn a_request_not_answered_within_the_clients_timeout_fails_by_name() {
+    let pair = Pair::new("mnist_mlp.onnx", "mnist", "request-timeout");
+    let lo = pair.serve(Limits::default());
+    let impatient = ClientModel::load_with(&pair.client_path, |d, _| {
+        QuicChannel::connect(&ClientConfig {
+            request_timeout: Duration::from_millis(1),
+            ..lo.client_config(d)
+        })
+    })
+    .expect("connects");
+    let e = message(impatient.backend().preprocess(8).unwrap_err());
+    assert!(
+        e.contains("did not answer within 1ms (the client's request timeout)"),
+        "{e}"
+    );
+    let client = pair.client(&lo);
+    assert_eq!(run(&client, samples("mnist", 0, 2)).len(), 20);
 }

@@ -89,8 +89,11 @@ pub fn convert_bytes(bytes: &[u8]) -> Converted {
 /// layer's inputs are within `first_input_max`, later ones within the bounds
 /// the converter recorded; each layer contributes its own rounding bound. In
 /// the private modes a joint truncation errs by up to one unit instead of
-/// half of one, so the bound doubles.
-pub fn tolerance(converted: &Converted, first_input_max: f64) -> f64 {
+/// half of one, so the bound doubles. The bound is derived from the scales
+/// the converter chose, so each caller also gives a `ceiling` (today's
+/// bound with some headroom): a regression that picks fewer fractional bits
+/// raises the bound together with the error and would otherwise pass.
+pub fn tolerance(converted: &Converted, first_input_max: f64, ceiling: f64) -> f64 {
     let per_layer: f64 = converted
         .layers
         .iter()
@@ -103,11 +106,21 @@ pub fn tolerance(converted: &Converted, first_input_max: f64) -> f64 {
             })
         })
         .sum();
-    if converted.reveal.is_private() {
+    let bound = if converted.reveal.is_private() {
         2.0 * per_layer
     } else {
         per_layer
-    }
+    };
+    assert!(
+        bound <= ceiling,
+        "the derived error bound {bound:.3e} exceeds the ceiling {ceiling:.3e}: fewer fractional bits than before? (layers' input/weight bits: {:?})",
+        converted
+            .layers
+            .iter()
+            .map(|l| (l.spec.input_frac_bits, l.spec.weight_frac_bits))
+            .collect::<Vec<_>>()
+    );
+    bound
 }
 
 /// An opset-13 model around `graph`.

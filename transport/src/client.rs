@@ -68,6 +68,11 @@ pub struct ClientConfig {
     /// send through an emulated link (delay, loss, reordering): tests and
     /// `bench --rtt-ms` only
     pub emulated_link: Option<crate::EmulatedLink>,
+    /// longest wait for the whole answer to one request (an online round
+    /// trip, a chunk of the offline phase with all its reply parts, a
+    /// message of a private batch): a server that stops making progress
+    /// without closing the connection is given up on
+    pub request_timeout: Duration,
 }
 
 impl ClientConfig {
@@ -91,6 +96,7 @@ impl ClientConfig {
             busy_wait: Duration::from_secs(300),
             receive_window: 32 << 20,
             emulated_link: None,
+            request_timeout: Duration::from_secs(15 * 60),
         }
     }
 }
@@ -113,6 +119,7 @@ pub struct QuicChannel {
     bytes: [AtomicU64; 6],
     server_ops: u32,
     max_pending: u64,
+    request_timeout: Duration,
 }
 
 impl std::fmt::Debug for QuicChannel {
@@ -392,6 +399,7 @@ impl QuicChannel {
             bytes: Default::default(),
             server_ops: ops,
             max_pending,
+            request_timeout: config.request_timeout,
         })
     }
 
@@ -461,6 +469,20 @@ impl QuicChannel {
         })
     }
 
+    /// Runs one request's exchange on the channel's runtime, giving up after
+    /// [`ClientConfig::request_timeout`].
+    fn within_request_timeout<T>(
+        &self,
+        f: impl std::future::Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let limit = self.request_timeout;
+        self.runtime.block_on(async {
+            tokio::time::timeout(limit, f).await.map_err(|_| {
+                anyhow!("the server did not answer within {limit:?} (the client's request timeout)")
+            })?
+        })
+    }
+
     /// Sends `msg` on the stream in `slot` (opening it first if needed) and
     /// reads answers with `on_answer` until it returns `true`.
     fn exchange(
@@ -475,7 +497,7 @@ impl QuicChannel {
             .map_err(|_| anyhow!("stream poisoned by an earlier panic"))?;
         let max = self.max_frame;
         let conn = &self.conn;
-        let result = self.runtime.block_on(async {
+        let result = self.within_request_timeout(async {
             if guard.is_none() {
                 *guard = Some(conn.open_bi().await.map_err(explain)?);
             }
@@ -671,7 +693,7 @@ impl Channel for QuicChannel {
             .lock()
             .map_err(|_| anyhow!("stream poisoned by an earlier panic"))?;
         let (max, conn) = (self.max_frame, &self.conn);
-        let result = self.runtime.block_on(async {
+        let result = self.within_request_timeout(async {
             let (_, recv) = guard
                 .as_mut()
                 .ok_or_else(|| anyhow!("no private batch is in progress"))?;

@@ -89,9 +89,10 @@ pub(crate) fn bind(addr: SocketAddr, link: EmulatedLink) -> anyhow::Result<Arc<L
     // The delay line: datagrams leave in the order they were queued, each
     // at its due time (reordered ones are queued separately, later).
     tokio::spawn(async move {
+        let mut poller = sender.clone().create_io_poller();
         while let Some(d) = queue.recv().await {
             tokio::time::sleep_until(d.due).await;
-            send_now(&*sender, &d).await;
+            send_now(&sender, &mut poller, &d).await;
         }
     });
     Ok(Arc::new(LinkSocket {
@@ -102,9 +103,14 @@ pub(crate) fn bind(addr: SocketAddr, link: EmulatedLink) -> anyhow::Result<Arc<L
     }))
 }
 
-/// Sends a delayed datagram, waiting briefly while the socket is full (a
-/// datagram that still cannot go is lost, as on a real link).
-async fn send_now(socket: &dyn AsyncUdpSocket, d: &Delayed) {
+/// Sends a delayed datagram, waiting while the socket is full (as quinn
+/// itself does); a datagram the socket refuses otherwise is lost, as on a
+/// real link.
+async fn send_now(
+    socket: &Arc<dyn AsyncUdpSocket>,
+    poller: &mut Pin<Box<dyn UdpPoller>>,
+    d: &Delayed,
+) {
     let transmit = Transmit {
         destination: d.destination,
         ecn: None,
@@ -112,10 +118,15 @@ async fn send_now(socket: &dyn AsyncUdpSocket, d: &Delayed) {
         segment_size: None,
         src_ip: None,
     };
-    for _ in 0..100 {
+    loop {
         match socket.try_send(&transmit) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                tokio::time::sleep(Duration::from_micros(200)).await;
+                if std::future::poll_fn(|cx| poller.as_mut().poll_writable(cx))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
             }
             _ => return,
         }
@@ -148,8 +159,9 @@ impl AsyncUdpSocket for LinkSocket {
             let sender = self.inner.clone();
             let extra = self.link.reorder_delay;
             tokio::spawn(async move {
+                let mut poller = sender.clone().create_io_poller();
                 tokio::time::sleep_until(d.due + extra).await;
-                send_now(&*sender, &d).await;
+                send_now(&sender, &mut poller, &d).await;
             });
             return Ok(());
         }

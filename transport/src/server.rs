@@ -140,6 +140,8 @@ struct Stats {
     connections: AtomicUsize,
     /// connections not yet welcomed
     handshakes: AtomicUsize,
+    /// HE jobs started and not yet ended (running or waiting for a slot)
+    he_jobs: AtomicUsize,
 }
 
 /// What a served model reveals, as the handshake names it.
@@ -266,6 +268,12 @@ impl Server {
     /// Connections being served (handshakes included).
     pub fn connections(&self) -> usize {
         self.stats.connections.load(Ordering::SeqCst)
+    }
+
+    /// HE jobs started and not yet ended (computing, or waiting for a slot
+    /// or for their reader).
+    pub fn he_jobs(&self) -> usize {
+        self.stats.he_jobs.load(Ordering::SeqCst)
     }
 
     /// Connections not yet welcomed (TLS handshake or hello in progress).
@@ -966,7 +974,16 @@ async fn run_job<L: MaskedLinear + 'static + ?Sized>(
     let runtime = tokio::runtime::Handle::current();
     // The job holds the session alive (its memory is the session's) until it ends.
     let keep = state.clone();
+    struct Counted(Arc<Stats>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.he_jobs.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    shared.stats.he_jobs.fetch_add(1, Ordering::SeqCst);
+    let counted = Counted(shared.stats.clone());
     let handle = tokio::task::spawn_blocking(move || {
+        let _counted = counted;
         let _keep = keep;
         let _memory = memory;
         let mut permit = Some(permit);

@@ -323,6 +323,30 @@ mod tests {
         let (b, made_again) = Identity::load_or_generate(&dir).unwrap();
         assert!(!made_again);
         assert_eq!(a.fingerprint(), b.fingerprint());
+        // the private key is the owner's alone
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "key.pem has mode {:o}", mode & 0o777);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A server that shows the pinned certificate without its private key
+    /// (another key in its place) is not an identity: refused when the
+    /// server is configured, before any client could be fooled.
+    #[test]
+    fn the_pinned_certificate_with_another_key_is_refused() {
+        let real = Identity::self_signed(&["localhost"]).unwrap();
+        let other = Identity::self_signed(&["localhost"]).unwrap();
+        let forged = Identity {
+            chain: real.chain.clone(),
+            key: other.key.clone_key(),
+        };
+        assert_eq!(forged.fingerprint(), real.fingerprint());
+        let e = format!("{:#}", server_crypto(&forged).unwrap_err());
+        assert!(e.contains("do not form a usable identity"), "{e}");
+        assert!(server_crypto(&real).is_ok());
     }
 }

@@ -599,3 +599,75 @@ fn batches_are_sized_by_memory_on_both_sides_and_larger_ones_refused_up_front() 
     );
     assert_eq!(server.batches_in_flight(), 0);
 }
+
+/// The randomness the production path makes (the HE offline phase, not the
+/// test dealer): the client's masks `r` and the server's shares `s` are
+/// non-zero, differ across inferences, and take values in both halves of
+/// `Z_2^k`; a masked request differs from its input. (Uniformity itself
+/// comes from the CSPRNGs; this holds the wiring: a mask left at zero, one
+/// reused across ids, or one drawn from a narrow range would fail here.)
+#[test]
+fn production_masks_and_shares_are_fresh_and_spread_over_the_ring() {
+    let (linear, mut pre, mut client, mut server) = he_setup();
+    let count = 64;
+    let first = pre.start(count).unwrap();
+    let mut replies = Vec::new();
+    while let Some(req) = pre.next_request(first).unwrap() {
+        server
+            .handle_offline(req, &mut |r| {
+                replies.push(r);
+                Ok(())
+            })
+            .unwrap();
+    }
+    let mut material = Vec::new();
+    for r in replies {
+        material.extend(pre.accept(r).unwrap());
+    }
+    assert_eq!(material.len(), count);
+    let half = 1u64 << (BITS - 1);
+    let mut rs = Vec::new();
+    let mut ss = Vec::new();
+    for m in &material {
+        let (r, c) = &m.ops[0];
+        // s = W·r − c, from the layer's clear evaluation (which adds b)
+        let rt = ArrayD::from_shape_vec(IxDyn(&[1, r.len()]), r.clone()).unwrap();
+        let wr_b = linear.clear(&rt);
+        let s: Vec<u64> = wr_b
+            .iter()
+            .zip(&linear.b)
+            .zip(c)
+            .map(|((&y, &b), &c)| y.wrapping_sub(b).wrapping_sub(c) & (u64::MAX >> (64 - BITS)))
+            .collect();
+        rs.push(r.clone());
+        ss.push(s);
+    }
+    for (name, v) in [("r", &rs), ("s", &ss)] {
+        let all: Vec<u64> = v.iter().flatten().copied().collect();
+        assert!(
+            all.iter().all(|&x| x < 1 << BITS),
+            "{name} outside the ring"
+        );
+        let zeros = all.iter().filter(|&&x| x == 0).count();
+        assert!(zeros <= 1, "{name}: {zeros} zero elements of {}", all.len());
+        let high = all.iter().filter(|&&x| x >= half).count();
+        assert!(
+            high > all.len() / 4 && high < 3 * all.len() / 4,
+            "{name}: {high} of {} elements in the upper half of the ring",
+            all.len()
+        );
+        let mut distinct = v.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(distinct.len(), v.len(), "{name} repeats across inferences");
+    }
+    for m in material {
+        client.accept_preprocessing(m).unwrap();
+    }
+    let ids = client.reserve(1).unwrap();
+    let x = input(1);
+    let req = client.mask(0, &ids, &x).unwrap();
+    let plain: Vec<u64> = x.iter().copied().collect();
+    assert_ne!(req.masked.data, plain, "the masked request is the input");
+    assert!(req.masked.data.iter().zip(&plain).all(|(m, p)| m != p));
+}
