@@ -1005,3 +1005,33 @@ fn a_request_not_answered_within_the_clients_timeout_fails_by_name() {
     let client = pair.client(&lo);
     assert_eq!(run(&client, samples("mnist", 0, 2)).len(), 20);
 }
+
+/// Limits the wire enforces, each refused by name: a frame stalled halfway
+/// (the frame timeout), and a hello in another protocol version.
+#[test]
+fn a_stalled_half_frame_and_a_version_mismatch_are_refused_by_name() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "wire-limits");
+    let lo = pair.serve(Limits {
+        frame_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    });
+    let channel = lo.connect(pair.server.digest()).expect("connects");
+    // a frame of 100 bytes of which 10 come
+    let mut half = 100u32.to_be_bytes().to_vec();
+    half.extend([0u8; 10]);
+    let e = message(channel.send_raw_unfinished_for_tests(&half).unwrap_err());
+    assert!(e.contains("not completed within 2s"), "{e}");
+    let config = lo.client_config(pair.server.digest());
+    let raw = QuicChannel::connect_without_hello_for_tests(&config).expect("TLS");
+    let version = secinfer_transport::PROTOCOL_VERSION + 1;
+    let e = message(raw.hello_with_version(&config, version).unwrap_err());
+    assert!(
+        e.contains(&format!(
+            "protocol version mismatch: client speaks {version}"
+        )),
+        "{e}"
+    );
+    // and the server still serves
+    let client = pair.client(&lo);
+    assert_eq!(run(&client, samples("breast-cancer", 0, 2)).len(), 4);
+}

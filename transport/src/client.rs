@@ -163,6 +163,34 @@ impl UnwelcomedForTests {
         count
     }
 
+    /// Says hello with protocol `version` (and the rest as `config` has it)
+    /// and returns the server's verdict: its answer, or why it closed.
+    pub fn hello_with_version(
+        &self,
+        config: &ClientConfig,
+        version: u32,
+    ) -> anyhow::Result<String> {
+        let conn = &self.conn;
+        self.runtime.block_on(async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(explain)?;
+            let hello = ClientFrame::Hello {
+                version,
+                model_digest: config.model_digest.clone(),
+                reveal: config.reveal.clone(),
+                token: config.token.clone(),
+            };
+            write_frame(&mut send, &hello, MAX_HELLO_BYTES)
+                .await
+                .map_err(|e| frame_err(conn, e))?;
+            let _ = send.finish();
+            match read_frame::<_, ServerFrame>(&mut recv, MAX_HELLO_BYTES).await {
+                Ok(Some((frame, _))) => Ok(format!("{frame:?}")),
+                Ok(None) => Err(closed_reason(conn).await),
+                Err(e) => Err(frame_err_wait(conn, e).await),
+            }
+        })
+    }
+
     /// Why the server closed the connection, if it does within `patience`.
     pub fn closed_within(&self, patience: Duration) -> Option<String> {
         self.runtime.block_on(async {
@@ -454,13 +482,26 @@ impl QuicChannel {
     /// for tests of how the server treats malformed traffic.
     #[doc(hidden)]
     pub fn send_raw_for_tests(&self, bytes: &[u8]) -> anyhow::Result<String> {
+        self.send_raw_inner(bytes, true)
+    }
+
+    /// As [`QuicChannel::send_raw_for_tests`], leaving the stream open (a
+    /// peer that stops in the middle of a frame).
+    #[doc(hidden)]
+    pub fn send_raw_unfinished_for_tests(&self, bytes: &[u8]) -> anyhow::Result<String> {
+        self.send_raw_inner(bytes, false)
+    }
+
+    fn send_raw_inner(&self, bytes: &[u8], finish: bool) -> anyhow::Result<String> {
         let conn = &self.conn;
         self.runtime.block_on(async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(explain)?;
             tokio::io::AsyncWriteExt::write_all(&mut send, bytes)
                 .await
                 .map_err(|e| frame_err(conn, e.into()))?;
-            let _ = send.finish();
+            if finish {
+                let _ = send.finish();
+            }
             match read_frame::<_, ServerFrame>(&mut recv, self.max_frame).await {
                 Ok(Some((frame, _))) => Ok(format!("{frame:?}")),
                 Ok(None) => Err(closed_reason(conn).await),
