@@ -173,8 +173,9 @@ enum Command {
         /// On Ctrl-C or SIGTERM, how long requests in progress may take, seconds.
         #[arg(long, default_value_t = 30)]
         shutdown_grace: u64,
-        /// Memory that buffered HE ciphertexts and running HE jobs of all
-        /// clients may take together, MiB (default: half the machine's).
+        /// Memory that all clients' work may take together, MiB (default:
+        /// half the machine's): three quarters for buffered HE ciphertexts
+        /// and running HE jobs, a quarter for decoding frames.
         #[arg(long)]
         max_memory_mib: Option<u64>,
     },

@@ -390,11 +390,14 @@ pub fn limits(f: &LimitFlags) -> anyhow::Result<Limits> {
     if f.max_frame_mib > 1024 {
         bail!("--max-frame-mib {}: at most 1024", f.max_frame_mib);
     }
-    let max_memory_bytes = match f.max_memory_mib {
+    let budget = match f.max_memory_mib {
         Some(m) if m < 64 => bail!("--max-memory-mib {m}: at least 64"),
         Some(m) => m << 20,
         None => secinfer_transport::default_max_memory(),
     };
+    // three quarters for HE work, a quarter for decoding frames
+    let max_memory_bytes = budget / 4 * 3;
+    let max_decoding_bytes = budget / 4;
     Ok(Limits {
         max_sessions: f.max_sessions,
         max_frame_bytes: f.max_frame_mib << 20,
@@ -406,6 +409,7 @@ pub fn limits(f: &LimitFlags) -> anyhow::Result<Limits> {
         max_session_lifetime: Duration::from_secs(f.max_session_lifetime_s),
         shutdown_grace: Duration::from_secs(f.shutdown_grace_s),
         max_memory_bytes,
+        max_decoding_bytes,
         ..Limits::default()
     })
 }

@@ -4,8 +4,9 @@
 //! and the encrypted masks. Random bytes, valid messages mutated, and
 //! hand-made worst cases (a variant tag followed by a long run of one byte)
 //! must give an error or a message, never a panic, and decoding may
-//! allocate at most [`frame::DECODE_FACTOR`] times the frame's length (plus
-//! a small constant) at its peak.
+//! allocate at most what [`frame::client_decode_bound`] says (24 or 3
+//! times the frame's length, by its kind), plus a small constant, at its
+//! peak: the server reserves that bound from its memory budget.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
@@ -72,7 +73,7 @@ fn decode_checked(body: &[u8]) -> bool {
     });
     let ok = result.unwrap_or_else(|e| panic!("decoding {} bytes {e}", body.len()));
     assert!(
-        peak <= frame::DECODE_FACTOR * body.len() + SLACK,
+        peak <= frame::client_decode_bound(body) + SLACK,
         "decoding a frame of {} bytes allocated {peak} bytes (first bytes {:?})",
         body.len(),
         &body[..body.len().min(16)]

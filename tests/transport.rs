@@ -715,7 +715,8 @@ fn he_work_beyond_the_servers_memory_budget_is_refused_by_name() {
     let client = pair.client(&lo);
     let e = message(client.backend().preprocess(1).unwrap_err());
     assert!(
-        e.contains("memory budget of 0.1 MiB") && e.contains("would need ~"),
+        e.contains("this op's HE job would need ~")
+            && e.contains("memory budget for HE work of 0.1 MiB"),
         "{e}"
     );
     assert_eq!(wait_until_no_sessions(&lo), 0);
@@ -915,21 +916,21 @@ fn connections_that_never_authenticate_are_bounded() {
     assert_eq!(lo.server().handshakes(), 0);
 }
 
-/// Reading and decoding a frame draws on the server's memory budget
-/// (decoding may allocate `DECODE_FACTOR` times the frame): a frame that
-/// could not fit is refused by name before its body is read, and smaller
-/// ones are served.
+/// Decoding a frame draws on the server's decoding budget (an online
+/// request may decode to 24 times its size): a frame that could not fit is
+/// refused by name before it is decoded, and smaller ones are served.
 #[test]
-fn frames_are_counted_against_the_memory_budget() {
+fn frames_are_counted_against_the_decoding_budget() {
     let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "frame-budget");
     let lo = pair.serve(Limits {
-        max_memory_bytes: 16 << 20,
+        max_decoding_bytes: 16 << 20,
         ..Limits::default()
     });
     let client = pair.client(&lo);
-    let len: u32 = 1_000_000; // x 25 = ~24 MiB
+    let len: u32 = 1_000_000; // an online request: x 24 = ~23 MiB
     let mut frame = len.to_be_bytes().to_vec();
-    frame.extend(std::iter::repeat_n(0u8, 1000));
+    frame.push(1);
+    frame.extend(std::iter::repeat_n(0u8, len as usize - 1));
     let e = message(
         client
             .backend()
@@ -938,8 +939,8 @@ fn frames_are_counted_against_the_memory_budget() {
             .unwrap_err(),
     );
     assert!(
-        e.contains("reading a frame of 1000000 bytes would need ~")
-            && e.contains("memory budget of 16.0 MiB"),
+        e.contains("decoding a frame of 1000000 bytes would need ~22.9 MiB")
+            && e.contains("memory budget for decoding frames of 16.0 MiB"),
         "{e}"
     );
     let client = pair.client(&lo);

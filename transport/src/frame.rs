@@ -123,10 +123,33 @@ pub fn encode<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, FrameError> 
 /// peak, plus a few kilobytes; `tests/decoder_fuzz.rs` holds every frame a
 /// client can send to it. The worst case is a list of small integers: one
 /// byte each on the wire, eight decoded, in a vector that grows by
-/// doubling (up to 16 bytes per element while the last 8 are copied). The
-/// server reserves this much of its memory budget before it reads a
-/// frame's body, so decoding is bounded server-wide, not only per frame.
+/// doubling (up to 16 bytes per element while the last 8 are copied).
 pub const DECODE_FACTOR: usize = 24;
+
+/// The same for frames whose bulk is byte strings (keys, ciphertexts,
+/// correlations and private-batch payloads): one byte decoded per byte
+/// sent, in a vector that grows by doubling.
+pub const BYTES_DECODE_FACTOR: usize = 3;
+
+/// The most decoding a client's frame `body` may allocate (besides a few
+/// kilobytes), by its kind: [`DECODE_FACTOR`] times its length for online
+/// requests and the start of a private batch (lists of integers),
+/// [`BYTES_DECODE_FACTOR`] times for the rest. The server reserves this
+/// from its decoding budget once the body has arrived and before decoding.
+pub fn client_decode_bound(body: &[u8]) -> usize {
+    // postcard writes an enum's variant index first (one byte below 128)
+    let integers = match body {
+        [1, ..] => true,    // Online(MaskedInput)
+        [5, 0, ..] => true, // Private(Begin { ids, .. })
+        _ => false,
+    };
+    let factor = if integers {
+        DECODE_FACTOR
+    } else {
+        BYTES_DECODE_FACTOR
+    };
+    body.len().saturating_mul(factor)
+}
 
 /// Decodes a frame's body (without its length prefix).
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
@@ -215,10 +238,21 @@ pub async fn read_body<R: AsyncRead + Unpin, T: DeserializeOwned>(
     len: usize,
     timeout: Option<std::time::Duration>,
 ) -> Result<(T, usize), FrameError> {
+    let body = read_body_bytes(r, len, timeout).await?;
+    Ok((decode(&body)?, len + 4))
+}
+
+/// Reads the body of a frame whose length prefix said `len` (within
+/// `timeout`), undecoded.
+pub async fn read_body_bytes<R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+    timeout: Option<std::time::Duration>,
+) -> Result<Vec<u8>, FrameError> {
     // The buffer grows as bytes arrive: a peer that declares a large frame
     // and sends little costs what it sent, not what it declared.
     // (grown by hand: `read_to_end` doubles, up to twice the frame)
-    let body = within(timeout, async {
+    within(timeout, async {
         let mut body = Vec::with_capacity(len.min(FIRST_BODY_CHUNK));
         while body.len() < len {
             let want = (len - body.len()).min(body.len().max(FIRST_BODY_CHUNK));
@@ -233,9 +267,7 @@ pub async fn read_body<R: AsyncRead + Unpin, T: DeserializeOwned>(
         }
         Ok(body)
     })
-    .await?;
-    let msg = decode(&body)?;
-    Ok((msg, len + 4))
+    .await
 }
 
 async fn within<T>(

@@ -29,8 +29,8 @@ use secinfer_protocol::{MaskedLinear, ProtocolError, ServerSession};
 use crate::TokenSet;
 use crate::close_code;
 use crate::frame::{
-    ClientFrame, FrameError, MAX_HELLO_BYTES, PROTOCOL_VERSION, ServerFrame, read_body, read_frame,
-    read_length, write_frame,
+    ClientFrame, FrameError, MAX_HELLO_BYTES, PROTOCOL_VERSION, ServerFrame, read_body_bytes,
+    read_frame, read_length, write_frame,
 };
 use crate::tls::Identity;
 
@@ -51,6 +51,11 @@ pub struct Limits {
     /// may take together (estimated from each job's layout); work beyond
     /// it waits up to the frame timeout, then is refused
     pub max_memory_bytes: u64,
+    /// bytes the frames being decoded may take together (each is charged
+    /// `frame::client_decode_bound` once its body has arrived, and gives it
+    /// back once decoded); a pool of its own, so that a session holding HE
+    /// memory never waits behind HE work for room to decode
+    pub max_decoding_bytes: u64,
     /// time a client has to complete the TLS handshake and say hello
     pub handshake_timeout: Duration,
     /// connections not yet welcomed (TLS handshake or hello in progress)
@@ -78,7 +83,8 @@ impl Default for Limits {
             max_pending_inferences: secinfer_protocol::DEFAULT_MAX_PENDING,
             max_correlation_bytes: secinfer_protocol::DEFAULT_MAX_OT_BYTES,
             concurrent_he_jobs: 1,
-            max_memory_bytes: default_max_memory(),
+            max_memory_bytes: default_max_memory() / 4 * 3,
+            max_decoding_bytes: default_max_memory() / 4,
             handshake_timeout: Duration::from_secs(10),
             max_handshakes: 256,
             idle_timeout: Duration::from_secs(60),
@@ -140,7 +146,7 @@ struct Stats {
     connections: AtomicUsize,
     /// connections not yet welcomed
     handshakes: AtomicUsize,
-    /// HE jobs started and not yet ended (running or waiting for a slot)
+    /// HE jobs that have taken a slot and not yet ended
     he_jobs: AtomicUsize,
 }
 
@@ -160,8 +166,9 @@ struct Shared<L: ?Sized> {
     limits: Limits,
     sessions: Arc<Semaphore>,
     he_jobs: Arc<Semaphore>,
-    /// the memory budget, in KiB
+    /// the memory budgets of HE work and of decoding, in KiB
     memory: Arc<Semaphore>,
+    decoding: Arc<Semaphore>,
     stats: Arc<Stats>,
     shutdown: watch::Receiver<bool>,
 }
@@ -242,6 +249,11 @@ impl Server {
                     .unwrap_or(usize::MAX)
                     .min(Semaphore::MAX_PERMITS),
             )),
+            decoding: Arc::new(Semaphore::new(
+                usize::try_from(config.limits.max_decoding_bytes / MEMORY_UNIT)
+                    .unwrap_or(usize::MAX)
+                    .min(Semaphore::MAX_PERMITS),
+            )),
             limits: config.limits,
             stats: stats.clone(),
             shutdown: rx,
@@ -270,8 +282,8 @@ impl Server {
         self.stats.connections.load(Ordering::SeqCst)
     }
 
-    /// HE jobs started and not yet ended (computing, or waiting for a slot
-    /// or for their reader).
+    /// HE jobs that have taken a slot and not yet ended (computing, or
+    /// waiting for their reader or to take a slot again).
     pub fn he_jobs(&self) -> usize {
         self.stats.he_jobs.load(Ordering::SeqCst)
     }
@@ -363,6 +375,9 @@ pub(crate) fn transport_config(limits: &Limits) -> anyhow::Result<quinn::Transpo
     t.mtu_discovery_config(Some(mtu));
     t.max_concurrent_bidi_streams(VarInt::from_u32(SESSION_STREAMS));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // no unreliable datagrams: quinn would otherwise buffer up to 1.25 MB
+    // of them per connection, outside flow control, before any hello
+    t.datagram_receive_buffer_size(None);
     Ok(t)
 }
 
@@ -715,10 +730,12 @@ async fn stream<L: MaskedLinear + 'static + ?Sized>(
     }
 }
 
-/// Reads a client's frame with its body and decoding counted against the
-/// server's memory budget: `(1 + DECODE_FACTOR)` times its length is
-/// reserved once the length is known, before any of the body is read, and
-/// given back once the frame is decoded.
+/// Reads a client's frame and decodes it with what decoding may allocate
+/// (`frame::client_decode_bound`) reserved from the decoding budget once
+/// the body has arrived, and given back once it is decoded. (Charging at
+/// the length prefix would let a client that declares large frames and
+/// sends little hold the budget; charged here, a frame costs what it sent
+/// before its decoding is priced.)
 async fn read_counted<L: MaskedLinear + ?Sized>(
     recv: &mut RecvStream,
     shared: &Shared<L>,
@@ -727,9 +744,16 @@ async fn read_counted<L: MaskedLinear + ?Sized>(
     let Some(len) = read_length(recv, shared.limits.max_frame_bytes, patience).await? else {
         return Ok(None);
     };
-    let bytes = (len as u64).saturating_mul(1 + crate::frame::DECODE_FACTOR as u64);
-    let _memory = reserve(shared, bytes, &format!("reading a frame of {len} bytes")).await?;
-    Ok(Some(read_body(recv, len, patience).await?))
+    let body = read_body_bytes(recv, len, patience).await?;
+    let bound = crate::frame::client_decode_bound(&body) as u64;
+    let _memory = reserve(
+        shared,
+        Pool::Decoding,
+        bound,
+        &format!("decoding a frame of {len} bytes"),
+    )
+    .await?;
+    Ok(Some((crate::frame::decode(&body)?, len + 4)))
 }
 
 /// Writes a frame, giving the client the frame timeout to take it.
@@ -789,7 +813,7 @@ async fn answer<L: MaskedLinear + 'static + ?Sized>(
                     .contains_key(&key);
                 if !known {
                     let bytes = job_estimate(shared, &req)?;
-                    let permit = reserve(shared, bytes, "this op's HE job").await?;
+                    let permit = reserve(shared, Pool::Jobs, bytes, "this op's HE job").await?;
                     state
                         .reserved
                         .lock()
@@ -919,31 +943,52 @@ fn job_estimate<L: MaskedLinear + ?Sized>(
     )
 }
 
-/// Takes `bytes` of the server's memory budget, waiting up to the frame
-/// timeout for other sessions' work to release it; refuses work that could
-/// never fit, or that waited in vain, naming the budget.
+/// The server's two memory budgets.
+#[derive(Clone, Copy)]
+enum Pool {
+    /// HE input ciphertexts waiting in sessions and running HE jobs
+    Jobs,
+    /// frames being decoded
+    Decoding,
+}
+
+/// Takes `bytes` of one of the server's memory budgets, waiting up to the
+/// frame timeout for other sessions' work to release it; refuses work that
+/// could never fit, or that waited in vain, naming the budget.
 async fn reserve<L: ?Sized>(
     shared: &Shared<L>,
+    pool: Pool,
     bytes: u64,
     what: &str,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, End> {
+    let (semaphore, max, name) = match pool {
+        Pool::Jobs => (
+            &shared.memory,
+            shared.limits.max_memory_bytes,
+            "memory budget for HE work",
+        ),
+        Pool::Decoding => (
+            &shared.decoding,
+            shared.limits.max_decoding_bytes,
+            "memory budget for decoding frames",
+        ),
+    };
     let units = bytes.div_ceil(MEMORY_UNIT);
-    let max = shared.limits.max_memory_bytes;
     let mib = |b: u64| format!("{:.1}", b as f64 / (1u64 << 20) as f64);
     if units.saturating_mul(MEMORY_UNIT) > max {
         return Err(End::Protocol(format!(
-            "{what} would need ~{} MiB, more than the server's whole memory budget of {} MiB (serve --max-memory-mib)",
+            "{what} would need ~{} MiB, more than the server's whole {name} of {} MiB (serve --max-memory-mib)",
             mib(bytes),
             mib(max)
         )));
     }
     let units = u32::try_from(units).map_err(|_| End::Internal("budget overflow".into()))?;
     let patience = shared.limits.frame_timeout;
-    match tokio::time::timeout(patience, shared.memory.clone().acquire_many_owned(units)).await {
+    match tokio::time::timeout(patience, semaphore.clone().acquire_many_owned(units)).await {
         Ok(Ok(p)) => Ok(p),
         Ok(Err(_)) => Err(End::Shutdown),
         Err(_) => Err(End::Busy(format!(
-            "the server's memory budget ({} MiB) stayed taken by other sessions' HE work for {patience:?}; {what} needs ~{} MiB; try again later",
+            "the server's {name} ({} MiB) stayed taken by other sessions' work for {patience:?}; {what} needs ~{} MiB; try again later",
             mib(max),
             mib(bytes)
         ))),
