@@ -1036,3 +1036,44 @@ fn a_stalled_half_frame_and_a_version_mismatch_are_refused_by_name() {
     let client = pair.client(&lo);
     assert_eq!(run(&client, samples("breast-cancer", 0, 2)).len(), 4);
 }
+
+/// The server's own per-session limits, refused by name over the wire even
+/// for a client that does not keep to them: preprocessed inferences beyond
+/// `max_pending`, and a third batch in flight.
+#[test]
+fn material_beyond_the_sessions_limits_is_refused_over_the_wire() {
+    let pair = Pair::new("mnist_mlp.onnx", "mnist", "wire-pending");
+    let lo = pair.serve(Limits {
+        max_pending_inferences: 8,
+        ..Limits::default()
+    });
+    let layers = secinfer_protocol::MaskedLinear::layers(&*pair.server).to_vec();
+    // too many inferences in one batch
+    let ch = lo.connect(pair.server.digest()).expect("connects");
+    let mut pre = Preprocessor::new(layers.clone()).unwrap();
+    ch.hello(pre.hello()).unwrap();
+    let first = pre.start(9).unwrap();
+    let req = pre.next_request(first).unwrap().expect("a request");
+    let e = message(ch.offline(req, &mut |_| Ok(())).unwrap_err());
+    assert!(
+        e.contains("would exceed this session's limit of 8 preprocessed inferences"),
+        "{e}"
+    );
+    // a third batch while two are open (each has had its first chunk only)
+    let ch = lo.connect(pair.server.digest()).expect("connects");
+    let mut pre = Preprocessor::new(layers).unwrap();
+    ch.hello(pre.hello()).unwrap();
+    let batches: Vec<PreprocessingId> = (0..3).map(|_| pre.start(1).unwrap()).collect();
+    let mut outcomes = Vec::new();
+    for &b in &batches {
+        let req = pre.next_request(b).unwrap().expect("a request");
+        outcomes.push(ch.offline(req, &mut |_| Ok(())));
+    }
+    assert!(outcomes[0].is_ok() && outcomes[1].is_ok(), "{outcomes:?}");
+    let e = message(outcomes.pop().unwrap().unwrap_err());
+    assert!(
+        e.contains("2 preprocessing batches are already in flight"),
+        "{e}"
+    );
+    assert_eq!(wait_until_no_sessions(&lo), 0);
+}
