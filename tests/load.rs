@@ -86,15 +86,7 @@ fn a_hundred_clients_of_a_hundred_predictions_each_all_get_plaintexts_class() {
         &["--max-memory-mib", &budget],
         std::process::Stdio::inherit(),
     );
-    let arg = |name: &str| {
-        served
-            .client_args
-            .iter()
-            .skip_while(|a| *a != name)
-            .nth(1)
-            .unwrap_or_else(|| panic!("{name} in serve's client line"))
-            .clone()
-    };
+    let arg = |name: &str| served.client_arg(name);
     let token = std::fs::read_to_string(arg("--token-file")).expect("token file");
     let config = ClientConfig::new(
         &arg("--server"),

@@ -56,13 +56,8 @@ fn serve_keeps_serving_after_its_stdout_is_closed() {
     let state = dir.join("state");
     let first = common::Served::start(&dir.join("server.onnx"), &state);
     let client_args = first.client_args.clone();
+    let server = first.client_arg("--server");
     drop(first);
-    let server = client_args
-        .iter()
-        .skip_while(|a| *a != "--server")
-        .nth(1)
-        .expect("--server in the printed command")
-        .clone();
     // ... a second, on the same address and state, has its stdout closed
     // before it prints its first line.
     let mut child = Command::new(env!("CARGO_BIN_EXE_secinfer"))
@@ -325,13 +320,7 @@ fn predict_reconnects_and_finishes_when_the_server_is_killed_and_restarted() {
     std::thread::sleep(std::time::Duration::from_millis(3000));
     served.child.kill().expect("killing serve");
     let _ = served.child.wait();
-    let addr = served
-        .client_args
-        .iter()
-        .skip_while(|a| *a != "--server")
-        .nth(1)
-        .expect("--server in the printed command")
-        .clone();
+    let addr = served.client_arg("--server");
     let restarted = Command::new(env!("CARGO_BIN_EXE_secinfer"))
         .arg("serve")
         .arg("--model")
@@ -369,15 +358,7 @@ fn predict_command_lines_trust_and_authenticate_as_documented() {
     let served = common::Served::start(&dir.join("server.onnx"), &state);
     let input = dir.join("rows.npy");
     samples_npy("breast-cancer", 3, &input);
-    let arg = |name: &str| {
-        served
-            .client_args
-            .iter()
-            .skip_while(|a| *a != name)
-            .nth(1)
-            .unwrap_or_else(|| panic!("{name} in serve's client line"))
-            .clone()
-    };
+    let arg = |name: &str| served.client_arg(name);
     let (server, fingerprint, token_file) =
         (arg("--server"), arg("--fingerprint"), arg("--token-file"));
     let token = std::fs::read_to_string(&token_file)

@@ -216,6 +216,17 @@ impl Served {
             .expect("serve printed how to connect");
         served
     }
+
+    /// The value of `name` (`--server`, `--fingerprint`, `--token-file`) in
+    /// the `predict` command line `serve` printed.
+    pub fn client_arg(&self, name: &str) -> String {
+        self.client_args
+            .iter()
+            .skip_while(|a| *a != name)
+            .nth(1)
+            .unwrap_or_else(|| panic!("{name} in serve's client line"))
+            .clone()
+    }
 }
 
 impl Drop for Served {

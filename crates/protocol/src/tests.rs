@@ -320,6 +320,17 @@ fn preprocess(
     server: &mut ServerSession<TinyDense>,
     count: usize,
 ) {
+    for m in he_material(pre, server, count) {
+        client.accept_preprocessing(m).unwrap();
+    }
+}
+
+/// The client's material of one HE preprocessing batch of `count`.
+fn he_material(
+    pre: &mut Preprocessor,
+    server: &mut ServerSession<TinyDense>,
+    count: usize,
+) -> Vec<ClientMaterial> {
     let first = pre.start(count).unwrap();
     let mut replies = Vec::new();
     while let Some(req) = pre.next_request(first).unwrap() {
@@ -335,9 +346,7 @@ fn preprocess(
         material.extend(pre.accept(r).unwrap());
     }
     assert_eq!(material.len(), count);
-    for m in material {
-        client.accept_preprocessing(m).unwrap();
-    }
+    material
 }
 
 fn he_setup() -> (
@@ -609,22 +618,7 @@ fn batches_are_sized_by_memory_on_both_sides_and_larger_ones_refused_up_front() 
 #[test]
 fn production_masks_and_shares_are_fresh_and_spread_over_the_ring() {
     let (linear, mut pre, mut client, mut server) = he_setup();
-    let count = 64;
-    let first = pre.start(count).unwrap();
-    let mut replies = Vec::new();
-    while let Some(req) = pre.next_request(first).unwrap() {
-        server
-            .handle_offline(req, &mut |r| {
-                replies.push(r);
-                Ok(())
-            })
-            .unwrap();
-    }
-    let mut material = Vec::new();
-    for r in replies {
-        material.extend(pre.accept(r).unwrap());
-    }
-    assert_eq!(material.len(), count);
+    let material = he_material(&mut pre, &mut server, 64);
     let half = 1u64 << (BITS - 1);
     let mut rs = Vec::new();
     let mut ss = Vec::new();
