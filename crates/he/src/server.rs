@@ -95,6 +95,12 @@ impl std::fmt::Debug for ServerKey {
 }
 
 impl ServerKey {
+    /// Bytes the key holds: two polynomials of the full level, each with
+    /// its Shoup companion.
+    pub fn memory_bytes(&self) -> usize {
+        4 * self.params.degree() * self.params.bfv().moduli().len() * 8
+    }
+
     /// Reads a client's public key.
     pub fn from_bytes(params: &HeParams, bytes: &[u8]) -> Result<ServerKey, HeError> {
         let par = params.bfv();

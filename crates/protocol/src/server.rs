@@ -232,6 +232,24 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
         self.ot.as_ref().map_or(0, |e| e.store().bytes())
     }
 
+    /// Bytes this session holds between requests: the client's key, the
+    /// shares `s` filed or made for batches still open, the correlations,
+    /// and the ids it remembers. (The input ciphertexts of an op being
+    /// received are not included: they belong to the op's HE job, which a
+    /// server prices from its layout, [`OfflineJob::memory_bytes`].)
+    pub fn stored_bytes(&self) -> usize {
+        let open: usize = self
+            .batches
+            .values()
+            .flat_map(|b| b.masks.iter().flatten())
+            .map(|rows| rows.iter().map(|r| r.len() * 8 + 24).sum::<usize>())
+            .sum();
+        self.key.as_ref().map_or(0, ServerKey::memory_bytes)
+            + self.store.bytes()
+            + open
+            + self.ot_bytes()
+    }
+
     /// Handles a message of the offline phase for correlations (the first
     /// one sets the session's OT engine up); returns the answer, if any.
     pub fn handle_ot(&mut self, message: OtMessage) -> Result<Option<OtMessage>, ProtocolError> {
