@@ -73,7 +73,7 @@ fn decode_checked(body: &[u8]) -> bool {
     });
     let ok = result.unwrap_or_else(|e| panic!("decoding {} bytes {e}", body.len()));
     assert!(
-        peak <= frame::client_decode_bound(body) + SLACK,
+        peak <= frame::client_decode_bound(body, body.len()) + SLACK,
         "decoding a frame of {} bytes allocated {peak} bytes (first bytes {:?})",
         body.len(),
         &body[..body.len().min(16)]

@@ -702,24 +702,45 @@ fn idle_sessions_give_their_slots_back() {
     assert!(e.contains("no request for 2s"), "{e}");
 }
 
-/// HE input ciphertexts waiting in sessions and running HE jobs draw from
-/// one server-wide memory budget: work that cannot fit is refused with the
-/// budget and the estimate named, and the server keeps serving.
+/// HE input ciphertexts waiting in sessions, running HE jobs and what
+/// sessions store draw from one server-wide memory budget: work that cannot
+/// fit is refused with the budget and the estimate named, and the server
+/// keeps serving.
 #[test]
 fn he_work_beyond_the_servers_memory_budget_is_refused_by_name() {
     let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "memory");
+    // no room for the client's key (~0.8 MiB), which the session stores
     let lo = pair.serve(Limits {
-        max_memory_bytes: 96 << 10,
+        max_memory_bytes: 256 << 10,
+        ..Limits::default()
+    });
+    let client = pair.client(&lo);
+    let e = message(client.backend().preprocess(1).unwrap_err());
+    assert!(
+        e.contains("this session's stored material would need ~")
+            && e.contains("memory budget for HE work and stored material of 0.2 MiB"),
+        "{e}"
+    );
+    assert_eq!(wait_until_no_sessions(&lo), 0);
+    drop(lo);
+    // room for the key, none for the first op's job (~1.2 MiB)
+    let lo = pair.serve(Limits {
+        max_memory_bytes: 1 << 20,
         ..Limits::default()
     });
     let client = pair.client(&lo);
     let e = message(client.backend().preprocess(1).unwrap_err());
     assert!(
         e.contains("this op's HE job would need ~")
-            && e.contains("memory budget for HE work of 0.1 MiB"),
+            && e.contains("memory budget for HE work and stored material of 1.0 MiB"),
         "{e}"
     );
     assert_eq!(wait_until_no_sessions(&lo), 0);
+    assert_eq!(
+        lo.server().memory_reserved(),
+        0,
+        "a refused session's budget kept"
+    );
     drop(lo);
     // with room for the work, the same client code is served
     let lo = pair.serve(Limits {
@@ -728,6 +749,84 @@ fn he_work_beyond_the_servers_memory_budget_is_refused_by_name() {
     });
     let client = pair.client(&lo);
     let out = run(&client, samples("breast-cancer", 0, 2));
+    assert_eq!(out.len(), 4);
+}
+
+/// Waits (up to a minute) for the server's reserved HE-work budget to meet
+/// `done`, and returns it.
+fn wait_for_reserved(lo: &Loopback, done: impl Fn(u64) -> bool) -> u64 {
+    let start = Instant::now();
+    while !done(lo.server().memory_reserved()) && start.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    lo.server().memory_reserved()
+}
+
+/// What a session keeps between requests (the client's key, the shares `s`
+/// of its preprocessed inferences) holds the HE-work budget while it is
+/// kept: a second session's job that would not fit beside it waits, then
+/// is refused by name; the material goes back as it is used and when the
+/// session ends, and the second session is then served.
+#[test]
+fn a_sessions_stored_material_holds_the_budget_until_used_or_gone() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "stored");
+    let lo = pair.serve(Limits {
+        // room for one session's key (~0.8 MiB), the shares of 6,208
+        // inferences (~1.9 MiB) and a job for 64 of them (~2.8 MiB); room
+        // for a second session's key, not for its job beside them
+        max_memory_bytes: 5888 << 10,
+        frame_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    });
+    let holder = pair.client(&lo);
+    assert_eq!(lo.server().memory_reserved(), 0);
+    holder.backend().preprocess(64).expect("a small batch fits");
+    let small = wait_for_reserved(&lo, |r| r > 0);
+    assert!(small > 512 << 10, "the key alone is ~0.8 MiB: {small}");
+    holder
+        .backend()
+        .preprocess_in_batches(6144, 64)
+        .expect("small batches fit while nothing else runs");
+    let full = lo.server().memory_reserved();
+    // at least the id bookkeeping and one share per output per inference
+    let outputs: usize = holder.layers().iter().map(|l| l.output_len()).sum();
+    assert!(
+        full >= small + 6144 * (outputs as u64 * 8),
+        "6,144 inferences' shares not charged: {small} -> {full}"
+    );
+    // beside that, a second session has no room for a job and is refused
+    // once the frame timeout has passed
+    let other = pair.client(&lo);
+    let e = message(other.backend().preprocess(64).unwrap_err());
+    assert!(
+        e.contains("stayed taken by other sessions' work") && e.contains("this op's HE job"),
+        "{e}"
+    );
+    // the holder uses its material: its reservation shrinks
+    let data = secinfer::data::load("breast-cancer").expect("data set");
+    let rows = data.inputs.len_of(Axis(0));
+    let mut left = 6144 + 64;
+    while left > 0 {
+        let k = left.min(rows).min(MAX_BATCH);
+        holder
+            .predict(tvec!(samples("breast-cancer", 0, k).into_tvalue()))
+            .expect("prediction from stored material");
+        left -= k;
+    }
+    assert_eq!(holder.backend().ready(), 0);
+    let shares = 6144 * outputs as u64 * 8;
+    let after = wait_for_reserved(&lo, |r| r + shares <= full);
+    // (the key and the spent ids, remembered to refuse reuse, stay)
+    assert!(
+        after + shares <= full,
+        "used material still charged: {full} -> {after}"
+    );
+    // and the session's end gives back the rest
+    drop(holder);
+    assert_eq!(wait_until_no_sessions(&lo), 0);
+    assert_eq!(wait_for_reserved(&lo, |r| r == 0), 0);
+    let other = pair.client(&lo);
+    let out = run(&other, samples("breast-cancer", 0, 2));
     assert_eq!(out.len(), 4);
 }
 
@@ -916,9 +1015,50 @@ fn connections_that_never_authenticate_are_bounded() {
     assert_eq!(lo.server().handshakes(), 0);
 }
 
-/// Decoding a frame draws on the server's decoding budget (an online
-/// request may decode to 24 times its size): a frame that could not fit is
-/// refused by name before it is decoded, and smaller ones are served.
+/// Each session's QUIC buffers (its receive window and the server's send
+/// window, `session_window` each way) are charged to the decoding budget
+/// at `Welcome`: when they no longer fit, a new client is turned away as
+/// busy by name, and one that comes after a session has ended is served.
+#[test]
+fn sessions_connection_buffers_are_charged_at_welcome() {
+    let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "buffers");
+    let limits = Limits {
+        // 1 MiB each way per session (the floor): two sessions' worth
+        max_decoding_bytes: 4 << 20,
+        ..Limits::default()
+    };
+    assert_eq!(secinfer_transport::session_window(&limits), 1 << 20);
+    let lo = pair.serve(limits);
+    let no_waiting = || ClientConfig {
+        busy_wait: Duration::ZERO,
+        ..lo.client_config(pair.server.digest())
+    };
+    let first = QuicChannel::connect(&no_waiting()).expect("room for one");
+    let second = QuicChannel::connect(&no_waiting()).expect("room for two");
+    let e = message(QuicChannel::connect(&no_waiting()).unwrap_err());
+    assert!(
+        e.contains("memory budget for frames and connection buffers is taken"),
+        "{e}"
+    );
+    drop(first);
+    assert_eq!(
+        {
+            let start = Instant::now();
+            while lo.server().live_sessions() > 1 && start.elapsed() < Duration::from_secs(60) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            lo.server().live_sessions()
+        },
+        1
+    );
+    let third = QuicChannel::connect(&no_waiting()).expect("served once a session ended");
+    drop((second, third));
+}
+
+/// Reading and decoding a frame draws on the server's decoding budget (an
+/// online request may take 26 times its size, body included): a frame
+/// that could not fit is refused by name once its kind is known, and
+/// smaller ones are served.
 #[test]
 fn frames_are_counted_against_the_decoding_budget() {
     let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "frame-budget");
@@ -939,8 +1079,8 @@ fn frames_are_counted_against_the_decoding_budget() {
             .unwrap_err(),
     );
     assert!(
-        e.contains("decoding a frame of 1000000 bytes would need ~22.9 MiB")
-            && e.contains("memory budget for decoding frames of 16.0 MiB"),
+        e.contains("a frame of 1000000 bytes would need ~24.8 MiB")
+            && e.contains("memory budget for frames and connection buffers of 16.0 MiB"),
         "{e}"
     );
     let client = pair.client(&lo);

@@ -131,14 +131,14 @@ pub const DECODE_FACTOR: usize = 24;
 /// sent, in a vector that grows by doubling.
 pub const BYTES_DECODE_FACTOR: usize = 3;
 
-/// The most decoding a client's frame `body` may allocate (besides a few
-/// kilobytes), by its kind: [`DECODE_FACTOR`] times its length for online
-/// requests and the start of a private batch (lists of integers),
-/// [`BYTES_DECODE_FACTOR`] times for the rest. The server reserves this
-/// from its decoding budget once the body has arrived and before decoding.
-pub fn client_decode_bound(body: &[u8]) -> usize {
+/// The most decoding a client's frame of `len` bytes whose body begins with
+/// `prefix` may allocate (besides a few kilobytes), by its kind:
+/// [`DECODE_FACTOR`] times its length for online requests and the start of
+/// a private batch (lists of integers), [`BYTES_DECODE_FACTOR`] times for
+/// the rest. The kind is in the body's first two bytes.
+pub fn client_decode_bound(prefix: &[u8], len: usize) -> usize {
     // postcard writes an enum's variant index first (one byte below 128)
-    let integers = match body {
+    let integers = match prefix {
         [1, ..] => true,    // Online(MaskedInput)
         [5, 0, ..] => true, // Private(Begin { ids, .. })
         _ => false,
@@ -148,8 +148,22 @@ pub fn client_decode_bound(body: &[u8]) -> usize {
     } else {
         BYTES_DECODE_FACTOR
     };
-    body.len().saturating_mul(factor)
+    len.saturating_mul(factor)
 }
+
+/// Bytes a client's frame of `len` bytes whose body begins with `prefix`
+/// (its first two bytes, or all of a shorter body) may take on the server
+/// from its first byte to its decoded message: the body as it grows (a
+/// buffer that doubles, old and new copies held at once while it grows,
+/// at most twice the frame) plus what decoding may allocate
+/// ([`client_decode_bound`]).
+pub fn client_frame_bound(prefix: &[u8], len: usize) -> usize {
+    len.saturating_mul(2)
+        .saturating_add(client_decode_bound(prefix, len))
+}
+
+/// Bytes of a body [`client_frame_bound`] needs to see.
+pub const BOUND_PREFIX: usize = 2;
 
 /// Decodes a frame's body (without its length prefix).
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
@@ -249,11 +263,22 @@ pub async fn read_body_bytes<R: AsyncRead + Unpin>(
     len: usize,
     timeout: Option<std::time::Duration>,
 ) -> Result<Vec<u8>, FrameError> {
+    read_body_rest(r, Vec::new(), len, timeout).await
+}
+
+/// Reads the rest of a body of `len` bytes whose first bytes are `body`
+/// (within `timeout`).
+pub async fn read_body_rest<R: AsyncRead + Unpin>(
+    r: &mut R,
+    mut body: Vec<u8>,
+    len: usize,
+    timeout: Option<std::time::Duration>,
+) -> Result<Vec<u8>, FrameError> {
     // The buffer grows as bytes arrive: a peer that declares a large frame
     // and sends little costs what it sent, not what it declared.
     // (grown by hand: `read_to_end` doubles, up to twice the frame)
     within(timeout, async {
-        let mut body = Vec::with_capacity(len.min(FIRST_BODY_CHUNK));
+        body.reserve_exact(len.min(FIRST_BODY_CHUNK).saturating_sub(body.len()));
         while body.len() < len {
             let want = (len - body.len()).min(body.len().max(FIRST_BODY_CHUNK));
             let at = body.len();

@@ -42,7 +42,7 @@ pub use client::{ClientConfig, ConnectionLost, QuicChannel, Trust};
 pub use frame::{DEFAULT_MAX_FRAME_BYTES, PROTOCOL_VERSION};
 pub use link::EmulatedLink;
 pub use loopback::Loopback;
-pub use server::{Limits, Server, ServerConfig, default_max_memory};
+pub use server::{Limits, Server, ServerConfig, default_max_memory, session_window};
 pub use tls::{Fingerprint, Identity};
 
 /// ALPN protocol name both ends insist on.

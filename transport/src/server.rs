@@ -29,8 +29,8 @@ use secinfer_protocol::{MaskedLinear, ProtocolError, ServerSession};
 use crate::TokenSet;
 use crate::close_code;
 use crate::frame::{
-    ClientFrame, FrameError, MAX_HELLO_BYTES, PROTOCOL_VERSION, ServerFrame, read_body_bytes,
-    read_frame, read_length, write_frame,
+    BOUND_PREFIX, ClientFrame, FrameError, MAX_HELLO_BYTES, PROTOCOL_VERSION, ServerFrame,
+    read_body_bytes, read_body_rest, read_frame, read_length, write_frame,
 };
 use crate::tls::Identity;
 
@@ -47,14 +47,16 @@ pub struct Limits {
     pub max_correlation_bytes: u64,
     /// HE evaluations running at once across all sessions (each uses all cores)
     pub concurrent_he_jobs: usize,
-    /// bytes all sessions' buffered HE input ciphertexts and running HE jobs
-    /// may take together (estimated from each job's layout); work beyond
-    /// it waits up to the frame timeout, then is refused
+    /// bytes all sessions' HE work (buffered input ciphertexts and running
+    /// jobs, estimated from each job's layout) and stored material (keys,
+    /// shares, correlations) may take together; work beyond it waits up to
+    /// the frame timeout, then is refused
     pub max_memory_bytes: u64,
-    /// bytes the frames being decoded may take together (each is charged
-    /// `frame::client_decode_bound` once its body has arrived, and gives it
-    /// back once decoded); a pool of its own, so that a session holding HE
-    /// memory never waits behind HE work for room to decode
+    /// bytes the frames being read and decoded (each charged
+    /// `frame::client_frame_bound` once its kind is known, given back once
+    /// decoded) and the sessions' QUIC buffers ([`session_window`] each
+    /// way, charged at `Welcome`) may take together; a pool of its own, so
+    /// that a session holding HE memory never waits behind HE work to read
     pub max_decoding_bytes: u64,
     /// time a client has to complete the TLS handshake and say hello
     pub handshake_timeout: Duration,
@@ -135,6 +137,8 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
     stats: Arc<Stats>,
+    /// the HE-work budget and its size in units
+    memory: (Arc<Semaphore>, usize),
 }
 
 /// Counters a running server keeps.
@@ -237,6 +241,10 @@ impl Server {
         .with_context(|| format!("listening on {}", config.listen))?;
         let (tx, rx) = watch::channel(false);
         let stats = Arc::new(Stats::default());
+        let memory_units = usize::try_from(config.limits.max_memory_bytes / MEMORY_UNIT)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        let memory = Arc::new(Semaphore::new(memory_units));
         let shared = Arc::new(Shared {
             reveal: reveal_of(&*linear),
             linear,
@@ -244,11 +252,7 @@ impl Server {
             tokens: config.tokens,
             sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
             he_jobs: Arc::new(Semaphore::new(config.limits.concurrent_he_jobs.max(1))),
-            memory: Arc::new(Semaphore::new(
-                usize::try_from(config.limits.max_memory_bytes / MEMORY_UNIT)
-                    .unwrap_or(usize::MAX)
-                    .min(Semaphore::MAX_PERMITS),
-            )),
+            memory: memory.clone(),
             decoding: Arc::new(Semaphore::new(
                 usize::try_from(config.limits.max_decoding_bytes / MEMORY_UNIT)
                     .unwrap_or(usize::MAX)
@@ -264,6 +268,7 @@ impl Server {
             shutdown: tx,
             task: Some(task),
             stats,
+            memory: (memory, memory_units),
         })
     }
 
@@ -286,6 +291,13 @@ impl Server {
     /// waiting for their reader or to take a slot again).
     pub fn he_jobs(&self) -> usize {
         self.stats.he_jobs.load(Ordering::SeqCst)
+    }
+
+    /// Bytes of the HE-work budget ([`Limits::max_memory_bytes`]) taken
+    /// now: running and queued HE jobs, and what sessions store.
+    pub fn memory_reserved(&self) -> u64 {
+        let (pool, units) = &self.memory;
+        units.saturating_sub(pool.available_permits()) as u64 * MEMORY_UNIT
     }
 
     /// Connections not yet welcomed (TLS handshake or hello in progress).
@@ -368,7 +380,7 @@ pub(crate) fn transport_config(limits: &Limits) -> anyhow::Result<quinn::Transpo
             .map_err(|_| anyhow!("idle timeout {:?} is too long", limits.idle_timeout))?,
     ));
     t.stream_receive_window(VarInt::from_u32(32 << 20));
-    t.receive_window(VarInt::from_u32(SESSION_WINDOW));
+    t.receive_window(VarInt::from_u32(64 << 20));
     t.send_window(64 << 20);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MAX_PROBED_MTU);
@@ -383,9 +395,19 @@ pub(crate) fn transport_config(limits: &Limits) -> anyhow::Result<quinn::Transpo
 
 /// Bytes a connection may send before it is welcomed: its hello and slack.
 const UNWELCOMED_WINDOW: u32 = 4 * MAX_HELLO_BYTES as u32;
-/// Bytes and streams a welcomed connection may have in flight.
-const SESSION_WINDOW: u32 = 64 << 20;
+/// Streams a welcomed connection may have open.
 const SESSION_STREAMS: u32 = 4;
+
+/// Bytes QUIC may buffer for one welcomed session in each direction: its
+/// connection's receive window, and the server's send window. Both are
+/// charged to the decoding budget at `Welcome`, so a session's share is a
+/// quarter of that budget over `max_sessions` (the sessions' windows take
+/// at most half of it), between 1 and 64 MiB. With the defaults on a
+/// 24 GiB machine that is 12 MiB each way: enough for 300 MB/s at 40 ms.
+pub fn session_window(limits: &Limits) -> u32 {
+    let share = limits.max_decoding_bytes / 4 / limits.max_sessions.max(1) as u64;
+    share.clamp(1 << 20, 64 << 20) as u32
+}
 
 /// The server's QUIC settings: a connection starts with one stream and a
 /// window for its hello only, so that a client that has not authenticated
@@ -393,6 +415,7 @@ const SESSION_STREAMS: u32 = 4;
 fn server_transport_config(limits: &Limits) -> anyhow::Result<quinn::TransportConfig> {
     let mut t = transport_config(limits)?;
     t.receive_window(VarInt::from_u32(UNWELCOMED_WINDOW));
+    t.send_window(u64::from(session_window(limits)));
     t.max_concurrent_bidi_streams(VarInt::from_u32(1));
     Ok(t)
 }
@@ -523,6 +546,10 @@ struct SessionState<L: MaskedLinear + ?Sized> {
             tokio::sync::OwnedSemaphorePermit,
         >,
     >,
+    /// the HE-work budget held for what the session stores between
+    /// requests (`ServerSession::stored_bytes`), brought up to date after
+    /// every request by [`settle`]
+    stored: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl<L: MaskedLinear + ?Sized> Drop for SessionState<L> {
@@ -629,6 +656,18 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
             limits.max_sessions
         ))
     })?;
+    // the connection's buffers, both ways, for the session's life
+    let window = session_window(limits);
+    let _buffers = shared
+        .decoding
+        .clone()
+        .try_acquire_many_owned((2 * u64::from(window)).div_ceil(MEMORY_UNIT) as u32)
+        .map_err(|_| {
+            End::Busy(
+                "the server's memory budget for frames and connection buffers is taken; try again later"
+                    .into(),
+            )
+        })?;
     write_frame(
         &mut send,
         &ServerFrame::Welcome {
@@ -642,7 +681,7 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
     .await?;
     let _ = send.finish();
     opening.welcomed();
-    conn.set_receive_window(VarInt::from_u32(SESSION_WINDOW));
+    conn.set_receive_window(VarInt::from_u32(window));
     conn.set_max_concurrent_bi_streams(VarInt::from_u32(SESSION_STREAMS));
 
     let mut session = ServerSession::new(shared.linear.clone());
@@ -656,6 +695,7 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
         last_activity: std::sync::atomic::AtomicU64::new(0),
         in_progress: AtomicUsize::new(0),
         reserved: Mutex::new(std::collections::HashMap::new()),
+        stored: Mutex::new(None),
     });
     let mut streams = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
@@ -724,18 +764,21 @@ async fn stream<L: MaskedLinear + 'static + ?Sized>(
         state.touch();
         state.in_progress.fetch_add(1, Ordering::SeqCst);
         let answered = answer(frame, &mut send, &mut recv, &state, &shared).await;
+        let settled = settle(&state, &shared, None).await;
         state.in_progress.fetch_sub(1, Ordering::SeqCst);
         state.touch();
         answered?;
+        settled?;
     }
 }
 
-/// Reads a client's frame and decodes it with what decoding may allocate
-/// (`frame::client_decode_bound`) reserved from the decoding budget once
-/// the body has arrived, and given back once it is decoded. (Charging at
-/// the length prefix would let a client that declares large frames and
-/// sends little hold the budget; charged here, a frame costs what it sent
-/// before its decoding is priced.)
+/// Reads a client's frame and decodes it, with the most it may take
+/// (`frame::client_frame_bound`: its body as it grows, then what decoding
+/// may allocate) reserved from the decoding budget once the body's first
+/// bytes (its kind) have arrived, and given back once it is decoded. One
+/// reservation per frame, taken whole, so that no frame holds part of the
+/// budget while waiting for more. A client that declares a large frame
+/// holds its reservation for at most the frame timeout.
 async fn read_counted<L: MaskedLinear + ?Sized>(
     recv: &mut RecvStream,
     shared: &Shared<L>,
@@ -744,15 +787,16 @@ async fn read_counted<L: MaskedLinear + ?Sized>(
     let Some(len) = read_length(recv, shared.limits.max_frame_bytes, patience).await? else {
         return Ok(None);
     };
-    let body = read_body_bytes(recv, len, patience).await?;
-    let bound = crate::frame::client_decode_bound(&body) as u64;
+    let prefix = read_body_bytes(recv, len.min(BOUND_PREFIX), patience).await?;
+    let bound = crate::frame::client_frame_bound(&prefix, len) as u64;
     let _memory = reserve(
         shared,
         Pool::Decoding,
         bound,
-        &format!("decoding a frame of {len} bytes"),
+        &format!("a frame of {len} bytes"),
     )
     .await?;
+    let body = read_body_rest(recv, prefix, len, patience).await?;
     Ok(Some((crate::frame::decode(&body)?, len + 4)))
 }
 
@@ -965,12 +1009,12 @@ async fn reserve<L: ?Sized>(
         Pool::Jobs => (
             &shared.memory,
             shared.limits.max_memory_bytes,
-            "memory budget for HE work",
+            "memory budget for HE work and stored material",
         ),
         Pool::Decoding => (
             &shared.decoding,
             shared.limits.max_decoding_bytes,
-            "memory budget for decoding frames",
+            "memory budget for frames and connection buffers",
         ),
     };
     let units = bytes.div_ceil(MEMORY_UNIT);
@@ -993,6 +1037,63 @@ async fn reserve<L: ?Sized>(
             mib(bytes)
         ))),
     }
+}
+
+/// Brings the session's reservation for its stored material
+/// ([`SessionState::stored`]) to what the session holds now: a surplus is
+/// given back; growth is taken from `donor` (a finished job's reservation,
+/// which covered what the job made) first, then from the HE-work budget,
+/// waiting like any other work. Growth comes from a request just answered,
+/// so it is at most what that request's decoding or job was charged.
+async fn settle<L: MaskedLinear + 'static + ?Sized>(
+    state: &Arc<SessionState<L>>,
+    shared: &Shared<L>,
+    mut donor: Option<tokio::sync::OwnedSemaphorePermit>,
+) -> Result<(), End> {
+    let st = state.clone();
+    let bytes = blocking(move || Ok(st.lock()?.stored_bytes() as u64)).await?;
+    let want = usize::try_from(bytes.div_ceil(MEMORY_UNIT))
+        .map_err(|_| End::Internal("budget overflow".into()))?;
+    let poisoned = || End::Internal("session poisoned".into());
+    let need = {
+        let mut held = state.stored.lock().map_err(|_| poisoned())?;
+        let have = held.as_ref().map_or(0, |p| p.num_permits());
+        if want <= have {
+            if let Some(p) = held.as_mut() {
+                drop(p.split(have - want));
+            }
+            return Ok(());
+        }
+        let mut need = want - have;
+        if let Some(d) = donor.as_mut() {
+            let take = need.min(d.num_permits());
+            if let Some(part) = d.split(take) {
+                need -= take;
+                match held.as_mut() {
+                    Some(p) => p.merge(part),
+                    None => *held = Some(part),
+                }
+            }
+        }
+        need
+    };
+    drop(donor);
+    if need == 0 {
+        return Ok(());
+    }
+    let more = reserve(
+        shared,
+        Pool::Jobs,
+        need as u64 * MEMORY_UNIT,
+        "this session's stored material",
+    )
+    .await?;
+    let mut held = state.stored.lock().map_err(|_| poisoned())?;
+    match held.as_mut() {
+        Some(p) => p.merge(more),
+        None => *held = Some(more),
+    }
+    Ok(())
 }
 
 /// Runs an HE job off the async threads and forwards its reply parts.
@@ -1030,10 +1131,9 @@ async fn run_job<L: MaskedLinear + 'static + ?Sized>(
     let handle = tokio::task::spawn_blocking(move || {
         let _counted = counted;
         let _keep = keep;
-        let _memory = memory;
         let mut permit = Some(permit);
         let gone = || ProtocolError::Model("the client is gone".into());
-        job.run(&*linear, &mut |reply| match tx.try_send(reply) {
+        let product = job.run(&*linear, &mut |reply| match tx.try_send(reply) {
             Ok(()) => Ok(()),
             Err(mpsc::error::TrySendError::Closed(_)) => Err(gone()),
             Err(mpsc::error::TrySendError::Full(reply)) => {
@@ -1050,7 +1150,8 @@ async fn run_job<L: MaskedLinear + 'static + ?Sized>(
                 );
                 Ok(())
             }
-        })
+        });
+        (product, memory)
     });
     let mut sent = Ok(());
     // A client that stops reading stalls its own job only (the job lets
@@ -1078,10 +1179,17 @@ async fn run_job<L: MaskedLinear + 'static + ?Sized>(
     let product = handle
         .await
         .map_err(|e| End::Internal(format!("HE job failed: {e}")));
+    let (product, memory) = match product {
+        Ok((p, m)) => (Ok(p), Some(m)),
+        Err(e) => (Err(e), None),
+    };
     let st = state.clone();
     match (sent, product) {
         (Ok(()), Ok(Ok(product))) => {
-            blocking(move || Ok(st.lock()?.complete_offline(product)?)).await
+            blocking(move || Ok(st.lock()?.complete_offline(product)?)).await?;
+            // the shares `s` the job made stay with the session: they are
+            // charged from the job's own reservation first
+            settle(state, shared, memory).await
         }
         (sent, product) => {
             let _ = blocking(move || {
