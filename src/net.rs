@@ -43,8 +43,13 @@ pub struct ServeOptions {
 }
 
 /// Runs the server until Ctrl-C.
-pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+pub fn serve(mut opts: ServeOptions) -> anyhow::Result<()> {
     let model = Arc::new(ServerModel::load(&opts.model)?);
+    // the HE context every session shares, built now so that it is part of
+    // the server's own memory, which the budget's pools leave room for
+    secinfer_protocol::params_for(model.layers())?;
+    let own = resident_bytes().unwrap_or(0);
+    opts.limits = within_budget(opts.limits, own)?;
     let (identity, generated) = match &opts.cert_key {
         Some((cert, key)) => (Identity::from_pem_files(cert, key)?, false),
         None => Identity::load_or_generate(&opts.state_dir)?,
@@ -108,9 +113,57 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
             "clients: secinfer predict --server {addr} --fingerprint {fingerprint} --token-file {} --model DIR/client.onnx INPUT...",
             token_path.display()
         );
+        let mib = |b: u64| b >> 20;
+        say!(
+            "memory budget {} MiB: {} MiB the server's own (model, HE context, runtime, with room to grow), {} MiB HE work and stored material, {} MiB frames and connection buffers",
+            mib(opts.limits.max_memory_bytes + opts.limits.max_decoding_bytes + headroom(own)),
+            mib(headroom(own)),
+            mib(opts.limits.max_memory_bytes),
+            mib(opts.limits.max_decoding_bytes)
+        );
         say!("Ctrl-C or SIGTERM stops the server after the requests in progress.");
         server.run_until_signal().await
     })
+}
+
+/// This process's resident memory (`VmRSS` in /proc/self/status).
+fn resident_bytes() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib << 10)
+}
+
+/// What the server keeps for itself out of `--max-memory-mib`: what it
+/// holds once its model and HE context are loaded, half as much again, and
+/// 64 MiB for what no pool counts: worker threads' stacks, the allocator's
+/// arenas and retained pages (bounded by `serve`'s allocator settings,
+/// `bound_allocator_retention` in main.rs), a decoded message while it is
+/// answered.
+fn headroom(own: u64) -> u64 {
+    own + own / 2 + (64 << 20)
+}
+
+/// Shrinks the two pools of `limits` (which share the whole
+/// `--max-memory-mib` three to one) so that, with the server's own memory
+/// (`own` resident bytes, [`headroom`]), the process stays within the
+/// budget.
+fn within_budget(mut limits: Limits, own: u64) -> anyhow::Result<Limits> {
+    let total = limits.max_memory_bytes + limits.max_decoding_bytes;
+    let room = total.saturating_sub(headroom(own));
+    if room < 32 << 20 {
+        bail!(
+            "--max-memory-mib {}: the server itself takes ~{} MiB with this model; give it at least {} MiB",
+            total >> 20,
+            headroom(own) >> 20,
+            (headroom(own) >> 20) + 32
+        );
+    }
+    limits.max_memory_bytes = room / 4 * 3;
+    limits.max_decoding_bytes = room / 4;
+    Ok(limits)
 }
 
 /// Samples per online run of `predict`.
@@ -363,6 +416,8 @@ pub struct LimitFlags {
     pub max_session_lifetime_s: u64,
     /// `--shutdown-grace`, seconds
     pub shutdown_grace_s: u64,
+    /// `--frame-timeout`, seconds
+    pub frame_timeout_s: u64,
     /// `--max-memory-mib` (default: half the machine's memory)
     pub max_memory_mib: Option<u64>,
 }
@@ -384,8 +439,8 @@ pub fn limits(f: &LimitFlags) -> anyhow::Result<Limits> {
             f.idle_timeout_s
         );
     }
-    if f.session_idle_timeout_s == 0 || f.max_session_lifetime_s == 0 {
-        bail!("--session-idle-timeout and --max-session-lifetime: at least 1 s");
+    if f.session_idle_timeout_s == 0 || f.max_session_lifetime_s == 0 || f.frame_timeout_s == 0 {
+        bail!("--session-idle-timeout, --max-session-lifetime and --frame-timeout: at least 1 s");
     }
     if f.max_frame_mib > 1024 {
         bail!("--max-frame-mib {}: at most 1024", f.max_frame_mib);
@@ -395,7 +450,8 @@ pub fn limits(f: &LimitFlags) -> anyhow::Result<Limits> {
         Some(m) => m << 20,
         None => secinfer_transport::default_max_memory(),
     };
-    // three quarters for HE work, a quarter for decoding frames
+    // three quarters for HE work and stored material, a quarter for frames
+    // and connection buffers
     let max_memory_bytes = budget / 4 * 3;
     let max_decoding_bytes = budget / 4;
     Ok(Limits {
@@ -408,6 +464,7 @@ pub fn limits(f: &LimitFlags) -> anyhow::Result<Limits> {
         session_idle_timeout: Duration::from_secs(f.session_idle_timeout_s),
         max_session_lifetime: Duration::from_secs(f.max_session_lifetime_s),
         shutdown_grace: Duration::from_secs(f.shutdown_grace_s),
+        frame_timeout: Duration::from_secs(f.frame_timeout_s),
         max_memory_bytes,
         max_decoding_bytes,
         ..Limits::default()

@@ -42,6 +42,82 @@ fn argmax(row: &[f32]) -> usize {
         .map_or(0, |(i, _)| i)
 }
 
+/// Converts a bundled model in `activations` mode into `dir`.
+fn convert(model: &str, dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    let options = Options {
+        calibration: Some(secinfer::data::calibration_samples("mnist", 1000).expect("data")),
+        reveal: Reveal::Activations,
+        ..Options::default()
+    };
+    let converted =
+        secinfer_converter::convert_file(&common::model(model), &options).expect("converts");
+    converted.write(dir).expect("writes");
+}
+
+/// The first `n` MNIST images.
+fn mnist_images(n: usize) -> ndarray::ArrayD<f32> {
+    let data = secinfer::data::load("mnist").expect("MNIST");
+    data.inputs.slice_axis(Axis(0), (0..n).into()).to_owned()
+}
+
+/// Plaintext tract's class for every image.
+fn plaintext_classes(model: &str, images: &ndarray::ArrayD<f32>) -> Vec<usize> {
+    let plain = tract_onnx::onnx()
+        .model_for_path(common::model(model))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .expect("plain model");
+    let out = plain
+        .run(tvec!(images.clone().into_tensor().into_tvalue()))
+        .expect("plain run");
+    let logits = out[0].to_plain_array_view::<f32>().expect("f32 logits");
+    logits
+        .outer_iter()
+        .map(|row| argmax(row.as_slice().expect("contiguous")))
+        .collect()
+}
+
+/// A client's configuration for a `serve` process, from what it printed.
+fn client_config(served: &common::Served) -> ClientConfig {
+    let arg = |name: &str| served.client_arg(name);
+    let token = std::fs::read_to_string(arg("--token-file")).expect("token file");
+    ClientConfig::new(
+        &arg("--server"),
+        Trust::Fingerprint(arg("--fingerprint").parse().expect("fingerprint")),
+        token.trim(),
+        "",
+        "activations",
+    )
+}
+
+/// A client of the model in `dir`, connected with `config`.
+fn connect(
+    dir: &std::path::Path,
+    config: &ClientConfig,
+) -> anyhow::Result<ClientModel<QuicChannel>> {
+    ClientModel::load_with(&dir.join("client.onnx"), |digest, _| {
+        QuicChannel::connect(&ClientConfig {
+            model_digest: digest.to_string(),
+            ..config.clone()
+        })
+    })
+}
+
+/// The class a client's answer for one image gives.
+fn class_of(
+    client: &ClientModel<QuicChannel>,
+    image: ndarray::ArrayD<f32>,
+) -> anyhow::Result<usize> {
+    let out = client.predict(tvec!(image.into_tensor().into_tvalue()))?;
+    let row: Vec<f32> = out[0]
+        .to_plain_array_view::<f32>()?
+        .iter()
+        .copied()
+        .collect();
+    Ok(argmax(&row))
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -49,36 +125,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 #[test]
 fn a_hundred_clients_of_a_hundred_predictions_each_all_get_plaintexts_class() {
     let dir = std::env::temp_dir().join(format!("secinfer-load-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let options = Options {
-        calibration: Some(secinfer::data::calibration_samples("mnist", 1000).expect("data")),
-        reveal: Reveal::Activations,
-        ..Options::default()
-    };
-    let converted = secinfer_converter::convert_file(&common::model("mnist_mlp.onnx"), &options)
-        .expect("converts");
-    converted.write(&dir).expect("writes");
-
-    // plaintext tract's class for every image the clients will send
-    let data = secinfer::data::load("mnist").expect("MNIST");
-    let images = data
-        .inputs
-        .slice_axis(Axis(0), (0..CLIENTS * PER_CLIENT).into())
-        .to_owned();
-    let plain = tract_onnx::onnx()
-        .model_for_path(common::model("mnist_mlp.onnx"))
-        .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
-        .expect("plain model");
-    let plain_out = plain
-        .run(tvec!(images.clone().into_tensor().into_tvalue()))
-        .expect("plain run");
-    let plain_logits = plain_out[0].to_plain_array_view::<f32>().unwrap();
-    let expected: Vec<usize> = plain_logits
-        .outer_iter()
-        .map(|row| argmax(row.as_slice().expect("contiguous")))
-        .collect();
-
+    convert("mnist_mlp.onnx", &dir);
+    let images = mnist_images(CLIENTS * PER_CLIENT);
+    let expected = plaintext_classes("mnist_mlp.onnx", &images);
     let budget = BUDGET_MIB.to_string();
     let served = common::Served::start_with(
         &dir.join("server.onnx"),
@@ -86,28 +135,14 @@ fn a_hundred_clients_of_a_hundred_predictions_each_all_get_plaintexts_class() {
         &["--max-memory-mib", &budget],
         std::process::Stdio::inherit(),
     );
-    let arg = |name: &str| served.client_arg(name);
-    let token = std::fs::read_to_string(arg("--token-file")).expect("token file");
-    let config = ClientConfig::new(
-        &arg("--server"),
-        Trust::Fingerprint(arg("--fingerprint").parse().expect("fingerprint")),
-        token.trim(),
-        "",
-        "activations",
-    );
+    let config = client_config(&served);
     let images = Arc::new(images);
     let start = Instant::now();
     let clients: Vec<_> = (0..CLIENTS)
         .map(|c| {
-            let (config, images, client_path) =
-                (config.clone(), images.clone(), dir.join("client.onnx"));
+            let (config, images, dir) = (config.clone(), images.clone(), dir.clone());
             std::thread::spawn(move || -> anyhow::Result<(Vec<usize>, Vec<Duration>)> {
-                let client = ClientModel::load_with(&client_path, |digest, _| {
-                    QuicChannel::connect(&ClientConfig {
-                        model_digest: digest.to_string(),
-                        ..config
-                    })
-                })?;
+                let client = connect(&dir, &config)?;
                 client
                     .backend()
                     .preprocess_in_batches(PER_CLIENT, PER_CLIENT)?;
@@ -116,17 +151,10 @@ fn a_hundred_clients_of_a_hundred_predictions_each_all_get_plaintexts_class() {
                 for i in 0..PER_CLIENT {
                     let image = images
                         .slice_axis(Axis(0), (c * PER_CLIENT + i..c * PER_CLIENT + i + 1).into())
-                        .to_owned()
-                        .into_tensor();
+                        .to_owned();
                     let t = Instant::now();
-                    let out = client.predict(tvec!(image.into_tvalue()))?;
+                    classes.push(class_of(&client, image)?);
                     latencies.push(t.elapsed());
-                    let row: Vec<f32> = out[0]
-                        .to_plain_array_view::<f32>()?
-                        .iter()
-                        .copied()
-                        .collect();
-                    classes.push(argmax(&row));
                 }
                 Ok((classes, latencies))
             })
@@ -181,4 +209,112 @@ fn a_hundred_clients_of_a_hundred_predictions_each_all_get_plaintexts_class() {
         "the server peaked at {} MiB, above its budget of {BUDGET_MIB} MiB",
         hwm / 1024
     );
+}
+
+/// CNN clients at once against one `serve` process with a small memory
+/// budget and one HE slot.
+const CNN_CLIENTS: usize = 12;
+/// Inferences each CNN client preprocesses (one batch: conv 2's job alone
+/// is priced at ~180 MiB).
+const CNN_BATCH: usize = 16;
+const CNN_BUDGET_MIB: u64 = 512;
+
+/// Memory under heavy HE work: eight MNIST CNN sessions each send a batch
+/// at once while one HE job at a time runs, so that completed ops queue up
+/// in sessions behind the running job, and a ninth asks for a batch whose
+/// conv-2 job (over 1 GiB) could never fit. The server's peak resident
+/// memory stays below its budget; every session either gets material that
+/// gives plaintext's class or is refused with a message that names the
+/// memory budget; the oversized batch is refused at once; and the server
+/// serves a new client afterwards.
+#[test]
+fn cnn_sessions_queued_behind_a_long_job_stay_within_the_memory_budget() {
+    let dir = std::env::temp_dir().join(format!("secinfer-memory-{}", std::process::id()));
+    convert("mnist_cnn.onnx", &dir);
+    let images = mnist_images(CNN_CLIENTS + 1);
+    let expected = plaintext_classes("mnist_cnn.onnx", &images);
+    let budget = CNN_BUDGET_MIB.to_string();
+    let served = common::Served::start_with(
+        &dir.join("server.onnx"),
+        &dir.join("state"),
+        &[
+            "--max-memory-mib",
+            &budget,
+            "--he-jobs",
+            "1",
+            "--frame-timeout",
+            "5",
+        ],
+        std::process::Stdio::inherit(),
+    );
+    let config = client_config(&served);
+    let images = Arc::new(images);
+    let clients: Vec<_> = (0..CNN_CLIENTS)
+        .map(|c| {
+            let (config, images, dir) = (config.clone(), images.clone(), dir.clone());
+            std::thread::spawn(move || -> anyhow::Result<usize> {
+                let client = connect(&dir, &config)?;
+                client.backend().preprocess(CNN_BATCH)?;
+                let image = images.slice_axis(Axis(0), (c..c + 1).into()).to_owned();
+                class_of(&client, image)
+            })
+        })
+        .collect();
+    let oversized = {
+        let config = config.clone();
+        let dir = dir.clone();
+        std::thread::spawn(move || connect(&dir, &config)?.backend().preprocess(400))
+    };
+    let pid = served.child.id();
+    while clients.iter().any(|t| !t.is_finished()) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let e = format!("{:#}", oversized.join().expect("thread").unwrap_err());
+    assert!(
+        e.contains("more than the server's whole memory budget for HE work and stored material"),
+        "{e}"
+    );
+    let (mut served_ok, mut refused) = (0, Vec::new());
+    for (c, t) in clients.into_iter().enumerate() {
+        match t.join().expect("client thread") {
+            Ok(class) => {
+                assert_eq!(
+                    class, expected[c],
+                    "client {c}'s class differs from plaintext's"
+                );
+                served_ok += 1;
+            }
+            Err(e) => {
+                let e = format!("{e:#}");
+                assert!(e.contains("memory budget for HE work"), "client {c}: {e}");
+                refused.push(e);
+            }
+        }
+    }
+    let hwm = status_kib(pid, "VmHWM:").expect("serve's peak memory");
+    println!(
+        "memory: {CNN_CLIENTS} MNIST CNN sessions x {CNN_BATCH} inferences at once, one HE slot: \
+         {served_ok} served, {} refused by the budget; server peak RSS {} MiB (budget \
+         {CNN_BUDGET_MIB} MiB)",
+        refused.len(),
+        hwm / 1024
+    );
+    assert!(served_ok > 0, "nobody was served: {refused:?}");
+    assert!(
+        hwm < CNN_BUDGET_MIB * 1024,
+        "the server peaked at {} MiB, above its budget of {CNN_BUDGET_MIB} MiB",
+        hwm / 1024
+    );
+    // and it still serves
+    let client = connect(&dir, &config).expect("a new client");
+    client.backend().preprocess(1).expect("material");
+    let image = images
+        .slice_axis(Axis(0), (CNN_CLIENTS..CNN_CLIENTS + 1).into())
+        .to_owned();
+    assert_eq!(
+        class_of(&client, image).expect("answer"),
+        expected[CNN_CLIENTS]
+    );
+    drop(served);
+    let _ = std::fs::remove_dir_all(&dir);
 }
