@@ -799,7 +799,7 @@ fn a_sessions_stored_material_holds_the_budget_until_used_or_gone() {
     let other = pair.client(&lo);
     let e = message(other.backend().preprocess(64).unwrap_err());
     assert!(
-        e.contains("stayed taken by other sessions' work") && e.contains("this op's HE job"),
+        e.contains("stayed taken by work in progress") && e.contains("this op's HE job"),
         "{e}"
     );
     // the holder uses its material: its reservation shrinks
@@ -1017,42 +1017,46 @@ fn connections_that_never_authenticate_are_bounded() {
 
 /// Each session's QUIC buffers (its receive window and the server's send
 /// window, `session_window` each way) are charged to the decoding budget
-/// at `Welcome`: when they no longer fit, a new client is turned away as
-/// busy by name, and one that comes after a session has ended is served.
+/// at `Welcome` and given back when the session ends; a server whose
+/// budget cannot hold every session's buffers refuses to start, by name.
 #[test]
 fn sessions_connection_buffers_are_charged_at_welcome() {
     let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "buffers");
-    let limits = Limits {
-        // 1 MiB each way per session (the floor): two sessions' worth
+    let too_small = Limits {
         max_decoding_bytes: 4 << 20,
         ..Limits::default()
     };
-    assert_eq!(secinfer_transport::session_window(&limits), 1 << 20);
-    let lo = pair.serve(limits);
-    let no_waiting = || ClientConfig {
-        busy_wait: Duration::ZERO,
-        ..lo.client_config(pair.server.digest())
+    let e = match Loopback::start(pair.server.clone(), pair.server.digest(), too_small) {
+        Ok(_) => panic!("a server started without room for its sessions' buffers"),
+        Err(e) => format!("{e:#}"),
     };
-    let first = QuicChannel::connect(&no_waiting()).expect("room for one");
-    let second = QuicChannel::connect(&no_waiting()).expect("room for two");
-    let e = message(QuicChannel::connect(&no_waiting()).unwrap_err());
     assert!(
-        e.contains("memory budget for frames and connection buffers is taken"),
+        e.contains("cannot hold 64 sessions' connection buffers"),
         "{e}"
     );
+    let limits = Limits {
+        max_decoding_bytes: 16 << 20,
+        max_sessions: 4,
+        ..Limits::default()
+    };
+    let window = u64::from(secinfer_transport::session_window(&limits));
+    assert_eq!(window, 1 << 20);
+    let lo = pair.serve(limits);
+    assert_eq!(lo.server().decoding_reserved(), 0);
+    let first = QuicChannel::connect(&lo.client_config(pair.server.digest())).expect("first");
+    let second = QuicChannel::connect(&lo.client_config(pair.server.digest())).expect("second");
+    let held = |want: u64| {
+        let start = Instant::now();
+        while lo.server().decoding_reserved() != want && start.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        lo.server().decoding_reserved()
+    };
+    assert_eq!(held(2 * 2 * window), 2 * 2 * window);
     drop(first);
-    assert_eq!(
-        {
-            let start = Instant::now();
-            while lo.server().live_sessions() > 1 && start.elapsed() < Duration::from_secs(60) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            lo.server().live_sessions()
-        },
-        1
-    );
-    let third = QuicChannel::connect(&no_waiting()).expect("served once a session ended");
-    drop((second, third));
+    assert_eq!(held(2 * window), 2 * window);
+    drop(second);
+    assert_eq!(held(0), 0);
 }
 
 /// Reading and decoding a frame draws on the server's decoding budget (an
@@ -1064,6 +1068,7 @@ fn frames_are_counted_against_the_decoding_budget() {
     let pair = Pair::new("breast_cancer_mlp.onnx", "breast-cancer", "frame-budget");
     let lo = pair.serve(Limits {
         max_decoding_bytes: 16 << 20,
+        max_sessions: 8,
         ..Limits::default()
     });
     let client = pair.client(&lo);

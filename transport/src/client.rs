@@ -543,9 +543,11 @@ impl QuicChannel {
                 *guard = Some(conn.open_bi().await.map_err(explain)?);
             }
             let (send, recv) = guard.as_mut().ok_or_else(|| anyhow!("no stream"))?;
-            let n = write_frame(send, &msg, max)
-                .await
-                .map_err(|e| frame_err(conn, e))?;
+            let n = match write_frame(send, &msg, max).await {
+                Ok(n) => n,
+                // a stream the server stopped: its close reason says why
+                Err(e) => return Err(frame_err_wait(conn, e).await),
+            };
             self.bytes[counters.0].fetch_add(n as u64, Ordering::Relaxed);
             loop {
                 match read_frame::<_, ServerFrame>(recv, max).await {
@@ -716,9 +718,10 @@ impl Channel for QuicChannel {
                 *guard = Some(conn.open_bi().await.map_err(explain)?);
             }
             let (send, _) = guard.as_mut().ok_or_else(|| anyhow!("no stream"))?;
-            let n = write_frame(send, &ClientFrame::Private(message), max)
-                .await
-                .map_err(|e| frame_err(conn, e))?;
+            let n = match write_frame(send, &ClientFrame::Private(message), max).await {
+                Ok(n) => n,
+                Err(e) => return Err(frame_err_wait(conn, e).await),
+            };
             self.bytes[0].fetch_add(n as u64, Ordering::Relaxed);
             Ok(())
         });

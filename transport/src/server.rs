@@ -137,8 +137,9 @@ pub struct Server {
     shutdown: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
     stats: Arc<Stats>,
-    /// the HE-work budget and its size in units
+    /// the HE-work and decoding budgets and their sizes in units
     memory: (Arc<Semaphore>, usize),
+    decoding: (Arc<Semaphore>, usize),
 }
 
 /// Counters a running server keeps.
@@ -219,6 +220,16 @@ impl Server {
         linear: Arc<L>,
         digest: String,
     ) -> anyhow::Result<Server> {
+        let windows =
+            2 * u64::from(session_window(&config.limits)) * config.limits.max_sessions as u64;
+        if windows > config.limits.max_decoding_bytes / 2 {
+            return Err(anyhow!(
+                "a decoding budget of {} KiB cannot hold {} sessions' connection buffers ({} KiB each, half the budget at most); raise the memory budget or lower the session limit",
+                config.limits.max_decoding_bytes >> 10,
+                config.limits.max_sessions,
+                2 * MIN_SESSION_WINDOW >> 10
+            ));
+        }
         let crypto = crate::tls::server_crypto(&config.identity)?;
         let quic = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
             .map_err(|e| anyhow!("TLS configuration unusable for QUIC: {e}"))?;
@@ -245,6 +256,10 @@ impl Server {
             .unwrap_or(usize::MAX)
             .min(Semaphore::MAX_PERMITS);
         let memory = Arc::new(Semaphore::new(memory_units));
+        let decoding_units = usize::try_from(config.limits.max_decoding_bytes / MEMORY_UNIT)
+            .unwrap_or(usize::MAX)
+            .min(Semaphore::MAX_PERMITS);
+        let decoding = Arc::new(Semaphore::new(decoding_units));
         let shared = Arc::new(Shared {
             reveal: reveal_of(&*linear),
             linear,
@@ -253,11 +268,7 @@ impl Server {
             sessions: Arc::new(Semaphore::new(config.limits.max_sessions)),
             he_jobs: Arc::new(Semaphore::new(config.limits.concurrent_he_jobs.max(1))),
             memory: memory.clone(),
-            decoding: Arc::new(Semaphore::new(
-                usize::try_from(config.limits.max_decoding_bytes / MEMORY_UNIT)
-                    .unwrap_or(usize::MAX)
-                    .min(Semaphore::MAX_PERMITS),
-            )),
+            decoding: decoding.clone(),
             limits: config.limits,
             stats: stats.clone(),
             shutdown: rx,
@@ -269,6 +280,7 @@ impl Server {
             task: Some(task),
             stats,
             memory: (memory, memory_units),
+            decoding: (decoding, decoding_units),
         })
     }
 
@@ -297,6 +309,14 @@ impl Server {
     /// now: running and queued HE jobs, and what sessions store.
     pub fn memory_reserved(&self) -> u64 {
         let (pool, units) = &self.memory;
+        units.saturating_sub(pool.available_permits()) as u64 * MEMORY_UNIT
+    }
+
+    /// Bytes of the decoding budget ([`Limits::max_decoding_bytes`]) taken
+    /// now: frames being read and decoded, and sessions' connection
+    /// buffers.
+    pub fn decoding_reserved(&self) -> u64 {
+        let (pool, units) = &self.decoding;
         units.saturating_sub(pool.available_permits()) as u64 * MEMORY_UNIT
     }
 
@@ -401,13 +421,18 @@ const SESSION_STREAMS: u32 = 4;
 /// Bytes QUIC may buffer for one welcomed session in each direction: its
 /// connection's receive window, and the server's send window. Both are
 /// charged to the decoding budget at `Welcome`, so a session's share is a
-/// quarter of that budget over `max_sessions` (the sessions' windows take
-/// at most half of it), between 1 and 64 MiB. With the defaults on a
-/// 24 GiB machine that is 12 MiB each way: enough for 300 MB/s at 40 ms.
+/// quarter of that budget over `max_sessions` (all sessions' windows
+/// together take half of it), between 256 KiB and 64 MiB; a server whose
+/// budget cannot give every session the 256 KiB floor refuses to start
+/// ([`Server::start`]). With the defaults on a 24 GiB machine that is
+/// 12 MiB each way: enough for 300 MB/s at 40 ms.
 pub fn session_window(limits: &Limits) -> u32 {
     let share = limits.max_decoding_bytes / 4 / limits.max_sessions.max(1) as u64;
-    share.clamp(1 << 20, 64 << 20) as u32
+    share.clamp(MIN_SESSION_WINDOW, 64 << 20) as u32
 }
+
+/// The smallest [`session_window`].
+const MIN_SESSION_WINDOW: u64 = 256 << 10;
 
 /// The server's QUIC settings: a connection starts with one stream and a
 /// window for its hello only, so that a client that has not authenticated
@@ -550,6 +575,12 @@ struct SessionState<L: MaskedLinear + ?Sized> {
     /// requests (`ServerSession::stored_bytes`), brought up to date after
     /// every request by [`settle`]
     stored: Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    /// one settle at a time, so that a stale count never gives back what
+    /// another stream's settle has just charged
+    settling: tokio::sync::Mutex<()>,
+    /// bytes of material moved out of the session into private runs still
+    /// going (still charged, though the session no longer holds them)
+    in_runs: std::sync::atomic::AtomicU64,
 }
 
 impl<L: MaskedLinear + ?Sized> Drop for SessionState<L> {
@@ -696,6 +727,8 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
         in_progress: AtomicUsize::new(0),
         reserved: Mutex::new(std::collections::HashMap::new()),
         stored: Mutex::new(None),
+        settling: tokio::sync::Mutex::new(()),
+        in_runs: std::sync::atomic::AtomicU64::new(0),
     });
     let mut streams = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
@@ -776,27 +809,39 @@ async fn stream<L: MaskedLinear + 'static + ?Sized>(
 /// (`frame::client_frame_bound`: its body as it grows, then what decoding
 /// may allocate) reserved from the decoding budget once the body's first
 /// bytes (its kind) have arrived, and given back once it is decoded. One
-/// reservation per frame, taken whole, so that no frame holds part of the
-/// budget while waiting for more. A client that declares a large frame
-/// holds its reservation for at most the frame timeout.
+/// reservation per frame, taken whole: charging the body as it arrives
+/// instead was tried, and under the load test (64 sessions sending 9 MB
+/// frames at once) partly received frames held the budget while waiting
+/// for more of it, until a third of the clients failed. The whole frame,
+/// its wait for the budget included, must arrive within one frame timeout
+/// of its first byte, which bounds how long a client that declares a large
+/// frame and stalls holds its reservation.
 async fn read_counted<L: MaskedLinear + ?Sized>(
     recv: &mut RecvStream,
     shared: &Shared<L>,
 ) -> Result<Option<(ClientFrame, usize)>, End> {
-    let patience = Some(shared.limits.frame_timeout);
-    let Some(len) = read_length(recv, shared.limits.max_frame_bytes, patience).await? else {
+    let timeout = shared.limits.frame_timeout;
+    let Some(len) = read_length(recv, shared.limits.max_frame_bytes, Some(timeout)).await? else {
         return Ok(None);
     };
-    let prefix = read_body_bytes(recv, len.min(BOUND_PREFIX), patience).await?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stalled = |_| End::from(FrameError::Stalled(timeout));
+    let prefix =
+        tokio::time::timeout_at(deadline, read_body_bytes(recv, len.min(BOUND_PREFIX), None))
+            .await
+            .map_err(stalled)??;
     let bound = crate::frame::client_frame_bound(&prefix, len) as u64;
-    let _memory = reserve(
+    let _memory = reserve_by(
         shared,
         Pool::Decoding,
         bound,
         &format!("a frame of {len} bytes"),
+        deadline,
     )
     .await?;
-    let body = read_body_rest(recv, prefix, len, patience).await?;
+    let body = tokio::time::timeout_at(deadline, read_body_rest(recv, prefix, len, None))
+        .await
+        .map_err(stalled)??;
     Ok(Some((crate::frame::decode(&body)?, len + 4)))
 }
 
@@ -884,8 +929,18 @@ async fn answer<L: MaskedLinear + 'static + ?Sized>(
             }
             ClientFrame::Private(begin @ PrivateMessage::Begin { .. }) => {
                 let st = state.clone();
-                let run = blocking(move || Ok(st.lock()?.begin_private(begin)?)).await?;
-                drive_private(run, send, recv, shared).await?;
+                let (run, moved) = blocking(move || {
+                    let mut session = st.lock()?;
+                    let before = session.stored_bytes();
+                    let run = session.begin_private(begin)?;
+                    Ok((run, before.saturating_sub(session.stored_bytes()) as u64))
+                })
+                .await?;
+                // the run's material stays charged until the run ends
+                state.in_runs.fetch_add(moved, Ordering::SeqCst);
+                let driven = drive_private(run, send, recv, shared).await;
+                state.in_runs.fetch_sub(moved, Ordering::SeqCst);
+                driven?;
             }
             ClientFrame::Private(PrivateMessage::Step(m)) => {
                 return Err(End::Protocol(format!(
@@ -997,13 +1052,25 @@ enum Pool {
 }
 
 /// Takes `bytes` of one of the server's memory budgets, waiting up to the
-/// frame timeout for other sessions' work to release it; refuses work that
-/// could never fit, or that waited in vain, naming the budget.
+/// frame timeout for work to release it; refuses work that could never
+/// fit, or that waited in vain, naming the budget.
 async fn reserve<L: ?Sized>(
     shared: &Shared<L>,
     pool: Pool,
     bytes: u64,
     what: &str,
+) -> Result<tokio::sync::OwnedSemaphorePermit, End> {
+    let deadline = tokio::time::Instant::now() + shared.limits.frame_timeout;
+    reserve_by(shared, pool, bytes, what, deadline).await
+}
+
+/// [`reserve`], waiting until `deadline` at most.
+async fn reserve_by<L: ?Sized>(
+    shared: &Shared<L>,
+    pool: Pool,
+    bytes: u64,
+    what: &str,
+    deadline: tokio::time::Instant,
 ) -> Result<tokio::sync::OwnedSemaphorePermit, End> {
     let (semaphore, max, name) = match pool {
         Pool::Jobs => (
@@ -1028,11 +1095,11 @@ async fn reserve<L: ?Sized>(
     }
     let units = u32::try_from(units).map_err(|_| End::Internal("budget overflow".into()))?;
     let patience = shared.limits.frame_timeout;
-    match tokio::time::timeout(patience, semaphore.clone().acquire_many_owned(units)).await {
+    match tokio::time::timeout_at(deadline, semaphore.clone().acquire_many_owned(units)).await {
         Ok(Ok(p)) => Ok(p),
         Ok(Err(_)) => Err(End::Shutdown),
         Err(_) => Err(End::Busy(format!(
-            "the server's {name} ({} MiB) stayed taken by other sessions' work for {patience:?}; {what} needs ~{} MiB; try again later",
+            "the server's {name} ({} MiB) stayed taken by work in progress for {patience:?}; {what} needs ~{} MiB more; try again later",
             mib(max),
             mib(bytes)
         ))),
@@ -1050,10 +1117,19 @@ async fn settle<L: MaskedLinear + 'static + ?Sized>(
     shared: &Shared<L>,
     mut donor: Option<tokio::sync::OwnedSemaphorePermit>,
 ) -> Result<(), End> {
+    let _one_at_a_time = state.settling.lock().await;
     let st = state.clone();
-    let bytes = blocking(move || Ok(st.lock()?.stored_bytes() as u64)).await?;
+    let bytes = blocking(move || Ok(st.lock()?.stored_bytes() as u64)).await?
+        + state.in_runs.load(Ordering::SeqCst);
     let want = usize::try_from(bytes.div_ceil(MEMORY_UNIT))
         .map_err(|_| End::Internal("budget overflow".into()))?;
+    if bytes > shared.limits.max_memory_bytes {
+        return Err(End::Protocol(format!(
+            "this session's stored material would need ~{:.1} MiB in all, more than the server's whole memory budget for HE work and stored material of {:.1} MiB (serve --max-memory-mib)",
+            bytes as f64 / f64::from(1 << 20),
+            shared.limits.max_memory_bytes as f64 / f64::from(1 << 20)
+        )));
+    }
     let poisoned = || End::Internal("session poisoned".into());
     let need = {
         let mut held = state.stored.lock().map_err(|_| poisoned())?;

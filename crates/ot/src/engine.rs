@@ -232,6 +232,12 @@ impl OtEngine {
         &self.store
     }
 
+    /// Bytes the correlation source keeps between batches
+    /// ([`CorrelationSource::retained_bytes`]).
+    pub fn retained_bytes(&self) -> u64 {
+        self.source.retained_bytes()
+    }
+
     /// The store, to take correlations from.
     pub fn store_mut(&mut self) -> &mut CorrelationStore {
         &mut self.store

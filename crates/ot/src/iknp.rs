@@ -592,6 +592,13 @@ impl CorrelationSource for IknpSource {
     fn recycle(&mut self, batch: CotBatch) {
         self.spare = batch;
     }
+
+    /// The recycled batch's buffers.
+    fn retained_bytes(&self) -> u64 {
+        let s = &self.spare;
+        ((s.sent.q.capacity() + s.received.t.capacity()) as u64) * 16
+            + s.received.choice.words().len() as u64 * 8
+    }
 }
 
 #[cfg(test)]

@@ -131,6 +131,13 @@ pub trait CorrelationSource: Send {
             .saturating_mul(32)
     }
 
+    /// Bytes this source keeps between batches (recycled buffers, pools of
+    /// COTs made ahead), for the session's memory accounting. The default
+    /// keeps nothing.
+    fn retained_bytes(&self) -> u64 {
+        0
+    }
+
     /// Hands a batch back once it has been used up, so that the next batch
     /// can reuse its memory instead of faulting in fresh pages (megabytes
     /// per batch). Optional: the default drops it.

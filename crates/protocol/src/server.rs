@@ -234,7 +234,8 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
 
     /// Bytes this session holds between requests: the client's key, the
     /// shares `s` filed or made for batches still open, the correlations,
-    /// and the ids it remembers. (The input ciphertexts of an op being
+    /// the buffers its OT source keeps between batches, and the ids it
+    /// remembers. (The input ciphertexts of an op being
     /// received are not included: they belong to the op's HE job, which a
     /// server prices from its layout, [`OfflineJob::memory_bytes`].)
     pub fn stored_bytes(&self) -> usize {
@@ -248,6 +249,7 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             + self.store.bytes()
             + open
             + self.ot_bytes()
+            + self.ot.as_ref().map_or(0, |e| e.retained_bytes() as usize)
     }
 
     /// Handles a message of the offline phase for correlations (the first
