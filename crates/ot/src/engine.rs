@@ -42,9 +42,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::correlation::{CorrelationStore, Demand, Position};
-use crate::iknp::IknpSource;
 use crate::refine::{CotIndex, Tccr, advance_index, cot_counts, refine};
-use crate::source::{CorrelationSource, CotCounts};
+use crate::source::{Backend, Chosen, CorrelationSource, CotCounts};
 use crate::{OtError, Role};
 
 /// Most random OTs one batch makes per direction (2^21: a 32 MiB IKNP
@@ -176,12 +175,22 @@ fn refuse(what: String) -> OtError {
 }
 
 impl OtEngine {
-    /// An engine for `role` with IKNP seeded from the operating system; its
-    /// store and a running batch's buffers may take at most `budget` bytes
-    /// (see the module docs).
+    /// An engine for `role` seeded from the operating system: a client's
+    /// runs the default [`Backend`] (silent OT), a server's runs whichever
+    /// backend the client names in its first setup message. Its store and a
+    /// running batch's buffers may take at most `budget` bytes (see the
+    /// module docs).
     pub fn new(role: Role, budget: u64) -> Result<OtEngine, OtError> {
+        match role {
+            Role::Client => OtEngine::client(Backend::default(), budget),
+            Role::Server => Ok(OtEngine::with_source(Box::new(Chosen::server()), budget)),
+        }
+    }
+
+    /// A client's engine running `backend` (IKNP for comparison).
+    pub fn client(backend: Backend, budget: u64) -> Result<OtEngine, OtError> {
         Ok(OtEngine::with_source(
-            Box::new(IknpSource::new(role)?),
+            Box::new(Chosen::client(backend)?),
             budget,
         ))
     }
@@ -603,6 +612,7 @@ mod tests {
 
     use super::*;
     use crate::correlation::{BitOtReceiver, BitOtSender, WordOtReceiver, WordOtSender};
+    use crate::iknp::IknpSource;
 
     const BUDGET: u64 = 1 << 30;
 
@@ -1219,5 +1229,57 @@ mod tests {
         assert!(matches!(ahead, Err(OtError::Skipped { .. })), "{ahead:?}");
         let mut run_c = client.take_at(s1, &run).unwrap();
         take_and_check(&mut run_c, &mut run_s, &run);
+    }
+
+    /// Both backends through the engines `new` and `client` make (the
+    /// server following the client's choice): every correlation the runs
+    /// take satisfies its relation, over several batches; and reuse of an
+    /// expanded correlation is refused on both sides.
+    #[test]
+    fn both_backends_make_correct_single_use_correlations() {
+        for backend in [Backend::Silent, Backend::Iknp] {
+            let mut client = OtEngine::client(backend, BUDGET).unwrap();
+            let mut server = OtEngine::new(Role::Server, BUDGET).unwrap();
+            let mut next = Some(client.start_setup().unwrap());
+            let mut flights = 0;
+            while let Some(m) = next.take() {
+                flights += 1;
+                if let Some(reply) = server.handle(m).unwrap() {
+                    next = client.handle(reply).unwrap();
+                }
+            }
+            assert!(client.is_ready() && server.is_ready(), "{backend:?}");
+            assert_eq!(flights, 2, "{backend:?}: setup flights from the client");
+            for k in [3, 200, 1] {
+                run_batch(&mut client, &mut server, demand(k));
+                let (c0, s0) = (client.position(), server.position());
+                let d = demand(k);
+                let mut run_c = client.take_at(s0, &d).unwrap();
+                let mut run_s = server.take_at(c0, &d).unwrap();
+                take_and_check(&mut run_c, &mut run_s, &d);
+                assert!(matches!(
+                    server.take_at(c0, &d),
+                    Err(OtError::Reused { .. })
+                ));
+                assert!(matches!(
+                    client.take_at(s0, &d),
+                    Err(OtError::Reused { .. })
+                ));
+            }
+        }
+    }
+
+    /// A first setup message naming an unknown backend is refused by name.
+    #[test]
+    fn an_unknown_backend_is_refused() {
+        let mut server = OtEngine::new(Role::Server, BUDGET).unwrap();
+        let e = server
+            .handle(OtMessage::Setup {
+                flight: 0,
+                payload: vec![7; 33],
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("OT backend 7"), "{e}");
     }
 }

@@ -30,6 +30,7 @@ pub mod correlation;
 pub mod engine;
 pub mod iknp;
 pub mod refine;
+pub mod silent;
 pub mod source;
 
 pub use bits::Bits;
@@ -41,7 +42,8 @@ pub use correlation::{
 };
 pub use engine::{MAX_BATCH_OTS, OtEngine, OtMessage};
 pub use iknp::IknpSource;
-pub use source::{CorrelationSource, CotBatch, CotCounts, CotReceiver, CotSender};
+pub use silent::{LpnParams, SilentSource};
+pub use source::{Backend, CorrelationSource, CotBatch, CotCounts, CotReceiver, CotSender};
 
 /// Which party: the client leads the offline phase, the server follows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

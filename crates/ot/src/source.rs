@@ -145,3 +145,163 @@ pub trait CorrelationSource: Send {
         drop(batch);
     }
 }
+
+/// Which correlation source a session runs. The client chooses; its first
+/// setup message names the choice in one leading byte, and a server
+/// engine made with [`crate::OtEngine::new`] follows it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Backend {
+    /// silent OT ([`crate::silent`]): ~3 bits of traffic per COT; the default
+    #[default]
+    Silent,
+    /// IKNP extension ([`crate::iknp`]): 128 bits per COT, kept for comparison
+    Iknp,
+}
+
+impl Backend {
+    /// The backend's name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Silent => "silent",
+            Backend::Iknp => "iknp",
+        }
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            Backend::Silent => 1,
+            Backend::Iknp => 0,
+        }
+    }
+
+    fn from_tag(tag: u8) -> Option<Backend> {
+        match tag {
+            1 => Some(Backend::Silent),
+            0 => Some(Backend::Iknp),
+            _ => None,
+        }
+    }
+
+    /// A fresh source of this backend for `role`, seeded from the
+    /// operating system.
+    pub fn source(self, role: Role) -> Result<Box<dyn CorrelationSource>, OtError> {
+        Ok(match self {
+            Backend::Silent => Box::new(crate::silent::SilentSource::new(role)?),
+            Backend::Iknp => Box::new(crate::iknp::IknpSource::new(role)?),
+        })
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "silent" => Ok(Backend::Silent),
+            "iknp" => Ok(Backend::Iknp),
+            other => Err(format!("unknown OT backend '{other}': silent or iknp")),
+        }
+    }
+}
+
+/// A source whose backend is named on the wire: the client's wraps the
+/// backend it chose and puts its tag before the first setup message; the
+/// server's makes the backend the tag names when that message arrives.
+pub(crate) struct Chosen {
+    role: Role,
+    inner: Option<Box<dyn CorrelationSource>>,
+    backend: Option<Backend>,
+}
+
+impl Chosen {
+    /// The client's, running `backend`.
+    pub(crate) fn client(backend: Backend) -> Result<Chosen, OtError> {
+        Ok(Chosen {
+            role: Role::Client,
+            inner: Some(backend.source(Role::Client)?),
+            backend: Some(backend),
+        })
+    }
+
+    /// The server's, running whatever the client names.
+    pub(crate) fn server() -> Chosen {
+        Chosen {
+            role: Role::Server,
+            inner: None,
+            backend: None,
+        }
+    }
+
+    fn inner(&mut self) -> Result<&mut Box<dyn CorrelationSource>, OtError> {
+        self.inner
+            .as_mut()
+            .ok_or_else(|| OtError::Message("no correlation source before the setup".into()))
+    }
+}
+
+impl CorrelationSource for Chosen {
+    fn role(&self) -> Role {
+        self.role
+    }
+
+    fn start_setup(&mut self) -> Result<Option<Vec<u8>>, OtError> {
+        match (self.role, self.backend) {
+            (Role::Client, Some(backend)) => {
+                let first = self.inner()?.start_setup()?;
+                Ok(first.map(|m| {
+                    let mut tagged = Vec::with_capacity(1 + m.len());
+                    tagged.push(backend.tag());
+                    tagged.extend_from_slice(&m);
+                    tagged
+                }))
+            }
+            // the server's backend is chosen by the first message
+            _ => Ok(None),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        self.inner.as_ref().is_some_and(|s| s.is_ready())
+    }
+
+    fn start_batch(&mut self, counts: CotCounts) -> Result<Option<Vec<u8>>, OtError> {
+        self.inner()?.start_batch(counts)
+    }
+
+    fn handle(&mut self, message: &[u8]) -> Result<Option<Vec<u8>>, OtError> {
+        if self.inner.is_none() {
+            let (&tag, rest) = message
+                .split_first()
+                .ok_or_else(|| OtError::Message("an empty first setup message".into()))?;
+            let backend = Backend::from_tag(tag).ok_or_else(|| {
+                OtError::Message(format!(
+                    "the client asks for OT backend {tag}, which this server does not know (0 = IKNP, 1 = silent)"
+                ))
+            })?;
+            let mut source = backend.source(self.role)?;
+            source.start_setup()?;
+            self.backend = Some(backend);
+            return self.inner.insert(source).handle(rest);
+        }
+        self.inner()?.handle(message)
+    }
+
+    fn poll_batch(&mut self) -> Option<CotBatch> {
+        self.inner.as_mut().and_then(|s| s.poll_batch())
+    }
+
+    fn batch_buffer_bytes(&self, counts: CotCounts) -> u64 {
+        self.inner
+            .as_ref()
+            .map_or(0, |s| s.batch_buffer_bytes(counts))
+    }
+
+    fn retained_bytes(&self) -> u64 {
+        self.inner.as_ref().map_or(0, |s| s.retained_bytes())
+    }
+
+    fn recycle(&mut self, batch: CotBatch) {
+        if let Some(s) = self.inner.as_mut() {
+            s.recycle(batch);
+        }
+    }
+}

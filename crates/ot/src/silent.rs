@@ -1,0 +1,964 @@
+//! Silent OT: correlated OTs from a short exchange and local expansion,
+//! after Ferret (Yang, Weng, Lan, Zhang, Wang, "Ferret: Fast Extension for
+//! coRRElated OT with small communication", CCS 2020), semi-honest, in the
+//! primal-LPN form with regular noise; [`SilentSource`] is the
+//! [`CorrelationSource`] that runs it in both directions.
+//!
+//! One *iteration* in one direction turns `k + t·h` correlated OTs that
+//! both parties already hold (with the sender's global `Δ`) into `n` new
+//! ones, `n = t·2^h`:
+//!
+//! 1. **Noise** (single-point COTs, one per bin of `2^h`): the sender grows
+//!    a GGM tree from a fresh seed with a length-doubling PRG (two
+//!    fixed-key AES permutations, `x ↦ (π₀(x) ⊕ x, π₁(x) ⊕ x)`), whose
+//!    leaves are its vector `v`. For each level it sends the XOR of all left
+//!    children and of all right children, each masked with the tweakable
+//!    hash of one of the `h` tree COTs (`H(q)` and `H(q ⊕ Δ)`): the
+//!    receiver, holding `t = q ⊕ b·Δ`, unmasks the side `b` only. Its punctured
+//!    leaf `α` is the path that turns away from `b` at every level, so it is
+//!    as random as the COTs' choices and nothing about it is sent. It then
+//!    rebuilds every leaf but `α`; the sender's `ψ = Δ ⊕ ⊕ⱼ vⱼ` gives it
+//!    `w_α = v_α ⊕ Δ`. Per bin, `w = v ⊕ e_α·Δ`.
+//! 2. **Expansion** (LPN): with `A` the public `n × k` local code (ten
+//!    pseudorandom ones per row), the sender's new COTs are `A·q + v` and the
+//!    receiver's `A·t + w` with choices `A·ρ + e`: again `t = q ⊕ ρ·Δ`, and the
+//!    choices are pseudorandom under regular-noise LPN.
+//! 3. **Bootstrap**: the first `k + t·h` outputs become the next iteration's
+//!    COTs; the rest go to a pool that batches are served from.
+//!
+//! The only traffic is the sender's `h` pairs of masked sums and `ψ` per
+//! bin: `t·(32·h + 16)` bytes per iteration (~200 KB for ~532,000 COTs with
+//! the default parameters, 3 bits per COT; IKNP sends 128). The receiver
+//! sends nothing, so a batch is one message each way: the client's
+//! iterations as sender with its request, the server's in its answer. The
+//! first `k + t·h` COTs of each direction come from IKNP during the setup
+//! ([`crate::iknp`], one batch, ~1.2 MB each way once per session).
+//!
+//! The LPN parameters are checked against a cited table
+//! ([`LpnParams::check`]); nothing else is accepted.
+
+use aes::Aes128;
+use aes::cipher::{Array, BlockCipherEncrypt, KeyInit};
+use rand::rngs::{ChaCha20Rng, SysRng};
+use rand::{Rng, SeedableRng};
+
+use crate::iknp::IknpSource;
+use crate::refine::Tccr;
+use crate::source::{CorrelationSource, CotBatch, CotCounts, CotReceiver, CotSender};
+use crate::{Bits, OtError, Role};
+
+/// One regular-noise LPN parameter set: `n = t·2^h` outputs per iteration,
+/// secret dimension `k`, noise weight `t` (one per bin of `2^h`), and the
+/// local code's `d = 10` nonzeros per row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LpnParams {
+    /// COTs one iteration makes
+    pub n: usize,
+    /// LPN dimension: base COTs multiplied by the code
+    pub k: usize,
+    /// noise weight: bins, one GGM tree each
+    pub t: usize,
+    /// `h`: tree depth, `2^h` leaves per bin
+    pub log_bin: u32,
+}
+
+/// Nonzeros per row of the local linear code the table's estimates assume.
+pub const CODE_WEIGHT: usize = 10;
+
+/// The parameter sets accepted, each estimated at 128-bit security for
+/// regular-noise LPN with a local code of weight 10: the sets that the
+/// Ferret authors' implementation, EMP-OT, ships (`emp-ot/ferret/constants.h`;
+/// the large one is Ferret's). See docs/silent-ot.md.
+pub const LPN_TABLE: [(&str, LpnParams); 3] = [
+    (
+        "large",
+        LpnParams {
+            n: 10_608_640,
+            k: 589_824,
+            t: 1_295,
+            log_bin: 13,
+        },
+    ),
+    (
+        "medium",
+        LpnParams {
+            n: 607_232,
+            k: 69_454,
+            t: 593,
+            log_bin: 10,
+        },
+    ),
+    (
+        "small",
+        LpnParams {
+            n: 75_520,
+            k: 8_911,
+            t: 590,
+            log_bin: 7,
+        },
+    ),
+];
+
+/// The default set: ~9.7 MB of COTs per iteration and direction keeps a
+/// session's memory small; 3 bits of traffic per COT.
+pub const DEFAULT_LPN: LpnParams = LPN_TABLE[1].1;
+
+impl LpnParams {
+    /// Base COTs an iteration consumes: `k` for the code, `h` per tree.
+    pub fn reserve(&self) -> usize {
+        self.k + self.t * self.log_bin as usize
+    }
+
+    /// COTs an iteration adds to the pool.
+    pub fn usable(&self) -> usize {
+        self.n - self.reserve()
+    }
+
+    /// Bytes the sender sends per iteration: per tree, two masked sums per
+    /// level and `ψ`.
+    pub fn message_bytes(&self) -> usize {
+        self.t * (32 * self.log_bin as usize + 16)
+    }
+
+    /// Checks that this set is one of [`LPN_TABLE`] (and consistent); any
+    /// other set, weaker or merely unestimated, is refused by name.
+    pub fn check(&self) -> Result<&'static str, OtError> {
+        if self.log_bin == 0 || self.log_bin > 20 || self.t << self.log_bin != self.n {
+            return Err(OtError::Message(format!(
+                "LPN parameters {self:?} are inconsistent: n must be t·2^h"
+            )));
+        }
+        LPN_TABLE
+            .iter()
+            .find(|(_, p)| p == self)
+            .map(|(name, _)| *name)
+            .ok_or_else(|| {
+                OtError::Message(format!(
+                    "LPN parameters {self:?} are not in the table of sets estimated at 128-bit security (docs/silent-ot.md); refused"
+                ))
+            })
+    }
+}
+
+/// The fixed keys of the GGM tree's PRG and of the code's index generator
+/// (arbitrary public constants: the first digits of π and e, and √2).
+const GGM_LEFT_KEY: [u8; 16] = *b"\x31\x41\x59\x26\x53\x58\x97\x93\x23\x84\x62\x64\x33\x83\x27\x95";
+const GGM_RIGHT_KEY: [u8; 16] =
+    *b"\x27\x18\x28\x18\x28\x45\x90\x45\x23\x53\x60\x28\x74\x71\x35\x26";
+const CODE_KEY: [u8; 16] = *b"\x14\x14\x21\x35\x62\x37\x30\x95\x04\x88\x01\x68\x87\x24\x20\x96";
+
+fn block(x: u128) -> aes::Block {
+    Array::from(x.to_le_bytes())
+}
+
+fn word(b: &aes::Block) -> u128 {
+    u128::from_le_bytes((*b).into())
+}
+
+/// The tweak of tree COT `index` of iteration `iteration` in the direction
+/// where `sender` sends: bit 127 set, so it never meets the refinement's
+/// tweaks ([`crate::refine::tweak`], whose top bits are zero).
+fn tree_tweak(sender: Role, iteration: u64, index: usize) -> u128 {
+    let direction: u128 = match sender {
+        Role::Client => 0,
+        Role::Server => 1,
+    };
+    (1 << 127) | (direction << 120) | (u128::from(iteration) << 32) | index as u128
+}
+
+/// The length-doubling PRG of the GGM trees.
+struct Ggm {
+    left: Aes128,
+    right: Aes128,
+}
+
+impl Ggm {
+    fn new() -> Ggm {
+        Ggm {
+            left: Aes128::new(&Array::from(GGM_LEFT_KEY)),
+            right: Aes128::new(&Array::from(GGM_RIGHT_KEY)),
+        }
+    }
+
+    /// The children of `nodes` into `out[..2·nodes.len()]`: node `i`'s are
+    /// `2i` (left) and `2i + 1` (right).
+    fn expand(&self, nodes: &[u128], out: &mut [u128], scratch: &mut Vec<aes::Block>) {
+        scratch.clear();
+        scratch.extend(nodes.iter().map(|&x| block(x)));
+        scratch.extend(nodes.iter().map(|&x| block(x)));
+        let (l, r) = scratch.split_at_mut(nodes.len());
+        self.left.encrypt_blocks(l);
+        self.right.encrypt_blocks(r);
+        for (i, &x) in nodes.iter().enumerate() {
+            out[2 * i] = word(&l[i]) ^ x;
+            out[2 * i + 1] = word(&r[i]) ^ x;
+        }
+    }
+
+    /// The sender's tree from `seed`: its `2^h` leaves into `leaves`, and
+    /// per level (top first) the XOR of the left and of the right children.
+    fn grow(
+        &self,
+        seed: u128,
+        leaves: &mut [u128],
+        scratch: &mut Vec<aes::Block>,
+    ) -> Vec<[u128; 2]> {
+        let h = leaves.len().trailing_zeros() as usize;
+        let mut sums = Vec::with_capacity(h);
+        let mut level = vec![seed];
+        for _ in 0..h {
+            let next = &mut leaves[..2 * level.len()];
+            self.expand(&level, next, scratch);
+            let (mut l, mut r) = (0, 0);
+            for pair in next.chunks_exact(2) {
+                l ^= pair[0];
+                r ^= pair[1];
+            }
+            sums.push([l, r]);
+            level.clear();
+            level.extend_from_slice(next);
+        }
+        sums
+    }
+
+    /// The receiver's tree: `off[l]` is the XOR of the level-`l` children on
+    /// side `side[l]` (the side away from its path, top level first). Fills
+    /// every leaf but the punctured one (left 0) and returns its index.
+    fn rebuild(
+        &self,
+        side: &[bool],
+        off: &[u128],
+        leaves: &mut [u128],
+        scratch: &mut Vec<aes::Block>,
+    ) -> usize {
+        let mut level: Vec<u128> = vec![0];
+        let mut path = 0usize;
+        for (&away, &sum) in side.iter().zip(off) {
+            let next = &mut leaves[..2 * level.len()];
+            self.expand(&level, next, scratch);
+            let away = usize::from(away);
+            // the path node's child on the away side is the level's sum
+            // less the other nodes' children on that side
+            let mut known = sum;
+            for (i, pair) in next.chunks_exact(2).enumerate() {
+                if i != path {
+                    known ^= pair[away];
+                }
+            }
+            next[2 * path + away] = known;
+            path = 2 * path + (1 - away);
+            next[path] = 0;
+            level.clear();
+            level.extend_from_slice(next);
+        }
+        path
+    }
+}
+
+/// The public local linear code `A` (`n × k`, [`CODE_WEIGHT`] pseudorandom
+/// ones per row, from fixed-key AES of the row number).
+struct Code {
+    pi: Aes128,
+    k: usize,
+}
+
+/// Rows whose indices are drawn at once.
+const CODE_CHUNK: usize = 256;
+
+impl Code {
+    fn new(k: usize) -> Code {
+        Code {
+            pi: Aes128::new(&Array::from(CODE_KEY)),
+            k,
+        }
+    }
+
+    /// Calls `each(row, indices)` for rows `0..n`.
+    fn rows(&self, n: usize, mut each: impl FnMut(usize, &[usize; CODE_WEIGHT])) {
+        let mut blocks = vec![aes::Block::default(); 3 * CODE_CHUNK];
+        let k = self.k as u64;
+        for first in (0..n).step_by(CODE_CHUNK) {
+            let rows = CODE_CHUNK.min(n - first);
+            for (j, b) in blocks[..3 * rows].iter_mut().enumerate() {
+                *b = block(((first * 3 + j) as u128) | (0xC0DE << 64));
+            }
+            self.pi.encrypt_blocks(&mut blocks[..3 * rows]);
+            for r in 0..rows {
+                let mut idx = [0usize; CODE_WEIGHT];
+                let mut words = [0u32; 12];
+                for (c, b) in blocks[3 * r..3 * r + 3].iter().enumerate() {
+                    let w = word(b);
+                    for q in 0..4 {
+                        words[4 * c + q] = (w >> (32 * q)) as u32;
+                    }
+                }
+                for (i, w) in idx.iter_mut().zip(words) {
+                    // a multiply-shift maps 32 uniform bits onto 0..k
+                    *i = ((u64::from(w) * k) >> 32) as usize;
+                }
+                each(first + r, &idx);
+            }
+        }
+    }
+
+    /// `out[i] ^= ⊕ base[A_i]` for every row.
+    fn encode(&self, base: &[u128], out: &mut [u128]) {
+        self.rows(out.len(), |i, idx| {
+            out[i] ^= idx.iter().fold(0, |acc, &j| acc ^ base[j]);
+        });
+    }
+
+    /// `out[i] ^= ⊕ base[A_i]` and `bits[i] ^= ⊕ base_bits[A_i]`.
+    fn encode_with_bits(&self, base: &[u128], base_bits: &Bits, out: &mut [u128], bits: &mut Bits) {
+        self.rows(out.len(), |i, idx| {
+            out[i] ^= idx.iter().fold(0, |acc, &j| acc ^ base[j]);
+            let b = idx.iter().fold(false, |acc, &j| acc ^ base_bits.get(j));
+            if b {
+                bits.set(i, !bits.get(i));
+            }
+        });
+    }
+}
+
+/// This party's state in the direction where it sends.
+struct Sending {
+    delta: u128,
+    /// the next iteration's COTs (`reserve` of them)
+    base: Vec<u128>,
+    /// made and not yet handed out
+    pool: Vec<u128>,
+    iteration: u64,
+}
+
+/// This party's state in the direction where it receives.
+struct Receiving {
+    base_t: Vec<u128>,
+    base_choice: Bits,
+    pool_t: Vec<u128>,
+    pool_choice: Bits,
+    iteration: u64,
+}
+
+/// What both directions share: parameters and the fixed-key primitives.
+struct Expander {
+    params: LpnParams,
+    ggm: Ggm,
+    code: Code,
+    tccr: Tccr,
+}
+
+impl Expander {
+    /// Iterations needed before `want` COTs are in a pool of `have`.
+    fn iterations(&self, have: usize, want: usize) -> usize {
+        want.saturating_sub(have).div_ceil(self.params.usable())
+    }
+
+    /// One iteration as sender (`me` sends): appends its message to `out`.
+    fn send_once(&self, me: Role, s: &mut Sending, rng: &mut ChaCha20Rng, out: &mut Vec<u8>) {
+        let p = self.params;
+        let (h, bin) = (p.log_bin as usize, 1usize << p.log_bin);
+        let mut v = vec![0u128; p.n];
+        let mut scratch = Vec::new();
+        for (b, leaves) in v.chunks_exact_mut(bin).enumerate() {
+            let seed = u128::from(rng.next_u64()) | (u128::from(rng.next_u64()) << 64);
+            let sums = self.ggm.grow(seed, leaves, &mut scratch);
+            for (l, [k0, k1]) in sums.into_iter().enumerate() {
+                let index = b * h + l;
+                let q = s.base[p.k + index];
+                let tweak = tree_tweak(me, s.iteration, index);
+                out.extend_from_slice(&(k0 ^ self.tccr.hash(tweak, q)).to_le_bytes());
+                out.extend_from_slice(&(k1 ^ self.tccr.hash(tweak, q ^ s.delta)).to_le_bytes());
+            }
+            let psi = leaves.iter().fold(s.delta, |acc, &x| acc ^ x);
+            out.extend_from_slice(&psi.to_le_bytes());
+        }
+        self.code.encode(&s.base[..p.k], &mut v);
+        s.pool.extend_from_slice(&v[p.reserve()..]);
+        v.truncate(p.reserve());
+        s.base = v;
+        s.iteration += 1;
+    }
+
+    /// One iteration as receiver from the peer's message for it.
+    fn receive_once(&self, peer: Role, r: &mut Receiving, message: &[u8]) {
+        let p = self.params;
+        let (h, bin) = (p.log_bin as usize, 1usize << p.log_bin);
+        let mut w = vec![0u128; p.n];
+        let mut e = Bits::zeros(p.n);
+        let mut scratch = Vec::new();
+        let per_tree = 32 * h + 16;
+        let read = |at: usize| {
+            let mut b = [0u8; 16];
+            b.copy_from_slice(&message[at..at + 16]);
+            u128::from_le_bytes(b)
+        };
+        let (mut side, mut off) = (vec![false; h], vec![0u128; h]);
+        for (b, leaves) in w.chunks_exact_mut(bin).enumerate() {
+            let at = b * per_tree;
+            for l in 0..h {
+                let index = b * h + l;
+                let choice = r.base_choice.get(p.k + index);
+                let tweak = tree_tweak(peer, r.iteration, index);
+                let masked = read(at + 32 * l + 16 * usize::from(choice));
+                side[l] = choice;
+                off[l] = masked ^ self.tccr.hash(tweak, r.base_t[p.k + index]);
+            }
+            let alpha = self.ggm.rebuild(&side, &off, leaves, &mut scratch);
+            let psi = read(at + 32 * h);
+            leaves[alpha] = leaves.iter().fold(psi, |acc, &x| acc ^ x);
+            e.set(b * bin + alpha, true);
+        }
+        self.code
+            .encode_with_bits(&r.base_t[..p.k], &r.base_choice, &mut w, &mut e);
+        let reserve = p.reserve();
+        r.pool_t.extend_from_slice(&w[reserve..]);
+        r.pool_choice.extend_from_range(&e, reserve, p.n - reserve);
+        w.truncate(reserve);
+        r.base_t = w;
+        r.base_choice = e.slice(0, reserve);
+        r.iteration += 1;
+    }
+}
+
+enum State {
+    Fresh,
+    /// IKNP's setup (and, from flight 2, its one bootstrap batch) runs;
+    /// the number of the flight expected next from the peer
+    Bootstrapping(Box<IknpSource>, u32),
+    Ready(Box<(Sending, Receiving)>),
+    /// the client sent its iterations for the batch; waits for the server's
+    ClientBatch(Box<(Sending, Receiving)>, CotCounts),
+    /// the server waits for the client's iterations
+    ServerBatch(Box<(Sending, Receiving)>, CotCounts),
+    Failed(OtError),
+}
+
+/// The silent-OT [`CorrelationSource`]: IKNP for the first COTs, then
+/// LPN expansion (see the module docs).
+pub struct SilentSource {
+    role: Role,
+    rng: ChaCha20Rng,
+    expander: Expander,
+    state: State,
+    output: Option<CotBatch>,
+}
+
+impl std::fmt::Debug for SilentSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SilentSource")
+            .field("role", &self.role)
+            .field("params", &self.expander.params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SilentSource {
+    /// A source for `role` with the default parameters, seeded from the
+    /// operating system.
+    pub fn new(role: Role) -> Result<SilentSource, OtError> {
+        let rng = ChaCha20Rng::try_from_rng(&mut SysRng)
+            .map_err(|e| OtError::Randomness(e.to_string()))?;
+        SilentSource::with_rng(role, DEFAULT_LPN, rng)
+    }
+
+    /// A source for `role` with `params` (checked against the table),
+    /// drawing from `rng` (tests seed it).
+    pub fn with_rng(
+        role: Role,
+        params: LpnParams,
+        rng: ChaCha20Rng,
+    ) -> Result<SilentSource, OtError> {
+        params.check()?;
+        Ok(SilentSource {
+            role,
+            rng,
+            expander: Expander {
+                params,
+                ggm: Ggm::new(),
+                code: Code::new(params.k),
+                tccr: Tccr::new(),
+            },
+            state: State::Fresh,
+            output: None,
+        })
+    }
+
+    fn fail(&mut self, e: OtError) -> OtError {
+        self.state = State::Failed(e.clone());
+        e
+    }
+
+    fn take_state(&mut self) -> Result<State, OtError> {
+        if let State::Failed(first) = &self.state {
+            return Err(failed_earlier(first));
+        }
+        let placeholder = OtError::Message("silent OT: a step was interrupted".into());
+        Ok(std::mem::replace(
+            &mut self.state,
+            State::Failed(placeholder),
+        ))
+    }
+
+    /// Both directions' state from IKNP's bootstrap batch.
+    fn install(&self, batch: CotBatch) -> Result<Box<(Sending, Receiving)>, OtError> {
+        let reserve = self.expander.params.reserve();
+        if batch.sent.q.len() < reserve || batch.received.t.len() < reserve {
+            return Err(OtError::Message(
+                "silent OT: the bootstrap batch is short".into(),
+            ));
+        }
+        let mut q = batch.sent.q;
+        q.truncate(reserve);
+        let mut t = batch.received.t;
+        t.truncate(reserve);
+        Ok(Box::new((
+            Sending {
+                delta: batch.sent.delta,
+                base: q,
+                pool: Vec::new(),
+                iteration: 0,
+            },
+            Receiving {
+                base_t: t,
+                base_choice: batch.received.choice.slice(0, reserve),
+                pool_t: Vec::new(),
+                pool_choice: Bits::zeros(0),
+                iteration: 0,
+            },
+        )))
+    }
+
+    /// The bootstrap batch's counts: one iteration's base COTs each way.
+    fn bootstrap_counts(&self) -> CotCounts {
+        let r = self.expander.params.reserve();
+        CotCounts {
+            sent: r,
+            received: r,
+        }
+    }
+
+    /// Runs the iterations this party sends for `want` COTs: the message.
+    fn send(&mut self, dirs: &mut (Sending, Receiving), want: usize) -> Vec<u8> {
+        let e = &self.expander;
+        let n = e.iterations(dirs.0.pool.len(), want);
+        let mut out = Vec::with_capacity(n * e.params.message_bytes());
+        for _ in 0..n {
+            e.send_once(self.role, &mut dirs.0, &mut self.rng, &mut out);
+        }
+        out
+    }
+
+    /// Takes the peer's iterations for `want` COTs this party receives.
+    fn receive(
+        &self,
+        dirs: &mut (Sending, Receiving),
+        want: usize,
+        message: &[u8],
+    ) -> Result<(), OtError> {
+        let e = &self.expander;
+        let n = e.iterations(dirs.1.pool_t.len(), want);
+        let per = e.params.message_bytes();
+        if message.len() != n * per {
+            return Err(OtError::Message(format!(
+                "silent OT: a batch of {want} COTs needs {n} iteration(s) of {per} bytes from the peer, got {} bytes",
+                message.len()
+            )));
+        }
+        for chunk in message.chunks_exact(per) {
+            e.receive_once(self.role.peer(), &mut dirs.1, chunk);
+        }
+        Ok(())
+    }
+
+    /// Hands `counts` out of the pools.
+    fn take(dirs: &mut (Sending, Receiving), counts: CotCounts) -> CotBatch {
+        let (s, r) = dirs;
+        let rest = s.pool.split_off(counts.sent);
+        let q = std::mem::replace(&mut s.pool, rest);
+        let rest_t = r.pool_t.split_off(counts.received);
+        let t = std::mem::replace(&mut r.pool_t, rest_t);
+        let choice = r.pool_choice.slice(0, counts.received);
+        r.pool_choice = r
+            .pool_choice
+            .slice(counts.received, r.pool_choice.len() - counts.received);
+        CotBatch {
+            sent: CotSender { delta: s.delta, q },
+            received: CotReceiver { choice, t },
+        }
+    }
+
+    fn step(&mut self, state: State, message: &[u8]) -> Result<(State, Option<Vec<u8>>), OtError> {
+        match state {
+            State::Bootstrapping(mut iknp, flight) => match (self.role, flight) {
+                (Role::Client, 1) => {
+                    // IKNP's answer: send its flight 2 with the bootstrap
+                    // batch's first message
+                    let flight2 = iknp.handle(message)?.unwrap_or_default();
+                    let matrix = iknp
+                        .start_batch(self.bootstrap_counts())?
+                        .ok_or_else(|| OtError::Message("IKNP: no batch message".into()))?;
+                    let mut out = Vec::with_capacity(4 + flight2.len() + matrix.len());
+                    out.extend_from_slice(&(flight2.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&flight2);
+                    out.extend_from_slice(&matrix);
+                    Ok((State::Bootstrapping(iknp, 3), Some(out)))
+                }
+                (Role::Client, _) => {
+                    // the server's bootstrap matrix
+                    iknp.handle(message)?;
+                    let batch = iknp.poll_batch().ok_or_else(|| {
+                        OtError::Message("silent OT: the bootstrap batch did not finish".into())
+                    })?;
+                    Ok((State::Ready(self.install(batch)?), None))
+                }
+                (Role::Server, 0) => {
+                    let reply = iknp.handle(message)?;
+                    Ok((State::Bootstrapping(iknp, 2), reply))
+                }
+                (Role::Server, _) => {
+                    let Some((len, body)) = message.split_first_chunk::<4>() else {
+                        return Err(OtError::Message(
+                            "silent OT setup flight 2: shorter than its length prefix".into(),
+                        ));
+                    };
+                    let len = u32::from_le_bytes(*len) as usize;
+                    if len == 0 || len > body.len() {
+                        return Err(OtError::Message(format!(
+                            "silent OT setup flight 2: a {len}-byte IKNP flight in a {}-byte message",
+                            body.len()
+                        )));
+                    }
+                    let (flight2, matrix) = body.split_at(len);
+                    if iknp.handle(flight2)?.is_some() || !iknp.is_ready() {
+                        return Err(OtError::Message(
+                            "silent OT setup flight 2: IKNP's setup did not finish".into(),
+                        ));
+                    }
+                    iknp.start_batch(self.bootstrap_counts())?;
+                    let reply = iknp.handle(matrix)?;
+                    let batch = iknp.poll_batch().ok_or_else(|| {
+                        OtError::Message("silent OT: the bootstrap batch did not finish".into())
+                    })?;
+                    Ok((State::Ready(self.install(batch)?), reply))
+                }
+            },
+            State::ClientBatch(mut dirs, counts) => {
+                self.receive(&mut dirs, counts.received, message)?;
+                self.output = Some(Self::take(&mut dirs, counts));
+                Ok((State::Ready(dirs), None))
+            }
+            State::ServerBatch(mut dirs, counts) => {
+                self.receive(&mut dirs, counts.received, message)?;
+                let reply = self.send(&mut dirs, counts.sent);
+                self.output = Some(Self::take(&mut dirs, counts));
+                Ok((State::Ready(dirs), Some(reply)))
+            }
+            State::Fresh => Err(OtError::Message(
+                "silent OT: a message before the setup started".into(),
+            )),
+            State::Ready(_) => Err(OtError::Message(
+                "silent OT: a message while no setup step or batch is running".into(),
+            )),
+            State::Failed(first) => Err(failed_earlier(&first)),
+        }
+    }
+}
+
+fn failed_earlier(first: &OtError) -> OtError {
+    OtError::Message(format!("silent OT: the source failed earlier: {first}"))
+}
+
+impl CorrelationSource for SilentSource {
+    fn role(&self) -> Role {
+        self.role
+    }
+
+    fn start_setup(&mut self) -> Result<Option<Vec<u8>>, OtError> {
+        let State::Fresh = self.take_state()? else {
+            return Err(self.fail(OtError::Message("silent OT: setup started twice".into())));
+        };
+        let mut iknp = Box::new(IknpSource::with_rng(
+            self.role,
+            ChaCha20Rng::from_rng(&mut self.rng),
+        ));
+        let first = iknp.start_setup().map_err(|e| self.fail(e))?;
+        let next = match self.role {
+            Role::Client => 1,
+            Role::Server => 0,
+        };
+        self.state = State::Bootstrapping(iknp, next);
+        Ok(first)
+    }
+
+    fn is_ready(&self) -> bool {
+        matches!(self.state, State::Ready(_))
+    }
+
+    fn start_batch(&mut self, counts: CotCounts) -> Result<Option<Vec<u8>>, OtError> {
+        let State::Ready(mut dirs) = self.take_state()? else {
+            return Err(self.fail(OtError::Message(
+                "silent OT: a batch started before the setup finished or during another batch"
+                    .into(),
+            )));
+        };
+        match self.role {
+            Role::Client => {
+                let message = self.send(&mut dirs, counts.sent);
+                self.state = State::ClientBatch(dirs, counts);
+                Ok(Some(message))
+            }
+            Role::Server => {
+                self.state = State::ServerBatch(dirs, counts);
+                Ok(None)
+            }
+        }
+    }
+
+    fn handle(&mut self, message: &[u8]) -> Result<Option<Vec<u8>>, OtError> {
+        let state = self.take_state()?;
+        let (next, reply) = self.step(state, message).map_err(|e| self.fail(e))?;
+        self.state = next;
+        Ok(reply)
+    }
+
+    fn poll_batch(&mut self) -> Option<CotBatch> {
+        self.output.take()
+    }
+
+    /// The pools of COTs made ahead and the next iterations' base COTs.
+    fn retained_bytes(&self) -> u64 {
+        let dirs = match &self.state {
+            State::Ready(d) | State::ClientBatch(d, _) | State::ServerBatch(d, _) => d,
+            _ => return 0,
+        };
+        let (s, r) = &**dirs;
+        ((s.base.capacity() + s.pool.capacity() + r.base_t.capacity() + r.pool_t.capacity()) as u64)
+            * 16
+            + ((r.base_choice.len() + r.pool_choice.len()) as u64).div_ceil(8)
+    }
+
+    /// The batch's COTs as handed out, one iteration's vectors per
+    /// direction while it runs, both directions' messages, and what the
+    /// pools and next iterations' COTs keep (at most one iteration's worth
+    /// each way).
+    fn batch_buffer_bytes(&self, counts: CotCounts) -> u64 {
+        let p = &self.expander.params;
+        let iterations = |m: usize| self.expander.iterations(0, m) as u64;
+        let messages = (iterations(counts.sent) + iterations(counts.received))
+            .saturating_mul(p.message_bytes() as u64);
+        let handed = (counts.sent as u64 + counts.received as u64).saturating_mul(17);
+        let running = 2 * (p.n as u64) * 17;
+        let kept = 2 * (p.n as u64) * 17;
+        [messages, handed, running, kept]
+            .into_iter()
+            .fold(0u64, u64::saturating_add)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rng(seed: u64) -> ChaCha20Rng {
+        ChaCha20Rng::seed_from_u64(seed)
+    }
+
+    const SMALL: LpnParams = LPN_TABLE[2].1;
+
+    /// A client and a server source through their setup.
+    fn sources(seed: u64, params: LpnParams) -> (SilentSource, SilentSource) {
+        let mut client = SilentSource::with_rng(Role::Client, params, rng(seed)).unwrap();
+        let mut server = SilentSource::with_rng(Role::Server, params, rng(seed + 1000)).unwrap();
+        let f0 = client.start_setup().unwrap().unwrap();
+        assert_eq!(server.start_setup().unwrap(), None);
+        let f1 = server.handle(&f0).unwrap().unwrap();
+        let f2 = client.handle(&f1).unwrap().unwrap();
+        assert!(!client.is_ready());
+        let f3 = server.handle(&f2).unwrap().unwrap();
+        assert!(server.is_ready());
+        assert_eq!(client.handle(&f3).unwrap(), None);
+        assert!(client.is_ready());
+        (client, server)
+    }
+
+    /// Runs one batch; returns both parties' COTs and the two messages.
+    fn batch(
+        client: &mut SilentSource,
+        server: &mut SilentSource,
+        counts: CotCounts,
+    ) -> (CotBatch, CotBatch, Vec<u8>, Vec<u8>) {
+        let req = client.start_batch(counts).unwrap().unwrap();
+        assert_eq!(server.start_batch(counts.as_seen_by_peer()).unwrap(), None);
+        let resp = server.handle(&req).unwrap().unwrap();
+        assert_eq!(client.handle(&resp).unwrap(), None);
+        let c = client.poll_batch().unwrap();
+        let s = server.poll_batch().unwrap();
+        (c, s, req, resp)
+    }
+
+    /// The ideal functionality of correlated OT: in every batch and both
+    /// directions, `t_j = q_j ⊕ ρ_j·Δ` with the sender's one `Δ`; batches
+    /// of zero, of less than one iteration and of several iterations; the
+    /// pools carry over between batches.
+    #[test]
+    fn silent_cots_satisfy_the_correlation_in_both_directions() {
+        let (mut client, mut server) = sources(3, SMALL);
+        let usable = SMALL.usable();
+        let mut deltas = None;
+        for (n_c, n_s) in [
+            (1000, 70),
+            (0, 5),
+            (2 * usable + 17, 0),
+            (usable, usable),
+            (1, 1),
+        ] {
+            let counts = CotCounts {
+                sent: n_c,
+                received: n_s,
+            };
+            let (c, s, ..) = batch(&mut client, &mut server, counts);
+            for (snd, rcv, n) in [(&c.sent, &s.received, n_c), (&s.sent, &c.received, n_s)] {
+                assert_eq!((snd.q.len(), rcv.t.len(), rcv.choice.len()), (n, n, n));
+                for j in 0..n {
+                    let rho = u128::from(rcv.choice.get(j));
+                    assert_eq!(rcv.t[j], snd.q[j] ^ (rho * snd.delta), "COT {j} of {n}");
+                }
+            }
+            let d = (c.sent.delta, s.sent.delta);
+            assert_eq!(*deltas.get_or_insert(d), d, "Δ changed between batches");
+            assert_ne!(d.0, d.1);
+        }
+    }
+
+    /// What each party ends up with is spread as it must be: the
+    /// receiver's choices are balanced, the sender's `q` and the receiver's
+    /// `t` never repeat, and no COT comes out twice across batches.
+    #[test]
+    fn outputs_are_balanced_and_never_repeat() {
+        let (mut client, mut server) = sources(4, SMALL);
+        let n = 3 * SMALL.usable() / 2;
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..2 {
+            let counts = CotCounts {
+                sent: n,
+                received: n,
+            };
+            let (c, s, ..) = batch(&mut client, &mut server, counts);
+            for rcv in [&c.received, &s.received] {
+                let ones = rcv.choice.count_ones() as f64 / n as f64;
+                assert!((0.49..0.51).contains(&ones), "choices {ones}");
+            }
+            for q in c.sent.q.iter().chain(&s.sent.q) {
+                assert!(seen.insert(*q), "a COT came out twice");
+            }
+        }
+    }
+
+    /// The only traffic after the setup is the senders' messages, which
+    /// are one iteration's [`LpnParams::message_bytes`] each, and look
+    /// uniform to the receiver (masked sums and `ψ`: about half the bits
+    /// set); a batch the pool already covers sends nothing.
+    #[test]
+    fn messages_are_as_long_as_the_iterations_and_look_uniform() {
+        let (mut client, mut server) = sources(5, SMALL);
+        let counts = CotCounts {
+            sent: SMALL.usable() + 1,
+            received: 10,
+        };
+        let (_, _, req, resp) = batch(&mut client, &mut server, counts);
+        assert_eq!(req.len(), 2 * SMALL.message_bytes());
+        assert_eq!(resp.len(), SMALL.message_bytes());
+        let ones: u32 = req.iter().map(|b| b.count_ones()).sum();
+        let fraction = f64::from(ones) / (8 * req.len()) as f64;
+        assert!((0.495..0.505).contains(&fraction), "{fraction}");
+        let (_, _, req, resp) = batch(
+            &mut client,
+            &mut server,
+            CotCounts {
+                sent: 5,
+                received: 5,
+            },
+        );
+        assert!(req.is_empty() && resp.is_empty());
+        // traffic per COT: ~3 bits with the default set
+        let bits = 8.0 * DEFAULT_LPN.message_bytes() as f64 / DEFAULT_LPN.usable() as f64;
+        assert!(bits < 3.1, "{bits}");
+    }
+
+    /// Only the table's parameter sets are accepted; a weaker or merely
+    /// different set is refused by name.
+    #[test]
+    fn lpn_parameters_outside_the_table_are_refused() {
+        for (name, p) in LPN_TABLE {
+            assert_eq!(p.check().unwrap(), name);
+            assert!(p.usable() > p.n / 2, "{name}");
+        }
+        let weaker = [
+            LpnParams {
+                k: SMALL.k - 1,
+                ..SMALL
+            },
+            LpnParams {
+                t: SMALL.t - 1,
+                n: (SMALL.t - 1) << SMALL.log_bin,
+                ..SMALL
+            },
+            LpnParams {
+                n: SMALL.n - 1,
+                ..SMALL
+            },
+        ];
+        for p in weaker {
+            let e = p.check().unwrap_err().to_string();
+            assert!(e.contains("refused") || e.contains("inconsistent"), "{e}");
+            assert!(SilentSource::with_rng(Role::Client, p, rng(1)).is_err());
+        }
+    }
+
+    /// A sender message of the wrong length is refused by name, and the
+    /// source stays failed.
+    #[test]
+    fn a_batch_message_of_the_wrong_length_is_refused() {
+        let (mut client, mut server) = sources(6, SMALL);
+        let counts = CotCounts {
+            sent: 10,
+            received: 10,
+        };
+        let mut req = client.start_batch(counts).unwrap().unwrap();
+        server.start_batch(counts.as_seen_by_peer()).unwrap();
+        req.pop();
+        let e = server.handle(&req).unwrap_err().to_string();
+        assert!(e.contains("needs 1 iteration(s)"), "{e}");
+        let again = server.handle(&req).unwrap_err().to_string();
+        assert!(again.contains("failed earlier"), "{again}");
+    }
+
+    /// A receiver whose tree sums were tampered with gets COTs that break
+    /// the correlation in that tree's bin: the check above would catch a
+    /// wrong rebuild. (Bin 200 lies past the COTs kept for the next
+    /// iteration, so its COTs are handed out.)
+    #[test]
+    fn a_tampered_sender_message_breaks_the_correlation() {
+        let (mut client, mut server) = sources(7, SMALL);
+        let counts = CotCounts {
+            sent: 20_000,
+            received: 0,
+        };
+        let mut req = client.start_batch(counts).unwrap().unwrap();
+        server.start_batch(counts.as_seen_by_peer()).unwrap();
+        let tree = 200 * (32 * SMALL.log_bin as usize + 16);
+        for b in &mut req[tree..tree + 32] {
+            *b ^= 0xff;
+        }
+        let resp = server.handle(&req).unwrap().unwrap();
+        client.handle(&resp).unwrap();
+        let (c, s) = (client.poll_batch().unwrap(), server.poll_batch().unwrap());
+        let broken = (0..20_000)
+            .filter(|&j| {
+                let rho = u128::from(s.received.choice.get(j));
+                s.received.t[j] != c.sent.q[j] ^ (rho * c.sent.delta)
+            })
+            .count();
+        assert!(broken > 0);
+    }
+}
