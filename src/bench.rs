@@ -80,6 +80,8 @@ pub struct BenchConfig {
     /// QUIC only: both ends send through an emulated link with this
     /// round-trip time (`bench --rtt-ms`)
     pub rtt: Option<std::time::Duration>,
+    /// where the private modes' correlations come from (`bench --ot`)
+    pub ot: secinfer_ot::Backend,
     /// single-sample predictions timed for the latency percentiles
     pub latency_samples: usize,
     /// online batch sizes to sweep (empty: no sweep)
@@ -116,7 +118,7 @@ pub struct BenchReport {
     /// where offline material came from
     pub preprocessing: String,
     /// where the correlations of the joint nonlinear layers came from
-    /// (private modes: "iknp")
+    /// (private modes: "silent" or "iknp")
     #[serde(default)]
     pub correlations: Option<String>,
     /// how client and server talk
@@ -426,7 +428,9 @@ fn run_mode(cfg: &BenchConfig, progress: &mut dyn FnMut(Progress)) -> anyhow::Re
     match cfg.transport {
         Transport::Memory => {
             let connect = || -> anyhow::Result<ClientModel<InMemoryChannel<ServerModel>>> {
-                ClientModel::load(&client_path, InMemoryChannel::new(server.clone()))
+                let client = ClientModel::load(&client_path, InMemoryChannel::new(server.clone()))?;
+                client.backend().set_ot_backend(cfg.ot)?;
+                Ok(client)
             };
             let client = connect()?;
             run_on(cfg, &converted, &server, &client, &connect, progress)
@@ -436,7 +440,9 @@ fn run_mode(cfg: &BenchConfig, progress: &mut dyn FnMut(Progress)) -> anyhow::Re
             let lo =
                 Loopback::start_over(server.clone(), server.digest(), Default::default(), link)?;
             let connect = || -> anyhow::Result<_> {
-                ClientModel::load_with(&client_path, |digest, _| lo.connect(digest))
+                let client = ClientModel::load_with(&client_path, |digest, _| lo.connect(digest))?;
+                client.backend().set_ot_backend(cfg.ot)?;
+                Ok(client)
             };
             let client = connect()?;
             let report = run_on(cfg, &converted, &server, &client, &connect, progress);
@@ -693,7 +699,9 @@ fn run_on<C: Channel + 'static>(
         max_abs_error: (!index_output).then_some(max_abs_error),
         reveal: client.reveal().as_str().into(),
         preprocessing: "bfv".into(),
-        correlations: client.program().map(|_| "iknp".to_string()),
+        correlations: client
+            .program()
+            .map(|_| client.backend().ot_backend().name().to_string()),
         transport: match (cfg.transport, cfg.rtt) {
             (Transport::Quic, Some(rtt)) => {
                 format!("quic over an emulated link of {} ms RTT", rtt.as_millis())

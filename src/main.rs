@@ -95,6 +95,10 @@ enum Command {
         /// figures at WAN distances; QUIC only.
         #[arg(long, value_name = "MS")]
         rtt_ms: Option<u64>,
+        /// Where the private modes' correlations come from: silent OT
+        /// (default) or IKNP, for comparison.
+        #[arg(long, default_value = "silent", value_parser = ["silent", "iknp"])]
+        ot: String,
         /// Inferences per offline (HE) batch, 1..=8192 (default: as many as
         /// fit 4 GiB of offline material).
         #[arg(long, value_name = "N")]
@@ -388,6 +392,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             transport,
             batch,
             rtt_ms,
+            ot,
             offline_batch,
             json,
             plot,
@@ -440,6 +445,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     Transport::Quic
                 },
                 rtt: rtt_ms.map(std::time::Duration::from_millis),
+                ot: ot.parse().map_err(anyhow::Error::msg)?,
                 latency_samples,
                 sweep,
                 options: args.options()?,
@@ -549,6 +555,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 offline_batch: None,
                 transport: Transport::Quic,
                 rtt: None,
+                ot: secinfer_ot::Backend::default(),
                 latency_samples: 10,
                 sweep: vec![],
                 options: Options {

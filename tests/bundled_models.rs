@@ -40,6 +40,7 @@ fn run_compared(
         offline_batch: None,
         transport,
         rtt: None,
+        ot: secinfer_ot::Backend::default(),
         latency_samples: 5,
         sweep: vec![],
         options: Options {
@@ -74,7 +75,7 @@ fn mnist_mlp_2000_images_agree_in_logits_mode_over_quic() {
     let e = r.max_abs_error.expect("logits mode reports the error");
     assert!(e < 2e-2, "max error {e}");
     // every joint step ran, and the correlations were made by the parties
-    assert_eq!(r.correlations.as_deref(), Some("iknp"));
+    assert_eq!(r.correlations.as_deref(), Some("silent"));
     assert!(r.bytes_ot_per_prediction > 0.0 && r.round_trips_per_prediction >= 10.0);
     // the same model in activations mode ran beside it: one round trip per
     // linear op, no correlations, and the same answers
@@ -160,6 +161,7 @@ fn random_inputs_report_agreement_and_the_fixed_json_keys() {
         offline_batch: Some(256),
         transport: Transport::Quic,
         rtt: None,
+        ot: secinfer_ot::Backend::default(),
         latency_samples: 7,
         sweep: vec![1, 8, 1000],
         // random inputs in [-1, 1): a matching input bound keeps precision

@@ -1,10 +1,12 @@
-//! The offline phase for correlations (`secinfer-ot`): IKNP extension plus
-//! refinement into random OTs and bit triples, through the engines' public
-//! API exactly as a session drives them.
+//! The offline phase for correlations (`secinfer-ot`), for both backends
+//! (silent OT, the default, and IKNP): extension plus refinement into
+//! random OTs and bit triples, through the engines' public API exactly as a
+//! session drives them.
 //!
-//! - `ot_setup/base_ots_both_ways`: the one-time setup (128 Chou–Orlandi
-//!   base OTs in each direction, both parties' work).
-//! - `ot_extend/<kind>`: one batch of 2^20 random OTs: the client's
+//! - `ot_setup/<backend>`: the one-time setup (128 Chou–Orlandi base OTs
+//!   in each direction; for silent OT also the IKNP batch that bootstraps
+//!   it), both parties' work.
+//! - `ot_extend/<backend>/<kind>`: one batch of 2^20 random OTs: the client's
 //!   request, the server's answer and the client's handling of it, so both
 //!   parties' whole work (PRG expansion, transposes, hashing, appending to
 //!   the stores) in one thread. Throughput is set to the number of random
@@ -19,22 +21,20 @@ use std::hint::black_box;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use secinfer_ot::{Demand, OtEngine, OtMessage, Role};
+use secinfer_ot::{Backend, Demand, OtEngine, OtMessage, Role};
 
 const OTS: u64 = 1 << 20;
 
-fn engines() -> (OtEngine, OtEngine) {
-    let mut client = OtEngine::new(Role::Client, u64::MAX).expect("client engine");
+fn engines(backend: Backend) -> (OtEngine, OtEngine) {
+    let mut client = OtEngine::client(backend, u64::MAX).expect("client engine");
     let mut server = OtEngine::new(Role::Server, u64::MAX).expect("server engine");
-    let f1 = server
-        .handle(client.start_setup().expect("setup"))
-        .expect("setup flight 0")
-        .expect("an answer");
-    let f2 = client
-        .handle(f1)
-        .expect("setup flight 1")
-        .expect("a last flight");
-    server.handle(f2).expect("setup flight 2");
+    let mut next = Some(client.start_setup().expect("setup"));
+    while let Some(m) = next.take() {
+        if let Some(reply) = server.handle(m).expect("server's setup step") {
+            next = client.handle(reply).expect("client's setup step");
+        }
+    }
+    assert!(client.is_ready() && server.is_ready(), "setup incomplete");
     (client, server)
 }
 
@@ -80,40 +80,43 @@ fn kinds() -> Vec<(&'static str, Demand)> {
 }
 
 fn bench_ot(c: &mut Criterion) {
-    let (mut client, mut server) = engines();
-    for (name, demand) in kinds() {
-        let bytes = batch(&mut client, &mut server, demand);
-        drain(&mut client, &mut server, &demand);
-        println!(
-            "ot {name}: {bytes} payload bytes for {OTS} random OTs = {:.2} bytes per random OT",
-            bytes as f64 / OTS as f64
-        );
-    }
+    for backend in [Backend::Silent, Backend::Iknp] {
+        let (mut client, mut server) = engines(backend);
+        let b = backend.name();
+        for (name, demand) in kinds() {
+            let bytes = batch(&mut client, &mut server, demand);
+            drain(&mut client, &mut server, &demand);
+            println!(
+                "ot {b} {name}: {bytes} payload bytes for {OTS} random OTs = {:.3} bytes per random OT",
+                bytes as f64 / OTS as f64
+            );
+        }
 
-    let mut g = c.benchmark_group("ot_setup");
-    g.sample_size(10);
-    g.bench_function("base_ots_both_ways", |b| b.iter(|| black_box(engines())));
-    g.finish();
+        let mut g = c.benchmark_group("ot_setup");
+        g.sample_size(10);
+        g.bench_function(b, |bench| bench.iter(|| black_box(engines(backend))));
+        g.finish();
 
-    let mut g = c.benchmark_group("ot_extend");
-    g.sample_size(10);
-    g.measurement_time(Duration::from_secs(8));
-    g.throughput(Throughput::Elements(OTS));
-    for (name, demand) in kinds() {
-        g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let mut timed = Duration::ZERO;
-                for _ in 0..iters {
-                    let start = Instant::now();
-                    black_box(batch(&mut client, &mut server, demand));
-                    timed += start.elapsed();
-                    drain(&mut client, &mut server, &demand);
-                }
-                timed
-            })
-        });
+        let mut g = c.benchmark_group(format!("ot_extend/{b}"));
+        g.sample_size(10);
+        g.measurement_time(Duration::from_secs(8));
+        g.throughput(Throughput::Elements(OTS));
+        for (name, demand) in kinds() {
+            g.bench_function(name, |bench| {
+                bench.iter_custom(|iters| {
+                    let mut timed = Duration::ZERO;
+                    for _ in 0..iters {
+                        let start = Instant::now();
+                        black_box(batch(&mut client, &mut server, demand));
+                        timed += start.elapsed();
+                        drain(&mut client, &mut server, &demand);
+                    }
+                    timed
+                })
+            });
+        }
+        g.finish();
     }
-    g.finish();
 }
 
 criterion_group!(benches, bench_ot);

@@ -118,6 +118,8 @@ pub struct SessionBackend<C: Channel> {
     max_batch: std::sync::OnceLock<usize>,
     /// the correlations' engine and store (private modes)
     ot: Mutex<Option<OtEngine>>,
+    /// the OT backend the session's correlations will use
+    ot_backend: Mutex<secinfer_ot::Backend>,
     channel: C,
 }
 
@@ -152,8 +154,30 @@ impl<C: Channel> SessionBackend<C> {
             offline: Mutex::new(None),
             max_batch: std::sync::OnceLock::new(),
             ot: Mutex::new(None),
+            ot_backend: Mutex::new(secinfer_ot::Backend::default()),
             channel,
         }
+    }
+
+    /// Chooses the OT backend for the correlations (before the first are
+    /// made; silent OT by default, IKNP for comparison). Refused once the
+    /// session's correlation setup has run.
+    pub fn set_ot_backend(&self, backend: secinfer_ot::Backend) -> anyhow::Result<()> {
+        if self.ot_engine()?.is_some() {
+            bail!("the OT backend is chosen before the first correlations are made");
+        }
+        *self
+            .ot_backend
+            .lock()
+            .map_err(|_| anyhow!("OT backend choice poisoned"))? = backend;
+        Ok(())
+    }
+
+    /// The OT backend the correlations use.
+    pub fn ot_backend(&self) -> secinfer_ot::Backend {
+        self.ot_backend
+            .lock()
+            .map_or_else(|p| *p.into_inner(), |b| *b)
     }
 
     fn ot_engine(&self) -> anyhow::Result<std::sync::MutexGuard<'_, Option<OtEngine>>> {
@@ -171,12 +195,13 @@ impl<C: Channel> SessionBackend<C> {
     }
 
     /// Makes `demand` more correlations with the server (the offline phase of
-    /// the private modes): base OTs once per session, then IKNP extension in
-    /// requests of at most [`MAX_OTS_PER_REQUEST`] OTs per direction.
+    /// the private modes): a setup once per session, then extension in
+    /// requests of at most [`MAX_OTS_PER_REQUEST`] OTs per direction, from
+    /// the chosen backend ([`set_ot_backend`](Self::set_ot_backend)).
     pub fn make_correlations(&self, demand: Demand) -> anyhow::Result<()> {
         let mut guard = self.ot_engine()?;
         if guard.is_none() {
-            let mut engine = OtEngine::new(secinfer_ot::Role::Client, u64::MAX)?;
+            let mut engine = OtEngine::client(self.ot_backend(), u64::MAX)?;
             let mut next = Some(engine.start_setup()?);
             while let Some(m) = next.take() {
                 if let Some(reply) = self
