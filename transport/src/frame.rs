@@ -13,8 +13,9 @@ use secinfer_protocol::{MaskRequest, MaskedInput, MaskedOutput, OfflineHello, Pr
 /// Version of the wire protocol; both sides must agree exactly (2: the
 /// reveal mode in the handshake, correlations and private batches; 3: the
 /// offline phase's packings, named in every mask request; 4: the server's
-/// per-session limit of preprocessed inferences in `Welcome`).
-pub const PROTOCOL_VERSION: u32 = 4;
+/// per-session limit of preprocessed inferences in `Welcome`; 5: the OT
+/// setup's first byte names the backend, silent OT by default).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Largest frame accepted by default: 64 MiB (an offline chunk is ~12 MiB; an
 /// online batch of 100 CNN images ~0.6 MiB).

@@ -15,9 +15,11 @@
 //! request(d')    ── Extend { batch: 1, d' } ──▶  …
 //! ```
 //!
-//! The setup flights carry the [`CorrelationSource`]'s base OTs (both
-//! directions; with IKNP the client is set up once it has flight 1, so
-//! flight 2 needs no answer and the first `Extend` follows it at once).
+//! The setup flights carry the [`CorrelationSource`]'s setup, the first
+//! byte of flight 0 naming the backend ([`Backend`]). With IKNP the client
+//! is set up once it has flight 1, so flight 2 needs no answer and the
+//! first `Extend` follows it at once; silent OT adds a flight 3 from the
+//! server (its IKNP bootstrap batch, docs/silent-ot.md).
 //! Batches are numbered from 0 and run one at a time; a multi-round source
 //! continues a batch with further `ExtendRound`s (rounds alternate, the
 //! client's even, the server's odd). When the source finishes a batch, the
@@ -1269,17 +1271,17 @@ mod tests {
         }
     }
 
-    /// A first setup message naming an unknown backend is refused by name.
+    /// A first setup message naming an unknown backend, or none, is
+    /// refused by name.
     #[test]
     fn an_unknown_backend_is_refused() {
-        let mut server = OtEngine::new(Role::Server, BUDGET).unwrap();
-        let e = server
-            .handle(OtMessage::Setup {
-                flight: 0,
-                payload: vec![7; 33],
-            })
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("OT backend 7"), "{e}");
+        for (payload, named) in [(vec![7; 33], "OT backend 7"), (vec![], "empty first setup")] {
+            let mut server = OtEngine::new(Role::Server, BUDGET).unwrap();
+            let e = server
+                .handle(OtMessage::Setup { flight: 0, payload })
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(named), "{e}");
+        }
     }
 }

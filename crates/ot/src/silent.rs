@@ -541,6 +541,8 @@ impl SilentSource {
     fn send(&mut self, dirs: &mut (Sending, Receiving), want: usize) -> Vec<u8> {
         let e = &self.expander;
         let n = e.iterations(dirs.0.pool.len(), want);
+        // the pool grows once, to its exact size (no doubling, no old copy)
+        dirs.0.pool.reserve_exact(n * e.params.usable());
         let mut out = Vec::with_capacity(n * e.params.message_bytes());
         for _ in 0..n {
             e.send_once(self.role, &mut dirs.0, &mut self.rng, &mut out);
@@ -564,6 +566,7 @@ impl SilentSource {
                 message.len()
             )));
         }
+        dirs.1.pool_t.reserve_exact(n * e.params.usable());
         for chunk in message.chunks_exact(per) {
             e.receive_once(self.role.peer(), &mut dirs.1, chunk);
         }
@@ -573,10 +576,9 @@ impl SilentSource {
     /// Hands `counts` out of the pools.
     fn take(dirs: &mut (Sending, Receiving), counts: CotCounts) -> CotBatch {
         let (s, r) = dirs;
-        let rest = s.pool.split_off(counts.sent);
-        let q = std::mem::replace(&mut s.pool, rest);
-        let rest_t = r.pool_t.split_off(counts.received);
-        let t = std::mem::replace(&mut r.pool_t, rest_t);
+        // handed out at their exact size; the rest stays in the pools
+        let q = s.pool.drain(..counts.sent).collect();
+        let t = r.pool_t.drain(..counts.received).collect();
         let choice = r.pool_choice.slice(0, counts.received);
         r.pool_choice = r
             .pool_choice
@@ -748,7 +750,9 @@ impl CorrelationSource for SilentSource {
             .saturating_mul(p.message_bytes() as u64);
         let handed = (counts.sent as u64 + counts.received as u64).saturating_mul(17);
         let running = 2 * (p.n as u64) * 17;
-        let kept = 2 * (p.n as u64) * 17;
+        // the pools at their largest: what is handed out plus less than one
+        // iteration left over, each way
+        let kept = handed.saturating_add(2 * (p.usable() as u64) * 17);
         [messages, handed, running, kept]
             .into_iter()
             .fold(0u64, u64::saturating_add)
@@ -883,6 +887,106 @@ mod tests {
         // traffic per COT: ~3 bits with the default set
         let bits = 8.0 * DEFAULT_LPN.message_bytes() as f64 / DEFAULT_LPN.usable() as f64;
         assert!(bits < 3.1, "{bits}");
+    }
+
+    /// The GGM tree: a receiver given the off-path sums of its choice bits
+    /// rebuilds every leaf but one, the one on the path that turns away from
+    /// its choices at every level; different choices puncture different
+    /// leaves.
+    #[test]
+    fn the_tree_is_rebuilt_but_for_the_leaf_the_choices_point_away_from() {
+        let ggm = Ggm::new();
+        let mut scratch = Vec::new();
+        let mut r = rng(8);
+        let mut punctured = std::collections::HashSet::new();
+        for _ in 0..32 {
+            let h = 7;
+            let mut leaves = vec![0u128; 1 << h];
+            let seed = u128::from(r.next_u64()) << 64 | u128::from(r.next_u64());
+            let sums = ggm.grow(seed, &mut leaves, &mut scratch);
+            let side: Vec<bool> = (0..h).map(|_| r.next_u64() & 1 == 1).collect();
+            let off: Vec<u128> = side
+                .iter()
+                .zip(&sums)
+                .map(|(&b, s)| s[usize::from(b)])
+                .collect();
+            let mut rebuilt = vec![0u128; 1 << h];
+            let alpha = ggm.rebuild(&side, &off, &mut rebuilt, &mut scratch);
+            let expected = side.iter().fold(0, |a, &b| 2 * a + usize::from(!b));
+            assert_eq!(alpha, expected);
+            for j in 0..1 << h {
+                if j != alpha {
+                    assert_eq!(rebuilt[j], leaves[j], "leaf {j}");
+                }
+            }
+            assert_ne!(rebuilt[alpha], leaves[alpha]);
+            punctured.insert(alpha);
+        }
+        assert!(punctured.len() > 20, "{}", punctured.len());
+    }
+
+    /// The code's indices cover `0..k` evenly enough (no index collapsed
+    /// into a sub-range): every index is drawn, within a few per cent of
+    /// its share over many rows.
+    #[test]
+    fn the_codes_indices_cover_the_secret() {
+        let k = SMALL.k;
+        let code = Code::new(k);
+        let mut hits = vec![0u32; k];
+        code.rows(SMALL.n, |_, idx| {
+            for &i in idx {
+                hits[i] += 1;
+            }
+        });
+        let mean = (SMALL.n * CODE_WEIGHT) as f64 / k as f64;
+        assert!(hits.iter().all(|&h| h > 0));
+        let (lo, hi) = (hits.iter().min().unwrap(), hits.iter().max().unwrap());
+        assert!(f64::from(*lo) > mean / 3.0 && f64::from(*hi) < mean * 3.0);
+        let first_half: u64 = hits[..k / 2].iter().map(|&h| u64::from(h)).sum();
+        let share = first_half as f64 / (SMALL.n * CODE_WEIGHT) as f64;
+        assert!((0.49..0.51).contains(&share), "{share}");
+    }
+
+    /// No COT handed out is also kept as a base COT for the next
+    /// iteration.
+    #[test]
+    fn handed_out_cots_are_never_kept_as_base_cots() {
+        let (mut client, mut server) = sources(9, SMALL);
+        let counts = CotCounts {
+            sent: SMALL.usable() + 5,
+            received: 0,
+        };
+        let (c, ..) = batch(&mut client, &mut server, counts);
+        let State::Ready(dirs) = &client.state else {
+            panic!("not ready");
+        };
+        let base: std::collections::HashSet<u128> = dirs.0.base.iter().copied().collect();
+        let pool: std::collections::HashSet<u128> = dirs.0.pool.iter().copied().collect();
+        assert!(
+            c.sent
+                .q
+                .iter()
+                .all(|q| !base.contains(q) && !pool.contains(q))
+        );
+    }
+
+    /// Malformed setup messages are refused by name: a flight 2 whose
+    /// length prefix is 0, longer than the message, or missing.
+    #[test]
+    fn malformed_setup_flights_are_refused() {
+        for bad in [
+            vec![0u8, 0, 0, 0, 1, 2],
+            vec![255, 255, 0, 0, 1],
+            vec![1, 2],
+        ] {
+            let mut client = SilentSource::with_rng(Role::Client, SMALL, rng(10)).unwrap();
+            let mut server = SilentSource::with_rng(Role::Server, SMALL, rng(11)).unwrap();
+            let f0 = client.start_setup().unwrap().unwrap();
+            server.start_setup().unwrap();
+            server.handle(&f0).unwrap();
+            let e = server.handle(&bad).unwrap_err().to_string();
+            assert!(e.contains("setup flight 2"), "{e}");
+        }
     }
 
     /// Only the table's parameter sets are accepted; a weaker or merely
