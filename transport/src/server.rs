@@ -514,14 +514,7 @@ async fn connection<L: MaskedLinear + 'static + ?Sized>(
     shared: Arc<Shared<L>>,
 ) {
     // Counted until this task ends, however it ends (shutdown aborts it).
-    struct Counted(Arc<Stats>);
-    impl Drop for Counted {
-        fn drop(&mut self) {
-            self.0.connections.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-    shared.stats.connections.fetch_add(1, Ordering::SeqCst);
-    let _counted = Counted(shared.stats.clone());
+    let _counted = Counted::new(&shared.stats, |s| &s.connections);
     // The TLS handshake and the hello share one deadline.
     let deadline = tokio::time::Instant::now() + shared.limits.handshake_timeout;
     if let Ok(Ok(conn)) = tokio::time::timeout_at(deadline, incoming).await {
@@ -1196,14 +1189,7 @@ async fn run_job<L: MaskedLinear + 'static + ?Sized>(
     let runtime = tokio::runtime::Handle::current();
     // The job holds the session alive (its memory is the session's) until it ends.
     let keep = state.clone();
-    struct Counted(Arc<Stats>);
-    impl Drop for Counted {
-        fn drop(&mut self) {
-            self.0.he_jobs.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-    shared.stats.he_jobs.fetch_add(1, Ordering::SeqCst);
-    let counted = Counted(shared.stats.clone());
+    let counted = Counted::new(&shared.stats, |s| &s.he_jobs);
     let handle = tokio::task::spawn_blocking(move || {
         let _counted = counted;
         let _keep = keep;
@@ -1279,6 +1265,29 @@ async fn run_job<L: MaskedLinear + 'static + ?Sized>(
                 Ok(_) => Err(End::Internal("HE job result lost".into())),
             }
         }
+    }
+}
+
+/// One unit of a server counter, held until dropped (however the task
+/// holding it ends).
+struct Counted {
+    stats: Arc<Stats>,
+    counter: fn(&Stats) -> &AtomicUsize,
+}
+
+impl Counted {
+    fn new(stats: &Arc<Stats>, counter: fn(&Stats) -> &AtomicUsize) -> Counted {
+        counter(stats).fetch_add(1, Ordering::SeqCst);
+        Counted {
+            stats: stats.clone(),
+            counter,
+        }
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        (self.counter)(&self.stats).fetch_sub(1, Ordering::SeqCst);
     }
 }
 
