@@ -179,9 +179,9 @@ impl UnwelcomedForTests {
                 reveal: config.reveal.clone(),
                 token: config.token.clone(),
             };
-            write_frame(&mut send, &hello, MAX_HELLO_BYTES)
-                .await
-                .map_err(|e| frame_err(conn, e))?;
+            if let Err(e) = write_frame(&mut send, &hello, MAX_HELLO_BYTES).await {
+                return Err(frame_err_wait(conn, e).await);
+            }
             let _ = send.finish();
             match read_frame::<_, ServerFrame>(&mut recv, MAX_HELLO_BYTES).await {
                 Ok(Some((frame, _))) => Ok(format!("{frame:?}")),
@@ -366,18 +366,15 @@ impl QuicChannel {
                     other => explain(other),
                 })?;
                 let (mut send, mut recv) = conn.open_bi().await.map_err(explain)?;
-                write_frame(
-                    &mut send,
-                    &ClientFrame::Hello {
-                        version: PROTOCOL_VERSION,
-                        model_digest: config.model_digest.clone(),
-                        reveal: config.reveal.clone(),
-                        token: config.token.clone(),
-                    },
-                    MAX_HELLO_BYTES,
-                )
-                .await
-                .map_err(|e| frame_err(&conn, e))?;
+                let hello = ClientFrame::Hello {
+                    version: PROTOCOL_VERSION,
+                    model_digest: config.model_digest.clone(),
+                    reveal: config.reveal.clone(),
+                    token: config.token.clone(),
+                };
+                if let Err(e) = write_frame(&mut send, &hello, MAX_HELLO_BYTES).await {
+                    return Err(frame_err_wait(&conn, e).await);
+                }
                 let _ = send.finish();
                 match read_frame::<_, ServerFrame>(&mut recv, MAX_HELLO_BYTES).await {
                     Ok(Some((
@@ -496,9 +493,10 @@ impl QuicChannel {
         let conn = &self.conn;
         self.runtime.block_on(async {
             let (mut send, mut recv) = conn.open_bi().await.map_err(explain)?;
-            tokio::io::AsyncWriteExt::write_all(&mut send, bytes)
-                .await
-                .map_err(|e| frame_err(conn, e.into()))?;
+            if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut send, bytes).await {
+                // a stream the server stopped: its close reason says why
+                return Err(frame_err_wait(conn, e.into()).await);
+            }
             if finish {
                 let _ = send.finish();
             }
