@@ -37,6 +37,9 @@
 //! The LPN parameters are checked against a cited table
 //! ([`LpnParams::check`]); nothing else is accepted.
 
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
 use aes::Aes128;
 use aes::cipher::{Array, BlockCipherEncrypt, KeyInit};
 use rand::rngs::{ChaCha20Rng, SysRng};
@@ -256,34 +259,87 @@ impl Ggm {
 }
 
 /// The public local linear code `A` (`n × k`, [`CODE_WEIGHT`] pseudorandom
-/// ones per row, from fixed-key AES of the row number).
+/// ones per row, from fixed-key AES of the row number). The same for every
+/// iteration and session, so a set's indices are drawn once per process
+/// and shared ([`code_table`]) where they fit in [`MAX_CODE_TABLE_BYTES`].
 struct Code {
     pi: Aes128,
     k: usize,
+    /// row `i`'s indices at `i·CODE_WEIGHT..`, for the first rows
+    table: Option<Arc<[u32]>>,
 }
 
 /// Rows whose indices are drawn at once.
 const CODE_CHUNK: usize = 256;
 
+/// The largest index table kept (the default set's is 24 MB; the large
+/// set's 424 MB is drawn row by row instead).
+pub const MAX_CODE_TABLE_BYTES: usize = 32 << 20;
+
+/// The index table of the code for `n` rows over `k`, drawn on first use
+/// and kept for the life of the process; `None` when it would exceed
+/// [`MAX_CODE_TABLE_BYTES`].
+fn code_table(n: usize, k: usize) -> Option<Arc<[u32]>> {
+    if n.saturating_mul(CODE_WEIGHT * 4) > MAX_CODE_TABLE_BYTES || u32::try_from(k).is_err() {
+        return None;
+    }
+    static TABLES: Mutex<Vec<(usize, usize, Arc<[u32]>)>> = Mutex::new(Vec::new());
+    let mut tables = TABLES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, _, t)) = tables.iter().find(|(tn, tk, _)| (*tn, *tk) == (n, k)) {
+        return Some(t.clone());
+    }
+    let mut table = Vec::with_capacity(n * CODE_WEIGHT);
+    Code::drawn(k, None).rows(0..n, |_, idx| {
+        table.extend(idx.iter().map(|&i| i as u32));
+    });
+    let table: Arc<[u32]> = table.into();
+    tables.push((n, k, table.clone()));
+    Some(table)
+}
+
 impl Code {
-    fn new(k: usize) -> Code {
+    /// The code for `params`, with its shared index table if it fits.
+    fn new(params: &LpnParams) -> Code {
+        Code::drawn(params.k, code_table(params.n, params.k))
+    }
+
+    fn drawn(k: usize, table: Option<Arc<[u32]>>) -> Code {
         Code {
             pi: Aes128::new(&Array::from(CODE_KEY)),
             k,
+            table,
         }
     }
 
-    /// Calls `each(row, indices)` for rows `0..n`.
-    fn rows(&self, n: usize, mut each: impl FnMut(usize, &[usize; CODE_WEIGHT])) {
+    /// Calls `each(row, indices)` for each row in `rows` (whose start is a
+    /// multiple of [`CODE_CHUNK`]): from the table if it holds them, else
+    /// drawn.
+    fn rows(&self, rows: Range<usize>, mut each: impl FnMut(usize, &[usize; CODE_WEIGHT])) {
+        if let Some(table) = &self.table
+            && rows.end * CODE_WEIGHT <= table.len()
+        {
+            for (row, idx) in rows.clone().zip(
+                table[rows.start * CODE_WEIGHT..rows.end * CODE_WEIGHT].chunks_exact(CODE_WEIGHT),
+            ) {
+                each(row, &std::array::from_fn(|i| idx[i] as usize));
+            }
+            return;
+        }
+        self.draw(rows, each);
+    }
+
+    /// As [`Code::rows`], drawing the indices with AES.
+    fn draw(&self, rows: Range<usize>, mut each: impl FnMut(usize, &[usize; CODE_WEIGHT])) {
+        debug_assert!(rows.start.is_multiple_of(CODE_CHUNK));
         let mut blocks = vec![aes::Block::default(); 3 * CODE_CHUNK];
         let k = self.k as u64;
-        for first in (0..n).step_by(CODE_CHUNK) {
-            let rows = CODE_CHUNK.min(n - first);
-            for (j, b) in blocks[..3 * rows].iter_mut().enumerate() {
+        for first in rows.clone().step_by(CODE_CHUNK) {
+            let count = CODE_CHUNK.min(rows.end - first);
+            for (j, b) in blocks[..3 * count].iter_mut().enumerate() {
                 *b = block(((first * 3 + j) as u128) | (0xC0DE << 64));
             }
-            self.pi.encrypt_blocks(&mut blocks[..3 * rows]);
-            for r in 0..rows {
+            self.pi.encrypt_blocks(&mut blocks[..3 * count]);
+            for r in 0..count {
                 let mut idx = [0usize; CODE_WEIGHT];
                 let mut words = [0u32; 12];
                 for (c, b) in blocks[3 * r..3 * r + 3].iter().enumerate() {
@@ -301,23 +357,68 @@ impl Code {
         }
     }
 
-    /// `out[i] ^= ⊕ base[A_i]` for every row.
+    /// `out[i] ^= ⊕ base[A_i]` for every row, spread over the cores.
     fn encode(&self, base: &[u128], out: &mut [u128]) {
-        self.rows(out.len(), |i, idx| {
-            out[i] ^= idx.iter().fold(0, |acc, &j| acc ^ base[j]);
+        in_parallel(out, CODE_CHUNK, |first, part| {
+            self.rows(first..first + part.len(), |i, idx| {
+                part[i - first] ^= idx.iter().fold(0, |acc, &j| acc ^ base[j]);
+            });
         });
     }
 
-    /// `out[i] ^= ⊕ base[A_i]` and `bits[i] ^= ⊕ base_bits[A_i]`.
+    /// `out[i] ^= ⊕ base[A_i]` and `bits[i] ^= ⊕ base_bits[A_i]`, spread
+    /// over the cores.
     fn encode_with_bits(&self, base: &[u128], base_bits: &Bits, out: &mut [u128], bits: &mut Bits) {
-        self.rows(out.len(), |i, idx| {
-            out[i] ^= idx.iter().fold(0, |acc, &j| acc ^ base[j]);
-            let b = idx.iter().fold(false, |acc, &j| acc ^ base_bits.get(j));
-            if b {
-                bits.set(i, !bits.get(i));
-            }
+        let flips = in_parallel(out, CODE_CHUNK, |first, part| {
+            let mut flips = vec![0u64; part.len().div_ceil(64)];
+            self.rows(first..first + part.len(), |i, idx| {
+                part[i - first] ^= idx.iter().fold(0, |acc, &j| acc ^ base[j]);
+                let b = idx.iter().fold(false, |acc, &j| acc ^ base_bits.get(j));
+                flips[(i - first) / 64] |= u64::from(b) << ((i - first) % 64);
+            });
+            flips
         });
+        // parts start at multiples of CODE_CHUNK, so their words line up
+        let flips = Bits::from_words(flips.concat(), bits.len())
+            .expect("one flip word per 64 rows of the code");
+        bits.xor_assign(&flips);
     }
+}
+
+/// Threads the expansion spreads over: the machine's cores, at most 8.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+}
+
+/// Runs `f(start, part)` on consecutive parts of `data`, one per thread
+/// ([`threads`]), each starting at a multiple of `align`; returns the
+/// results in order. Scoped threads of its own rather than a shared pool, so
+/// that an expansion never waits behind another session's HE job.
+fn in_parallel<T: Send, R: Send>(
+    data: &mut [T],
+    align: usize,
+    f: impl Fn(usize, &mut [T]) -> R + Sync,
+) -> Vec<R> {
+    let units = data.len().div_ceil(align);
+    let per = units.div_ceil(threads()).max(1) * align;
+    if per >= data.len() {
+        return vec![f(0, data)];
+    }
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = data
+            .chunks_mut(per)
+            .enumerate()
+            .map(|(i, part)| scope.spawn(move || f(i * per, part)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| match h.join() {
+                Ok(r) => r,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
 }
 
 /// This party's state in the direction where it sends.
@@ -357,11 +458,23 @@ impl Expander {
     fn send_once(&self, me: Role, s: &mut Sending, rng: &mut ChaCha20Rng, out: &mut Vec<u8>) {
         let p = self.params;
         let (h, bin) = (p.log_bin as usize, 1usize << p.log_bin);
+        let seeds: Vec<u128> = (0..p.t)
+            .map(|_| u128::from(rng.next_u64()) | (u128::from(rng.next_u64()) << 64))
+            .collect();
         let mut v = vec![0u128; p.n];
-        let mut scratch = Vec::new();
-        for (b, leaves) in v.chunks_exact_mut(bin).enumerate() {
-            let seed = u128::from(rng.next_u64()) | (u128::from(rng.next_u64()) << 64);
-            let sums = self.ggm.grow(seed, leaves, &mut scratch);
+        // each tree's level sums and ψ, trees grown on all cores
+        let trees = in_parallel(&mut v, bin, |first, part| {
+            let mut scratch = Vec::new();
+            part.chunks_exact_mut(bin)
+                .enumerate()
+                .map(|(j, leaves)| {
+                    let sums = self.ggm.grow(seeds[first / bin + j], leaves, &mut scratch);
+                    let psi = leaves.iter().fold(s.delta, |acc, &x| acc ^ x);
+                    (sums, psi)
+                })
+                .collect::<Vec<_>>()
+        });
+        for (b, (sums, psi)) in trees.into_iter().flatten().enumerate() {
             for (l, [k0, k1]) in sums.into_iter().enumerate() {
                 let index = b * h + l;
                 let q = s.base[p.k + index];
@@ -369,7 +482,6 @@ impl Expander {
                 out.extend_from_slice(&(k0 ^ self.tccr.hash(tweak, q)).to_le_bytes());
                 out.extend_from_slice(&(k1 ^ self.tccr.hash(tweak, q ^ s.delta)).to_le_bytes());
             }
-            let psi = leaves.iter().fold(s.delta, |acc, &x| acc ^ x);
             out.extend_from_slice(&psi.to_le_bytes());
         }
         self.code.encode(&s.base[..p.k], &mut v);
@@ -384,28 +496,39 @@ impl Expander {
         let p = self.params;
         let (h, bin) = (p.log_bin as usize, 1usize << p.log_bin);
         let mut w = vec![0u128; p.n];
-        let mut e = Bits::zeros(p.n);
-        let mut scratch = Vec::new();
         let per_tree = 32 * h + 16;
         let read = |at: usize| {
             let mut b = [0u8; 16];
             b.copy_from_slice(&message[at..at + 16]);
             u128::from_le_bytes(b)
         };
-        let (mut side, mut off) = (vec![false; h], vec![0u128; h]);
-        for (b, leaves) in w.chunks_exact_mut(bin).enumerate() {
-            let at = b * per_tree;
-            for l in 0..h {
-                let index = b * h + l;
-                let choice = r.base_choice.get(p.k + index);
-                let tweak = tree_tweak(peer, r.iteration, index);
-                let masked = read(at + 32 * l + 16 * usize::from(choice));
-                side[l] = choice;
-                off[l] = masked ^ self.tccr.hash(tweak, r.base_t[p.k + index]);
-            }
-            let alpha = self.ggm.rebuild(&side, &off, leaves, &mut scratch);
-            let psi = read(at + 32 * h);
-            leaves[alpha] = leaves.iter().fold(psi, |acc, &x| acc ^ x);
+        // each tree rebuilt on all cores: its punctured leaf's index
+        let (base_t, base_choice, iteration) = (&r.base_t, &r.base_choice, r.iteration);
+        let alphas = in_parallel(&mut w, bin, |first, part| {
+            let mut scratch = Vec::new();
+            let (mut side, mut off) = (vec![false; h], vec![0u128; h]);
+            part.chunks_exact_mut(bin)
+                .enumerate()
+                .map(|(j, leaves)| {
+                    let b = first / bin + j;
+                    let at = b * per_tree;
+                    for l in 0..h {
+                        let index = b * h + l;
+                        let choice = base_choice.get(p.k + index);
+                        let tweak = tree_tweak(peer, iteration, index);
+                        let masked = read(at + 32 * l + 16 * usize::from(choice));
+                        side[l] = choice;
+                        off[l] = masked ^ self.tccr.hash(tweak, base_t[p.k + index]);
+                    }
+                    let alpha = self.ggm.rebuild(&side, &off, leaves, &mut scratch);
+                    let psi = read(at + 32 * h);
+                    leaves[alpha] = leaves.iter().fold(psi, |acc, &x| acc ^ x);
+                    alpha
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut e = Bits::zeros(p.n);
+        for (b, alpha) in alphas.into_iter().flatten().enumerate() {
             e.set(b * bin + alpha, true);
         }
         self.code
@@ -475,7 +598,7 @@ impl SilentSource {
             expander: Expander {
                 params,
                 ggm: Ggm::new(),
-                code: Code::new(params.k),
+                code: Code::new(&params),
                 tccr: Tccr::new(),
             },
             state: State::Fresh,
@@ -931,9 +1054,9 @@ mod tests {
     #[test]
     fn the_codes_indices_cover_the_secret() {
         let k = SMALL.k;
-        let code = Code::new(k);
+        let code = Code::drawn(k, None);
         let mut hits = vec![0u32; k];
-        code.rows(SMALL.n, |_, idx| {
+        code.rows(0..SMALL.n, |_, idx| {
             for &i in idx {
                 hits[i] += 1;
             }
@@ -945,6 +1068,21 @@ mod tests {
         let first_half: u64 = hits[..k / 2].iter().map(|&h| u64::from(h)).sum();
         let share = first_half as f64 / (SMALL.n * CODE_WEIGHT) as f64;
         assert!((0.49..0.51).contains(&share), "{share}");
+    }
+
+    /// The shared table holds exactly the rows the code draws, and is
+    /// kept only for the sets that fit it.
+    #[test]
+    fn the_codes_table_holds_the_drawn_rows() {
+        let cached = Code::new(&SMALL);
+        assert!(cached.table.is_some());
+        let drawn = Code::drawn(SMALL.k, None);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        cached.rows(0..SMALL.n, |i, idx| a.push((i, *idx)));
+        drawn.rows(0..SMALL.n, |i, idx| b.push((i, *idx)));
+        assert_eq!(a.len(), SMALL.n);
+        assert!(a == b, "the table differs from the drawn code");
+        assert!(code_table(LPN_TABLE[0].1.n, LPN_TABLE[0].1.k).is_none());
     }
 
     /// No COT handed out is also kept as a base COT for the next
