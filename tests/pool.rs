@@ -1,6 +1,7 @@
 //! The background preprocessing pool: predictions draw material that a pool
 //! thread makes ahead of time with the HE offline phase, refilling below its
-//! low-water mark; without a pool, a prediction without material is refused.
+//! low-water mark, and correlations that its second thread makes ahead (the
+//! private modes); without a pool, a prediction without material is refused.
 
 use ndarray::Axis;
 use secinfer_protocol::PoolPolicy;
@@ -36,6 +37,13 @@ fn pool_keeps_predictions_supplied_and_results_exact() {
     .unwrap();
     let mut max_err = 0f32;
     for k in 0..10 {
+        // the pool's second thread makes the run's correlations ahead
+        assert!(
+            backend
+                .wait_for_correlations(10, std::time::Duration::from_secs(120))
+                .unwrap(),
+            "the pool made no correlations for the next 10 inferences"
+        );
         let x = data
             .inputs
             .slice_axis(Axis(0), (k * 10..k * 10 + 10).into())
@@ -56,6 +64,16 @@ fn pool_keeps_predictions_supplied_and_results_exact() {
     pool.stop();
     let left = backend.ready();
     assert_eq!((left + 100) % 40, 0, "{left} ready after the pool stopped");
+    // No prediction waited for correlations to be made, and the pool kept
+    // at most one batch's worth.
+    let stats = backend.run_stats();
+    assert_eq!(stats.batches, 10);
+    assert_eq!(stats.correlations_made_on_demand, 0);
+    let covered = backend.correlations_ready_for().unwrap();
+    assert!(
+        covered <= 40,
+        "the pool kept correlations for {covered} inferences"
+    );
 
     // Without a pool, running out of material is an error, not a hang.
     let x = data

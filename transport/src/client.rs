@@ -114,6 +114,9 @@ pub struct QuicChannel {
     conn: Connection,
     online: Mutex<Option<Stream>>,
     offline: Mutex<Option<Stream>>,
+    /// correlations have a stream of their own, so that they are made while
+    /// an HE batch runs
+    correlations: Mutex<Option<Stream>>,
     max_frame: usize,
     /// online up, online down, offline up, offline down, OT up, OT down
     bytes: [AtomicU64; 6],
@@ -420,6 +423,7 @@ impl QuicChannel {
             conn,
             online: Mutex::new(None),
             offline: Mutex::new(None),
+            correlations: Mutex::new(None),
             max_frame: config.max_frame_bytes,
             bytes: Default::default(),
             server_ops: ops,
@@ -691,7 +695,7 @@ impl Channel for QuicChannel {
     fn ot(&self, message: OtMessage) -> anyhow::Result<Option<OtMessage>> {
         let mut out = None;
         self.exchange(
-            &self.offline,
+            &self.correlations,
             ClientFrame::Ot(message),
             (4, 5),
             &mut |frame| match frame {

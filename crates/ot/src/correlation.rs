@@ -111,6 +111,23 @@ impl Demand {
             && self.word_ots_server_sends <= o.word_ots_server_sends
     }
 
+    /// How many times `per` fits in `self` (`u64::MAX` if `per` is zero):
+    /// for how many inferences a store holding `self` is ready.
+    pub fn times_in(&self, per: &Demand) -> u64 {
+        [
+            (self.triples, per.triples),
+            (self.bit_ots_client_sends, per.bit_ots_client_sends),
+            (self.bit_ots_server_sends, per.bit_ots_server_sends),
+            (self.word_ots_client_sends, per.word_ots_client_sends),
+            (self.word_ots_server_sends, per.word_ots_server_sends),
+        ]
+        .into_iter()
+        .filter(|&(_, p)| p > 0)
+        .map(|(have, p)| have / p)
+        .min()
+        .unwrap_or(u64::MAX)
+    }
+
     /// What is in `self` and not in `have`, component by component.
     pub fn shortfall(&self, have: &Demand) -> Demand {
         Demand {
@@ -731,6 +748,24 @@ mod tests {
         );
         assert_eq!(short.bit_ots_server_sends, want.bit_ots_server_sends);
         assert!(want.fits_in(&half.plus_for_test(&short)));
+    }
+
+    #[test]
+    fn times_in_counts_whole_inferences_by_the_scarcest_component() {
+        let per = demand();
+        assert_eq!(Demand::default().times_in(&per), 0);
+        assert_eq!(per.times(7).unwrap().times_in(&per), 7);
+        // one component short of the eighth inference: still 7
+        let mut have = per.times(8).unwrap();
+        have.word_ots_server_sends -= 1;
+        assert_eq!(have.times_in(&per), 7);
+        // components nobody needs do not count
+        let words_only = Demand {
+            word_ots_client_sends: 3,
+            ..Demand::default()
+        };
+        assert_eq!(have.times_in(&words_only), have.word_ots_client_sends / 3);
+        assert_eq!(have.times_in(&Demand::default()), u64::MAX);
     }
 
     impl Demand {

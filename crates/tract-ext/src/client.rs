@@ -104,6 +104,9 @@ struct ClientState {
     pool_running: bool,
     /// private batches run so far
     runs: RunStats,
+    /// Bumped (under this lock) whenever correlations are taken, so that the
+    /// pool's correlation thread never misses a wake-up.
+    correlations_taken: u64,
 }
 
 /// The client's backend: encodes, masks through the protocol session, calls
@@ -120,6 +123,9 @@ pub struct SessionBackend<C: Channel> {
     ot: Mutex<Option<OtEngine>>,
     /// the OT backend the session's correlations will use
     ot_backend: Mutex<secinfer_ot::Backend>,
+    /// correlations one inference consumes (private modes; set by
+    /// [`ClientModel`]), which the pool keeps ready
+    per_inference: std::sync::OnceLock<Demand>,
     channel: C,
 }
 
@@ -130,6 +136,8 @@ pub struct RunStats {
     pub batches: u64,
     /// messages the client waited for (round trips), summed over batches
     pub round_trips: u64,
+    /// batches that found too few correlations ready and made them first
+    pub correlations_made_on_demand: u64,
 }
 
 impl<C: Channel> std::fmt::Debug for SessionBackend<C> {
@@ -149,13 +157,59 @@ impl<C: Channel> SessionBackend<C> {
                 pool_error: None,
                 pool_running: false,
                 runs: RunStats::default(),
+                correlations_taken: 0,
             }),
             changed: Condvar::new(),
             offline: Mutex::new(None),
             max_batch: std::sync::OnceLock::new(),
             ot: Mutex::new(None),
             ot_backend: Mutex::new(secinfer_ot::Backend::default()),
+            per_inference: std::sync::OnceLock::new(),
             channel,
+        }
+    }
+
+    /// Declares the correlations one inference consumes, so that a
+    /// [`PreprocessingPool`] keeps them ready (set once, by the private
+    /// modes' [`ClientModel`]).
+    pub fn set_correlations_per_inference(&self, per: Demand) -> anyhow::Result<()> {
+        self.per_inference
+            .set(per)
+            .map_err(|_| anyhow!("the correlations per inference are already set"))
+    }
+
+    /// Inferences the correlations ready would cover (`None` outside the
+    /// private modes).
+    pub fn correlations_ready_for(&self) -> Option<u64> {
+        let per = self.per_inference.get()?;
+        Some(self.correlations_ready().times_in(per))
+    }
+
+    /// Waits until the correlations ready cover `n` inferences (a pool
+    /// makes them) or `limit` passes; returns whether they do. Outside the
+    /// private modes nothing is needed: `true` at once.
+    pub fn wait_for_correlations(
+        &self,
+        n: u64,
+        limit: std::time::Duration,
+    ) -> anyhow::Result<bool> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if self.correlations_ready_for().is_none_or(|have| have >= n) {
+                return Ok(true);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            // woken when correlations arrive; the slice bounds a missed wake-up
+            let state = self.lock()?;
+            let slice = left.min(std::time::Duration::from_millis(50));
+            drop(
+                self.changed
+                    .wait_timeout(state, slice)
+                    .map_err(|_| anyhow!("client session poisoned by an earlier panic"))?,
+            );
         }
     }
 
@@ -258,6 +312,9 @@ impl<C: Channel> SessionBackend<C> {
         };
         if let Some(missing) = short {
             self.make_correlations(missing)?;
+            if let Ok(mut st) = self.lock() {
+                st.runs.correlations_made_on_demand += 1;
+            }
         }
         let (position, correlations) = {
             let mut guard = self.ot_engine()?;
@@ -271,6 +328,9 @@ impl<C: Channel> SessionBackend<C> {
                 None => bail!("no correlation engine"),
             }
         };
+        // the pool refills what was taken
+        self.lock()?.correlations_taken += 1;
+        self.changed.notify_all();
         let (begin, mut run) =
             self.lock()?
                 .session
@@ -533,14 +593,17 @@ fn drive<C: Channel + ?Sized>(
 /// Inferences per offline batch at most (the HE ring degree).
 pub const MAX_BATCH: usize = 8192;
 
-/// Keeps a client session supplied with offline material from a background
-/// thread: whenever fewer than the policy's low-water mark (or fewer than a
-/// waiting prediction needs) are ready, it runs a batch. Dropping the pool
-/// stops it after the batch in progress.
+/// Keeps a client session supplied with offline material from background
+/// threads: whenever fewer than the policy's low-water mark (or fewer than a
+/// waiting prediction needs) are ready, one thread runs an HE batch; in the
+/// private modes a second thread keeps correlations for up to one batch of
+/// inferences (within half the client's correlation budget) on their own
+/// stream, so that OT expansion runs while HE batches do. Dropping the pool
+/// stops it after the batches in progress.
 pub struct PreprocessingPool {
     stop: Arc<AtomicBool>,
     wake: Arc<dyn Fn() + Send + Sync>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 impl PreprocessingPool {
@@ -563,53 +626,51 @@ impl PreprocessingPool {
         backend.lock()?.pool_running = true;
         let stop = Arc::new(AtomicBool::new(false));
         let (b, st) = (backend.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
-            .name("secinfer-preprocessing".into())
-            .spawn(move || {
-                let outcome = (|| -> anyhow::Result<()> {
-                    loop {
-                        let next = {
-                            let mut state = b.lock()?;
-                            loop {
-                                if st.load(Ordering::SeqCst) {
-                                    return Ok(());
-                                }
-                                let ready = state.session.ready();
-                                let low = policy.low_water.max(state.demand);
-                                let want = PoolPolicy {
-                                    low_water: low,
-                                    ..policy
-                                }
-                                .next_batch(ready, 0);
-                                if let Some(n) = want {
-                                    break n;
-                                }
-                                state = b
-                                    .changed
-                                    .wait(state)
-                                    .map_err(|_| anyhow!("session poisoned"))?;
-                            }
-                        };
-                        b.preprocess(next)?;
+        let mut threads = vec![
+            std::thread::Builder::new()
+                .name("secinfer-preprocessing".into())
+                .spawn(move || {
+                    let outcome = keep_material(&b, policy, &st);
+                    if let Ok(mut state) = b.lock() {
+                        state.pool_running = false;
+                        if let Err(e) = outcome {
+                            state.pool_error = Some(format!("{e:#}"));
+                        }
                     }
-                })();
-                if let Ok(mut state) = b.lock() {
-                    state.pool_running = false;
-                    if let Err(e) = outcome {
-                        state.pool_error = Some(format!("{e:#}"));
-                    }
-                }
-                b.changed.notify_all();
-            })?;
+                    b.changed.notify_all();
+                })?,
+        ];
+        if let Some(&per) = backend.per_inference.get()
+            && !per.is_zero()
+        {
+            let (b, st) = (backend.clone(), stop.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name("secinfer-correlations".into())
+                    .spawn(move || {
+                        if let Err(e) = keep_correlations(&b, per, policy, &st)
+                            && let Ok(mut state) = b.lock()
+                        {
+                            state.pool_error = Some(format!("making correlations: {e:#}"));
+                        }
+                        b.changed.notify_all();
+                    })?,
+            );
+        }
         let b = backend.clone();
         Ok(PreprocessingPool {
             stop,
-            wake: Arc::new(move || b.changed.notify_all()),
-            thread: Some(thread),
+            // under the state lock, so that a thread between its check of
+            // `stop` and its wait cannot miss the wake-up
+            wake: Arc::new(move || {
+                let _state = b.lock();
+                b.changed.notify_all();
+            }),
+            threads,
         })
     }
 
-    /// Stops the pool and waits for its thread.
+    /// Stops the pool and waits for its threads.
     pub fn stop(mut self) {
         self.shutdown();
     }
@@ -617,7 +678,7 @@ impl PreprocessingPool {
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
         (self.wake)();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -626,6 +687,79 @@ impl PreprocessingPool {
 impl Drop for PreprocessingPool {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+/// The pool's HE thread: runs a batch whenever fewer inferences than the
+/// low-water mark (or a waiting prediction's demand) are ready.
+fn keep_material<C: Channel>(
+    b: &SessionBackend<C>,
+    policy: PoolPolicy,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    loop {
+        let next = {
+            let mut state = b.lock()?;
+            loop {
+                if stop.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let ready = state.session.ready();
+                let low = policy.low_water.max(state.demand);
+                let want = PoolPolicy {
+                    low_water: low,
+                    ..policy
+                }
+                .next_batch(ready, 0);
+                if let Some(n) = want {
+                    break n;
+                }
+                state = b
+                    .changed
+                    .wait(state)
+                    .map_err(|_| anyhow!("session poisoned"))?;
+            }
+        };
+        b.preprocess(next)?;
+    }
+}
+
+/// The pool's correlation thread: whenever the correlations ready cover
+/// fewer inferences than the low-water mark, makes them up to one batch's
+/// worth, both within half the client's correlation budget.
+fn keep_correlations<C: Channel>(
+    b: &SessionBackend<C>,
+    per: Demand,
+    policy: PoolPolicy,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
+    let most = (DEFAULT_CORRELATION_BUDGET / 2 / per.stored_bytes().max(1)).max(1);
+    let keep = (policy.batch as u64).min(most);
+    let low = (policy.low_water as u64).clamp(1, keep);
+    loop {
+        let taken = b.lock()?.correlations_taken;
+        if stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        // read without the state lock: the OT engine's lock may be held by
+        // a batch in progress for a while
+        let have = b.correlations_ready();
+        if have.times_in(&per) < low {
+            let want = per
+                .times(keep)
+                .ok_or_else(|| anyhow!("correlations for {keep} inferences overflow"))?;
+            b.make_correlations(want.shortfall(&have))?;
+            continue;
+        }
+        let state = b.lock()?;
+        if state.correlations_taken == taken && !stop.load(Ordering::SeqCst) {
+            // nothing taken since the check: wait for the next prediction
+            drop(
+                b.changed
+                    .wait(state)
+                    .map_err(|_| anyhow!("session poisoned"))?,
+            );
+        }
     }
 }
 
@@ -847,7 +981,12 @@ impl<C: Channel + 'static> ClientModel<C> {
             channel,
         ));
         let engine = match contract.program {
-            Some(program) => Engine::Private(PrivatePlan::new(&proto, program)?),
+            Some(program) => {
+                let plan = PrivatePlan::new(&proto, program)?;
+                let per = program_cost(&plan.program, &contract.layers, 1)?.demand;
+                backend.set_correlations_per_inference(per)?;
+                Engine::Private(plan)
+            }
             None => {
                 let mut model = crate::onnx()
                     .model_for_proto_model(&proto)
