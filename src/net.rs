@@ -48,6 +48,10 @@ pub fn serve(mut opts: ServeOptions) -> anyhow::Result<()> {
     // the HE context every session shares, built now so that it is part of
     // the server's own memory, which the budget's pools leave room for
     secinfer_protocol::params_for(model.layers())?;
+    // likewise the silent-OT code's index table, shared by private sessions
+    if secinfer_protocol::MaskedLinear::program(&*model).is_some() {
+        secinfer_ot::silent::prepare_code(&secinfer_ot::silent::DEFAULT_LPN)?;
+    }
     let own = resident_bytes().unwrap_or(0);
     opts.limits = within_budget(opts.limits, own)?;
     let (identity, generated) = match &opts.cert_key {

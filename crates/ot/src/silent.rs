@@ -297,6 +297,15 @@ fn code_table(n: usize, k: usize) -> Option<Arc<[u32]>> {
     Some(table)
 }
 
+/// Draws the shared index table of `params`'s code now rather than in the
+/// first session that needs it: a server does so at start, so that the
+/// table is part of its own memory, which its budget's pools leave room for.
+pub fn prepare_code(params: &LpnParams) -> Result<(), OtError> {
+    params.check()?;
+    code_table(params.n, params.k);
+    Ok(())
+}
+
 impl Code {
     /// The code for `params`, with its shared index table if it fits.
     fn new(params: &LpnParams) -> Code {
@@ -387,7 +396,8 @@ impl Code {
 
 /// Threads the expansion spreads over: the machine's cores, at most 8.
 fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
 }
 
 /// Runs `f(start, part)` on consecutive parts of `data`, one per thread
@@ -1083,6 +1093,40 @@ mod tests {
         assert_eq!(a.len(), SMALL.n);
         assert!(a == b, "the table differs from the drawn code");
         assert!(code_table(LPN_TABLE[0].1.n, LPN_TABLE[0].1.k).is_none());
+    }
+
+    /// Encoding split over threads equals encoding row by row in one
+    /// range, and rows drawn from the middle equal the same rows of a
+    /// whole draw (the large set's path): the split never changes `A`.
+    #[test]
+    fn the_split_encoding_equals_a_sequential_one() {
+        let code = Code::drawn(SMALL.k, None);
+        let mut r = rng(31);
+        let mut word = || u128::from(r.next_u64()) | (u128::from(r.next_u64()) << 64);
+        let base: Vec<u128> = (0..SMALL.k).map(|_| word()).collect();
+        let bits = Bits::from_bools((0..SMALL.k).map(|_| word() & 1 == 1));
+        let start: Vec<u128> = (0..SMALL.n).map(|_| word()).collect();
+        let (mut split, mut split_bits) = (start.clone(), Bits::zeros(SMALL.n));
+        code.encode_with_bits(&base, &bits, &mut split, &mut split_bits);
+        let (mut one, mut one_bits) = (start.clone(), Bits::zeros(SMALL.n));
+        code.draw(0..SMALL.n, |i, idx| {
+            one[i] ^= idx.iter().fold(0, |acc, &j| acc ^ base[j]);
+            if idx.iter().fold(false, |acc, &j| acc ^ bits.get(j)) {
+                one_bits.set(i, true);
+            }
+        });
+        assert!(split == one, "the split encoding differs");
+        assert_eq!(split_bits, one_bits);
+        let mut plain = start;
+        code.encode(&base, &mut plain);
+        assert!(plain == one, "the split encoding without bits differs");
+        let (mut middle, mut whole) = (Vec::new(), Vec::new());
+        code.draw(2 * CODE_CHUNK..3000, |i, idx| middle.push((i, *idx)));
+        code.draw(0..3000, |i, idx| whole.push((i, *idx)));
+        assert!(
+            middle[..] == whole[2 * CODE_CHUNK..],
+            "rows depend on where a draw starts"
+        );
     }
 
     /// No COT handed out is also kept as a base COT for the next
