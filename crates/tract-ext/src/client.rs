@@ -100,6 +100,8 @@ struct ClientState {
     demand: usize,
     /// Why the background pool stopped, if it failed.
     pool_error: Option<String>,
+    /// Why the pool's correlation thread stopped, if it failed.
+    correlations_error: Option<String>,
     /// Whether a background pool is running.
     pool_running: bool,
     /// private batches run so far
@@ -155,6 +157,7 @@ impl<C: Channel> SessionBackend<C> {
                 current: vec![],
                 demand: 0,
                 pool_error: None,
+                correlations_error: None,
                 pool_running: false,
                 runs: RunStats::default(),
                 correlations_taken: 0,
@@ -198,6 +201,9 @@ impl<C: Channel> SessionBackend<C> {
             if self.correlations_ready_for().is_none_or(|have| have >= n) {
                 return Ok(true);
             }
+            if let Some(e) = &self.lock()?.correlations_error {
+                bail!("the pool stopped making correlations: {e}");
+            }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if left.is_zero() {
                 return Ok(false);
@@ -217,13 +223,17 @@ impl<C: Channel> SessionBackend<C> {
     /// made; silent OT by default, IKNP for comparison). Refused once the
     /// session's correlation setup has run.
     pub fn set_ot_backend(&self, backend: secinfer_ot::Backend) -> anyhow::Result<()> {
-        if self.ot_engine()?.is_some() {
+        // the engine's lock is held throughout, so that a pool cannot make
+        // the engine between the check and the choice
+        let engine = self.ot_engine()?;
+        if engine.is_some() {
             bail!("the OT backend is chosen before the first correlations are made");
         }
         *self
             .ot_backend
             .lock()
             .map_err(|_| anyhow!("OT backend choice poisoned"))? = backend;
+        drop(engine);
         Ok(())
     }
 
@@ -644,18 +654,30 @@ impl PreprocessingPool {
             && !per.is_zero()
         {
             let (b, st) = (backend.clone(), stop.clone());
-            threads.push(
-                std::thread::Builder::new()
-                    .name("secinfer-correlations".into())
-                    .spawn(move || {
-                        if let Err(e) = keep_correlations(&b, per, policy, &st)
-                            && let Ok(mut state) = b.lock()
-                        {
-                            state.pool_error = Some(format!("making correlations: {e:#}"));
-                        }
-                        b.changed.notify_all();
-                    })?,
-            );
+            let spawned = std::thread::Builder::new()
+                .name("secinfer-correlations".into())
+                .spawn(move || {
+                    if let Err(e) = keep_correlations(&b, per, policy, &st)
+                        && let Ok(mut state) = b.lock()
+                    {
+                        state.correlations_error = Some(format!("{e:#}"));
+                    }
+                    b.changed.notify_all();
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    // stop the HE thread rather than leave it running
+                    stop.store(true, Ordering::SeqCst);
+                    if let Ok(_state) = backend.lock() {
+                        backend.changed.notify_all();
+                    }
+                    for t in threads {
+                        let _ = t.join();
+                    }
+                    return Err(e.into());
+                }
+            }
         }
         let b = backend.clone();
         Ok(PreprocessingPool {
@@ -748,7 +770,12 @@ fn keep_correlations<C: Channel>(
             let want = per
                 .times(keep)
                 .ok_or_else(|| anyhow!("correlations for {keep} inferences overflow"))?;
-            b.make_correlations(want.shortfall(&have))?;
+            // one request at a time: between requests a prediction can take
+            // what is ready, and a stop is seen
+            let short = want.shortfall(&have);
+            if let Some(&part) = split_demand(short, MAX_OTS_PER_REQUEST).first() {
+                b.make_correlations(part)?;
+            }
             continue;
         }
         let state = b.lock()?;
