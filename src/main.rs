@@ -294,6 +294,10 @@ fn run_bench(cfg: BenchConfig, json: Option<&Path>, plot: Option<&Path>) -> anyh
     let started = std::time::Instant::now();
     let mut bar: Option<indicatif::ProgressBar> = None;
     let mut spinner: Option<secinfer::progress::Spinner> = None;
+    let extension = match cfg.ot {
+        secinfer_ot::Backend::Silent => "silent OT",
+        secinfer_ot::Backend::Iknp => "IKNP extension",
+    };
     let report = bench::run(&cfg, |p| match p {
         bench::Progress::Preprocessing { count } => {
             let msg = format!("offline: HE preprocessing for {count} inferences (one batch)");
@@ -308,7 +312,7 @@ fn run_bench(cfg: BenchConfig, json: Option<&Path>, plot: Option<&Path>) -> anyh
         }
         bench::Progress::Correlations { count } => {
             let msg = format!(
-                "offline: oblivious-transfer correlations for {count} inferences (IKNP extension)"
+                "offline: oblivious-transfer correlations for {count} inferences ({extension})"
             );
             if tty {
                 if let Some(b) = &bar {

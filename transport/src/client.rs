@@ -3,9 +3,11 @@
 //! client model, the preprocessing pool and the bench use it unchanged.
 //!
 //! It owns a small tokio runtime (one worker thread, which keeps the
-//! connection alive while the caller computes) and two streams: one for
-//! online round trips, one for the offline phase, each used by one call at
-//! a time. Frame bytes are counted per phase and direction.
+//! connection alive while the caller computes) and three streams: one for
+//! online round trips (and private runs), one for the HE offline phase and
+//! one for correlations, so that a pool makes both kinds of material at
+//! once; each is used by one call at a time. Frame bytes are counted per
+//! phase and direction.
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
