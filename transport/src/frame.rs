@@ -14,8 +14,9 @@ use secinfer_protocol::{MaskRequest, MaskedInput, MaskedOutput, OfflineHello, Pr
 /// reveal mode in the handshake, correlations and private batches; 3: the
 /// offline phase's packings, named in every mask request; 4: the server's
 /// per-session limit of preprocessed inferences in `Welcome`; 5: the OT
-/// setup's first byte names the backend, silent OT by default).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// setup's first byte names the backend, silent OT by default; 6: silent
+/// OT's setup chains its small LPN set, in five flights).
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Largest frame accepted by default: 64 MiB (an offline chunk is ~12 MiB; an
 /// online batch of 100 CNN images ~0.6 MiB).

@@ -31,8 +31,16 @@
 //! the default parameters, 3 bits per COT; IKNP sends 128). The receiver
 //! sends nothing, so a batch is one message each way: the client's
 //! iterations as sender with its request, the server's in its answer. The
-//! first `k + t·h` COTs of each direction come from IKNP during the setup
-//! ([`crate::iknp`], one batch, ~1.2 MB each way once per session).
+//! first `k + t·h` COTs of each direction come from the setup: IKNP
+//! ([`crate::iknp`], one batch) makes the small set's base ([`BOOT_LPN`],
+//! ~209 KB each way), and one iteration of the small set each way makes the
+//! default set's (~142 KB each way), ~0.35 MB each way in all instead of
+//! IKNP's 1.2 MB. Setup flights: 0 (client) IKNP's base-OT offer; 1
+//! (server) its answer; 2 (client) a `u32` length, IKNP's last flight and
+//! the bootstrap matrix; 3 (server) a `u32` length, its matrix and its
+//! small-set iterations; 4 (client) its small-set iterations, which the
+//! server does not answer (when the set is the small one itself, flight 3
+//! is the matrix alone and there is no flight 4).
 //!
 //! The LPN parameters are checked against a cited table
 //! ([`LpnParams::check`]); nothing else is accepted.
@@ -105,6 +113,12 @@ pub const LPN_TABLE: [(&str, LpnParams); 3] = [
 /// The default set: ~9.7 MB of COTs per iteration and direction keeps a
 /// session's memory small; 3 bits of traffic per COT.
 pub const DEFAULT_LPN: LpnParams = LPN_TABLE[1].1;
+
+/// The set that bootstraps the others: IKNP makes its few base COTs
+/// (~13,000 each way, 209 KB) and its iterations make the main set's base
+/// (one for the default set), instead of IKNP making all ~75,000 (1.2 MB),
+/// as EMP-OT chains its sets.
+pub const BOOT_LPN: LpnParams = LPN_TABLE[2].1;
 
 impl LpnParams {
     /// Base COTs an iteration consumes: `k` for the code, `h` per tree.
@@ -303,6 +317,8 @@ fn code_table(n: usize, k: usize) -> Option<Arc<[u32]>> {
 pub fn prepare_code(params: &LpnParams) -> Result<(), OtError> {
     params.check()?;
     code_table(params.n, params.k);
+    // the small set that bootstraps it
+    code_table(BOOT_LPN.n, BOOT_LPN.k);
     Ok(())
 }
 
@@ -459,6 +475,15 @@ struct Expander {
 }
 
 impl Expander {
+    fn new(params: LpnParams) -> Expander {
+        Expander {
+            params,
+            ggm: Ggm::new(),
+            code: Code::new(&params),
+            tccr: Tccr::new(),
+        }
+    }
+
     /// Iterations needed before `want` COTs are in a pool of `have`.
     fn iterations(&self, have: usize, want: usize) -> usize {
         want.saturating_sub(have).div_ceil(self.params.usable())
@@ -559,6 +584,9 @@ enum State {
     /// the number of the flight expected next from the peer
     Bootstrapping(Box<IknpSource>, u32),
     Ready(Box<(Sending, Receiving)>),
+    /// the server sent its bootstrap iterations of the small set (flight 3)
+    /// and waits for the client's (flight 4)
+    Chaining(Box<(Sending, Receiving)>),
     /// the client sent its iterations for the batch; waits for the server's
     ClientBatch(Box<(Sending, Receiving)>, CotCounts),
     /// the server waits for the client's iterations
@@ -572,6 +600,9 @@ pub struct SilentSource {
     role: Role,
     rng: ChaCha20Rng,
     expander: Expander,
+    /// the small set, which turns IKNP's few COTs into the first
+    /// iteration's base COTs (`None` when the set is the small one)
+    boot: Option<Expander>,
     state: State,
     output: Option<CotBatch>,
 }
@@ -605,12 +636,8 @@ impl SilentSource {
         Ok(SilentSource {
             role,
             rng,
-            expander: Expander {
-                params,
-                ggm: Ggm::new(),
-                code: Code::new(&params),
-                tccr: Tccr::new(),
-            },
+            expander: Expander::new(params),
+            boot: (params != BOOT_LPN).then(|| Expander::new(BOOT_LPN)),
             state: State::Fresh,
             output: None,
         })
@@ -634,7 +661,7 @@ impl SilentSource {
 
     /// Both directions' state from IKNP's bootstrap batch.
     fn install(&self, batch: CotBatch) -> Result<Box<(Sending, Receiving)>, OtError> {
-        let reserve = self.expander.params.reserve();
+        let reserve = self.first_set().reserve();
         if batch.sent.q.len() < reserve || batch.received.t.len() < reserve {
             return Err(OtError::Message(
                 "silent OT: the bootstrap batch is short".into(),
@@ -661,9 +688,67 @@ impl SilentSource {
         )))
     }
 
+    /// The set IKNP's batch is the base of: the small set when it chains.
+    fn first_set(&self) -> LpnParams {
+        self.boot.as_ref().unwrap_or(&self.expander).params
+    }
+
+    /// The chaining iterations as sender (the small set's, enough for the
+    /// main set's base): their message. The main set's base is then taken
+    /// from the pool; the rest of the pool is handed out later.
+    fn chain_send(&mut self, s: &mut Sending) -> Vec<u8> {
+        let Some(boot) = &self.boot else {
+            return Vec::new();
+        };
+        let reserve = self.expander.params.reserve();
+        let n = chain_iterations(boot, reserve);
+        let mut out = Vec::with_capacity(n * boot.params.message_bytes());
+        for _ in 0..n {
+            boot.send_once(self.role, s, &mut self.rng, &mut out);
+        }
+        // the last iteration's whole output, its next base included, then
+        // the earlier iterations' pool: the main set's base first, the few
+        // left over to be handed out
+        let mut all = std::mem::take(&mut s.base);
+        all.append(&mut s.pool);
+        s.pool = all.split_off(reserve);
+        s.base = all;
+        out
+    }
+
+    /// The peer's chaining iterations: the main set's base as receiver.
+    fn chain_receive(&self, r: &mut Receiving, message: &[u8]) -> Result<(), OtError> {
+        let Some(boot) = &self.boot else {
+            return Ok(());
+        };
+        let reserve = self.expander.params.reserve();
+        let n = chain_iterations(boot, reserve);
+        let per = boot.params.message_bytes();
+        if message.len() != n * per {
+            return Err(OtError::Message(format!(
+                "silent OT setup: the bootstrap needs {n} iteration(s) of {per} bytes of the small set from the peer, got {} bytes",
+                message.len()
+            )));
+        }
+        for chunk in message.chunks_exact(per) {
+            boot.receive_once(self.role.peer(), r, chunk);
+        }
+        // in the sender's order: the last iteration's whole output, then
+        // the pool
+        let mut all = std::mem::take(&mut r.base_t);
+        all.append(&mut r.pool_t);
+        r.pool_t = all.split_off(reserve);
+        r.base_t = all;
+        let mut choices = std::mem::take(&mut r.base_choice);
+        choices.extend(&r.pool_choice);
+        r.base_choice = choices.slice(0, reserve);
+        r.pool_choice = choices.slice(reserve, choices.len() - reserve);
+        Ok(())
+    }
+
     /// The bootstrap batch's counts: one iteration's base COTs each way.
     fn bootstrap_counts(&self) -> CotCounts {
-        let r = self.expander.params.reserve();
+        let r = self.first_set().reserve();
         CotCounts {
             sent: r,
             received: r,
@@ -739,31 +824,30 @@ impl SilentSource {
                     Ok((State::Bootstrapping(iknp, 3), Some(out)))
                 }
                 (Role::Client, _) => {
-                    // the server's bootstrap matrix
-                    iknp.handle(message)?;
+                    // the server's bootstrap matrix, and when the small set
+                    // chains, the server's iterations of it
+                    let (matrix, iterations) = match self.boot {
+                        Some(_) => split_prefixed(message, 3)?,
+                        None => (message, &[][..]),
+                    };
+                    iknp.handle(matrix)?;
                     let batch = iknp.poll_batch().ok_or_else(|| {
                         OtError::Message("silent OT: the bootstrap batch did not finish".into())
                     })?;
-                    Ok((State::Ready(self.install(batch)?), None))
+                    let mut dirs = self.install(batch)?;
+                    if self.boot.is_none() {
+                        return Ok((State::Ready(dirs), None));
+                    }
+                    self.chain_receive(&mut dirs.1, iterations)?;
+                    let flight4 = self.chain_send(&mut dirs.0);
+                    Ok((State::Ready(dirs), Some(flight4)))
                 }
                 (Role::Server, 0) => {
                     let reply = iknp.handle(message)?;
                     Ok((State::Bootstrapping(iknp, 2), reply))
                 }
                 (Role::Server, _) => {
-                    let Some((len, body)) = message.split_first_chunk::<4>() else {
-                        return Err(OtError::Message(
-                            "silent OT setup flight 2: shorter than its length prefix".into(),
-                        ));
-                    };
-                    let len = u32::from_le_bytes(*len) as usize;
-                    if len == 0 || len > body.len() {
-                        return Err(OtError::Message(format!(
-                            "silent OT setup flight 2: a {len}-byte IKNP flight in a {}-byte message",
-                            body.len()
-                        )));
-                    }
-                    let (flight2, matrix) = body.split_at(len);
+                    let (flight2, matrix) = split_prefixed(message, 2)?;
                     if iknp.handle(flight2)?.is_some() || !iknp.is_ready() {
                         return Err(OtError::Message(
                             "silent OT setup flight 2: IKNP's setup did not finish".into(),
@@ -774,9 +858,26 @@ impl SilentSource {
                     let batch = iknp.poll_batch().ok_or_else(|| {
                         OtError::Message("silent OT: the bootstrap batch did not finish".into())
                     })?;
-                    Ok((State::Ready(self.install(batch)?), reply))
+                    let mut dirs = self.install(batch)?;
+                    if self.boot.is_none() {
+                        return Ok((State::Ready(dirs), reply));
+                    }
+                    // flight 3: IKNP's matrix, then this party's iterations
+                    // of the small set as sender
+                    let matrix = reply.unwrap_or_default();
+                    let iterations = self.chain_send(&mut dirs.0);
+                    let mut out = Vec::with_capacity(4 + matrix.len() + iterations.len());
+                    out.extend_from_slice(&(matrix.len() as u32).to_le_bytes());
+                    out.extend_from_slice(&matrix);
+                    out.extend_from_slice(&iterations);
+                    Ok((State::Chaining(dirs), Some(out)))
                 }
             },
+            State::Chaining(mut dirs) => {
+                // flight 4: the client's iterations of the small set
+                self.chain_receive(&mut dirs.1, message)?;
+                Ok((State::Ready(dirs), None))
+            }
             State::ClientBatch(mut dirs, counts) => {
                 self.receive(&mut dirs, counts.received, message)?;
                 self.output = Some(Self::take(&mut dirs, counts));
@@ -797,6 +898,31 @@ impl SilentSource {
             State::Failed(first) => Err(failed_earlier(&first)),
         }
     }
+}
+
+/// Iterations of the small set `boot` that make `reserve` COTs: all of the
+/// last one's output counts, its next base included, as in EMP-OT (one
+/// iteration for the default set, whose base of 75,384 fits the small
+/// set's 75,520 outputs).
+fn chain_iterations(boot: &Expander, reserve: usize) -> usize {
+    boot.iterations(boot.params.reserve(), reserve).max(1)
+}
+
+/// A setup flight of a `u32` length, that many bytes and the rest.
+fn split_prefixed(message: &[u8], flight: u32) -> Result<(&[u8], &[u8]), OtError> {
+    let Some((len, body)) = message.split_first_chunk::<4>() else {
+        return Err(OtError::Message(format!(
+            "silent OT setup flight {flight}: shorter than its length prefix"
+        )));
+    };
+    let len = u32::from_le_bytes(*len) as usize;
+    if len == 0 || len > body.len() {
+        return Err(OtError::Message(format!(
+            "silent OT setup flight {flight}: a {len}-byte IKNP part in a {}-byte message",
+            body.len()
+        )));
+    }
+    Ok(body.split_at(len))
 }
 
 fn failed_earlier(first: &OtError) -> OtError {
@@ -863,7 +989,10 @@ impl CorrelationSource for SilentSource {
     /// The pools of COTs made ahead and the next iterations' base COTs.
     fn retained_bytes(&self) -> u64 {
         let dirs = match &self.state {
-            State::Ready(d) | State::ClientBatch(d, _) | State::ServerBatch(d, _) => d,
+            State::Ready(d)
+            | State::Chaining(d)
+            | State::ClientBatch(d, _)
+            | State::ServerBatch(d, _) => d,
             _ => return 0,
         };
         let (s, r) = &**dirs;
@@ -904,6 +1033,12 @@ mod tests {
 
     /// A client and a server source through their setup.
     fn sources(seed: u64, params: LpnParams) -> (SilentSource, SilentSource) {
+        let (client, server, _) = set_up(seed, params);
+        (client, server)
+    }
+
+    /// As [`sources`], with the setup's flights in order.
+    fn set_up(seed: u64, params: LpnParams) -> (SilentSource, SilentSource, Vec<Vec<u8>>) {
         let mut client = SilentSource::with_rng(Role::Client, params, rng(seed)).unwrap();
         let mut server = SilentSource::with_rng(Role::Server, params, rng(seed + 1000)).unwrap();
         let f0 = client.start_setup().unwrap().unwrap();
@@ -912,10 +1047,88 @@ mod tests {
         let f2 = client.handle(&f1).unwrap().unwrap();
         assert!(!client.is_ready());
         let f3 = server.handle(&f2).unwrap().unwrap();
-        assert!(server.is_ready());
-        assert_eq!(client.handle(&f3).unwrap(), None);
-        assert!(client.is_ready());
-        (client, server)
+        let mut flights = vec![f0, f1, f2, f3];
+        if params == BOOT_LPN {
+            assert!(server.is_ready());
+            assert_eq!(client.handle(&flights[3]).unwrap(), None);
+        } else {
+            // the small set chains: the client's iterations of it follow
+            assert!(!server.is_ready());
+            let f4 = client.handle(&flights[3]).unwrap().unwrap();
+            assert!(client.is_ready());
+            assert_eq!(server.handle(&f4).unwrap(), None);
+            flights.push(f4);
+        }
+        assert!(client.is_ready() && server.is_ready());
+        (client, server, flights)
+    }
+
+    /// The default set starts from the small set's iterations, not from
+    /// IKNP alone: the setup sends under half of what IKNP would for its
+    /// base, and its COTs satisfy the correlation both ways, including
+    /// those left over from the chaining iterations and those of the
+    /// default set's first iterations.
+    #[test]
+    fn the_default_set_is_bootstrapped_through_the_small_set() {
+        let (mut client, mut server, flights) = set_up(21, DEFAULT_LPN);
+        assert_eq!(flights.len(), 5);
+        let boot = BOOT_LPN.message_bytes();
+        assert_eq!(
+            flights[4].len(),
+            boot,
+            "flight 4 is the client's one iteration"
+        );
+        let sent: usize = flights.iter().map(Vec::len).sum();
+        let iknp_alone = 2 * 16 * DEFAULT_LPN.reserve();
+        assert!(
+            sent < 760_000,
+            "{sent} bytes of setup, IKNP alone {iknp_alone}"
+        );
+        for n in [40_000, 700_000] {
+            let counts = CotCounts {
+                sent: n,
+                received: n,
+            };
+            let (c, s, ..) = batch(&mut client, &mut server, counts);
+            for (snd, rcv) in [(&c.sent, &s.received), (&s.sent, &c.received)] {
+                assert_eq!(rcv.t.len(), n);
+                for j in 0..n {
+                    let rho = u128::from(rcv.choice.get(j));
+                    assert_eq!(rcv.t[j], snd.q[j] ^ (rho * snd.delta), "COT {j} of {n}");
+                }
+            }
+        }
+    }
+
+    /// Chaining flights of the wrong shape are refused by name.
+    #[test]
+    fn malformed_chaining_flights_are_refused() {
+        let (_, _, flights) = set_up(22, DEFAULT_LPN);
+        // flight 4 one byte short, to a server that waits for it
+        let mut client = SilentSource::with_rng(Role::Client, DEFAULT_LPN, rng(22)).unwrap();
+        let mut server = SilentSource::with_rng(Role::Server, DEFAULT_LPN, rng(1022)).unwrap();
+        let f0 = client.start_setup().unwrap().unwrap();
+        server.start_setup().unwrap();
+        let f1 = server.handle(&f0).unwrap().unwrap();
+        let f2 = client.handle(&f1).unwrap().unwrap();
+        let f3 = server.handle(&f2).unwrap().unwrap();
+        let mut f4 = client.handle(&f3).unwrap().unwrap();
+        f4.pop();
+        let e = server.handle(&f4).unwrap_err().to_string();
+        assert!(e.contains("the bootstrap needs 1 iteration(s)"), "{e}");
+        // flight 3 cut inside its iterations, to a client that waits for it
+        let mut client = SilentSource::with_rng(Role::Client, DEFAULT_LPN, rng(22)).unwrap();
+        let mut server = SilentSource::with_rng(Role::Server, DEFAULT_LPN, rng(1022)).unwrap();
+        let f0 = client.start_setup().unwrap().unwrap();
+        server.start_setup().unwrap();
+        let f1 = server.handle(&f0).unwrap().unwrap();
+        client.handle(&f1).unwrap().unwrap();
+        let mut f3 = flights[3].clone();
+        f3.truncate(f3.len() - 16);
+        let e = client.handle(&f3).unwrap_err().to_string();
+        assert!(e.contains("small set"), "{e}");
+        let e = client.handle(&[1, 0]).unwrap_err().to_string();
+        assert!(e.contains("failed earlier"), "{e}");
     }
 
     /// Runs one batch; returns both parties' COTs and the two messages.
@@ -1133,23 +1346,34 @@ mod tests {
     /// iteration.
     #[test]
     fn handed_out_cots_are_never_kept_as_base_cots() {
-        let (mut client, mut server) = sources(9, SMALL);
-        let counts = CotCounts {
-            sent: SMALL.usable() + 5,
-            received: 0,
-        };
-        let (c, ..) = batch(&mut client, &mut server, counts);
-        let State::Ready(dirs) = &client.state else {
-            panic!("not ready");
-        };
-        let base: std::collections::HashSet<u128> = dirs.0.base.iter().copied().collect();
-        let pool: std::collections::HashSet<u128> = dirs.0.pool.iter().copied().collect();
-        assert!(
-            c.sent
-                .q
-                .iter()
-                .all(|q| !base.contains(q) && !pool.contains(q))
-        );
+        // the small set alone, and the default set after its chained setup
+        // (a first batch from the chaining's leftovers, then iterations)
+        for (params, sizes) in [
+            (SMALL, vec![SMALL.usable() + 5]),
+            (DEFAULT_LPN, vec![100, DEFAULT_LPN.usable() + 5]),
+        ] {
+            let (mut client, mut server) = sources(9, params);
+            let mut seen = std::collections::HashSet::new();
+            for n in sizes {
+                let counts = CotCounts {
+                    sent: n,
+                    received: n,
+                };
+                let (c, s, ..) = batch(&mut client, &mut server, counts);
+                let (State::Ready(cd), State::Ready(sd)) = (&client.state, &server.state) else {
+                    panic!("not ready");
+                };
+                for (handed, dirs) in [(&c.sent.q, cd), (&s.sent.q, sd)] {
+                    let kept: std::collections::HashSet<u128> =
+                        dirs.0.base.iter().chain(&dirs.0.pool).copied().collect();
+                    assert!(handed.iter().all(|q| !kept.contains(q)), "{params:?}");
+                    assert!(
+                        handed.iter().all(|&q| seen.insert(q)),
+                        "a COT came out twice"
+                    );
+                }
+            }
+        }
     }
 
     /// Malformed setup messages are refused by name: a flight 2 whose
