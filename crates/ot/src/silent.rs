@@ -280,7 +280,7 @@ struct Code {
     pi: Aes128,
     k: usize,
     /// row `i`'s indices at `i·CODE_WEIGHT..`, for the first rows
-    table: Option<Arc<[u32]>>,
+    table: Option<Arc<Vec<u32>>>,
 }
 
 /// Rows whose indices are drawn at once.
@@ -293,11 +293,11 @@ pub const MAX_CODE_TABLE_BYTES: usize = 32 << 20;
 /// The index table of the code for `n` rows over `k`, drawn on first use
 /// and kept for the life of the process; `None` when it would exceed
 /// [`MAX_CODE_TABLE_BYTES`].
-fn code_table(n: usize, k: usize) -> Option<Arc<[u32]>> {
+fn code_table(n: usize, k: usize) -> Option<Arc<Vec<u32>>> {
     if n.saturating_mul(CODE_WEIGHT * 4) > MAX_CODE_TABLE_BYTES || u32::try_from(k).is_err() {
         return None;
     }
-    static TABLES: Mutex<Vec<(usize, usize, Arc<[u32]>)>> = Mutex::new(Vec::new());
+    static TABLES: Mutex<Vec<(usize, usize, Arc<Vec<u32>>)>> = Mutex::new(Vec::new());
     let mut tables = TABLES.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, _, t)) = tables.iter().find(|(tn, tk, _)| (*tn, *tk) == (n, k)) {
         return Some(t.clone());
@@ -306,7 +306,8 @@ fn code_table(n: usize, k: usize) -> Option<Arc<[u32]>> {
     Code::drawn(k, None).rows(0..n, |_, idx| {
         table.extend(idx.iter().map(|&i| i as u32));
     });
-    let table: Arc<[u32]> = table.into();
+    // kept as it was drawn: no second copy of 24 MB
+    let table = Arc::new(table);
     tables.push((n, k, table.clone()));
     Some(table)
 }
@@ -328,7 +329,7 @@ impl Code {
         Code::drawn(params.k, code_table(params.n, params.k))
     }
 
-    fn drawn(k: usize, table: Option<Arc<[u32]>>) -> Code {
+    fn drawn(k: usize, table: Option<Arc<Vec<u32>>>) -> Code {
         Code {
             pi: Aes128::new(&Array::from(CODE_KEY)),
             k,
