@@ -1104,27 +1104,26 @@ mod tests {
     /// Chaining flights of the wrong shape are refused by name.
     #[test]
     fn malformed_chaining_flights_are_refused() {
-        let (_, _, flights) = set_up(22, DEFAULT_LPN);
+        // a client and a server of the default set, up to the server's
+        // flight 3 (not yet handled by the client)
+        let to_flight3 = || {
+            let mut client = SilentSource::with_rng(Role::Client, DEFAULT_LPN, rng(22)).unwrap();
+            let mut server = SilentSource::with_rng(Role::Server, DEFAULT_LPN, rng(1022)).unwrap();
+            let f0 = client.start_setup().unwrap().unwrap();
+            server.start_setup().unwrap();
+            let f1 = server.handle(&f0).unwrap().unwrap();
+            let f2 = client.handle(&f1).unwrap().unwrap();
+            let f3 = server.handle(&f2).unwrap().unwrap();
+            (client, server, f3)
+        };
         // flight 4 one byte short, to a server that waits for it
-        let mut client = SilentSource::with_rng(Role::Client, DEFAULT_LPN, rng(22)).unwrap();
-        let mut server = SilentSource::with_rng(Role::Server, DEFAULT_LPN, rng(1022)).unwrap();
-        let f0 = client.start_setup().unwrap().unwrap();
-        server.start_setup().unwrap();
-        let f1 = server.handle(&f0).unwrap().unwrap();
-        let f2 = client.handle(&f1).unwrap().unwrap();
-        let f3 = server.handle(&f2).unwrap().unwrap();
+        let (mut client, mut server, f3) = to_flight3();
         let mut f4 = client.handle(&f3).unwrap().unwrap();
         f4.pop();
         let e = server.handle(&f4).unwrap_err().to_string();
         assert!(e.contains("the bootstrap needs 1 iteration(s)"), "{e}");
         // flight 3 cut inside its iterations, to a client that waits for it
-        let mut client = SilentSource::with_rng(Role::Client, DEFAULT_LPN, rng(22)).unwrap();
-        let mut server = SilentSource::with_rng(Role::Server, DEFAULT_LPN, rng(1022)).unwrap();
-        let f0 = client.start_setup().unwrap().unwrap();
-        server.start_setup().unwrap();
-        let f1 = server.handle(&f0).unwrap().unwrap();
-        client.handle(&f1).unwrap().unwrap();
-        let mut f3 = flights[3].clone();
+        let (mut client, _, mut f3) = to_flight3();
         f3.truncate(f3.len() - 16);
         let e = client.handle(&f3).unwrap_err().to_string();
         assert!(e.contains("small set"), "{e}");
