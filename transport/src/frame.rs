@@ -15,8 +15,10 @@ use secinfer_protocol::{MaskRequest, MaskedInput, MaskedOutput, OfflineHello, Pr
 /// offline phase's packings, named in every mask request; 4: the server's
 /// per-session limit of preprocessed inferences in `Welcome`; 5: the OT
 /// setup's first byte names the backend, silent OT by default; 6: silent
-/// OT's setup chains its small LPN set, in five flights).
-pub const PROTOCOL_VERSION: u32 = 6;
+/// OT's setup chains its small LPN set, in five flights; 7: bit triples
+/// carry a second product with the same `b`, and the comparison's carry
+/// tree sends one masked `P_hi` for both ANDs of a merge).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Largest frame accepted by default: 64 MiB (an offline chunk is ~12 MiB; an
 /// online batch of 100 CNN images ~0.6 MiB).

@@ -15,46 +15,78 @@
 
 use secinfer_ot::Bits;
 
-use crate::planes::Planes;
+use crate::planes::{Planes, words_per_plane};
 use crate::wire::{Reader, bits_len};
 use crate::{MpcError, Party, cost};
 
 /// Shares of `x ∧ y` for every plane of `x` and `y` (same shape), from
 /// `planes · len` triples, in one flight.
 pub(crate) async fn and_planes(p: &mut Party, x: &Planes, y: &Planes) -> Result<Planes, MpcError> {
-    let (m, n) = (x.planes(), x.len());
+    let none = Planes::zeros(0, x.len());
+    Ok(and_shared_planes(p, x, y, &none).await?.0)
+}
+
+/// Shares of `x_i ∧ y_i` for every plane `i` of `x` and `y` (same shape,
+/// `m` planes), and of `x2_j ∧ y_(m−m2+j)` for every plane `j` of `x2`
+/// (`m2 ≤ m` planes, paired with the last `m2` planes of `y`), from
+/// `m · len` triples in one flight. The second AND of a pair uses the
+/// triple's second product (`c2 = a2 ∧ b`, the same `b`), so `y`'s masked
+/// plane `e` serves both: a pair sends three masked bits per party instead
+/// of four and takes one triple instead of two. `x2`'s plane is masked
+/// with `a2`, independent of `a`, so the peer sees three independent
+/// uniform planes.
+pub(crate) async fn and_shared_planes(
+    p: &mut Party,
+    x: &Planes,
+    y: &Planes,
+    x2: &Planes,
+) -> Result<(Planes, Planes), MpcError> {
+    let (m, n, m2) = (x.planes(), x.len(), x2.planes());
     debug_assert_eq!((m, n), (y.planes(), y.len()));
+    debug_assert!(m2 <= m && (m2 == 0 || x2.len() == n));
     let total = m * n;
     if total == 0 {
-        return Ok(Planes::zeros(m, n));
+        return Ok((Planes::zeros(m, n), Planes::zeros(m2, n)));
     }
     let t = p.correlations().triples(total)?;
     let a = Planes::stream_view(&t.a, m, n);
     let b = Planes::stream_view(&t.b, m, n);
     let c = Planes::stream_view(&t.c, m, n);
-    // d and e travel in one message, d first
-    let mut masked = Vec::with_capacity(2 * a.len());
+    let a2_all = Planes::stream_view(&t.a2, m, n);
+    let c2_all = Planes::stream_view(&t.c2, m, n);
+    // the pairs sit on the last m2 planes
+    let paired = (m - m2) * words_per_plane(n);
+    let (a2, c2, b_paired) = (&a2_all[paired..], &c2_all[paired..], &b[paired..]);
+    // d, e and d2 travel in one message, in that order
+    let (half, extra) = (a.len(), a2.len());
+    let mut masked = Vec::with_capacity(2 * half + extra);
     masked.extend(x.words().iter().zip(a.iter()).map(|(x, a)| x ^ a));
     masked.extend(y.words().iter().zip(b.iter()).map(|(y, b)| y ^ b));
-    let masked = Planes::from_words(masked, 2 * m, n);
-    let reply = p.exchange(masked.to_payload(), bits_len(2 * total)).await?;
+    masked.extend(x2.words().iter().zip(a2).map(|(x, a)| x ^ a));
+    let planes = 2 * m + m2;
+    let masked = Planes::from_words(masked, planes, n);
+    let reply = p
+        .exchange(masked.to_payload(), bits_len(planes * n))
+        .await?;
     let mut r = Reader::new(&reply, "AND");
-    let theirs = Planes::from_stream_words(r.bit_words(2 * total)?, 2 * m, n);
+    let theirs = Planes::from_stream_words(r.bit_words(planes * n)?, planes, n);
     r.finish()?;
-    let half = a.len();
     let client = p.is_client();
-    let (mine, theirs) = (masked.words(), theirs.words());
-    let (d_mine, e_mine) = mine.split_at(half);
-    let (d_theirs, e_theirs) = theirs.split_at(half);
+    let open = |i: usize| masked.words()[i] ^ theirs.words()[i];
+    let product = |d: u64, e: u64, a: u64, b: u64, c: u64| {
+        let de = if client { d & e } else { 0 };
+        c ^ (d & b) ^ (e & a) ^ de
+    };
     let z = (0..half)
+        .map(|i| product(open(i), open(half + i), a[i], b[i], c[i]))
+        .collect();
+    let z2 = (0..extra)
         .map(|i| {
-            let d = d_mine[i] ^ d_theirs[i];
-            let e = e_mine[i] ^ e_theirs[i];
-            let de = if client { d & e } else { 0 };
-            c[i] ^ (d & b[i]) ^ (e & a[i]) ^ de
+            let (d2, e) = (open(2 * half + i), open(half + paired + i));
+            product(d2, e, a2[i], b_paired[i], c2[i])
         })
         .collect();
-    Ok(Planes::from_words(z, m, n))
+    Ok((Planes::from_words(z, m, n), Planes::from_words(z2, m2, n)))
 }
 
 /// Shares of `a ∧ c` for every bit of `mine` (the client's `a`, the
@@ -165,6 +197,113 @@ mod tests {
                 x.and(&y)
             );
         }
+    }
+
+    /// `and_shared_planes` on planes given as bit vectors of `n` bits.
+    async fn and_shared_bits(
+        p: &mut Party,
+        x: &[Bits],
+        y: &[Bits],
+        x2: &[Bits],
+    ) -> Result<(Vec<Bits>, Vec<Bits>), MpcError> {
+        let n = x.first().map_or(0, Bits::len);
+        let planes = |v: &[Bits]| {
+            let mut out = Planes::with_capacity(v.len(), n);
+            for b in v {
+                out.append(Planes::from_bits(b).words());
+            }
+            out
+        };
+        let (z, z2) = and_shared_planes(p, &planes(x), &planes(y), &planes(x2)).await?;
+        let bits = |z: &Planes| (0..z.planes()).map(|i| z.plane_bits(i)).collect();
+        Ok((bits(&z), bits(&z2)))
+    }
+
+    #[test]
+    fn shared_ands_compute_both_products() {
+        let mut rng = rng(12);
+        for n in [1, 63, 64, 65, 1000] {
+            for (m, m2) in [(1, 0), (1, 1), (3, 0), (3, 2), (4, 4)] {
+                let vectors = |rng: &mut Rng, k: usize| -> Vec<Bits> {
+                    // the first vector all ones, for the edge where every
+                    // product is one
+                    (0..k)
+                        .map(|i| {
+                            if i == 0 {
+                                Bits::ones(n)
+                            } else {
+                                random_bits(rng, n)
+                            }
+                        })
+                        .collect()
+                };
+                let (x, y, x2) = (
+                    vectors(&mut rng, m),
+                    vectors(&mut rng, m),
+                    vectors(&mut rng, m2),
+                );
+                let split = |rng: &mut Rng, v: &[Bits]| -> (Vec<Bits>, Vec<Bits>) {
+                    v.iter().map(|b| split_bits(rng, b)).unzip()
+                };
+                let ((xc, xs), (yc, ys), (x2c, x2s)) = (
+                    split(&mut rng, &x),
+                    split(&mut rng, &y),
+                    split(&mut rng, &x2),
+                );
+                let c = cost::and_shared(n, m, m2);
+                let out = duo!(
+                    ring(37),
+                    c.demand,
+                    |p| and_shared_bits(p, &xc, &yc, &x2c).await,
+                    |p| and_shared_bits(p, &xs, &ys, &x2s).await
+                );
+                out.check_cost(&c);
+                let (zc, z2c) = out.client.as_ref().unwrap();
+                let (zs, z2s) = out.server.as_ref().unwrap();
+                for i in 0..m {
+                    assert_eq!(
+                        open_bits(&zc[i], &zs[i]),
+                        x[i].and(&y[i]),
+                        "{n}, {m}, {m2}: {i}"
+                    );
+                }
+                for j in 0..m2 {
+                    assert_eq!(
+                        open_bits(&z2c[j], &z2s[j]),
+                        x2[j].and(&y[m - m2 + j]),
+                        "{n}, {m}, {m2}: second {j}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_mask_serves_twice_in_a_shared_and_view() {
+        // x, y and x2 all ones in the client's share: if a2 were a, d and
+        // d2 would cancel; if the second product reused c, the two output
+        // shares would. Every plane a party receives (d, e, d2) and both
+        // its output shares must be pairwise independent and uniform.
+        let n = 1 << 14;
+        let (ones, zeros) = (vec![Bits::ones(n)], vec![Bits::zeros(n)]);
+        let c = cost::and_shared(n, 1, 1);
+        let out = duo!(
+            ring(37),
+            c.demand,
+            |p| and_shared_bits(p, &ones, &ones, &ones).await,
+            |p| and_shared_bits(p, &zeros, &zeros, &zeros).await
+        );
+        for (who, received, shares) in [
+            ("client", &out.to_client, out.client.as_ref().unwrap()),
+            ("server", &out.to_server, out.server.as_ref().unwrap()),
+        ] {
+            let mut view = cut(received, bits_len(n), who);
+            assert_eq!(view.len(), 3, "d, e and d2");
+            view.push((format!("{who}'s first share"), shares.0[0].to_bytes()));
+            view.push((format!("{who}'s second share"), shares.1[0].to_bytes()));
+            assert_pairwise_xor_uniform(&view, &format!("shared AND, {who}"));
+        }
+        out.assert_uniform_messages("shared AND");
     }
 
     #[test]

@@ -6,10 +6,12 @@
 //! client holds `α_i`, the server `β_i`). A log-depth tree combines
 //! adjacent ranges, high over low: `G = G_hi ⊕ P_hi·G_lo`,
 //! `P = P_hi·P_lo`; the range starting at bit 0 needs no `P`, since nothing
-//! carries into bit 0. One flight for the leaves and one per tree level
-//! (`1 + ⌈log2 n⌉`), `n` bit OTs and `2(n − 1) − ⌈log2 n⌉` triples per
-//! element. All bits of a level, over all elements, go in one flight, bit
-//! plane by bit plane. The leaves are deliberately one bit wide: comparing
+//! carries into bit 0. The two ANDs of a pair share `P_hi`, so they take
+//! one triple and its second product (`c2 = a2 ∧ b`, `BitTriples`), and
+//! `P_hi`'s masked bit is sent once. One flight for the leaves and one per
+//! tree level (`1 + ⌈log2 n⌉`), `n` bit OTs and `n − 1` triples per element.
+//! All bits of a level, over all elements, go in one flight, bit plane by
+//! bit plane. The leaves are deliberately one bit wide: comparing
 //! multi-bit leaves by 1-out-of-2^m OT is the construction US12346830B2
 //! claims. **DReLU** on `ℓ` bits (`−2^(ℓ−1) ≤ v < 2^(ℓ−1)`): with
 //! `x_P = v_P mod 2^ℓ`, the sign bit of `v` is
@@ -18,7 +20,7 @@
 
 use secinfer_ot::Bits;
 
-use crate::boolean::{and_planes, cross_and_planes};
+use crate::boolean::{and_shared_planes, cross_and_planes};
 use crate::planes::{Planes, words_per_plane};
 use crate::{MpcError, Party, cost};
 
@@ -46,48 +48,59 @@ pub(crate) async fn carry_planes(p: &mut Party, bits: &Planes) -> Result<Vec<u64
         })
         .collect();
     while ranges.len() > 1 {
-        // left operands P_hi, right operands G_lo then P_lo, over all pairs
-        let pairs = ranges.len() / 2;
-        let with_p = ranges
-            .chunks(2)
-            .filter(|c| c.len() == 2 && c[0].propagate.is_some())
+        // adjacent ranges pair up, low then high; an odd last one waits
+        let mut old = std::mem::take(&mut ranges).into_iter();
+        let mut pairs = Vec::new();
+        let leftover = loop {
+            match (old.next(), old.next()) {
+                (Some(lo), Some(hi)) => pairs.push((lo, hi)),
+                (last, _) => break last,
+            }
+        };
+        // G = G_hi ⊕ P_hi·G_lo for every pair, and P = P_hi·P_lo for those
+        // whose low range has a propagate bit: every pair but the bottom
+        // one, which comes first, so these are the last planes
+        let with_p = pairs
+            .iter()
+            .filter(|(lo, _)| lo.propagate.is_some())
             .count();
-        let mut x = Planes::with_capacity(pairs + with_p, n);
-        let mut y = Planes::with_capacity(pairs + with_p, n);
-        for c in ranges.chunks_exact(2) {
-            let p_hi = c[1].propagate.as_deref().unwrap_or_default();
-            x.append(p_hi);
-            y.append(&c[0].generate);
+        let first_with_p = pairs.len() - with_p;
+        if pairs[first_with_p..]
+            .iter()
+            .any(|(lo, _)| lo.propagate.is_none())
+        {
+            return Err(MpcError::Shape(
+                "carry tree: a range without a propagate bit above the bottom".into(),
+            ));
         }
-        for c in ranges.chunks_exact(2) {
-            if let (Some(p_lo), Some(p_hi)) = (&c[0].propagate, &c[1].propagate) {
-                x.append(p_hi);
-                y.append(p_lo);
-            }
-        }
-        let z = and_planes(p, &x, &y).await?;
-        let mut next = Vec::with_capacity(ranges.len().div_ceil(2));
-        let mut products = pairs;
-        let mut old = ranges.into_iter();
-        for j in 0..pairs {
-            let (Some(lo), Some(hi)) = (old.next(), old.next()) else {
-                break;
+        let mut g_lo = Planes::with_capacity(pairs.len(), n);
+        let mut p_hi = Planes::with_capacity(pairs.len(), n);
+        let mut p_lo = Planes::with_capacity(with_p, n);
+        for (lo, hi) in &pairs {
+            let Some(hi_p) = &hi.propagate else {
+                return Err(MpcError::Shape(
+                    "carry tree: a high range without a propagate bit".into(),
+                ));
             };
-            let mut generate = hi.generate;
-            for (g, t) in generate.iter_mut().zip(z.plane(j)) {
-                *g ^= t;
+            g_lo.append(&lo.generate);
+            p_hi.append(hi_p);
+            if let Some(lo_p) = &lo.propagate {
+                p_lo.append(lo_p);
             }
-            let propagate = lo.propagate.map(|_| {
-                products += 1;
-                z.plane(products - 1).to_vec()
-            });
-            next.push(Range {
+        }
+        let (g, p_new) = and_shared_planes(p, &g_lo, &p_hi, &p_lo).await?;
+        for (j, (lo, hi)) in pairs.into_iter().enumerate() {
+            let mut generate = hi.generate;
+            for (x, t) in generate.iter_mut().zip(g.plane(j)) {
+                *x ^= t;
+            }
+            let propagate = lo.propagate.map(|_| p_new.plane(j - first_with_p).to_vec());
+            ranges.push(Range {
                 generate,
                 propagate,
             });
         }
-        next.extend(old);
-        ranges = next;
+        ranges.extend(leftover);
     }
     Ok(ranges
         .pop()
@@ -311,9 +324,13 @@ mod tests {
                 ("server", &out.to_server, out.server.as_ref().unwrap()),
             ] {
                 let mut view = cut(received, bits_len(n), who);
-                // 39 leaf planes and two per AND (d and e)
-                let ands: usize = cost::carry_levels(39).iter().sum();
-                assert_eq!(view.len(), 39 + 2 * ands);
+                // 39 leaf planes, d and e of every merge, d2 of every
+                // propagate AND (which shares the merge's e)
+                let planes: usize = cost::carry_levels(39)
+                    .iter()
+                    .map(|(merges, propagates)| 2 * merges + propagates)
+                    .sum();
+                assert_eq!(view.len(), 39 + planes);
                 view.push((format!("{who}'s share"), share.to_bytes()));
                 assert_pairwise_xor_uniform(&view, &format!("DReLU of {v}, {who}"));
             }

@@ -5,8 +5,9 @@
 //! protocol checks its own cost against the store before its first message,
 //! so a short store fails before anything is sent or consumed. A protocol
 //! on zero elements sends nothing and consumes nothing. Per element, with
-//! `A(n) = (n − 1) + (n − 1 − ⌈log2 n⌉)` the ANDs of the carry tree: carry
-//! on `n` bits takes `n` bit OTs (the server sends) and `A(n)` triples;
+//! `n − 1` merges in the carry tree, each one triple (the generate AND and
+//! the propagate AND share an operand): carry on `n` bits takes `n` bit OTs
+//! (the server sends) and `n − 1` triples;
 //! DReLU on `ℓ` bits is carry on `ℓ − 1`; `b·y` takes one word OT each way;
 //! B2A and truncation one word OT the client sends; max and argmax play
 //! `g − 1` matches per group of `g`, each a DReLU on `ℓ + 1` bits and one or
@@ -115,15 +116,24 @@ pub(crate) fn ensure(store: &CorrelationStore, demand: &Demand) -> Result<(), Mp
 
 /// Beaver AND of `n` bit pairs: one flight each way.
 pub fn and(n: usize) -> Cost {
-    if n == 0 {
+    and_shared(n, 1, 0)
+}
+
+/// ANDs of `m` planes of `n` bits with `m` others, and of `m2 ≤ m` more
+/// planes with the last `m2` of the second operand, in one flight each way:
+/// `m·n` triples (each pair on one triple and its second product), `d`,
+/// `e` and `d2`, `(2m + m2)·n` masked bits, from each party.
+pub(crate) fn and_shared(n: usize, m: usize, m2: usize) -> Cost {
+    if n == 0 || m == 0 {
         return Cost::default();
     }
+    let masked = bits_len((2 * m + m2) * n);
     Cost {
         demand: Demand {
-            triples: n as u64,
+            triples: (m * n) as u64,
             ..Demand::default()
         },
-        ..Cost::flight(Some(bits_len(2 * n)), Some(bits_len(2 * n)))
+        ..Cost::flight(Some(masked), Some(masked))
     }
 }
 
@@ -141,17 +151,18 @@ pub fn cross_and(n: usize) -> Cost {
     }
 }
 
-/// The carry tree on `n` bits, level by level: the number of ANDs (per
-/// element) of each level. Leaf 0 is the bottom range (no propagate bit);
-/// adjacent ranges pair up, an odd last range waits for the next level.
-/// Each pair takes a generate AND, and a propagate AND unless it holds the
-/// bottom range (the first pair of every level does).
-pub(crate) fn carry_levels(n: u32) -> Vec<usize> {
+/// The carry tree on `n` bits, level by level: the pairs of ranges that
+/// merge, and how many of them also take a propagate AND (per element).
+/// Leaf 0 is the bottom range (no propagate bit); adjacent ranges pair up,
+/// an odd last range waits for the next level. Each pair takes a generate
+/// AND, and a propagate AND unless it holds the bottom range (the first
+/// pair of every level does); the two share `P_hi` and so one triple.
+pub(crate) fn carry_levels(n: u32) -> Vec<(usize, usize)> {
     let mut ranges = n as usize;
     let mut levels = Vec::new();
     while ranges > 1 {
         let pairs = ranges / 2;
-        levels.push(2 * pairs - 1);
+        levels.push((pairs, pairs - 1));
         ranges = pairs + ranges % 2;
     }
     levels
@@ -165,8 +176,8 @@ pub fn carry(n: usize, bits: u32) -> Cost {
     }
     carry_levels(bits)
         .into_iter()
-        .fold(cross_and(n * bits as usize), |c, ands| {
-            c.plus(and(n * ands))
+        .fold(cross_and(n * bits as usize), |c, (pairs, with_p)| {
+            c.plus(and_shared(n, pairs, with_p))
         })
 }
 
@@ -300,23 +311,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_carry_tree_has_log_depth_and_about_two_ands_per_bit() {
+    fn the_carry_tree_has_log_depth_and_one_triple_per_bit() {
         assert!(carry_levels(1).is_empty());
-        assert_eq!(carry_levels(2), vec![1]);
-        assert_eq!(carry_levels(3), vec![1, 1]);
-        assert_eq!(carry_levels(4), vec![3, 1]);
+        assert_eq!(carry_levels(2), vec![(1, 0)]);
+        assert_eq!(carry_levels(3), vec![(1, 0), (1, 0)]);
+        assert_eq!(carry_levels(4), vec![(2, 1), (1, 0)]);
         for n in 1..=64u32 {
             let levels = carry_levels(n);
             assert_eq!(levels.len() as u32, n.next_power_of_two().trailing_zeros());
-            // n − 1 generate ANDs, and a propagate AND for every merge that
-            // does not involve the bottom range (one bottom merge per level)
-            let ands: usize = levels.iter().sum();
-            assert_eq!(ands, 2 * (n as usize - 1) - levels.len(), "n = {n}");
+            // n − 1 merges, each a generate AND, and a propagate AND for
+            // every merge that does not involve the bottom range (one
+            // bottom merge per level); a merge takes one triple
+            let merges: usize = levels.iter().map(|l| l.0).sum();
+            let propagates: usize = levels.iter().map(|l| l.1).sum();
+            assert_eq!(merges, n as usize - 1, "n = {n}");
+            assert_eq!(propagates, merges - levels.len(), "n = {n}");
+            let c = carry(1, n);
+            assert_eq!(c.demand.triples, merges as u64);
+            assert_eq!(c.demand.bit_ots_server_sends, n as u64);
         }
-        // DReLU on 37 bits: 36 bit OTs and 64 triples per element
+        // DReLU on 37 bits: 36 bit OTs and 35 triples per element
         let c = drelu(1, 37);
-        assert_eq!((c.demand.bit_ots_server_sends, c.demand.triples), (36, 64));
+        assert_eq!((c.demand.bit_ots_server_sends, c.demand.triples), (36, 35));
         assert_eq!(c.client_messages, 7);
+        // on 1024 elements the leaves send 36 masked bits per element, the
+        // levels 2·35 + 29 (d and e of every merge, d2 of every propagate)
+        let c = drelu(1024, 37);
+        assert_eq!(c.client_bytes, 1024 * (36 + 2 * 35 + 29) / 8);
     }
 
     #[test]
@@ -343,7 +364,7 @@ mod tests {
         assert_eq!(c, want);
         // DReLU on 21 bits: 20 bit OTs per comparison; one word OT each way
         // per comparison, one more the client sends per element
-        let a = carry_levels(20).iter().sum::<usize>() as u64;
+        let a = carry_levels(20).iter().map(|l| l.0).sum::<usize>() as u64;
         let m = m as u64;
         assert_eq!(per(c), (2000 * m, 100 * a * m, 100 * m + 100, 100 * m));
         // 6 + 2 + 2 flights, one message each way in each but the

@@ -16,15 +16,24 @@ use serde::{Deserialize, Serialize};
 use crate::{Bits, OtError, Role};
 
 /// This party's XOR shares of random bit triples: with the peer's shares,
-/// `c = a ∧ b` bitwise.
+/// `c = a ∧ b` bitwise. Each triple comes with a second one that shares its
+/// `b`: `c2 = a2 ∧ b`. The pair costs what one triple costs (two COTs, the
+/// second bit of the same hashes; `refine`), and serves two ANDs with a
+/// common operand, as the comparison's carry tree needs
+/// (`G_hi ⊕ P_hi·G_lo` and `P_hi·P_lo`). A single AND uses `a, b, c` and
+/// leaves `a2, c2` unused; the whole entry is taken either way.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct BitTriples {
     /// shares of `a`
     pub a: Bits,
-    /// shares of `b`
+    /// shares of `b`, the operand both triples share
     pub b: Bits,
     /// shares of `c = a ∧ b`
     pub c: Bits,
+    /// shares of `a2`
+    pub a2: Bits,
+    /// shares of `c2 = a2 ∧ b`
+    pub c2: Bits,
 }
 
 /// Random one-bit OTs this party sent: both messages.
@@ -162,7 +171,8 @@ impl Demand {
     }
 
     /// Bytes `role` stores for this much material, as
-    /// [`CorrelationStore::bytes`] counts a batch of it: 3 bits per triple,
+    /// [`CorrelationStore::bytes`] counts a batch of it: 5 bits per triple
+    /// (with its second product, [`BitTriples`]),
     /// 2 bits per bit OT either way, 16 bytes per word OT `role` sends and
     /// 8 bytes and a choice bit per word OT it receives (each column
     /// rounded up to whole bytes). Saturates at `u64::MAX` for absurd
@@ -184,7 +194,7 @@ impl Demand {
         };
         let packed = |n: u64, columns: u64| n.div_ceil(8).saturating_mul(columns);
         [
-            packed(self.triples, 3),
+            packed(self.triples, 5),
             packed(bits_sent, 2),
             packed(bits_received, 2),
             words_sent.saturating_mul(16),
@@ -266,9 +276,11 @@ impl Columns for BitTriples {
         self.a.extend_from_range(&src.a, from, n);
         self.b.extend_from_range(&src.b, from, n);
         self.c.extend_from_range(&src.c, from, n);
+        self.a2.extend_from_range(&src.a2, from, n);
+        self.c2.extend_from_range(&src.c2, from, n);
     }
     fn bytes(&self) -> usize {
-        3 * self.a.len().div_ceil(8)
+        5 * self.a.len().div_ceil(8)
     }
 }
 
@@ -682,7 +694,14 @@ pub mod insecure_test_dealer {
             random_bits(rng, n),
             random_bits(rng, n),
         );
-        let c_s = c_c.xor(&a_c.xor(&a_s).and(&b_c.xor(&b_s)));
+        let b = b_c.xor(&b_s);
+        let c_s = c_c.xor(&a_c.xor(&a_s).and(&b));
+        let (a2_c, a2_s, c2_c) = (
+            random_bits(rng, n),
+            random_bits(rng, n),
+            random_bits(rng, n),
+        );
+        let c2_s = c2_c.xor(&a2_c.xor(&a2_s).and(&b));
         let (bc_send, bc_recv) = bit_ots(rng, demand.bit_ots_client_sends as usize);
         let (bs_send, bs_recv) = bit_ots(rng, demand.bit_ots_server_sends as usize);
         let (wc_send, wc_recv) = word_ots(rng, demand.word_ots_client_sends as usize);
@@ -693,6 +712,8 @@ pub mod insecure_test_dealer {
                     a: a_c,
                     b: b_c,
                     c: c_c,
+                    a2: a2_c,
+                    c2: c2_c,
                 },
                 bit_sent: bc_send,
                 bit_received: bs_recv,
@@ -704,6 +725,8 @@ pub mod insecure_test_dealer {
                     a: a_s,
                     b: b_s,
                     c: c_s,
+                    a2: a2_s,
+                    c2: c2_s,
                 },
                 bit_sent: bs_send,
                 bit_received: bc_recv,
@@ -959,9 +982,9 @@ mod tests {
         // a partly used chunk stays allocated whole
         c.triples(129).unwrap();
         assert_eq!(c.bytes(), 2 * one);
-        // its last triple frees the first batch's triples (3 · 17 bytes)
+        // its last triple frees the first batch's triples (5 · 17 bytes)
         c.triples(2).unwrap();
-        assert_eq!(c.bytes(), 2 * one - 3 * 130usize.div_ceil(8));
+        assert_eq!(c.bytes(), 2 * one - 5 * 130usize.div_ceil(8));
         assert_eq!(c.triples.chunks.len(), 1);
     }
 
@@ -970,7 +993,9 @@ mod tests {
         let mut rng = ChaCha20Rng::seed_from_u64(3);
         let (mut c, mut s) = stores(&mut rng, &demand());
         let (tc, ts) = (c.triples(130).unwrap(), s.triples(130).unwrap());
-        assert_eq!(tc.c.xor(&ts.c), tc.a.xor(&ts.a).and(&tc.b.xor(&ts.b)));
+        let b = tc.b.xor(&ts.b);
+        assert_eq!(tc.c.xor(&ts.c), tc.a.xor(&ts.a).and(&b));
+        assert_eq!(tc.c2.xor(&ts.c2), tc.a2.xor(&ts.a2).and(&b));
         let (snd, rcv) = (c.bit_ots_sent(70).unwrap(), s.bit_ots_received(70).unwrap());
         for i in 0..70 {
             let m = if rcv.choice.get(i) {

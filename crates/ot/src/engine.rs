@@ -693,7 +693,9 @@ mod tests {
         let pieces = |n: u64| [(n / 3) as usize, (n - n / 3) as usize];
         for n in pieces(d.triples) {
             let (tc, ts) = (c.triples(n).unwrap(), s.triples(n).unwrap());
-            assert_eq!(tc.c.xor(&ts.c), tc.a.xor(&ts.a).and(&tc.b.xor(&ts.b)));
+            let b = tc.b.xor(&ts.b);
+            assert_eq!(tc.c.xor(&ts.c), tc.a.xor(&ts.a).and(&b));
+            assert_eq!(tc.c2.xor(&ts.c2), tc.a2.xor(&ts.a2).and(&b));
         }
         for n in pieces(d.bit_ots_client_sends) {
             check_bit_ots(&c.bit_ots_sent(n).unwrap(), &s.bit_ots_received(n).unwrap());

@@ -15,7 +15,9 @@
 //! OT in each direction with no traffic (docs/private-mode.md): with
 //! `(s0, s1)` the OT this party sent and `(ρ, r)` the one it received,
 //! `a = s0 ⊕ s1`, `b = ρ`, `c = a·b ⊕ r ⊕ s0`, the same formula for both
-//! parties.
+//! parties. Triples keep bits 0 and 1 of the hashes: two-bit random OTs,
+//! which give a second triple with the same `b` (`a2`, `c2` from bit 1) at
+//! no extra cost.
 
 use aes::Aes128;
 use aes::cipher::{Array, BlockCipherEncrypt, KeyInit};
@@ -226,15 +228,34 @@ fn hashed_bits(
     inputs: &[u128],
     mask: u128,
 ) -> Result<Bits, OtError> {
-    let mut words = Vec::with_capacity(inputs.len().div_ceil(64));
+    Ok(hashed_bit_columns::<1>(tccr, first_tweak, inputs, mask)?
+        .into_iter()
+        .next()
+        .unwrap_or_default())
+}
+
+/// Bits `0..B` of `H(first_tweak + k, inputs[k] ⊕ mask)`, packed, one
+/// column per bit: a random OT with `B`-bit messages.
+fn hashed_bit_columns<const B: usize>(
+    tccr: &Tccr,
+    first_tweak: u128,
+    inputs: &[u128],
+    mask: u128,
+) -> Result<[Bits; B], OtError> {
+    let mut words: [Vec<u64>; B] =
+        std::array::from_fn(|_| Vec::with_capacity(inputs.len().div_ceil(64)));
     tccr.hash_chunks(first_tweak, inputs, mask, |h| {
-        words.extend(h.chunks(64).map(|c| {
-            c.iter()
-                .enumerate()
-                .fold(0u64, |w, (k, &x)| w | (((x as u64) & 1) << k))
-        }));
+        for c in h.chunks(64) {
+            for (bit, column) in words.iter_mut().enumerate() {
+                column.push(
+                    c.iter()
+                        .enumerate()
+                        .fold(0u64, |w, (k, &x)| w | ((((x >> bit) as u64) & 1) << k)),
+                );
+            }
+        }
     })?;
-    Ok(Bits::from_words(words, inputs.len()).unwrap_or_default())
+    Ok(words.map(|w| Bits::from_words(w, inputs.len()).unwrap_or_default()))
 }
 
 /// The low 64 bits of `H(first_tweak + k, inputs[k] ⊕ mask)`.
@@ -307,13 +328,19 @@ pub fn refine(
     let received_bits =
         |from: usize, to: usize| hashed_bits(tccr, received_tweak(from), &t[from..to], 0);
 
-    let (s0, s1) = sent_bits(0, nt)?;
-    let a = s0.xor(&s1);
+    // a triple and its second product: two-bit random OTs, bit 0 for the
+    // first triple and bit 1 for the second, with the same choice `b`
+    let [s0, s0_2] = hashed_bit_columns::<2>(tccr, sent_tweak(0), &q[..nt], 0)?;
+    let [s1, s1_2] = hashed_bit_columns::<2>(tccr, sent_tweak(0), &q[..nt], delta)?;
+    let [r, r_2] = hashed_bit_columns::<2>(tccr, received_tweak(0), &t[..nt], 0)?;
     let b = choice.slice(0, nt);
-    let c = a.and(&b).xor(&received_bits(0, nt)?).xor(&s0);
+    let a = s0.xor(&s1);
+    let c = a.and(&b).xor(&r).xor(&s0);
+    let a2 = s0_2.xor(&s1_2);
+    let c2 = a2.and(&b).xor(&r_2).xor(&s0_2);
     let (m0, m1) = sent_bits(nt, sb)?;
     Ok(CorrelationBatch {
-        triples: BitTriples { a, b, c },
+        triples: BitTriples { a, b, c, a2, c2 },
         bit_sent: BitOtSender { m0, m1 },
         bit_received: BitOtReceiver {
             choice: choice.slice(nt, rl.bits),
@@ -443,9 +470,22 @@ mod tests {
 
         let t = (&c.triples, &s.triples);
         assert_eq!(t.0.a.len(), 1000);
-        assert_eq!(t.0.c.xor(&t.1.c), t.0.a.xor(&t.1.a).and(&t.0.b.xor(&t.1.b)));
-        // a, b and c are not degenerate
-        for bits in [&t.0.a, &t.0.b, &t.0.c, &t.1.a.xor(&t.0.a)] {
+        let b = t.0.b.xor(&t.1.b);
+        assert_eq!(t.0.c.xor(&t.1.c), t.0.a.xor(&t.1.a).and(&b));
+        assert_eq!(t.0.c2.xor(&t.1.c2), t.0.a2.xor(&t.1.a2).and(&b));
+        // a, b, c and the second triple's a2, c2 are not degenerate, and
+        // the two triples' a are independent
+        let (a, a2) = (t.1.a.xor(&t.0.a), t.1.a2.xor(&t.0.a2));
+        for bits in [
+            &t.0.a,
+            &t.0.b,
+            &t.0.c,
+            &a,
+            &t.0.a2,
+            &t.0.c2,
+            &a2,
+            &a.xor(&a2),
+        ] {
             assert!(
                 (400..600).contains(&bits.count_ones()),
                 "{}",
