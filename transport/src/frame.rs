@@ -315,6 +315,52 @@ async fn within<T>(
 mod tests {
     use super::*;
 
+    #[test]
+    fn byte_payloads_encode_as_sequences_of_bytes_did() {
+        // Payloads and ciphertexts go through serde as byte strings (one
+        // copy). The bytes on the wire must be what a plain Vec<u8> gives,
+        // and a frame written either way must decode the same.
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        enum PlainOt {
+            Setup { flight: u32, payload: Vec<u8> },
+        }
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct PlainReply {
+            first_id: u64,
+            op: u32,
+            outputs: Vec<u32>,
+            ciphertexts: Vec<Vec<u8>>,
+        }
+        let payload: Vec<u8> = (0..300u32).map(|i| (i * 7) as u8).collect();
+        let ot = OtMessage::Setup {
+            flight: 3,
+            payload: payload.clone(),
+        };
+        let plain = PlainOt::Setup {
+            flight: 3,
+            payload: payload.clone(),
+        };
+        let bytes = postcard::to_allocvec(&ot).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+        assert_eq!(postcard::from_bytes::<OtMessage>(&bytes).unwrap(), ot);
+
+        let reply = ProductReply {
+            first_id: secinfer_protocol::PreprocessingId(9),
+            op: 2,
+            outputs: vec![0, 5],
+            ciphertexts: vec![payload.clone(), vec![], vec![1, 2, 3]],
+        };
+        let plain = PlainReply {
+            first_id: 9,
+            op: 2,
+            outputs: vec![0, 5],
+            ciphertexts: reply.ciphertexts.clone(),
+        };
+        let bytes = postcard::to_allocvec(&reply).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+        assert_eq!(postcard::from_bytes::<ProductReply>(&bytes).unwrap(), reply);
+    }
+
     fn hello() -> ClientFrame {
         ClientFrame::Hello {
             version: PROTOCOL_VERSION,

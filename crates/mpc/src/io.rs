@@ -43,7 +43,9 @@ pub struct Message {
     pub step: u32,
     /// its number among the sender's messages of that step, from 0
     pub seq: u32,
-    /// the protocol's bytes (see [`crate::wire`])
+    /// the protocol's bytes (see [`crate::wire`]), (de)serialised as a
+    /// byte string (one copy, not a visit per byte; the same encoding)
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 

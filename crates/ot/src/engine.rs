@@ -58,7 +58,9 @@ use crate::{OtError, Role};
 /// batch's buffers too) are what bound them.
 pub const MAX_BATCH_OTS: u64 = 1 << 21;
 
-/// A message of the offline phase for correlations.
+/// A message of the offline phase for correlations. Payloads are
+/// (de)serialised as byte strings, one copy instead of a visit per byte;
+/// the encoding on the wire is the same as a sequence of `u8`.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OtMessage {
     /// A flight of the source's setup: even flights from the client, odd
@@ -67,6 +69,7 @@ pub enum OtMessage {
         /// number of the flight
         flight: u32,
         /// the source's bytes
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
     /// The client asks for batch `batch` of `demand` (round 0).
@@ -76,6 +79,7 @@ pub enum OtMessage {
         /// what the batch makes
         demand: Demand,
         /// the source's first bytes of the batch (IKNP: the client's matrix)
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
     /// A later round of batch `batch`: odd rounds from the server, even
@@ -86,6 +90,7 @@ pub enum OtMessage {
         /// number of the round, from 1
         round: u32,
         /// the source's bytes (IKNP: the server's matrix in round 1)
+        #[serde(with = "serde_bytes")]
         payload: Vec<u8>,
     },
 }

@@ -42,7 +42,8 @@ pub struct OfflineHello {
     pub degree: u32,
     /// plaintext bits (the model's ring)
     pub ring_bits: u32,
-    /// serialised BFV public key
+    /// serialised BFV public key (a byte string on the wire)
+    #[serde(with = "serde_bytes")]
     pub public_key: Vec<u8>,
 }
 
@@ -69,7 +70,10 @@ pub struct MaskRequest {
     /// the wire); per-coefficient packing,
     /// number `j` holds input feature `j` of every inference; block packing,
     /// [`secinfer_he::BlockShape::input_plaintext`] says what each holds
-    #[serde(deserialize_with = "at_most_a_message_of_ciphertexts")]
+    #[serde(
+        serialize_with = "ciphertexts_as_bytes",
+        deserialize_with = "at_most_a_message_of_ciphertexts"
+    )]
     pub ciphertexts: Vec<Vec<u8>>,
 }
 
@@ -86,11 +90,20 @@ pub struct ProductReply {
     pub outputs: Vec<u32>,
     /// serialised ciphertexts, one per entry of `outputs` (at most
     /// [`CIPHERTEXTS_PER_MESSAGE`], refused while decoding beyond that)
-    #[serde(deserialize_with = "at_most_a_message_of_ciphertexts")]
+    #[serde(
+        serialize_with = "ciphertexts_as_bytes",
+        deserialize_with = "at_most_a_message_of_ciphertexts"
+    )]
     pub ciphertexts: Vec<Vec<u8>>,
 }
 
-/// Decodes a list of ciphertexts, refusing the element after
+/// Encodes a list of ciphertexts as byte strings: one copy each instead of
+/// a visit per byte, and the same encoding as sequences of `u8`.
+fn ciphertexts_as_bytes<S: serde::Serializer>(cts: &[Vec<u8>], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(cts.iter().map(|ct| serde_bytes::Bytes::new(ct)))
+}
+
+/// Decodes a list of ciphertexts (each a byte string), refusing the element after
 /// [`CIPHERTEXTS_PER_MESSAGE`] as soon as it is reached: the decoder builds
 /// a message's vectors before anything else checks them, so a frame of
 /// empty byte strings would otherwise become ~24× its size in memory.
@@ -109,13 +122,13 @@ fn at_most_a_message_of_ciphertexts<'de, D: serde::Deserializer<'de>>(
         ) -> Result<Self::Value, A::Error> {
             let mut out =
                 Vec::with_capacity(seq.size_hint().unwrap_or(0).min(CIPHERTEXTS_PER_MESSAGE));
-            while let Some(ct) = seq.next_element::<Vec<u8>>()? {
+            while let Some(ct) = seq.next_element::<serde_bytes::ByteBuf>()? {
                 if out.len() == CIPHERTEXTS_PER_MESSAGE {
                     return Err(serde::de::Error::custom(format!(
                         "more than {CIPHERTEXTS_PER_MESSAGE} ciphertexts in one message"
                     )));
                 }
-                out.push(ct);
+                out.push(ct.into_vec());
             }
             Ok(out)
         }
