@@ -752,6 +752,51 @@ fn he_work_beyond_the_servers_memory_budget_is_refused_by_name() {
     assert_eq!(out.len(), 4);
 }
 
+/// A correlation batch's memory (what the session's store gains and the
+/// expansion's buffers, ~37 MB with silent OT's default set) is reserved
+/// before its work: under a budget with room for the key and the HE jobs
+/// but not for it, the batch is refused by name and nothing stays
+/// reserved; with room, the same client is served.
+#[test]
+fn correlation_batches_are_reserved_before_their_work() {
+    let pair = Pair::with_reveal(
+        "breast_cancer_mlp.onnx",
+        "breast-cancer",
+        "ot-memory",
+        Reveal::Logits,
+    );
+    let input = samples("breast-cancer", 0, 2);
+    let lo = pair.serve(Limits {
+        max_memory_bytes: 16 << 20,
+        ..Limits::default()
+    });
+    let client = pair.client(&lo);
+    client.backend().preprocess(2).expect("the HE work fits");
+    let e = message(
+        client
+            .predict(tvec!(input.clone().into_tvalue()))
+            .unwrap_err(),
+    );
+    assert!(
+        e.contains("this correlation batch would need ~")
+            && e.contains("memory budget for HE work and stored material of 16.0 MiB"),
+        "{e}"
+    );
+    assert_eq!(wait_until_no_sessions(&lo), 0);
+    assert_eq!(
+        lo.server().memory_reserved(),
+        0,
+        "a refused session's budget kept"
+    );
+    drop(lo);
+    let lo = pair.serve(Limits {
+        max_memory_bytes: 128 << 20,
+        ..Limits::default()
+    });
+    let client = pair.client(&lo);
+    assert_eq!(run(&client, input).len(), 4);
+}
+
 /// Waits (up to a minute) for the server's reserved HE-work budget to meet
 /// `done`, and returns it.
 fn wait_for_reserved(lo: &Loopback, done: impl Fn(u64) -> bool) -> u64 {

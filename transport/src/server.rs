@@ -916,8 +916,26 @@ async fn answer<L: MaskedLinear + 'static + ?Sized>(
                 write_within(send, &ServerFrame::OfflineDone, shared).await?;
             }
             ClientFrame::Ot(msg) => {
+                // A batch's memory (what the session's store gains and the
+                // expansion's buffers) is priced from its demand and
+                // reserved before the work, like an HE job's; what the
+                // session keeps is then settled against that reservation
+                // and the rest given back.
+                let st = state.clone();
+                let (msg, bound) = blocking(move || {
+                    let bound = st.lock()?.ot_growth_bound(&msg);
+                    Ok((msg, bound))
+                })
+                .await?;
+                let memory = match bound {
+                    0 => None,
+                    bytes => {
+                        Some(reserve(shared, Pool::Jobs, bytes, "this correlation batch").await?)
+                    }
+                };
                 let st = state.clone();
                 let reply = blocking(move || Ok(st.lock()?.handle_ot(msg)?)).await?;
+                settle(state, shared, memory).await?;
                 write_within(send, &ServerFrame::Ot(reply), shared).await?;
             }
             ClientFrame::Private(begin @ PrivateMessage::Begin { .. }) => {
@@ -1102,9 +1120,10 @@ async fn reserve_by<L: ?Sized>(
 /// Brings the session's reservation for its stored material
 /// ([`SessionState::stored`]) to what the session holds now: a surplus is
 /// given back; growth is taken from `donor` (a finished job's reservation,
-/// which covered what the job made) first, then from the HE-work budget,
-/// waiting like any other work. Growth comes from a request just answered,
-/// so it is at most what that request's decoding or job was charged.
+/// which covered what the job made, or a correlation batch's, reserved
+/// before its work) first, then from the HE-work budget, waiting like any
+/// other work. Growth comes from a request just answered, so it is at most
+/// what that request's decoding, job or batch was charged.
 async fn settle<L: MaskedLinear + 'static + ?Sized>(
     state: &Arc<SessionState<L>>,
     shared: &Shared<L>,

@@ -279,6 +279,42 @@ impl OtEngine {
         self.store.take_at(peer_position.as_seen_by_peer(), demand)
     }
 
+    /// The most this party's memory for correlations may grow while it
+    /// handles `message` from the peer, for a server to reserve before the
+    /// work: for a batch that passes the budget check, what the batch adds
+    /// to the store as this party keeps it and the batch's buffers while it
+    /// runs (the budget's own terms), less what the source keeps already
+    /// and is counted as the session's ([`retained_bytes`](Self::retained_bytes)).
+    /// Zero for a message the engine will refuse before any work, and for
+    /// setup flights: their memory (the bootstrap, a few MB with silent OT)
+    /// is counted once the flight is handled.
+    pub fn growth_bound(&self, message: &OtMessage) -> u64 {
+        let demand = match (message, &self.phase) {
+            (OtMessage::Extend { batch, demand, .. }, Phase::Ready)
+                if *batch == self.next_batch && self.check_demand(*batch, demand).is_ok() =>
+            {
+                demand
+            }
+            (
+                OtMessage::ExtendRound { batch, round, .. },
+                Phase::Extending {
+                    batch: running,
+                    demand,
+                    next_round,
+                },
+            ) if batch == running && round == next_round => demand,
+            _ => return 0,
+        };
+        let transient = match cot_counts(self.role, demand) {
+            Ok(counts) => self.source.batch_buffer_bytes(counts),
+            Err(_) => return 0,
+        };
+        demand
+            .stored_bytes_for(self.role)
+            .saturating_add(transient)
+            .saturating_sub(self.source.retained_bytes())
+    }
+
     /// Starts the setup (client only): the first message.
     pub fn start_setup(&mut self) -> Result<OtMessage, OtError> {
         self.check_alive()?;
@@ -758,6 +794,52 @@ mod tests {
             d.stored_bytes_for(engine.role()),
             engine.source.batch_buffer_bytes(counts),
         )
+    }
+
+    #[test]
+    fn a_batch_is_priced_before_its_work_at_no_less_than_it_grows() {
+        for backend in [Backend::Silent, Backend::Iknp] {
+            let mut client = OtEngine::client(backend, BUDGET).unwrap();
+            let mut server = OtEngine::new(Role::Server, BUDGET).unwrap();
+            let mut next = Some(client.start_setup().unwrap());
+            let mut to_server = true;
+            while let Some(m) = next.take() {
+                next = if to_server {
+                    assert_eq!(server.growth_bound(&m), 0, "{backend:?}: setup");
+                    server.handle(m).unwrap()
+                } else {
+                    client.handle(m).unwrap()
+                };
+                to_server = !to_server;
+            }
+            let held = |e: &OtEngine| e.store().bytes() as u64 + e.retained_bytes();
+            // a small batch, and one past a whole LPN iteration each way
+            for k in [1, 3000] {
+                let request = client.request(demand(k)).unwrap();
+                let bound = server.growth_bound(&request);
+                let before = held(&server);
+                let answer = server.handle(request.clone()).unwrap().unwrap();
+                let grown = held(&server) - before;
+                assert!(
+                    grown > 0 && grown <= bound,
+                    "{backend:?}, k = {k}: grew {grown}, priced {bound}"
+                );
+                // the same request again would be refused: priced at nothing
+                assert_eq!(server.growth_bound(&request), 0);
+                assert_eq!(client.handle(answer).unwrap(), None);
+            }
+            // so is a demand over the budget
+            let greedy = Demand {
+                word_ots_client_sends: BUDGET / 8,
+                ..Demand::default()
+            };
+            let over = OtMessage::Extend {
+                batch: client.batches(),
+                demand: greedy,
+                payload: vec![],
+            };
+            assert_eq!(server.growth_bound(&over), 0, "{backend:?}: over budget");
+        }
     }
 
     #[test]

@@ -252,6 +252,14 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             + self.ot.as_ref().map_or(0, |e| e.retained_bytes() as usize)
     }
 
+    /// The most this session's memory may grow while it handles `message`
+    /// ([`OtEngine::growth_bound`]; zero before the engine exists, whose
+    /// setup is counted once handled), for the transport to reserve before
+    /// the work.
+    pub fn ot_growth_bound(&self, message: &OtMessage) -> u64 {
+        self.ot.as_ref().map_or(0, |e| e.growth_bound(message))
+    }
+
     /// Handles a message of the offline phase for correlations (the first
     /// one sets the session's OT engine up); returns the answer, if any.
     pub fn handle_ot(&mut self, message: OtMessage) -> Result<Option<OtMessage>, ProtocolError> {
