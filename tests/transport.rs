@@ -753,7 +753,7 @@ fn he_work_beyond_the_servers_memory_budget_is_refused_by_name() {
 }
 
 /// A correlation batch's memory (what the session's store gains and the
-/// expansion's buffers, ~37 MB with silent OT's default set) is reserved
+/// expansion's buffers, ~39 MB with silent OT's default set) is reserved
 /// before its work: under a budget with room for the key and the HE jobs
 /// but not for it, the batch is refused by name and nothing stays
 /// reserved; with room, the same client is served.

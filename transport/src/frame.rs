@@ -359,6 +359,29 @@ mod tests {
         let bytes = postcard::to_allocvec(&reply).unwrap();
         assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
         assert_eq!(postcard::from_bytes::<ProductReply>(&bytes).unwrap(), reply);
+
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct PlainStep {
+            step: u32,
+            seq: u32,
+            payload: Vec<u8>,
+        }
+        let step = secinfer_mpc::Message {
+            step: 4,
+            seq: 1,
+            payload: payload.clone(),
+        };
+        let plain = PlainStep {
+            step: 4,
+            seq: 1,
+            payload,
+        };
+        let bytes = postcard::to_allocvec(&step).unwrap();
+        assert_eq!(bytes, postcard::to_allocvec(&plain).unwrap());
+        assert_eq!(
+            postcard::from_bytes::<secinfer_mpc::Message>(&bytes).unwrap(),
+            step
+        );
     }
 
     fn hello() -> ClientFrame {

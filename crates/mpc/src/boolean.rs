@@ -299,6 +299,12 @@ mod tests {
         ] {
             let mut view = cut(received, bits_len(n), who);
             assert_eq!(view.len(), 3, "d, e and d2");
+            // all three together too: a2 = a ⊕ b would leave every pair
+            // uniform and make d ⊕ e ⊕ d2 constant
+            let all: Vec<u8> = (view[0].1.iter().zip(&view[1].1).zip(&view[2].1))
+                .map(|((d, e), d2)| d ^ e ^ d2)
+                .collect();
+            assert_uniform_bytes(&all, &format!("d ⊕ e ⊕ d2 received by the {who}"));
             view.push((format!("{who}'s first share"), shares.0[0].to_bytes()));
             view.push((format!("{who}'s second share"), shares.1[0].to_bytes()));
             assert_pairwise_xor_uniform(&view, &format!("shared AND, {who}"));

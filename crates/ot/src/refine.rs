@@ -476,6 +476,8 @@ mod tests {
         // a, b, c and the second triple's a2, c2 are not degenerate, and
         // the two triples' a are independent
         let (a, a2) = (t.1.a.xor(&t.0.a), t.1.a2.xor(&t.0.a2));
+        // and each party's own shares are independent of each other and of b
+        let (own_c, own_s) = (t.0.a.xor(&t.0.a2), t.1.a.xor(&t.1.a2));
         for bits in [
             &t.0.a,
             &t.0.b,
@@ -485,6 +487,11 @@ mod tests {
             &t.0.c2,
             &a2,
             &a.xor(&a2),
+            &a.xor(&a2).xor(&b),
+            &own_c,
+            &own_s,
+            &own_c.xor(&t.0.b),
+            &own_s.xor(&t.1.b),
         ] {
             assert!(
                 (400..600).contains(&bits.count_ones()),
