@@ -547,7 +547,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                  ReLU and max-pooling layers are computed jointly with oblivious transfer.\n\
                  A server on 127.0.0.1 (QUIC, TLS 1.3, pinned certificate, API token) and a client run in one\n\
                  process. Offline first: lattice HE for the linear layers (polynomial products sized to the\n\
-                 batch) and OT correlations for the comparisons (about 0.7 s per image), then the online\n\
+                 batch) and OT correlations for the comparisons (about 0.25 s per image), then the online\n\
                  predictions, then one cold prediction (a new client, its own offline phase). `bench --model onnx-models/mnist_cnn.onnx --dataset mnist` also\n\
                  runs the model in activations mode for comparison.\n"
             );
