@@ -920,21 +920,45 @@ async fn answer<L: MaskedLinear + 'static + ?Sized>(
                 // expansion's buffers) is priced from its demand and
                 // reserved before the work, like an HE job's; what the
                 // session keeps is then settled against that reservation
-                // and the rest given back.
+                // and the rest given back. The engine is checked out of the
+                // session for the work, so that the session's HE messages
+                // are answered while it expands, and always checked back in.
                 let st = state.clone();
-                let (msg, bound) = blocking(move || {
-                    let bound = st.lock()?.ot_growth_bound(&msg);
-                    Ok((msg, bound))
+                let (msg, bound, engine) = blocking(move || {
+                    let mut session = st.lock()?;
+                    let bound = session.ot_growth_bound(&msg);
+                    let engine = session.check_out_ot()?;
+                    Ok((msg, bound, engine))
                 })
                 .await?;
                 let memory = match bound {
-                    0 => None,
-                    bytes => {
-                        Some(reserve(shared, Pool::Jobs, bytes, "this correlation batch").await?)
+                    0 => Ok(None),
+                    bytes => reserve(shared, Pool::Jobs, bytes, "this correlation batch")
+                        .await
+                        .map(Some),
+                };
+                let (engine, outcome) = match memory {
+                    Ok(memory) => {
+                        let (engine, reply) = blocking(move || {
+                            let mut engine = engine;
+                            let reply = engine.handle(msg);
+                            Ok((engine, reply))
+                        })
+                        .await?;
+                        let outcome = reply
+                            .map(|r| (r, memory))
+                            .map_err(|e| End::from(ProtocolError::from(e)));
+                        (engine, outcome)
                     }
+                    Err(end) => (engine, Err(end)),
                 };
                 let st = state.clone();
-                let reply = blocking(move || Ok(st.lock()?.handle_ot(msg)?)).await?;
+                blocking(move || {
+                    st.lock()?.check_in_ot(engine);
+                    Ok(())
+                })
+                .await?;
+                let (reply, memory) = outcome?;
                 settle(state, shared, memory).await?;
                 write_within(send, &ServerFrame::Ot(reply), shared).await?;
             }

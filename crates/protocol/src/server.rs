@@ -69,6 +69,10 @@ pub struct ServerSession<L: MaskedLinear + ?Sized> {
     batches: HashMap<PreprocessingId, ServerBatch>,
     max_pending: usize,
     ot: Option<OtEngine>,
+    /// what the OT engine held when it was checked out to handle a
+    /// correlation message without the session ([`ServerSession::check_out_ot`]):
+    /// (store bytes, source's retained bytes); `None` while it is here
+    ot_out: Option<(usize, u64)>,
     max_ot_bytes: u64,
     /// reply ciphertexts this session's batches committed to, counted here
     /// when the model keeps no count of its own, and the most allowed
@@ -203,6 +207,7 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             batches: HashMap::new(),
             max_pending: DEFAULT_MAX_PENDING,
             ot: None,
+            ot_out: None,
             max_ot_bytes: DEFAULT_MAX_OT_BYTES,
             replies: 0,
             max_replies: MAX_REPLIES,
@@ -227,9 +232,14 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
         }
     }
 
-    /// Bytes of correlations stored.
+    /// Bytes of correlations stored (while the engine is checked out, what
+    /// it held then).
     pub fn ot_bytes(&self) -> usize {
-        self.ot.as_ref().map_or(0, |e| e.store().bytes())
+        match (&self.ot, self.ot_out) {
+            (Some(e), _) => e.store().bytes(),
+            (None, Some((store, _))) => store,
+            (None, None) => 0,
+        }
     }
 
     /// Bytes this session holds between requests: the client's key, the
@@ -249,7 +259,11 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             + self.store.bytes()
             + open
             + self.ot_bytes()
-            + self.ot.as_ref().map_or(0, |e| e.retained_bytes() as usize)
+            + match (&self.ot, self.ot_out) {
+                (Some(e), _) => e.retained_bytes() as usize,
+                (None, Some((_, retained))) => retained as usize,
+                (None, None) => 0,
+            }
     }
 
     /// The most this session's memory may grow while it handles `message`
@@ -262,19 +276,48 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
 
     /// Handles a message of the offline phase for correlations (the first
     /// one sets the session's OT engine up); returns the answer, if any.
+    /// [`check_out_ot`](Self::check_out_ot), [`OtEngine::handle`] and
+    /// [`check_in_ot`](Self::check_in_ot) in a row.
     pub fn handle_ot(&mut self, message: OtMessage) -> Result<Option<OtMessage>, ProtocolError> {
+        let mut engine = self.check_out_ot()?;
+        let reply = engine.handle(message);
+        self.check_in_ot(engine);
+        Ok(reply?)
+    }
+
+    /// Takes the session's OT engine out (setting it up on first use), so
+    /// that a correlation message, whose expansion takes tens to hundreds
+    /// of milliseconds, is handled without holding the session: its other
+    /// requests (an HE batch's messages) go on meanwhile. While it is out
+    /// the session counts what it held then ([`stored_bytes`](Self::stored_bytes)),
+    /// a second correlation message and a private batch's start are refused
+    /// (an honest client waits for its batch's answer before either), and it
+    /// must come back with [`check_in_ot`](Self::check_in_ot), whatever the
+    /// outcome.
+    pub fn check_out_ot(&mut self) -> Result<OtEngine, ProtocolError> {
         if self.linear.program().is_none() {
             return Err(ProtocolError::Ot(
                 "this model is served in activations mode, which uses no oblivious transfer".into(),
             ));
         }
-        let engine = match &mut self.ot {
+        if self.ot_out.is_some() {
+            return Err(ProtocolError::Ot(
+                "a correlation message arrived while another is being handled".into(),
+            ));
+        }
+        let engine = match self.ot.take() {
             Some(e) => e,
-            None => self
-                .ot
-                .insert(OtEngine::new(Role::Server, self.max_ot_bytes)?),
+            None => OtEngine::new(Role::Server, self.max_ot_bytes)?,
         };
-        Ok(engine.handle(message)?)
+        self.ot_out = Some((engine.store().bytes(), engine.retained_bytes()));
+        Ok(engine)
+    }
+
+    /// Puts the engine taken by [`check_out_ot`](Self::check_out_ot) back.
+    pub fn check_in_ot(&mut self, mut engine: OtEngine) {
+        engine.set_budget(self.max_ot_bytes);
+        self.ot = Some(engine);
+        self.ot_out = None;
     }
 
     /// Begins a private batch from the client's [`PrivateMessage::Begin`]:
@@ -305,6 +348,11 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
         let cost = program_cost(&program, &layers, ids.len())?;
         for spec in &layers {
             self.store.check(&ids, spec.op_id)?;
+        }
+        if self.ot_out.is_some() {
+            return Err(ProtocolError::Ot(
+                "a private batch began while a correlation batch was being made".into(),
+            ));
         }
         let correlations = match self.ot.as_mut() {
             Some(engine) => engine.take_at(position, &cost.demand)?,

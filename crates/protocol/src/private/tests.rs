@@ -320,6 +320,54 @@ fn argmax_mode_reveals_only_the_first_maximal_index() {
     }
 }
 
+/// While the OT engine is checked out for a correlation message, the
+/// session counts what the engine held, refuses a second correlation
+/// message and a private batch's start by name (taking nothing), and
+/// answers everything as before once the engine is back.
+#[test]
+fn a_checked_out_ot_engine_is_counted_and_guarded_until_it_is_back() {
+    let model = TwoLayers::standard(Reveal::Logits);
+    let mut p = pair(model, 8);
+    let before = p.server.stored_bytes();
+    assert!(p.server.ot_bytes() > 0);
+    let mut engine = p.server.check_out_ot().unwrap();
+    assert_eq!(p.server.stored_bytes(), before, "counted while out");
+    let e = p.server.check_out_ot().unwrap_err();
+    assert!(
+        e.to_string().contains("while another is being handled"),
+        "{e}"
+    );
+    // a private batch's start is refused and takes nothing
+    let ids = p.client.reserve(2).unwrap();
+    let demand = program_cost(&p.model.program, &p.model.layers, 2)
+        .unwrap()
+        .demand;
+    let position = p.ot.position();
+    let corr = p.ot.store_mut().split_off(&demand).unwrap();
+    let x = [1i64, 2, 3, 4, 5, 6];
+    let (begin, mut crun) = p
+        .client
+        .begin_private(&p.model.program, &ids, vec![encode(&x, 2)], corr, position)
+        .unwrap();
+    let e = p.server.begin_private(begin.clone()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("began while a correlation batch was being made"),
+        "{e}"
+    );
+    // the checked-out engine answers a batch without the session
+    let req = p.ot.request(demand).unwrap();
+    let reply = engine.handle(req).unwrap().expect("an answer");
+    assert!(p.ot.handle(reply).unwrap().is_none());
+    p.server.check_in_ot(engine);
+    assert!(p.server.stored_bytes() > before, "the new batch counts");
+    // back in: the refused start goes through, and runs
+    let mut srun = p.server.begin_private(begin).unwrap();
+    let (a, b) = drive(&mut crun, &mut srun);
+    b.unwrap();
+    assert_eq!(a.unwrap().revealed[0].values.shape(), &[2, 2]);
+}
+
 #[test]
 fn ids_and_correlations_are_single_use_on_the_server() {
     let model = TwoLayers::standard(Reveal::Logits);
