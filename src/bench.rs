@@ -92,6 +92,9 @@ pub struct BenchConfig {
     pub work_dir: PathBuf,
     /// in a private mode, also run the model in `activations` mode
     pub compare: bool,
+    /// also run the predictions again on a new session whose background
+    /// pool makes the offline material while they run (`bench --pipelined`)
+    pub pipelined: bool,
 }
 
 /// The bench's result; field names are a fixed interface (JSON keys).
@@ -175,6 +178,15 @@ pub struct BenchReport {
     /// the same model in `activations` mode, same run (private modes, `compare`)
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comparison: Option<Box<BenchReport>>,
+    /// end to end with the phases overlapped (`--pipelined`): the same
+    /// predictions on a new session whose background pool makes HE material
+    /// and correlations while they run, timed from the pool's start to the
+    /// last answer, predictions per second
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipelined_predictions_per_s: Option<f64>,
+    /// predictions of the pipelined run whose class equals plaintext's
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipelined_agreement: Option<usize>,
 }
 
 /// Cold predictions timed for `cold_latency_ms`.
@@ -346,6 +358,11 @@ pub enum Progress {
     },
     /// the same model in activations mode, for comparison, is starting
     Comparison,
+    /// the pipelined run (`--pipelined`) of this many predictions is starting
+    Pipelined {
+        /// predictions
+        total: usize,
+    },
     /// `done` of `total` predictions are finished
     Predicted {
         /// finished
@@ -508,6 +525,8 @@ fn run_on<C: Channel + 'static>(
     let mut max_abs_error = 0f64;
     let index_output = client.reveal() == Reveal::Argmax;
     let (mut online, mut plain_time) = (Duration::ZERO, Duration::ZERO);
+    // plaintext's class of every sample, for the pipelined run's agreement
+    let mut plain_classes = Vec::with_capacity(total);
     let mut done = 0;
     while done < total {
         let n = batch.min(total - done);
@@ -574,6 +593,7 @@ fn run_on<C: Channel + 'static>(
             let r: Vec<f32> = r.iter().copied().collect();
             for (i, &class) in idx.iter().enumerate() {
                 let ra = argmax(&r[i * per_sample..(i + 1) * per_sample]);
+                plain_classes.push(ra);
                 agreement += usize::from(ra as i64 == class);
                 if let Some(&label) = data.labels.get(done + i) {
                     correct_plain += usize::from(ra == label);
@@ -602,6 +622,7 @@ fn run_on<C: Channel + 'static>(
         for i in 0..n {
             let (ri, si) = (&r[i * per..(i + 1) * per], &s[i * per..(i + 1) * per]);
             let (ra, sa) = (argmax(ri), argmax(si));
+            plain_classes.push(ra);
             agreement += usize::from(ra == sa);
             if let Some(&label) = data.labels.get(done + i) {
                 correct_plain += usize::from(ra == label);
@@ -650,6 +671,53 @@ fn run_on<C: Channel + 'static>(
     }
     cold.sort_by(f64::total_cmp);
     let cold_latency_ms = cold[cold.len() / 2];
+
+    // Pipelined: a new session whose background pool makes HE material and
+    // correlations while the same predictions run, in the same batches, as
+    // an application using the pool would; from the pool's start to the
+    // last answer. The pool's batches are the main run's offline batches.
+    let (pipelined_predictions_per_s, pipelined_agreement) = if cfg.pipelined {
+        progress(Progress::Pipelined { total });
+        let fresh = connect()?;
+        let t = Instant::now();
+        let pool = secinfer_tract_ext::PreprocessingPool::start(
+            fresh.backend().clone(),
+            secinfer_protocol::PoolPolicy {
+                batch: offline_batch,
+                low_water: batch.min(offline_batch),
+            },
+        )?;
+        let (mut at, mut agree) = (0, 0);
+        let mut outputs = Vec::new();
+        while at < total {
+            let n = batch.min(total - at);
+            let slice = data
+                .inputs
+                .slice_axis(Axis(0), (at..at + n).into())
+                .to_owned();
+            let input: Tensor = if batched {
+                slice.into_tensor()
+            } else {
+                slice.index_axis(Axis(0), 0).to_owned().into_tensor()
+            };
+            outputs.push((at, n, fresh.predict(tvec!(input.into_tvalue()))?));
+            at += n;
+        }
+        let elapsed = t.elapsed();
+        pool.stop();
+        for (at, n, out) in outputs {
+            let classes = classes_of(&out[0], n, index_output)?;
+            for (i, c) in classes.into_iter().enumerate() {
+                agree += usize::from(plain_classes.get(at + i) == Some(&c));
+            }
+        }
+        (
+            Some(total as f64 / elapsed.as_secs_f64().max(1e-9)),
+            Some(agree),
+        )
+    } else {
+        (None, None)
+    };
 
     // Sweep: the same samples in batches of each size, secure and plaintext.
     let mut points = Vec::new();
@@ -737,7 +805,39 @@ fn run_on<C: Channel + 'static>(
             })
             .collect(),
         comparison: None,
+        pipelined_predictions_per_s,
+        pipelined_agreement,
     })
+}
+
+/// The class of each of the `n` samples in a secure output: the index
+/// itself in argmax mode, the largest value's index otherwise.
+fn classes_of(out: &TValue, n: usize, index_output: bool) -> anyhow::Result<Vec<usize>> {
+    let classes: Vec<usize> = if index_output {
+        let idx = out
+            .cast_to::<i64>()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?
+            .into_owned();
+        idx.to_plain_array_view::<i64>()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?
+            .iter()
+            .map(|&c| usize::try_from(c).unwrap_or(usize::MAX))
+            .collect()
+    } else {
+        let v = out
+            .to_plain_array_view::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:#}"))?;
+        let v: Vec<f32> = v.iter().copied().collect();
+        let per = v.len() / n.max(1);
+        (0..n).map(|i| argmax(&v[i * per..(i + 1) * per])).collect()
+    };
+    if classes.len() != n {
+        bail!(
+            "the secure output holds {} classes for {n} samples",
+            classes.len()
+        );
+    }
+    Ok(classes)
 }
 
 impl BenchReport {
@@ -809,6 +909,13 @@ impl BenchReport {
             out.push_str(&format!(
                 "\nWARNING          {}",
                 Reveal::ACTIVATIONS_WARNING
+            ));
+        }
+        if let Some(p) = self.pipelined_predictions_per_s {
+            out.push_str(&format!(
+                "\npipelined        {p:.1} predictions/s end to end with the phases overlapped (a new session; its background pool makes HE material and correlations while the same predictions run); agreement {}/{}",
+                self.pipelined_agreement.unwrap_or(0),
+                self.n
             ));
         }
         if let Some(c) = &self.comparison {

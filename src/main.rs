@@ -124,6 +124,12 @@ enum Command {
         /// mode for comparison (that run makes its own HE offline batch).
         #[arg(long)]
         no_compare: bool,
+        /// Also run the predictions again on a new session whose background
+        /// pool makes HE material and correlations while they run (the
+        /// phases overlapped, as an application using the pool runs them),
+        /// and report that throughput.
+        #[arg(long)]
+        pipelined: bool,
         #[command(flatten)]
         args: ConvertArgs,
     },
@@ -326,6 +332,18 @@ fn run_bench(cfg: BenchConfig, json: Option<&Path>, plot: Option<&Path>) -> anyh
                 eprintln!("[{:>5.0} s] {msg}", started.elapsed().as_secs_f64());
             }
         }
+        bench::Progress::Pipelined { total } => {
+            if let Some(s) = spinner.take() {
+                s.finish();
+            }
+            if let Some(b) = bar.take() {
+                b.finish_and_clear();
+            }
+            eprintln!(
+                "[{:>5.0} s] pipelined: {total} predictions on a new session, its background pool making the offline material meanwhile",
+                started.elapsed().as_secs_f64()
+            );
+        }
         bench::Progress::Comparison => {
             if let Some(s) = spinner.take() {
                 s.finish();
@@ -404,6 +422,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             latency_samples,
             no_calibrate,
             no_compare,
+            pipelined,
             mut args,
         } => {
             if rtt_ms.is_some() && transport == "memory" {
@@ -455,6 +474,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 options: args.options()?,
                 work_dir: work_dir.clone(),
                 compare: !no_compare,
+                pipelined,
             };
             let result = run_bench(cfg, json.as_deref(), plot.as_deref());
             let _ = std::fs::remove_dir_all(&work_dir);
@@ -568,6 +588,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 work_dir: work_dir.clone(),
                 compare: false,
+                pipelined: false,
             };
             let result = run_bench(cfg, None, None);
             let _ = std::fs::remove_dir_all(&work_dir);

@@ -28,6 +28,18 @@ fn run_compared(
     transport: Transport,
     compare: bool,
 ) -> bench::BenchReport {
+    run_full(model, dataset, limit, reveal, transport, compare, false)
+}
+
+fn run_full(
+    model: &str,
+    dataset: &str,
+    limit: usize,
+    reveal: Reveal,
+    transport: Transport,
+    compare: bool,
+    pipelined: bool,
+) -> bench::BenchReport {
     let work_dir: PathBuf = std::env::temp_dir().join(format!(
         "secinfer-test-{}-{model}-{reveal}",
         std::process::id()
@@ -52,6 +64,7 @@ fn run_compared(
         },
         work_dir: work_dir.clone(),
         compare,
+        pipelined,
     };
     let report = bench::run(&cfg, |_| {}).expect("bench runs");
     let _ = std::fs::remove_dir_all(work_dir);
@@ -120,15 +133,21 @@ fn mnist_cnn_200_images_agree_in_logits_mode() {
 
 #[test]
 fn breast_cancer_mlp_test_split_agrees_in_logits_mode() {
-    let r = run(
+    // also pipelined: a second session's background pool makes the
+    // material while the same predictions run, and they agree too
+    let r = run_full(
         "breast_cancer_mlp.onnx",
         "breast-cancer",
         usize::MAX,
         Reveal::Logits,
         Transport::Quic,
+        false,
+        true,
     );
     assert_eq!(r.n, 114);
     assert_eq!(r.agreement, r.n, "max error {:?}", r.max_abs_error);
+    assert_eq!(r.pipelined_agreement, Some(r.n));
+    assert!(r.pipelined_predictions_per_s.is_some_and(|p| p > 0.0));
     let e = r.max_abs_error.expect("logits mode reports the error");
     // measured 2.2e-4 (2026-12-02)
     assert!(e < 1e-3, "max error {e}");
@@ -171,6 +190,7 @@ fn random_inputs_report_agreement_and_the_fixed_json_keys() {
         },
         work_dir: work_dir.clone(),
         compare: false,
+        pipelined: false,
     };
     let r = bench::run(&cfg, |_| {}).expect("bench runs");
     let _ = std::fs::remove_dir_all(work_dir);

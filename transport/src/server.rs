@@ -574,6 +574,9 @@ struct SessionState<L: MaskedLinear + ?Sized> {
     /// bytes of material moved out of the session into private runs still
     /// going (still charged, though the session no longer holds them)
     in_runs: std::sync::atomic::AtomicU64,
+    /// signalled when the OT engine, checked out for a correlation batch,
+    /// is back in the session (a private batch's start waits for it)
+    ot_back: tokio::sync::Notify,
 }
 
 impl<L: MaskedLinear + ?Sized> Drop for SessionState<L> {
@@ -722,6 +725,7 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
         stored: Mutex::new(None),
         settling: tokio::sync::Mutex::new(()),
         in_runs: std::sync::atomic::AtomicU64::new(0),
+        ot_back: tokio::sync::Notify::new(),
     });
     let mut streams = JoinSet::new();
     let mut shutdown = shared.shutdown.clone();
@@ -958,19 +962,45 @@ async fn answer<L: MaskedLinear + 'static + ?Sized>(
                     Ok(())
                 })
                 .await?;
+                state.ot_back.notify_waiters();
                 let (reply, memory) = outcome?;
                 settle(state, shared, memory).await?;
                 write_within(send, &ServerFrame::Ot(reply), shared).await?;
             }
             ClientFrame::Private(begin @ PrivateMessage::Begin { .. }) => {
-                let st = state.clone();
-                let (run, moved) = blocking(move || {
-                    let mut session = st.lock()?;
-                    let before = session.stored_bytes();
-                    let run = session.begin_private(begin)?;
-                    Ok((run, before.saturating_sub(session.stored_bytes()) as u64))
-                })
-                .await?;
+                // The client's pool may have a correlation batch in flight
+                // (sent after this batch took its correlations): its start
+                // needs the OT engine's store, so it waits for the engine
+                // to come back, at most a frame timeout.
+                let patience = shared.limits.frame_timeout;
+                let deadline = tokio::time::Instant::now() + patience;
+                let (run, moved) = loop {
+                    let back = state.ot_back.notified();
+                    tokio::pin!(back);
+                    back.as_mut().enable();
+                    let (st, begin) = (state.clone(), begin.clone());
+                    let started = blocking(move || {
+                        let mut session = st.lock()?;
+                        if session.ot_checked_out() {
+                            return Ok(None);
+                        }
+                        let before = session.stored_bytes();
+                        let run = session.begin_private(begin)?;
+                        Ok(Some((
+                            run,
+                            before.saturating_sub(session.stored_bytes()) as u64,
+                        )))
+                    })
+                    .await?;
+                    if let Some(started) = started {
+                        break started;
+                    }
+                    tokio::time::timeout_at(deadline, back).await.map_err(|_| {
+                        End::Protocol(format!(
+                            "a private batch waited {patience:?} for the session's correlation batch to finish"
+                        ))
+                    })?;
+                };
                 // the run's material stays charged until the run ends
                 state.in_runs.fetch_add(moved, Ordering::SeqCst);
                 let driven = drive_private(run, send, recv, shared).await;

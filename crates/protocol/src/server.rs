@@ -290,10 +290,13 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
     /// of milliseconds, is handled without holding the session: its other
     /// requests (an HE batch's messages) go on meanwhile. While it is out
     /// the session counts what it held then ([`stored_bytes`](Self::stored_bytes)),
-    /// a second correlation message and a private batch's start are refused
-    /// (an honest client waits for its batch's answer before either), and it
-    /// must come back with [`check_in_ot`](Self::check_in_ot), whatever the
-    /// outcome.
+    /// a second correlation message is refused (an honest client waits for
+    /// its batch's answer before sending another), and so is a private
+    /// batch's start, which needs the engine's store: a client may send
+    /// one while its pool's batch is in flight, so the transport waits for
+    /// the engine ([`ot_checked_out`](Self::ot_checked_out)) before starting
+    /// it. The engine must come back with [`check_in_ot`](Self::check_in_ot),
+    /// whatever the outcome.
     pub fn check_out_ot(&mut self) -> Result<OtEngine, ProtocolError> {
         if self.linear.program().is_none() {
             return Err(ProtocolError::Ot(
@@ -311,6 +314,12 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
         };
         self.ot_out = Some((engine.store().bytes(), engine.retained_bytes()));
         Ok(engine)
+    }
+
+    /// Whether the OT engine is checked out ([`check_out_ot`](Self::check_out_ot)):
+    /// a private batch's start must wait until it is back.
+    pub fn ot_checked_out(&self) -> bool {
+        self.ot_out.is_some()
     }
 
     /// Puts the engine taken by [`check_out_ot`](Self::check_out_ot) back.
@@ -351,7 +360,7 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
         }
         if self.ot_out.is_some() {
             return Err(ProtocolError::Ot(
-                "a private batch began while a correlation batch was being made".into(),
+                "a private batch began while a correlation batch was being made (wait for ot_checked_out)".into(),
             ));
         }
         let correlations = match self.ot.as_mut() {

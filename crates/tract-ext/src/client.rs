@@ -758,6 +758,10 @@ fn keep_correlations<C: Channel>(
     let most = (DEFAULT_CORRELATION_BUDGET / 2 / per.stored_bytes().max(1)).max(1);
     let keep = (policy.batch as u64).min(most);
     let low = (policy.low_water as u64).clamp(1, keep);
+    // below the low-water mark the pool fills up to `keep`, one request at
+    // a time, before it waits again (without this it made one request and
+    // waited, keeping barely more than the mark)
+    let mut filling = false;
     loop {
         let taken = b.lock()?.correlations_taken;
         if stop.load(Ordering::SeqCst) {
@@ -766,7 +770,9 @@ fn keep_correlations<C: Channel>(
         // read without the state lock: the OT engine's lock may be held by
         // a batch in progress for a while
         let have = b.correlations_ready();
-        if have.times_in(&per) < low {
+        let ready = have.times_in(&per);
+        filling = ready < keep && (filling || ready < low);
+        if filling {
             let want = per
                 .times(keep)
                 .ok_or_else(|| anyhow!("correlations for {keep} inferences overflow"))?;
