@@ -430,6 +430,7 @@ pub fn run(cfg: &BenchConfig, mut progress: impl FnMut(Progress)) -> anyhow::Res
             },
             sweep: vec![],
             compare: false,
+            pipelined: false,
             work_dir: cfg.work_dir.join("activations"),
             ..cfg.clone()
         };
@@ -828,7 +829,10 @@ fn classes_of(out: &TValue, n: usize, index_output: bool) -> anyhow::Result<Vec<
             .to_plain_array_view::<f32>()
             .map_err(|e| anyhow::anyhow!("{e:#}"))?;
         let v: Vec<f32> = v.iter().copied().collect();
-        let per = v.len() / n.max(1);
+        if n == 0 || !v.len().is_multiple_of(n) {
+            bail!("the secure output holds {} values for {n} samples", v.len());
+        }
+        let per = v.len() / n;
         (0..n).map(|i| argmax(&v[i * per..(i + 1) * per])).collect()
     };
     if classes.len() != n {

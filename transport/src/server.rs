@@ -927,35 +927,32 @@ async fn answer<L: MaskedLinear + 'static + ?Sized>(
                 // and the rest given back. The engine is checked out of the
                 // session for the work, so that the session's HE messages
                 // are answered while it expands, and always checked back in.
+                // Reserve first, then check out: a batch waiting for memory
+                // must not hold the engine, which a private batch's start
+                // (whose run may be what frees memory) needs.
                 let st = state.clone();
-                let (msg, bound, engine) = blocking(move || {
-                    let mut session = st.lock()?;
-                    let bound = session.ot_growth_bound(&msg);
-                    let engine = session.check_out_ot()?;
-                    Ok((msg, bound, engine))
+                let (msg, bound) = blocking(move || {
+                    let bound = st.lock()?.ot_growth_bound(&msg);
+                    Ok((msg, bound))
                 })
                 .await?;
                 let memory = match bound {
-                    0 => Ok(None),
-                    bytes => reserve(shared, Pool::Jobs, bytes, "this correlation batch")
-                        .await
-                        .map(Some),
-                };
-                let (engine, outcome) = match memory {
-                    Ok(memory) => {
-                        let (engine, reply) = blocking(move || {
-                            let mut engine = engine;
-                            let reply = engine.handle(msg);
-                            Ok((engine, reply))
-                        })
-                        .await?;
-                        let outcome = reply
-                            .map(|r| (r, memory))
-                            .map_err(|e| End::from(ProtocolError::from(e)));
-                        (engine, outcome)
+                    0 => None,
+                    bytes => {
+                        Some(reserve(shared, Pool::Jobs, bytes, "this correlation batch").await?)
                     }
-                    Err(end) => (engine, Err(end)),
                 };
+                let st = state.clone();
+                let engine = blocking(move || Ok(st.lock()?.check_out_ot()?)).await?;
+                let (engine, reply) = blocking(move || {
+                    let mut engine = engine;
+                    let reply = engine.handle(msg);
+                    Ok((engine, reply))
+                })
+                .await?;
+                let outcome = reply
+                    .map(|r| (r, memory))
+                    .map_err(|e| End::from(ProtocolError::from(e)));
                 let st = state.clone();
                 blocking(move || {
                     st.lock()?.check_in_ot(engine);
@@ -996,8 +993,8 @@ async fn answer<L: MaskedLinear + 'static + ?Sized>(
                         break started;
                     }
                     tokio::time::timeout_at(deadline, back).await.map_err(|_| {
-                        End::Protocol(format!(
-                            "a private batch waited {patience:?} for the session's correlation batch to finish"
+                        End::Busy(format!(
+                            "a private batch waited {patience:?} for the session's correlation batch to finish; try again later"
                         ))
                     })?;
                 };

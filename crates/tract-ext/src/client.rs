@@ -4,7 +4,7 @@
 //! `client.onnx` with it.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -128,6 +128,11 @@ pub struct SessionBackend<C: Channel> {
     /// correlations one inference consumes (private modes; set by
     /// [`ClientModel`]), which the pool keeps ready
     per_inference: std::sync::OnceLock<Demand>,
+    /// private batches whose correlations are ready, waiting to take them:
+    /// the pool's correlation thread makes no new request while one waits,
+    /// since the OT engine's lock (held for a request's round trip) does
+    /// not go to the longest waiter
+    takers: AtomicUsize,
     channel: C,
 }
 
@@ -168,6 +173,7 @@ impl<C: Channel> SessionBackend<C> {
             ot: Mutex::new(None),
             ot_backend: Mutex::new(secinfer_ot::Backend::default()),
             per_inference: std::sync::OnceLock::new(),
+            takers: AtomicUsize::new(0),
             channel,
         }
     }
@@ -326,6 +332,10 @@ impl<C: Channel> SessionBackend<C> {
                 st.runs.correlations_made_on_demand += 1;
             }
         }
+        // with its correlations ready, this batch only needs the engine's
+        // lock to take them: the pool's correlation thread makes no new
+        // request until it has (it would hold the lock for a round trip)
+        let taking = Taking::new(self);
         let (position, correlations) = {
             let mut guard = self.ot_engine()?;
             match guard.as_mut() {
@@ -338,6 +348,7 @@ impl<C: Channel> SessionBackend<C> {
                 None => bail!("no correlation engine"),
             }
         };
+        drop(taking);
         // the pool refills what was taken
         self.lock()?.correlations_taken += 1;
         self.changed.notify_all();
@@ -749,6 +760,29 @@ fn keep_material<C: Channel>(
 /// The pool's correlation thread: whenever the correlations ready cover
 /// fewer inferences than the low-water mark, makes them up to one batch's
 /// worth, both within half the client's correlation budget.
+/// Counts a private batch in [`SessionBackend::takers`] until dropped, and
+/// then wakes the pool (which stood back meanwhile), whether the batch took
+/// its correlations or failed.
+struct Taking<'a, C: Channel>(&'a SessionBackend<C>);
+
+impl<'a, C: Channel> Taking<'a, C> {
+    fn new(b: &'a SessionBackend<C>) -> Taking<'a, C> {
+        b.takers.fetch_add(1, Ordering::SeqCst);
+        Taking(b)
+    }
+}
+
+impl<C: Channel> Drop for Taking<'_, C> {
+    fn drop(&mut self) {
+        self.0.takers.fetch_sub(1, Ordering::SeqCst);
+        // under the state lock, so that the pool between its check and its
+        // wait cannot miss the wake-up
+        if let Ok(_state) = self.0.lock() {
+            self.0.changed.notify_all();
+        }
+    }
+}
+
 fn keep_correlations<C: Channel>(
     b: &SessionBackend<C>,
     per: Demand,
@@ -772,7 +806,8 @@ fn keep_correlations<C: Channel>(
         let have = b.correlations_ready();
         let ready = have.times_in(&per);
         filling = ready < keep && (filling || ready < low);
-        if filling {
+        // a private batch waiting to take ready correlations goes first
+        if filling && b.takers.load(Ordering::SeqCst) == 0 {
             let want = per
                 .times(keep)
                 .ok_or_else(|| anyhow!("correlations for {keep} inferences overflow"))?;
