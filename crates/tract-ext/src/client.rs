@@ -757,9 +757,6 @@ fn keep_material<C: Channel>(
     }
 }
 
-/// The pool's correlation thread: whenever the correlations ready cover
-/// fewer inferences than the low-water mark, makes them up to one batch's
-/// worth, both within half the client's correlation budget.
 /// Counts a private batch in [`SessionBackend::takers`] until dropped, and
 /// then wakes the pool (which stood back meanwhile), whether the batch took
 /// its correlations or failed.
@@ -783,6 +780,9 @@ impl<C: Channel> Drop for Taking<'_, C> {
     }
 }
 
+/// The pool's correlation thread: once the correlations ready cover fewer
+/// inferences than the low-water mark, makes them up to one batch's worth,
+/// one request at a time, both within half the client's correlation budget.
 fn keep_correlations<C: Channel>(
     b: &SessionBackend<C>,
     per: Demand,
