@@ -528,19 +528,23 @@ fn run_on<C: Channel + 'static>(
     let (mut online, mut plain_time) = (Duration::ZERO, Duration::ZERO);
     // plaintext's class of every sample, for the pipelined run's agreement
     let mut plain_classes = Vec::with_capacity(total);
-    let mut done = 0;
-    while done < total {
-        let n = batch.min(total - done);
+    // samples `at..at + n` as one input
+    let batch_input = |at: usize, n: usize| -> Tensor {
         let slice = data
             .inputs
-            .slice_axis(Axis(0), (done..done + n).into())
+            .slice_axis(Axis(0), (at..at + n).into())
             .to_owned();
-        let input: Tensor = if batched {
+        if batched {
             slice.into_tensor()
         } else {
             // Unbatched models take their declared shape whole: drop the sample axis.
             slice.index_axis(Axis(0), 0).to_owned().into_tensor()
-        };
+        }
+    };
+    let mut done = 0;
+    while done < total {
+        let n = batch.min(total - done);
+        let input = batch_input(done, n);
         let inferences = if all_batched { n } else { 1 };
         // Each run uses `inferences` ids (n, or 1 for an unbatched model with
         // batch 1), so the runs left need `total - done` ids in all.
@@ -692,15 +696,7 @@ fn run_on<C: Channel + 'static>(
         let mut outputs = Vec::new();
         while at < total {
             let n = batch.min(total - at);
-            let slice = data
-                .inputs
-                .slice_axis(Axis(0), (at..at + n).into())
-                .to_owned();
-            let input: Tensor = if batched {
-                slice.into_tensor()
-            } else {
-                slice.index_axis(Axis(0), 0).to_owned().into_tensor()
-            };
+            let input = batch_input(at, n);
             outputs.push((at, n, fresh.predict(tvec!(input.into_tvalue()))?));
             at += n;
         }
