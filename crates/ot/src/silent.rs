@@ -52,6 +52,7 @@ use aes::Aes128;
 use aes::cipher::{Array, BlockCipherEncrypt, KeyInit};
 use rand::rngs::{ChaCha20Rng, SysRng};
 use rand::{Rng, SeedableRng};
+use subtle::{Choice, ConditionallySelectable, ConstantTimeEq};
 
 use crate::iknp::IknpSource;
 use crate::refine::Tccr;
@@ -241,9 +242,14 @@ impl Ggm {
     /// The receiver's tree: `off[l]` is the XOR of the level-`l` children on
     /// side `side[l]` (the side away from its path, top level first). Fills
     /// every leaf but the punctured one (left 0) and returns its index.
+    ///
+    /// The path is secret (it is the receiver's choice bits), so nothing
+    /// here branches on it or indexes memory with it: every node is read and
+    /// every node of a level is written, with masks choosing which count
+    /// ([`subtle`]).
     fn rebuild(
         &self,
-        side: &[bool],
+        side: &[Choice],
         off: &[u128],
         leaves: &mut [u128],
         scratch: &mut Vec<aes::Block>,
@@ -253,23 +259,52 @@ impl Ggm {
         for (&away, &sum) in side.iter().zip(off) {
             let next = &mut leaves[..2 * level.len()];
             self.expand(&level, next, scratch);
-            let away = usize::from(away);
             // the path node's child on the away side is the level's sum
             // less the other nodes' children on that side
             let mut known = sum;
             for (i, pair) in next.chunks_exact(2).enumerate() {
-                if i != path {
-                    known ^= pair[away];
-                }
+                let child = u128::conditional_select(&pair[0], &pair[1], away);
+                known ^= u128::conditional_select(&child, &0, i.ct_eq(&path));
             }
-            next[2 * path + away] = known;
-            path = 2 * path + (1 - away);
-            next[path] = 0;
+            let away = usize::from(away.unwrap_u8());
+            let (filled, punctured) = (2 * path + away, 2 * path + (1 - away));
+            for (j, x) in next.iter_mut().enumerate() {
+                x.conditional_assign(&known, j.ct_eq(&filled));
+                x.conditional_assign(&0, j.ct_eq(&punctured));
+            }
+            path = punctured;
             level.clear();
             level.extend_from_slice(next);
         }
         path
     }
+}
+
+/// `dst[at] = value`, written as one masked pass over all of `dst`, so that
+/// the memory accesses do not show the secret `at` (nothing is written
+/// when `at` is out of range).
+fn write_at(dst: &mut [u128], at: usize, value: u128) {
+    for (j, x) in dst.iter_mut().enumerate() {
+        x.conditional_assign(&value, j.ct_eq(&at));
+    }
+}
+
+/// The noise vector: one set bit per bin of `bin` bits, at `alphas[b]` in
+/// bin `b` (`n` bits in all), built word by word with masks: which word
+/// holds a bin's bit depends on the secret `alphas[b]`, so every word the
+/// bin spans is written.
+fn noise_bits(alphas: &[usize], bin: usize, n: usize) -> Bits {
+    let mut words = vec![0u64; n.div_ceil(64)];
+    for (b, &alpha) in alphas.iter().enumerate() {
+        let at = b * bin + alpha;
+        let first = b * bin / 64;
+        let last = ((b + 1) * bin - 1) / 64;
+        let bit = 1u64 << (at % 64);
+        for (w, word) in words[first..=last].iter_mut().enumerate() {
+            *word |= u64::conditional_select(&0, &bit, (at / 64).ct_eq(&(first + w)));
+        }
+    }
+    Bits::from_words(words, n).expect("one word per 64 bits of the noise")
 }
 
 /// The public local linear code `A` (`n × k`, [`CODE_WEIGHT`] pseudorandom
@@ -542,7 +577,7 @@ impl Expander {
         let (base_t, base_choice, iteration) = (&r.base_t, &r.base_choice, r.iteration);
         let alphas = in_parallel(&mut w, bin, |first, part| {
             let mut scratch = Vec::new();
-            let (mut side, mut off) = (vec![false; h], vec![0u128; h]);
+            let (mut side, mut off) = (vec![Choice::from(0); h], vec![0u128; h]);
             part.chunks_exact_mut(bin)
                 .enumerate()
                 .map(|(j, leaves)| {
@@ -550,23 +585,25 @@ impl Expander {
                     let at = b * per_tree;
                     for l in 0..h {
                         let index = b * h + l;
-                        let choice = base_choice.get(p.k + index);
+                        let choice = Choice::from(u8::from(base_choice.get(p.k + index)));
                         let tweak = tree_tweak(peer, iteration, index);
-                        let masked = read(at + 32 * l + 16 * usize::from(choice));
+                        // both sums are read, the choice's kept by a mask
+                        let (m0, m1) = (read(at + 32 * l), read(at + 32 * l + 16));
                         side[l] = choice;
-                        off[l] = masked ^ self.tccr.hash(tweak, base_t[p.k + index]);
+                        off[l] = u128::conditional_select(&m0, &m1, choice)
+                            ^ self.tccr.hash(tweak, base_t[p.k + index]);
                     }
                     let alpha = self.ggm.rebuild(&side, &off, leaves, &mut scratch);
                     let psi = read(at + 32 * h);
-                    leaves[alpha] = leaves.iter().fold(psi, |acc, &x| acc ^ x);
+                    // the punctured leaf is 0, so the fold leaves it out
+                    let punctured = leaves.iter().fold(psi, |acc, &x| acc ^ x);
+                    write_at(leaves, alpha, punctured);
                     alpha
                 })
                 .collect::<Vec<_>>()
         });
-        let mut e = Bits::zeros(p.n);
-        for (b, alpha) in alphas.into_iter().flatten().enumerate() {
-            e.set(b * bin + alpha, true);
-        }
+        let alphas: Vec<usize> = alphas.into_iter().flatten().collect();
+        let mut e = noise_bits(&alphas, bin, p.n);
         self.code
             .encode_with_bits(&r.base_t[..p.k], &r.base_choice, &mut w, &mut e);
         let reserve = p.reserve();
@@ -1256,8 +1293,9 @@ mod tests {
                 .zip(&sums)
                 .map(|(&b, s)| s[usize::from(b)])
                 .collect();
+            let choices: Vec<Choice> = side.iter().map(|&b| Choice::from(u8::from(b))).collect();
             let mut rebuilt = vec![0u128; 1 << h];
-            let alpha = ggm.rebuild(&side, &off, &mut rebuilt, &mut scratch);
+            let alpha = ggm.rebuild(&choices, &off, &mut rebuilt, &mut scratch);
             let expected = side.iter().fold(0, |a, &b| 2 * a + usize::from(!b));
             assert_eq!(alpha, expected);
             for j in 0..1 << h {
@@ -1265,10 +1303,50 @@ mod tests {
                     assert_eq!(rebuilt[j], leaves[j], "leaf {j}");
                 }
             }
+            assert_eq!(rebuilt[alpha], 0, "the punctured leaf is left 0");
             assert_ne!(rebuilt[alpha], leaves[alpha]);
             punctured.insert(alpha);
         }
         assert!(punctured.len() > 20, "{}", punctured.len());
+    }
+
+    /// The masked writes that keep the receiver's secret indices out of its
+    /// memory accesses write exactly where an indexed write would: every
+    /// position of a slice (the ends included) and nowhere when out of
+    /// range; the noise vector has exactly bin `b`'s bit `alphas[b]` set,
+    /// for bins smaller than, equal to and larger than a word.
+    #[test]
+    fn masked_writes_equal_indexed_writes() {
+        let base: Vec<u128> = (0..70u128).map(|i| i * 0x1_0000_0001 + 5).collect();
+        for at in 0..=base.len() {
+            let mut masked = base.clone();
+            write_at(&mut masked, at, u128::MAX);
+            let mut indexed = base.clone();
+            if let Some(x) = indexed.get_mut(at) {
+                *x = u128::MAX;
+            }
+            assert_eq!(masked, indexed, "at {at}");
+        }
+        let mut r = rng(9);
+        for bin in [16usize, 64, 128, 1024] {
+            for trial in 0..20 {
+                let bins = 6;
+                let alphas: Vec<usize> = (0..bins)
+                    .map(|b| match (trial, b) {
+                        (0, _) => 0,
+                        (1, _) => bin - 1,
+                        _ => (r.next_u64() % bin as u64) as usize,
+                    })
+                    .collect();
+                let n = bins * bin;
+                let e = noise_bits(&alphas, bin, n);
+                let mut want = Bits::zeros(n);
+                for (b, &a) in alphas.iter().enumerate() {
+                    want.set(b * bin + a, true);
+                }
+                assert_eq!(e, want, "bin {bin}, alphas {alphas:?}");
+            }
+        }
     }
 
     /// The code's indices cover `0..k` evenly enough (no index collapsed
