@@ -753,10 +753,11 @@ fn he_work_beyond_the_servers_memory_budget_is_refused_by_name() {
 }
 
 /// A correlation batch's memory (what the session's store gains and the
-/// expansion's buffers, ~39 MB with silent OT's default set) is reserved
-/// before its work: under a budget with room for the key and the HE jobs
-/// but not for it, the batch is refused by name and nothing stays
-/// reserved; with room, the same client is served.
+/// expansion's buffers, ~39 MB with silent OT's default set) and a setup
+/// flight's (the whole setup's, ~10 MB) are reserved before their work:
+/// under a budget with room for the key and the HE jobs but not for them,
+/// the setup or the batch is refused by name and nothing stays reserved;
+/// with room, the same client is served.
 #[test]
 fn correlation_batches_are_reserved_before_their_work() {
     let pair = Pair::with_reveal(
@@ -766,6 +767,32 @@ fn correlation_batches_are_reserved_before_their_work() {
         Reveal::Logits,
     );
     let input = samples("breast-cancer", 0, 2);
+    // room for the HE work, none for the correlation setup (~10 MB with
+    // silent OT): its first flight is refused before it is handled
+    let lo = pair.serve(Limits {
+        max_memory_bytes: 6 << 20,
+        ..Limits::default()
+    });
+    let client = pair.client(&lo);
+    client.backend().preprocess(2).expect("the HE work fits");
+    let e = message(
+        client
+            .predict(tvec!(input.clone().into_tvalue()))
+            .unwrap_err(),
+    );
+    assert!(
+        e.contains("this correlation setup flight would need ~")
+            && e.contains("memory budget for HE work and stored material of 6.0 MiB"),
+        "{e}"
+    );
+    assert_eq!(wait_until_no_sessions(&lo), 0);
+    assert_eq!(
+        lo.server().memory_reserved(),
+        0,
+        "a refused setup's budget kept"
+    );
+    drop(lo);
+    // room for the setup, none for the first batch
     let lo = pair.serve(Limits {
         max_memory_bytes: 16 << 20,
         ..Limits::default()

@@ -23,6 +23,7 @@ use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 
+use secinfer_ot::OtMessage;
 use secinfer_protocol::private::{PrivateMessage, PrivateRun};
 use secinfer_protocol::{MaskedLinear, ProtocolError, ServerSession};
 
@@ -921,8 +922,9 @@ async fn answer<L: MaskedLinear + 'static + ?Sized>(
             }
             ClientFrame::Ot(msg) => {
                 // A batch's memory (what the session's store gains and the
-                // expansion's buffers) is priced from its demand and
-                // reserved before the work, like an HE job's; what the
+                // expansion's buffers) is priced from its demand, a setup
+                // flight's from the backend's whole setup, and reserved
+                // before the work, like an HE job's; what the
                 // session keeps is then settled against that reservation
                 // and the rest given back. The engine is checked out of the
                 // session for the work, so that the session's HE messages
@@ -936,11 +938,13 @@ async fn answer<L: MaskedLinear + 'static + ?Sized>(
                     Ok((msg, bound))
                 })
                 .await?;
+                let what = match msg {
+                    OtMessage::Setup { .. } => "this correlation setup flight",
+                    _ => "this correlation batch",
+                };
                 let memory = match bound {
                     0 => None,
-                    bytes => {
-                        Some(reserve(shared, Pool::Jobs, bytes, "this correlation batch").await?)
-                    }
+                    bytes => Some(reserve(shared, Pool::Jobs, bytes, what).await?),
                 };
                 let st = state.clone();
                 let engine = blocking(move || Ok(st.lock()?.check_out_ot()?)).await?;

@@ -287,10 +287,17 @@ impl OtEngine {
     /// batches and reuses ([`retained_bytes`](Self::retained_bytes)) are
     /// not subtracted: not every source's estimate covers them, so the
     /// bound may count them twice, and the surplus goes back as soon as the
-    /// session settles. Zero for a message the engine will refuse before
-    /// any work, and for setup flights: their memory (the bootstrap, a few
-    /// MB with silent OT) is counted once the flight is handled.
+    /// session settles. For a setup flight, everything the source may hold
+    /// during its whole setup ([`CorrelationSource::setup_buffer_bytes`]: the
+    /// bootstrap, a few MB with silent OT). Zero for a message the engine
+    /// will refuse before any work.
     pub fn growth_bound(&self, message: &OtMessage) -> u64 {
+        if let OtMessage::Setup { flight, .. } = message {
+            return match self.expected_setup_flight() {
+                Some(expected) if expected == *flight => self.source.setup_buffer_bytes(),
+                _ => 0,
+            };
+        }
         let demand = match (message, &self.phase) {
             (OtMessage::Extend { batch, demand, .. }, Phase::Ready)
                 if *batch == self.next_batch && self.check_demand(*batch, demand).is_ok() =>
@@ -392,20 +399,23 @@ impl OtEngine {
         }
     }
 
+    /// The setup flight this engine handles next, if it is in its setup
+    /// (a fresh server waits for flight 0; a fresh client sends it).
+    fn expected_setup_flight(&self) -> Option<u32> {
+        match self.phase {
+            Phase::Fresh if self.role == Role::Server => Some(0),
+            Phase::SettingUp { next_flight } => Some(next_flight),
+            _ => None,
+        }
+    }
+
     fn handle_setup(&mut self, flight: u32, payload: &[u8]) -> Result<Option<OtMessage>, OtError> {
-        let expected = match self.phase {
-            Phase::Fresh if self.role == Role::Server => 0,
-            Phase::Fresh => {
-                return Err(refuse(format!(
-                    "setup flight {flight} before the client started the setup"
-                )));
-            }
-            Phase::SettingUp { next_flight } => next_flight,
-            _ => {
-                return Err(refuse(format!(
-                    "setup flight {flight} after the setup is complete (setup twice)"
-                )));
-            }
+        let Some(expected) = self.expected_setup_flight() else {
+            return Err(refuse(if self.phase == Phase::Fresh {
+                format!("setup flight {flight} before the client started the setup")
+            } else {
+                format!("setup flight {flight} after the setup is complete (setup twice)")
+            }));
         };
         if flight != expected {
             return Err(refuse(format!(
@@ -800,18 +810,37 @@ mod tests {
         for backend in [Backend::Silent, Backend::Iknp] {
             let mut client = OtEngine::client(backend, BUDGET).unwrap();
             let mut server = OtEngine::new(Role::Server, BUDGET).unwrap();
+            let held = |e: &OtEngine| e.store().bytes() as u64 + e.retained_bytes();
+            // every setup flight is priced before its work at no less than
+            // what the engine then holds; a flight out of order (the same
+            // one again) at nothing, since it is refused
             let mut next = Some(client.start_setup().unwrap());
             let mut to_server = true;
             while let Some(m) = next.take() {
-                next = if to_server {
-                    assert_eq!(server.growth_bound(&m), 0, "{backend:?}: setup");
-                    server.handle(m).unwrap()
-                } else {
-                    client.handle(m).unwrap()
-                };
+                let receiver = if to_server { &mut server } else { &mut client };
+                let bound = receiver.growth_bound(&m);
+                next = receiver.handle(m.clone()).unwrap();
+                let kept = held(receiver);
+                assert!(
+                    bound > 0 && kept <= bound,
+                    "{backend:?}: setup flight kept {kept}, priced {bound}"
+                );
+                assert_eq!(
+                    receiver.growth_bound(&m),
+                    0,
+                    "{backend:?}: the flight again"
+                );
                 to_server = !to_server;
             }
-            let held = |e: &OtEngine| e.store().bytes() as u64 + e.retained_bytes();
+            let late = OtMessage::Setup {
+                flight: 0,
+                payload: vec![1],
+            };
+            assert_eq!(
+                server.growth_bound(&late),
+                0,
+                "{backend:?}: after the setup"
+            );
             // a small batch, one past a whole LPN iteration each way, and a
             // small one again, whose source now keeps the large one's buffers
             for k in [1, 3000, 1] {

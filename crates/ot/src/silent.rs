@@ -942,6 +942,29 @@ impl SilentSource {
 /// last one's output counts, its next base included, as in EMP-OT (one
 /// iteration for the default set, whose base of 75,384 fits the small
 /// set's 75,520 outputs).
+/// What a source of `params` may hold at any point of its setup, at 17
+/// bytes per COT (a block and its choice bit), each term summed over both
+/// directions though they are not all held at once: IKNP's base OTs and
+/// its bootstrap batch of the first set's base (IKNP holds about four
+/// blocks per COT while it runs); one iteration's vectors of the small set;
+/// the chaining iterations' output and messages; the main set's base.
+pub(crate) fn setup_buffer_bytes(params: LpnParams) -> u64 {
+    let cot = 17u64;
+    let boot = BOOT_LPN;
+    let chain = if params == boot {
+        0
+    } else {
+        (params.reserve().saturating_sub(boot.reserve()))
+            .div_ceil(boot.usable())
+            .max(1) as u64
+    };
+    let iknp = (1u64 << 20) + 2 * boot.reserve() as u64 * 64;
+    let iteration = 2 * boot.n as u64 * cot;
+    let chained = 2 * chain * (boot.usable() as u64 * cot + boot.message_bytes() as u64);
+    let base = 2 * params.reserve() as u64 * cot;
+    iknp + iteration + chained + base
+}
+
 fn chain_iterations(boot: &Expander, reserve: usize) -> usize {
     boot.iterations(boot.params.reserve(), reserve).max(1)
 }
@@ -1025,6 +1048,10 @@ impl CorrelationSource for SilentSource {
     }
 
     /// The pools of COTs made ahead and the next iterations' base COTs.
+    fn setup_buffer_bytes(&self) -> u64 {
+        setup_buffer_bytes(self.expander.params)
+    }
+
     fn retained_bytes(&self) -> u64 {
         let dirs = match &self.state {
             State::Ready(d)

@@ -131,6 +131,14 @@ pub trait CorrelationSource: Send {
             .saturating_mul(32)
     }
 
+    /// Bytes this source may hold at any point of its setup (what it keeps
+    /// afterwards included), for a server to reserve before it handles a
+    /// setup flight. The default covers IKNP, whose setup is two sets of
+    /// 128 Chou–Orlandi base OTs (points, keys and seeds: tens of KB).
+    fn setup_buffer_bytes(&self) -> u64 {
+        1 << 20
+    }
+
     /// Bytes this source keeps between batches (recycled buffers, pools of
     /// COTs made ahead), for the session's memory accounting. The default
     /// keeps nothing.
@@ -179,6 +187,15 @@ impl Backend {
             1 => Some(Backend::Silent),
             0 => Some(Backend::Iknp),
             _ => None,
+        }
+    }
+
+    /// [`CorrelationSource::setup_buffer_bytes`] of this backend's source
+    /// with its default parameters.
+    pub fn setup_buffer_bytes(self) -> u64 {
+        match self {
+            Backend::Silent => crate::silent::setup_buffer_bytes(crate::silent::DEFAULT_LPN),
+            Backend::Iknp => 1 << 20,
         }
     }
 
@@ -293,6 +310,19 @@ impl CorrelationSource for Chosen {
         self.inner
             .as_ref()
             .map_or(0, |s| s.batch_buffer_bytes(counts))
+    }
+
+    /// Before the client names the backend: the most any backend's setup
+    /// may hold.
+    fn setup_buffer_bytes(&self) -> u64 {
+        match &self.inner {
+            Some(s) => s.setup_buffer_bytes(),
+            None => [Backend::Silent, Backend::Iknp]
+                .into_iter()
+                .map(Backend::setup_buffer_bytes)
+                .max()
+                .unwrap_or(0),
+        }
     }
 
     fn retained_bytes(&self) -> u64 {

@@ -267,11 +267,19 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
     }
 
     /// The most this session's memory may grow while it handles `message`
-    /// ([`OtEngine::growth_bound`]; zero before the engine exists, whose
-    /// setup is counted once handled), for the transport to reserve before
-    /// the work.
+    /// ([`OtEngine::growth_bound`]; before the engine exists, as a fresh
+    /// engine would price it: the setup's first flight), for the transport
+    /// to reserve before the work.
     pub fn ot_growth_bound(&self, message: &OtMessage) -> u64 {
-        self.ot.as_ref().map_or(0, |e| e.growth_bound(message))
+        if self.linear.program().is_none() || self.ot_out.is_some() {
+            return 0; // refused: no correlations in activations mode, or
+            // one message at a time
+        }
+        match &self.ot {
+            Some(e) => e.growth_bound(message),
+            None => OtEngine::new(Role::Server, self.max_ot_bytes)
+                .map_or(0, |e| e.growth_bound(message)),
+        }
     }
 
     /// Handles a message of the offline phase for correlations (the first
