@@ -431,10 +431,12 @@ pub fn limits(f: &LimitFlags) -> anyhow::Result<Limits> {
     if f.max_sessions == 0 || f.he_jobs == 0 || f.max_frame_mib == 0 || f.max_pending == 0 {
         bail!("session, frame, pending and HE-job limits must be at least 1");
     }
-    if f.max_correlation_mib < 256 {
+    let least = secinfer_protocol::DEFAULT_MAX_OT_BYTES >> 20;
+    if f.max_correlation_mib < least {
         bail!(
-            "--max-correlation-mib {}: at least 256 (one correlation batch with its buffers, and what clients keep ready)",
-            f.max_correlation_mib
+            "--max-correlation-mib {}: at least {least} (what a client keeps ready and makes for one run, {} MiB, beside the buffers of its largest correlation request, ~222 MiB)",
+            f.max_correlation_mib,
+            secinfer_tract_ext::client::DEFAULT_CORRELATION_BUDGET >> 20
         );
     }
     if f.idle_timeout_s < 5 {

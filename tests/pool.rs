@@ -103,3 +103,73 @@ fn pool_refuses_bad_batch_sizes() {
         assert!(r.is_err(), "batch {batch} accepted");
     }
 }
+
+/// What a client keeps ready and makes for one run (its correlation
+/// budget), beside the largest correlation request it sends as the server
+/// prices it before the work, fits the server's default per-session
+/// correlation limit, which `serve` also takes as the least
+/// `--max-correlation-mib` (a lower limit used to end sessions whose pool
+/// had filled): with both backends, for every kind of correlation a
+/// request may be full of.
+#[test]
+fn a_clients_correlations_fit_the_servers_least_correlation_limit() {
+    use secinfer_ot::{Backend, Demand, OtEngine, Role};
+    use secinfer_protocol::DEFAULT_MAX_OT_BYTES;
+    use secinfer_tract_ext::client::{DEFAULT_CORRELATION_BUDGET, MAX_OTS_PER_REQUEST};
+    let full = MAX_OTS_PER_REQUEST;
+    let none = Demand::default();
+    let parts = [
+        Demand {
+            triples: full,
+            ..none
+        },
+        Demand {
+            word_ots_client_sends: full,
+            word_ots_server_sends: full,
+            ..none
+        },
+        Demand {
+            bit_ots_client_sends: full,
+            bit_ots_server_sends: full,
+            ..none
+        },
+        Demand {
+            word_ots_client_sends: full,
+            bit_ots_server_sends: full,
+            ..none
+        },
+        Demand {
+            bit_ots_client_sends: full,
+            word_ots_server_sends: full,
+            ..none
+        },
+    ];
+    for backend in [Backend::Silent, Backend::Iknp] {
+        let mut client = OtEngine::client(backend, u64::MAX).unwrap();
+        let mut server = OtEngine::new(Role::Server, u64::MAX).unwrap();
+        let mut next = Some(client.start_setup().unwrap());
+        let mut to_server = true;
+        while let Some(m) = next.take() {
+            next = if to_server {
+                server.handle(m).unwrap()
+            } else {
+                client.handle(m).unwrap()
+            };
+            to_server = !to_server;
+        }
+        for part in parts {
+            let request = client.request(part).unwrap();
+            let largest = server.growth_bound(&request);
+            assert!(
+                largest > 0 && DEFAULT_CORRELATION_BUDGET + largest <= DEFAULT_MAX_OT_BYTES,
+                "{backend:?}: a request for {part:?} is priced at {} MiB",
+                largest >> 20
+            );
+            let answer = server.handle(request).unwrap().unwrap();
+            assert_eq!(client.handle(answer).unwrap(), None);
+            // (not kept: the next request starts from empty stores)
+            client.store_mut().split_off(&part).unwrap();
+            server.store_mut().split_off(&part).unwrap();
+        }
+    }
+}

@@ -423,3 +423,24 @@ fn predict_command_lines_trust_and_authenticate_as_documented() {
     assert!(!ok && err.contains("token"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A per-session correlation limit below what a default client needs (its
+/// 256 MiB of kept and run correlations beside its largest request's
+/// buffers) is refused at start, naming the least accepted.
+#[test]
+fn serve_refuses_a_correlation_limit_below_what_clients_need() {
+    let dir = converted("breast_cancer_mlp.onnx", "breast-cancer", "serve-ot-limit");
+    let out = Command::new(env!("CARGO_BIN_EXE_secinfer"))
+        .args(["serve", "--model"])
+        .arg(dir.join("server.onnx"))
+        .args(["--max-correlation-mib", "256"])
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--max-correlation-mib 256: at least 512"),
+        "{err}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

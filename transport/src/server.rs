@@ -44,7 +44,10 @@ pub struct Limits {
     pub max_frame_bytes: usize,
     /// preprocessed inferences (ready plus in flight) per session
     pub max_pending_inferences: usize,
-    /// bytes of OT correlations (stored plus a batch's buffers) per session
+    /// bytes of OT correlations (stored plus a batch's buffers) per session;
+    /// below the default (512 MiB) a default client, which keeps up to
+    /// 256 MiB and sends requests whose buffers take up to ~222 MiB, may
+    /// be refused (`serve` does not accept less)
     pub max_correlation_bytes: u64,
     /// HE evaluations running at once across all sessions (each uses all cores)
     pub concurrent_he_jobs: usize,
