@@ -166,6 +166,11 @@ enum Command {
         /// OT correlations one client may hold (private modes), MiB.
         #[arg(long, default_value_t = secinfer_protocol::DEFAULT_MAX_OT_BYTES >> 20)]
         max_correlation_mib: u64,
+        /// Correlation backends clients may choose (private modes), comma
+        /// separated: silent (the default, ~3 bits of traffic per OT) and
+        /// iknp (128 bits per OT, about 40 times the traffic).
+        #[arg(long, default_value = "silent,iknp", value_delimiter = ',')]
+        ot_backends: Vec<String>,
         /// HE evaluations at once across clients (each uses every core).
         #[arg(long, default_value_t = 1)]
         he_jobs: usize,
@@ -491,6 +496,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             max_frame_mib,
             max_pending,
             max_correlation_mib,
+            ot_backends,
             he_jobs,
             idle_timeout,
             session_idle_timeout,
@@ -498,13 +504,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             shutdown_grace,
             frame_timeout,
             max_memory_mib,
-        } => net::serve(net::ServeOptions {
-            model,
-            listen,
-            state_dir,
-            cert_key: cert.zip(key),
-            tokens,
-            limits: net::limits(&net::LimitFlags {
+        } => {
+            let mut limits = net::limits(&net::LimitFlags {
                 max_sessions,
                 max_frame_mib,
                 max_pending,
@@ -516,8 +517,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 shutdown_grace_s: shutdown_grace,
                 frame_timeout_s: frame_timeout,
                 max_memory_mib,
-            })?,
-        }),
+            })?;
+            limits.accepted_ot_backends = net::ot_backends(&ot_backends)?;
+            net::serve(net::ServeOptions {
+                model,
+                listen,
+                state_dir,
+                cert_key: cert.zip(key),
+                tokens,
+                limits,
+            })
+        }
         Command::Predict {
             server,
             model,

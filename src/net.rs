@@ -426,6 +426,24 @@ pub struct LimitFlags {
     pub max_memory_mib: Option<u64>,
 }
 
+/// `--ot-backends`: each name once, at least one.
+pub fn ot_backends(names: &[String]) -> anyhow::Result<Vec<secinfer_ot::Backend>> {
+    let mut accepted = Vec::new();
+    for name in names {
+        let backend: secinfer_ot::Backend = name
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--ot-backends: {e}"))?;
+        if !accepted.contains(&backend) {
+            accepted.push(backend);
+        }
+    }
+    if accepted.is_empty() {
+        bail!("--ot-backends: name at least one of silent and iknp");
+    }
+    Ok(accepted)
+}
+
 /// Limits from command-line values.
 pub fn limits(f: &LimitFlags) -> anyhow::Result<Limits> {
     if f.max_sessions == 0 || f.he_jobs == 0 || f.max_frame_mib == 0 || f.max_pending == 0 {

@@ -426,9 +426,10 @@ fn predict_command_lines_trust_and_authenticate_as_documented() {
 
 /// A per-session correlation limit below what a default client needs (its
 /// 256 MiB of kept and run correlations beside its largest request's
-/// buffers) is refused at start, naming the least accepted.
+/// buffers) is refused at start, naming the least accepted; so is an
+/// unknown correlation backend.
 #[test]
-fn serve_refuses_a_correlation_limit_below_what_clients_need() {
+fn serve_refuses_correlation_settings_clients_cannot_use() {
     let dir = converted("breast_cancer_mlp.onnx", "breast-cancer", "serve-ot-limit");
     let out = Command::new(env!("CARGO_BIN_EXE_secinfer"))
         .args(["serve", "--model"])
@@ -440,6 +441,19 @@ fn serve_refuses_a_correlation_limit_below_what_clients_need() {
     assert!(!out.status.success(), "{err}");
     assert!(
         err.contains("--max-correlation-mib 256: at least 512"),
+        "{err}"
+    );
+    // and so is a correlation backend it does not know
+    let out = Command::new(env!("CARGO_BIN_EXE_secinfer"))
+        .args(["serve", "--model"])
+        .arg(dir.join("server.onnx"))
+        .args(["--ot-backends", "silent,ferret"])
+        .output()
+        .expect("runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--ot-backends: unknown OT backend 'ferret': silent or iknp"),
         "{err}"
     );
     let _ = std::fs::remove_dir_all(&dir);

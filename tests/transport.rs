@@ -824,6 +824,52 @@ fn correlation_batches_are_reserved_before_their_work() {
     assert_eq!(run(&client, input).len(), 4);
 }
 
+/// A server that accepts only silent OT refuses a client that asks for
+/// IKNP at its first setup flight, by name, and keeps serving: the same
+/// client code with the default backend is served.
+#[test]
+fn a_correlation_backend_the_server_does_not_accept_is_refused_by_name() {
+    let pair = Pair::with_reveal(
+        "breast_cancer_mlp.onnx",
+        "breast-cancer",
+        "ot-backends",
+        Reveal::Logits,
+    );
+    let input = samples("breast-cancer", 0, 2);
+    let lo = pair.serve(Limits {
+        accepted_ot_backends: vec![secinfer_ot::Backend::Silent],
+        ..Limits::default()
+    });
+    let client = pair.client(&lo);
+    client
+        .backend()
+        .set_ot_backend(secinfer_ot::Backend::Iknp)
+        .unwrap();
+    client
+        .backend()
+        .preprocess(2)
+        .expect("the HE work is served");
+    let e = message(
+        client
+            .predict(tvec!(input.clone().into_tvalue()))
+            .unwrap_err(),
+    );
+    assert!(
+        e.contains(
+            "asks for OT backend iknp, which this server does not accept (it accepts: silent)"
+        ),
+        "{e}"
+    );
+    assert_eq!(wait_until_no_sessions(&lo), 0);
+    assert_eq!(
+        lo.server().memory_reserved(),
+        0,
+        "a refused setup's budget kept"
+    );
+    let client = pair.client(&lo);
+    assert_eq!(run(&client, input).len(), 4);
+}
+
 /// Waits (up to a minute) for the server's reserved HE-work budget to meet
 /// `done`, and returns it.
 fn wait_for_reserved(lo: &Loopback, done: impl Fn(u64) -> bool) -> u64 {

@@ -49,6 +49,9 @@ pub struct Limits {
     /// 256 MiB and sends requests whose buffers take up to ~222 MiB, may
     /// be refused (`serve` does not accept less)
     pub max_correlation_bytes: u64,
+    /// the correlation backends clients may choose (all by default); a
+    /// client naming another is refused at its first setup flight, by name
+    pub accepted_ot_backends: Vec<secinfer_ot::Backend>,
     /// HE evaluations running at once across all sessions (each uses all cores)
     pub concurrent_he_jobs: usize,
     /// bytes all sessions' HE work (buffered input ciphertexts and running
@@ -88,6 +91,7 @@ impl Default for Limits {
             max_frame_bytes: crate::DEFAULT_MAX_FRAME_BYTES,
             max_pending_inferences: secinfer_protocol::DEFAULT_MAX_PENDING,
             max_correlation_bytes: secinfer_protocol::DEFAULT_MAX_OT_BYTES,
+            accepted_ot_backends: secinfer_ot::Backend::ALL.to_vec(),
             concurrent_he_jobs: 1,
             max_memory_bytes: default_max_memory() / 4 * 3,
             max_decoding_bytes: default_max_memory() / 4,
@@ -718,6 +722,7 @@ async fn session<L: MaskedLinear + 'static + ?Sized>(
     let mut session = ServerSession::new(shared.linear.clone());
     session.set_max_pending(limits.max_pending_inferences);
     session.set_max_ot_bytes(limits.max_correlation_bytes);
+    session.set_ot_backends(&limits.accepted_ot_backends);
     shared.stats.live.fetch_add(1, Ordering::SeqCst);
     let state = Arc::new(SessionState {
         session: Mutex::new(session),

@@ -192,8 +192,14 @@ impl OtEngine {
     pub fn new(role: Role, budget: u64) -> Result<OtEngine, OtError> {
         match role {
             Role::Client => OtEngine::client(Backend::default(), budget),
-            Role::Server => Ok(OtEngine::with_source(Box::new(Chosen::server()), budget)),
+            Role::Server => Ok(OtEngine::server(&Backend::ALL, budget)),
         }
+    }
+
+    /// A server's engine that runs whichever of `accepted` the client
+    /// names in its first setup message, and refuses any other by name.
+    pub fn server(accepted: &[Backend], budget: u64) -> OtEngine {
+        OtEngine::with_source(Box::new(Chosen::server(accepted)), budget)
     }
 
     /// A client's engine running `backend` (IKNP for comparison).
@@ -803,6 +809,45 @@ mod tests {
             d.stored_bytes_for(engine.role()),
             engine.source.batch_buffer_bytes(counts),
         )
+    }
+
+    /// A server that accepts only some backends refuses a client naming
+    /// another at its first flight, by name, and prices that flight for
+    /// the backends it accepts; a client naming an accepted one is served.
+    #[test]
+    fn a_server_refuses_a_backend_it_does_not_accept_by_name() {
+        for (accepted, other) in [
+            (Backend::Silent, Backend::Iknp),
+            (Backend::Iknp, Backend::Silent),
+        ] {
+            let mut server = OtEngine::server(&[accepted], BUDGET);
+            let mut refused = OtEngine::client(other, BUDGET).unwrap();
+            let first = refused.start_setup().unwrap();
+            assert_eq!(server.growth_bound(&first), accepted.setup_buffer_bytes());
+            let e = server.handle(first).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!(
+                    "asks for OT backend {}, which this server does not accept (it accepts: {})",
+                    other.name(),
+                    accepted.name()
+                )),
+                "{e}"
+            );
+            let mut server = OtEngine::server(&[accepted], BUDGET);
+            let mut client = OtEngine::client(accepted, BUDGET).unwrap();
+            let mut next = Some(client.start_setup().unwrap());
+            let mut to_server = true;
+            while let Some(m) = next.take() {
+                next = if to_server {
+                    server.handle(m).unwrap()
+                } else {
+                    client.handle(m).unwrap()
+                };
+                to_server = !to_server;
+            }
+            assert!(client.is_ready() && server.is_ready(), "{accepted:?}");
+        }
+        assert!(Backend::Silent.setup_buffer_bytes() > Backend::Iknp.setup_buffer_bytes());
     }
 
     #[test]

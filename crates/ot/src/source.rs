@@ -167,6 +167,9 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Every backend.
+    pub const ALL: [Backend; 2] = [Backend::Silent, Backend::Iknp];
+
     /// The backend's name on the command line and in reports.
     pub fn name(self) -> &'static str {
         match self {
@@ -227,6 +230,8 @@ pub(crate) struct Chosen {
     role: Role,
     inner: Option<Box<dyn CorrelationSource>>,
     backend: Option<Backend>,
+    /// the backends a server accepts
+    accepted: Vec<Backend>,
 }
 
 impl Chosen {
@@ -236,15 +241,17 @@ impl Chosen {
             role: Role::Client,
             inner: Some(backend.source(Role::Client)?),
             backend: Some(backend),
+            accepted: vec![backend],
         })
     }
 
-    /// The server's, running whatever the client names.
-    pub(crate) fn server() -> Chosen {
+    /// The server's, running whichever of `accepted` the client names.
+    pub(crate) fn server(accepted: &[Backend]) -> Chosen {
         Chosen {
             role: Role::Server,
             inner: None,
             backend: None,
+            accepted: accepted.to_vec(),
         }
     }
 
@@ -294,6 +301,14 @@ impl CorrelationSource for Chosen {
                     "the client asks for OT backend {tag}, which this server does not know (0 = IKNP, 1 = silent)"
                 ))
             })?;
+            if !self.accepted.contains(&backend) {
+                let names: Vec<&str> = self.accepted.iter().map(|b| b.name()).collect();
+                return Err(OtError::Message(format!(
+                    "the client asks for OT backend {}, which this server does not accept (it accepts: {})",
+                    backend.name(),
+                    names.join(", ")
+                )));
+            }
             let mut source = backend.source(self.role)?;
             source.start_setup()?;
             self.backend = Some(backend);
@@ -312,14 +327,15 @@ impl CorrelationSource for Chosen {
             .map_or(0, |s| s.batch_buffer_bytes(counts))
     }
 
-    /// Before the client names the backend: the most any backend's setup
-    /// may hold.
+    /// Before the client names the backend: the most any accepted
+    /// backend's setup may hold.
     fn setup_buffer_bytes(&self) -> u64 {
         match &self.inner {
             Some(s) => s.setup_buffer_bytes(),
-            None => [Backend::Silent, Backend::Iknp]
-                .into_iter()
-                .map(Backend::setup_buffer_bytes)
+            None => self
+                .accepted
+                .iter()
+                .map(|b| b.setup_buffer_bytes())
                 .max()
                 .unwrap_or(0),
         }

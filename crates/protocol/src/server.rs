@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use secinfer_he::{LinearForm, Packing, ServerKey};
 use secinfer_model::{LayerSpec, Program};
-use secinfer_ot::{OtEngine, OtMessage, Role};
+use secinfer_ot::{Backend, OtEngine, OtMessage, Role};
 use secinfer_ring::RingTensor;
 
 use crate::ProtocolError;
@@ -74,6 +74,8 @@ pub struct ServerSession<L: MaskedLinear + ?Sized> {
     /// (store bytes, source's retained bytes); `None` while it is here
     ot_out: Option<(usize, u64)>,
     max_ot_bytes: u64,
+    /// the correlation backends this session accepts from the client
+    ot_backends: Vec<Backend>,
     /// reply ciphertexts this session's batches committed to, counted here
     /// when the model keeps no count of its own, and the most allowed
     replies: u64,
@@ -209,6 +211,7 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
             ot: None,
             ot_out: None,
             max_ot_bytes: DEFAULT_MAX_OT_BYTES,
+            ot_backends: Backend::ALL.to_vec(),
             replies: 0,
             max_replies: MAX_REPLIES,
         }
@@ -230,6 +233,13 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
         if let Some(e) = &mut self.ot {
             e.set_budget(bytes);
         }
+    }
+
+    /// Sets which correlation backends the client may choose (all by
+    /// default); a client naming another is refused at its first setup
+    /// flight, by name. Takes effect for an engine not yet set up.
+    pub fn set_ot_backends(&mut self, accepted: &[Backend]) {
+        self.ot_backends = accepted.to_vec();
     }
 
     /// Bytes of correlations stored (while the engine is checked out, what
@@ -277,8 +287,7 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
         }
         match &self.ot {
             Some(e) => e.growth_bound(message),
-            None => OtEngine::new(Role::Server, self.max_ot_bytes)
-                .map_or(0, |e| e.growth_bound(message)),
+            None => OtEngine::server(&self.ot_backends, self.max_ot_bytes).growth_bound(message),
         }
     }
 
@@ -318,7 +327,7 @@ impl<L: MaskedLinear + ?Sized> ServerSession<L> {
         }
         let engine = match self.ot.take() {
             Some(e) => e,
-            None => OtEngine::new(Role::Server, self.max_ot_bytes)?,
+            None => OtEngine::server(&self.ot_backends, self.max_ot_bytes),
         };
         self.ot_out = Some((engine.store().bytes(), engine.retained_bytes()));
         Ok(engine)
