@@ -391,7 +391,10 @@ fn top_up<C: Channel + 'static>(
 }
 
 /// Makes correlations for at least `n` inferences if fewer are ready
-/// (private modes); returns whether it made any.
+/// (private modes), but never more than the client's budget holds
+/// ([`correlation_batch`]): a larger prediction makes the rest run by run,
+/// as `predict` does, so that the server's per-session limit holds;
+/// returns whether it made any.
 fn ensure_correlations<C: Channel + 'static>(
     client: &ClientModel<C>,
     n: usize,
@@ -400,6 +403,7 @@ fn ensure_correlations<C: Channel + 'static>(
     if per.is_zero() {
         return Ok(false);
     }
+    let n = n.min(correlation_batch(per));
     let want = per
         .times(n as u64)
         .ok_or_else(|| anyhow::anyhow!("correlations for {n} inferences overflow"))?;
@@ -411,8 +415,8 @@ fn ensure_correlations<C: Channel + 'static>(
     Ok(true)
 }
 
-/// Inferences per correlation batch: as many as fit half the client's
-/// correlation budget, at least one.
+/// Inferences per correlation batch: as many as fit the client's whole
+/// correlation budget (the bench keeps no pool beside them), at least one.
 pub fn correlation_batch(per: &Demand) -> usize {
     (DEFAULT_CORRELATION_BUDGET / per.stored_bytes().max(1)).clamp(1, 1 << 20) as usize
 }

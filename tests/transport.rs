@@ -868,6 +868,21 @@ fn a_correlation_backend_the_server_does_not_accept_is_refused_by_name() {
     );
     let client = pair.client(&lo);
     assert_eq!(run(&client, input).len(), 4);
+    drop(lo);
+    // a server that accepts none would serve no private-mode client: it
+    // does not start
+    let e = Loopback::start(
+        pair.server.clone(),
+        pair.server.digest(),
+        Limits {
+            accepted_ot_backends: vec![],
+            ..Limits::default()
+        },
+    )
+    .err()
+    .expect("a server accepting no backend is refused")
+    .to_string();
+    assert!(e.contains("no correlation backend accepted"), "{e}");
 }
 
 /// Waits (up to a minute) for the server's reserved HE-work budget to meet

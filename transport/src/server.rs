@@ -228,6 +228,11 @@ impl Server {
         linear: Arc<L>,
         digest: String,
     ) -> anyhow::Result<Server> {
+        if config.limits.accepted_ot_backends.is_empty() {
+            return Err(anyhow!(
+                "no correlation backend accepted (Limits::accepted_ot_backends is empty): no client of a private-mode model could be served"
+            ));
+        }
         let windows =
             2 * u64::from(session_window(&config.limits)) * config.limits.max_sessions as u64;
         if windows > config.limits.max_decoding_bytes / 2 {

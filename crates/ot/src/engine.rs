@@ -295,8 +295,10 @@ impl OtEngine {
     /// bound may count them twice, and the surplus goes back as soon as the
     /// session settles. For a setup flight, everything the source may hold
     /// during its whole setup ([`CorrelationSource::setup_buffer_bytes`]: the
-    /// bootstrap, a few MB with silent OT). Zero for a message the engine
-    /// will refuse before any work.
+    /// bootstrap, about 10 MB with silent OT; a server's first flight, whose
+    /// backend it has not read yet, at the most any accepted backend may
+    /// hold, even if the flight then names one it refuses). Zero for any
+    /// other message the engine will refuse before any work.
     pub fn growth_bound(&self, message: &OtMessage) -> u64 {
         if let OtMessage::Setup { flight, .. } = message {
             return match self.expected_setup_flight() {
@@ -857,8 +859,10 @@ mod tests {
             let mut server = OtEngine::new(Role::Server, BUDGET).unwrap();
             let held = |e: &OtEngine| e.store().bytes() as u64 + e.retained_bytes();
             // every setup flight is priced before its work at no less than
-            // what the engine then holds; a flight out of order (the same
-            // one again) at nothing, since it is refused
+            // what the engine then holds (the peak during a flight, a few
+            // MB, is within the bound by its terms: `setup_buffer_bytes`);
+            // a flight out of order (the same one again) at nothing, since
+            // it is refused
             let mut next = Some(client.start_setup().unwrap());
             let mut to_server = true;
             while let Some(m) = next.take() {

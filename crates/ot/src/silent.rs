@@ -739,7 +739,7 @@ impl SilentSource {
             return Vec::new();
         };
         let reserve = self.expander.params.reserve();
-        let n = chain_iterations(boot, reserve);
+        let n = chain_iterations(boot.params, reserve);
         let mut out = Vec::with_capacity(n * boot.params.message_bytes());
         for _ in 0..n {
             boot.send_once(self.role, s, &mut self.rng, &mut out);
@@ -760,7 +760,7 @@ impl SilentSource {
             return Ok(());
         };
         let reserve = self.expander.params.reserve();
-        let n = chain_iterations(boot, reserve);
+        let n = chain_iterations(boot.params, reserve);
         let per = boot.params.message_bytes();
         if message.len() != n * per {
             return Err(OtError::Message(format!(
@@ -938,10 +938,6 @@ impl SilentSource {
     }
 }
 
-/// Iterations of the small set `boot` that make `reserve` COTs: all of the
-/// last one's output counts, its next base included, as in EMP-OT (one
-/// iteration for the default set, whose base of 75,384 fits the small
-/// set's 75,520 outputs).
 /// What a source of `params` may hold at any point of its setup, at 17
 /// bytes per COT (a block and its choice bit), each term summed over both
 /// directions though they are not all held at once: IKNP's base OTs and
@@ -954,9 +950,7 @@ pub(crate) fn setup_buffer_bytes(params: LpnParams) -> u64 {
     let chain = if params == boot {
         0
     } else {
-        (params.reserve().saturating_sub(boot.reserve()))
-            .div_ceil(boot.usable())
-            .max(1) as u64
+        chain_iterations(boot, params.reserve()) as u64
     };
     let iknp = (1u64 << 20) + 2 * boot.reserve() as u64 * 64;
     let iteration = 2 * boot.n as u64 * cot;
@@ -965,8 +959,15 @@ pub(crate) fn setup_buffer_bytes(params: LpnParams) -> u64 {
     iknp + iteration + chained + base
 }
 
-fn chain_iterations(boot: &Expander, reserve: usize) -> usize {
-    boot.iterations(boot.params.reserve(), reserve).max(1)
+/// Iterations of the small set `boot` that make `reserve` COTs: all of the
+/// last one's output counts, its next base included, as in EMP-OT (one
+/// iteration for the default set, whose base of 75,384 fits the small
+/// set's 75,520 outputs).
+fn chain_iterations(boot: LpnParams, reserve: usize) -> usize {
+    reserve
+        .saturating_sub(boot.reserve())
+        .div_ceil(boot.usable())
+        .max(1)
 }
 
 /// A setup flight of a `u32` length, that many bytes and the rest.
@@ -1047,11 +1048,11 @@ impl CorrelationSource for SilentSource {
         self.output.take()
     }
 
-    /// The pools of COTs made ahead and the next iterations' base COTs.
     fn setup_buffer_bytes(&self) -> u64 {
         setup_buffer_bytes(self.expander.params)
     }
 
+    /// The pools of COTs made ahead and the next iterations' base COTs.
     fn retained_bytes(&self) -> u64 {
         let dirs = match &self.state {
             State::Ready(d)
