@@ -266,13 +266,16 @@ impl Ggm {
                 let child = u128::conditional_select(&pair[0], &pair[1], away);
                 known ^= u128::conditional_select(&child, &0, i.ct_eq(&path));
             }
-            let away = usize::from(away.unwrap_u8());
-            let (filled, punctured) = (2 * path + away, 2 * path + (1 - away));
-            for (j, x) in next.iter_mut().enumerate() {
-                x.conditional_assign(&known, j.ct_eq(&filled));
-                x.conditional_assign(&0, j.ct_eq(&punctured));
+            // the path node's children: `known` on the away side, 0 (the
+            // punctured node) on the other
+            let left = u128::conditional_select(&known, &0, away);
+            let right = u128::conditional_select(&0, &known, away);
+            for (i, pair) in next.chunks_exact_mut(2).enumerate() {
+                let on_path = i.ct_eq(&path);
+                pair[0].conditional_assign(&left, on_path);
+                pair[1].conditional_assign(&right, on_path);
             }
-            path = punctured;
+            path = 2 * path + (1 - usize::from(away.unwrap_u8()));
             level.clear();
             level.extend_from_slice(next);
         }
