@@ -431,30 +431,27 @@ fn predict_command_lines_trust_and_authenticate_as_documented() {
 #[test]
 fn serve_refuses_correlation_settings_clients_cannot_use() {
     let dir = converted("breast_cancer_mlp.onnx", "breast-cancer", "serve-ot-limit");
-    let out = Command::new(env!("CARGO_BIN_EXE_secinfer"))
-        .args(["serve", "--model"])
-        .arg(dir.join("server.onnx"))
-        .args(["--max-correlation-mib", "256"])
-        .output()
-        .expect("runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(
-        err.contains("--max-correlation-mib 256: at least 512"),
-        "{err}"
-    );
-    // and so is a correlation backend it does not know
-    let out = Command::new(env!("CARGO_BIN_EXE_secinfer"))
-        .args(["serve", "--model"])
-        .arg(dir.join("server.onnx"))
-        .args(["--ot-backends", "silent,ferret"])
-        .output()
-        .expect("runs");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(
-        err.contains("--ot-backends: unknown OT backend 'ferret': silent or iknp"),
-        "{err}"
-    );
+    for (flag, value, said) in [
+        (
+            "--max-correlation-mib",
+            "256",
+            "--max-correlation-mib 256: at least 512",
+        ),
+        (
+            "--ot-backends",
+            "silent,ferret",
+            "--ot-backends: unknown OT backend 'ferret': silent or iknp",
+        ),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_secinfer"))
+            .args(["serve", "--model"])
+            .arg(dir.join("server.onnx"))
+            .args([flag, value])
+            .output()
+            .expect("runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(err.contains(said), "{err}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -768,54 +768,34 @@ fn correlation_batches_are_reserved_before_their_work() {
     );
     let input = samples("breast-cancer", 0, 2);
     // room for the HE work, none for the correlation setup (~10 MB with
-    // silent OT): its first flight is refused before it is handled
-    let lo = pair.serve(Limits {
-        max_memory_bytes: 6 << 20,
-        ..Limits::default()
-    });
-    let client = pair.client(&lo);
-    client.backend().preprocess(2).expect("the HE work fits");
-    let e = message(
-        client
-            .predict(tvec!(input.clone().into_tvalue()))
-            .unwrap_err(),
-    );
-    assert!(
-        e.contains("this correlation setup flight would need ~")
-            && e.contains("memory budget for HE work and stored material of 6.0 MiB"),
-        "{e}"
-    );
-    assert_eq!(wait_until_no_sessions(&lo), 0);
-    assert_eq!(
-        lo.server().memory_reserved(),
-        0,
-        "a refused setup's budget kept"
-    );
-    drop(lo);
+    // silent OT): its first flight is refused before it is handled; then
     // room for the setup, none for the first batch
-    let lo = pair.serve(Limits {
-        max_memory_bytes: 16 << 20,
-        ..Limits::default()
-    });
-    let client = pair.client(&lo);
-    client.backend().preprocess(2).expect("the HE work fits");
-    let e = message(
-        client
-            .predict(tvec!(input.clone().into_tvalue()))
-            .unwrap_err(),
-    );
-    assert!(
-        e.contains("this correlation batch would need ~")
-            && e.contains("memory budget for HE work and stored material of 16.0 MiB"),
-        "{e}"
-    );
-    assert_eq!(wait_until_no_sessions(&lo), 0);
-    assert_eq!(
-        lo.server().memory_reserved(),
-        0,
-        "a refused session's budget kept"
-    );
-    drop(lo);
+    for (mib, what) in [(6, "setup flight"), (16, "batch")] {
+        let lo = pair.serve(Limits {
+            max_memory_bytes: mib << 20,
+            ..Limits::default()
+        });
+        let client = pair.client(&lo);
+        client.backend().preprocess(2).expect("the HE work fits");
+        let e = message(
+            client
+                .predict(tvec!(input.clone().into_tvalue()))
+                .unwrap_err(),
+        );
+        assert!(
+            e.contains(&format!("this correlation {what} would need ~"))
+                && e.contains(&format!(
+                    "memory budget for HE work and stored material of {mib}.0 MiB"
+                )),
+            "{e}"
+        );
+        assert_eq!(wait_until_no_sessions(&lo), 0);
+        assert_eq!(
+            lo.server().memory_reserved(),
+            0,
+            "a refused {what}'s budget kept"
+        );
+    }
     let lo = pair.serve(Limits {
         max_memory_bytes: 128 << 20,
         ..Limits::default()
