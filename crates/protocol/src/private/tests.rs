@@ -255,20 +255,26 @@ fn drive(
 }
 
 impl Pair {
-    /// Runs one batch; returns the client's report.
-    fn batch(&mut self, x: &[i64]) -> Result<RunReport, ProtocolError> {
+    /// Begins the client's run of one batch on `x` (three features per
+    /// inference): its ids and exactly the batch's correlations taken.
+    fn begin(&mut self, x: &[i64]) -> Result<(PrivateMessage, PrivateRun), ProtocolError> {
         let n = x.len() / 3;
         let ids = self.client.reserve(n)?;
         let demand = program_cost(&self.model.program, &self.model.layers, n)?.demand;
         let position = self.ot.position();
         let corr = self.ot.store_mut().split_off(&demand)?;
-        let (begin, mut crun) = self.client.begin_private(
+        self.client.begin_private(
             &self.model.program,
             &ids,
             vec![encode(x, n)],
             corr,
             position,
-        )?;
+        )
+    }
+
+    /// Runs one batch; returns the client's report.
+    fn batch(&mut self, x: &[i64]) -> Result<RunReport, ProtocolError> {
+        let (begin, mut crun) = self.begin(x)?;
         let mut srun = self.server.begin_private(begin)?;
         let (a, b) = drive(&mut crun, &mut srun);
         b?;
@@ -338,17 +344,10 @@ fn a_checked_out_ot_engine_is_counted_and_guarded_until_it_is_back() {
         "{e}"
     );
     // a private batch's start is refused and takes nothing
-    let ids = p.client.reserve(2).unwrap();
+    let (begin, mut crun) = p.begin(&[1, 2, 3, 4, 5, 6]).unwrap();
     let demand = program_cost(&p.model.program, &p.model.layers, 2)
         .unwrap()
         .demand;
-    let position = p.ot.position();
-    let corr = p.ot.store_mut().split_off(&demand).unwrap();
-    let x = [1i64, 2, 3, 4, 5, 6];
-    let (begin, mut crun) = p
-        .client
-        .begin_private(&p.model.program, &ids, vec![encode(&x, 2)], corr, position)
-        .unwrap();
     let e = p.server.begin_private(begin.clone()).unwrap_err();
     assert!(
         e.to_string()
@@ -372,17 +371,8 @@ fn a_checked_out_ot_engine_is_counted_and_guarded_until_it_is_back() {
 fn ids_and_correlations_are_single_use_on_the_server() {
     let model = TwoLayers::standard(Reveal::Logits);
     let mut p = pair(model, 4);
-    let ids = p.client.reserve(2).unwrap();
-    let demand = program_cost(&p.model.program, &p.model.layers, 2)
-        .unwrap()
-        .demand;
     let position = p.ot.position();
-    let corr = p.ot.store_mut().split_off(&demand).unwrap();
-    let x = [1i64, 2, 3, 4, 5, 6];
-    let (begin, _run) = p
-        .client
-        .begin_private(&p.model.program, &ids, vec![encode(&x, 2)], corr, position)
-        .unwrap();
+    let (begin, _run) = p.begin(&[1, 2, 3, 4, 5, 6]).unwrap();
     p.server.begin_private(begin.clone()).unwrap();
     // the same ids again: refused as reuse
     let e = p.server.begin_private(begin).unwrap_err();
@@ -409,22 +399,7 @@ fn ids_and_correlations_are_single_use_on_the_server() {
 fn a_malformed_step_message_is_an_error_naming_the_step() {
     let model = TwoLayers::standard(Reveal::Logits);
     let mut p = pair(model, 1);
-    let ids = p.client.reserve(1).unwrap();
-    let demand = program_cost(&p.model.program, &p.model.layers, 1)
-        .unwrap()
-        .demand;
-    let position = p.ot.position();
-    let corr = p.ot.store_mut().split_off(&demand).unwrap();
-    let (begin, mut crun) = p
-        .client
-        .begin_private(
-            &p.model.program,
-            &ids,
-            vec![encode(&[1, 2, 3], 1)],
-            corr,
-            position,
-        )
-        .unwrap();
+    let (begin, mut crun) = p.begin(&[1, 2, 3]).unwrap();
     let mut srun = p.server.begin_private(begin).unwrap();
     let mut m = crun.poll_transmit().expect("the client's masked input");
     assert_eq!(m.step, 1, "the first message is the linear step's");
